@@ -1,0 +1,751 @@
+"""Evaluation for dpkd-study: sampling, MiniLLM-compatible metrics, length buckets, seeds.
+
+What this module reproduces and why (see docs/method.md §3-§5 and docs/design.md §7):
+
+* **Metrics** follow MiniLLM's ``rouge_metric.py`` (the scorer DPKD's numbers come from):
+
+  - ``normalize_answer``: lowercase, drop ASCII punctuation, collapse whitespace. MiniLLM
+    adapted SQuAD v1.1's normaliser but deliberately **does not remove the articles**
+    a/an/the (its own comment says so), so neither do we: "The Cat." matches "the cat"
+    but not "cat". Changing this would shift EM relative to every published number.
+  - ``exact_match``: normalised prediction == normalised reference, max over references.
+  - ``rouge_l``: rouge-score's ``RougeScorer(["rougeL"], use_stemmer=True)`` F-measure, max
+    over references, applied to the **raw** texts (MiniLLM does not pass them through
+    ``normalize_answer``; rouge-score's default tokenizer lowercases, keeps only
+    ``[a-z0-9]`` runs and Porter-stems tokens longer than 3 characters). MiniLLM imports a
+    HF tokenizer in that file but never uses it; its ``xlingual`` switch is a no-op there.
+  - Dataset scores are means **x 100**. Per-example rows keep the raw 0-1 values.
+    Unlike MiniLLM we do not round to 4 decimals and do not silently truncate
+    predictions/references of different lengths (we raise instead).
+
+* **Sampling** follows MiniLLM's protocol: temperature 1, top_k 0 (= no top-k filter),
+  top_p 1, ``no_repeat_ngram_size`` switchable (6 in MiniLLM), 256 new tokens, several
+  seeds. Batched, KV-cached ``model.generate`` with left padding (``generate`` builds the
+  position ids from the attention mask, so a padded batch gives the same greedy output as
+  one prompt at a time; tested).
+
+  transformers v5 trap: ``top_k=None`` is *not* "no filter" - unset generation fields are
+  filled from the model's ``generation_config`` and then from the global default
+  ``top_k=50``. Only ``top_k=0`` disables the filter, so we always pass an explicit int.
+
+  Randomness: by default (``rng="per_example"``) each prompt gets its own
+  ``torch.Generator`` seeded from ``(seed, key)`` and samples by the Gumbel-max trick
+  (``argmax(logits' + Gumbel noise)`` is an exact draw from ``softmax(logits')``, where
+  ``logits'`` are the temperature/top-k/top-p processed logits). An example's sample then
+  does not depend on the batch size, the batch it lands in or the order of the other
+  prompts, which keeps numbers comparable between machines that batch differently, and the
+  caller's global RNG is left untouched (a resumed training run stays on its RNG stream).
+  ``rng="per_batch"`` instead uses transformers' own multinomial sampling under
+  ``torch.manual_seed`` derived from ``(seed, batch index)`` inside ``torch.random.fork_rng``;
+  it is reproducible only for the same batch size and prompt list. Either way: same seed
+  -> same samples (on the same device type and library versions), different seeds ->
+  different samples.
+
+* **Reward-hacking checks** (method.md §5): response length (tokens and words), distinct-n,
+  within-response repetition, the share of empty and truncated (no EOS) responses, and
+  teacher-forced NLL / token accuracy on the reference responses.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+import string
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "normalize_answer",
+    "exact_match",
+    "rouge_l",
+    "score_predictions",
+    "distinct_n",
+    "repetition_rate",
+    "word_count",
+    "DEFAULT_BUCKET_EDGES",
+    "length_bucket",
+    "bucket_table",
+    "summarize_over_seeds",
+    "generate_ids",
+    "generate",
+    "teacher_forced_metrics",
+    "evaluate_generations",
+    "write_eval_jsonl",
+    "read_eval_jsonl",
+]
+
+# ----------------------------------------------------------------------------- metrics
+
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def normalize_answer(s: str) -> str:
+    """Lowercase, remove ASCII punctuation, collapse runs of whitespace.
+
+    This is MiniLLM's normaliser (SQuAD v1.1 style **without** article removal): "a", "an"
+    and "the" are kept, so "The Cat." -> "the cat". Only ``string.punctuation`` is removed
+    (Unicode punctuation such as curly quotes survives), exactly as in MiniLLM.
+    """
+    lowered = s.lower()
+    no_punct = "".join(ch for ch in lowered if ch not in _PUNCTUATION)
+    return " ".join(no_punct.split())
+
+
+def _as_references(references: str | Sequence[str]) -> list[str]:
+    """Accept one reference string or a non-empty sequence of them."""
+    if isinstance(references, str):
+        return [references]
+    refs = list(references)
+    if not refs:
+        raise ValueError("at least one reference is required")
+    return refs
+
+
+def exact_match(prediction: str, references: str | Sequence[str]) -> float:
+    """1.0 if the normalised prediction equals any normalised reference, else 0.0."""
+    pred = normalize_answer(prediction)
+    return float(any(pred == normalize_answer(ref) for ref in _as_references(references)))
+
+
+@functools.lru_cache(maxsize=1)
+def _rouge_scorer():
+    """One shared rouge-score scorer: building it (and its stemmer) per call would dominate
+    evaluation time on thousands of examples."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(prediction: str, references: str | Sequence[str]) -> float:
+    """ROUGE-L F-measure in [0, 1] (rouge-score, Porter stemmer on), max over references.
+
+    Scored on the raw strings with rouge-score's default tokenizer, as MiniLLM does. An
+    empty (or punctuation-only) prediction scores 0.
+    """
+    scorer = _rouge_scorer()
+    return max(
+        scorer.score(target=ref, prediction=prediction)["rougeL"].fmeasure
+        for ref in _as_references(references)
+    )
+
+
+def score_predictions(
+    predictions: Sequence[str], references_list: Sequence[str | Sequence[str]]
+) -> dict[str, float]:
+    """Dataset-level EM and ROUGE-L as in MiniLLM's ``compute_metrics``: means x 100.
+
+    Returns ``{"exact_match", "rouge_l", "n"}``. Raises on a length mismatch rather than
+    truncating to the shorter list as MiniLLM does (truncation hides data bugs).
+    """
+    if len(predictions) != len(references_list):
+        raise ValueError(f"{len(predictions)} predictions but {len(references_list)} reference lists")
+    if not predictions:
+        raise ValueError("no predictions to score")
+    em = sum(exact_match(p, r) for p, r in zip(predictions, references_list))
+    rl = sum(rouge_l(p, r) for p, r in zip(predictions, references_list))
+    n = len(predictions)
+    return {"exact_match": 100.0 * em / n, "rouge_l": 100.0 * rl / n, "n": n}
+
+
+def _words(text: str) -> list[str]:
+    """Word tokens for length and diversity statistics: the EM-normalised text split on
+    whitespace, so punctuation and case do not create spurious distinct n-grams and the
+    counts do not depend on the model's tokenizer."""
+    return normalize_answer(text).split()
+
+
+def word_count(text: str) -> int:
+    """Number of words of ``text`` (see ``_words``): a tokenizer-independent length."""
+    return len(_words(text))
+
+
+def _ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def distinct_n(texts: Sequence[str], n: int, mode: str = "corpus") -> float:
+    """Distinct-n (Li et al., 2016) over word tokens (``_words``), in [0, 1].
+
+    ``mode="corpus"`` (default, the original definition): unique n-grams across all texts /
+    total n-grams across all texts. It falls when the model says the same thing to every
+    prompt (mode collapse). ``mode="mean"``: the per-text ratio averaged over texts that
+    have at least one n-gram; it falls when each response repeats itself. Texts shorter
+    than n contribute no n-grams; with no n-grams at all the result is 0.0.
+    """
+    if n < 1:
+        raise ValueError("n must be >= 1")
+    if mode == "corpus":
+        total = 0
+        unique: set[tuple[str, ...]] = set()
+        for text in texts:
+            grams = _ngrams(_words(text), n)
+            total += len(grams)
+            unique.update(grams)
+        return len(unique) / total if total else 0.0
+    if mode == "mean":
+        ratios = []
+        for text in texts:
+            grams = _ngrams(_words(text), n)
+            if grams:
+                ratios.append(len(set(grams)) / len(grams))
+        return sum(ratios) / len(ratios) if ratios else 0.0
+    raise ValueError(f"unknown mode {mode!r}; use 'corpus' or 'mean'")
+
+
+def repetition_rate(texts: Sequence[str], n: int = 4) -> float:
+    """Share of a response's word n-grams that repeat an earlier n-gram of the same
+    response, averaged over responses with at least one n-gram (0.0 if none).
+
+    Equal to ``1 - distinct_n(texts, n, mode="mean")``; named separately because "the
+    student loops" is the reward-hacking symptom method.md §5 asks us to watch. Note that
+    with ``no_repeat_ngram_size=k`` sampling, repetition of n-grams with n >= k is
+    impossible by construction, so watch n < k (default 4 < MiniLLM's 6).
+    """
+    if not any(len(_words(t)) >= n for t in texts):
+        return 0.0
+    return 1.0 - distinct_n(texts, n, mode="mean")
+
+
+# ----------------------------------------------------------------------------- buckets
+
+DEFAULT_BUCKET_EDGES: tuple[float, ...] = (0, 5, 10, 20, 40, 80, math.inf)
+
+
+def _fmt_edge(x: float) -> str:
+    if math.isinf(x):
+        return "inf"
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def length_bucket(n_tokens: float, edges: Sequence[float] = DEFAULT_BUCKET_EDGES) -> str:
+    """Half-open bucket label ``"[lo,hi)"`` containing ``n_tokens`` (e.g. 5 -> "[5,10)").
+
+    Used to break scores down by reference length as in the paper's Tables 4/5. Values
+    below the first edge or at/above a finite last edge raise: a silently dropped example
+    would bias the table.
+    """
+    edges = list(edges)
+    if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:])):
+        raise ValueError(f"edges must be strictly increasing with >= 2 values, got {edges}")
+    for lo, hi in zip(edges, edges[1:]):
+        if lo <= n_tokens < hi:
+            return f"[{_fmt_edge(lo)},{_fmt_edge(hi)})"
+    raise ValueError(f"{n_tokens} outside bucket edges {edges}")
+
+
+def _bucket_lower(label: str) -> float:
+    """Sort key of a bucket label: its lower edge."""
+    return float(label[1:].split(",")[0])
+
+
+def summarize_over_seeds(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, sample sd with ddof=1) of per-seed scores.
+
+    A single value has sd 0.0 by convention (not NaN), so one-seed runs still serialise to
+    valid JSON and plot; read sd = 0 with n_seeds = 1 as "unknown", not "no spread".
+    """
+    vals = [float(v) for v in values]
+    if not vals:
+        raise ValueError("no values to summarise")
+    mean = sum(vals) / len(vals)
+    if len(vals) == 1:
+        return mean, 0.0
+    var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
+    return mean, math.sqrt(var)
+
+
+def bucket_table(
+    per_example: Sequence[Mapping[str, Any]] | Any,
+    by: str = "bucket",
+    edges: Sequence[float] | None = None,
+):
+    """Scores broken down by reference-length bucket (paper Tables 4/5) or another column.
+
+    ``per_example`` are rows from ``evaluate_generations`` (list of dicts or a DataFrame).
+    With ``edges`` the buckets are recomputed from ``reference_tokens``. For each group:
+    ``n_examples`` (distinct ids), ``n_rows`` (examples x seeds), and ``rouge_l``,
+    ``exact_match`` (x 100), ``response_tokens`` as the mean over seeds of the per-seed
+    group means, plus ``rouge_l_sd`` / ``exact_match_sd`` over seeds (0 with one seed).
+    Bucket rows are ordered by their lower edge; other groupings alphabetically.
+    """
+    import pandas as pd
+
+    df = pd.DataFrame(per_example).copy()
+    if df.empty:
+        raise ValueError("no rows")
+    if edges is not None:
+        df["bucket"] = [length_bucket(n, edges) for n in df["reference_tokens"]]
+    if "seed" not in df:
+        df["seed"] = 0
+    rows = []
+    for group, gdf in df.groupby(by, sort=False, dropna=False):
+        per_seed = gdf.groupby("seed")[["rouge_l", "exact_match", "response_tokens"]].mean()
+        rl_mean, rl_sd = summarize_over_seeds(100.0 * per_seed["rouge_l"])
+        em_mean, em_sd = summarize_over_seeds(100.0 * per_seed["exact_match"])
+        rows.append(
+            {
+                by: group,
+                "n_examples": int(gdf["id"].nunique()) if "id" in gdf else len(gdf),
+                "n_rows": len(gdf),
+                "rouge_l": rl_mean,
+                "rouge_l_sd": rl_sd,
+                "exact_match": em_mean,
+                "exact_match_sd": em_sd,
+                "response_tokens": float(per_seed["response_tokens"].mean()),
+            }
+        )
+    key = (lambda r: _bucket_lower(r[by])) if by == "bucket" else (lambda r: str(r[by]))
+    return pd.DataFrame(sorted(rows, key=key)).reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+def _derive_seed(seed: int, key: Any) -> int:
+    """Stable 63-bit seed from (seed, key); ``hash()`` is salted per process, sha256 is not."""
+    digest = hashlib.sha256(f"{int(seed)}\x1f{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class _PerRowGumbelSampler:
+    """Logits processor that turns greedy decoding into exact per-row sampling.
+
+    Applies temperature, top-k (k > 0) and top-p (p < 1) to the scores, then adds Gumbel
+    noise drawn from the row's own generator, so that the subsequent ``argmax`` in
+    ``generate(do_sample=False)`` is a draw from the filtered softmax. Each row draws one
+    full-vocabulary noise vector per step whether or not it has finished, so its stream
+    depends only on its own seed and the step number.
+    """
+
+    def __init__(self, row_seeds: Sequence[int], device: torch.device, temperature: float,
+                 top_k: int, top_p: float):
+        from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+        self.generators = []
+        for s in row_seeds:
+            g = torch.Generator(device=device)
+            g.manual_seed(int(s))
+            self.generators.append(g)
+        self.temperature = float(temperature)
+        self.top_k = TopKLogitsWarper(top_k=int(top_k)) if top_k > 0 else None
+        self.top_p = TopPLogitsWarper(top_p=float(top_p)) if top_p < 1.0 else None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.float()
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
+        if self.top_k is not None:
+            scores = self.top_k(input_ids, scores)
+        if self.top_p is not None:
+            scores = self.top_p(input_ids, scores)
+        vocab = scores.shape[-1]
+        tiny = torch.finfo(torch.float32).tiny
+        noise = torch.stack(
+            [torch.rand(vocab, generator=g, device=scores.device, dtype=torch.float32) for g in self.generators]
+        )
+        gumbel = -torch.log(-torch.log(noise.clamp_(min=tiny, max=1.0 - 1e-7)))
+        return scores + gumbel
+
+
+def _encode_prompts(tokenizer, prompts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
+    enc = tokenizer(list(prompts), add_special_tokens=add_special_tokens)
+    ids = [list(x) for x in enc["input_ids"]]
+    for p, x in zip(prompts, ids):
+        if not x:
+            raise ValueError(f"prompt encodes to zero tokens: {p!r}")
+    return ids
+
+
+def _left_pad(batch: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into (input_ids, attention_mask). Left padding keeps every
+    prompt's last token at the last position, which is where generation continues."""
+    width = max(len(x) for x in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, x in enumerate(batch):
+        input_ids[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
+        mask[i, width - len(x):] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+def _special_ids(model, tokenizer) -> tuple[int | list[int] | None, int]:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = eos[0] if isinstance(eos, (list, tuple)) else eos
+    if pad is None:
+        pad = 0
+    return eos, int(pad)
+
+
+def generate_ids(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    do_sample: bool = True,
+    seed: int = 0,
+    keys: Sequence[Any] | None = None,
+    rng: str = "per_example",
+    add_special_tokens: bool = True,
+    progress: bool = True,
+) -> list[list[int]]:
+    """Sample (or greedily decode) continuations; return the new token ids per prompt.
+
+    Returned ids stop before the first EOS (EOS and the padding after it are dropped); a
+    response that hit ``max_new_tokens`` has exactly that many ids. Order matches
+    ``prompts``. Use this where the ids matter (e.g. on-policy student samples for the
+    sequence-level DPKD loss) and ``generate`` where text matters.
+
+    Prompts are encoded with ``add_special_tokens`` (as ``tokenizer.encode`` does in
+    MiniLLM), sorted longest first (similar lengths share a batch, so less padding, and an
+    out-of-memory error shows up on the first batch), left-padded by hand (the tokenizer is
+    not mutated), and decoded with the KV cache. ``temperature == 0`` or ``do_sample=False``
+    means greedy. ``top_k=0`` means no top-k filter (see the module docstring for the v5
+    trap with ``None``). ``keys`` (default: the prompt's position) name each prompt for the
+    per-example RNG; pass stable example ids to make a sample independent of which subset
+    is evaluated. The model is put in eval mode and restored afterwards.
+    """
+    from tqdm.auto import tqdm
+
+    if temperature < 0:
+        raise ValueError("temperature must be >= 0")
+    if top_k < 0 or not (0.0 < top_p <= 1.0):
+        raise ValueError("need top_k >= 0 and 0 < top_p <= 1")
+    if rng not in ("per_example", "per_batch"):
+        raise ValueError(f"unknown rng {rng!r}")
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError("batch_size and max_new_tokens must be >= 1")
+    prompts = list(prompts)
+    if not prompts:
+        return []
+    keys = list(range(len(prompts))) if keys is None else list(keys)
+    if len(keys) != len(prompts):
+        raise ValueError("keys must have one entry per prompt")
+
+    greedy = (not do_sample) or temperature == 0
+    device = _model_device(model)
+    eos, pad = _special_ids(model, tokenizer)
+    eos_set = set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
+
+    encoded = _encode_prompts(tokenizer, prompts, add_special_tokens)
+    order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), i))
+    out: list[list[int] | None] = [None] * len(prompts)
+
+    base_kwargs: dict[str, Any] = dict(
+        max_new_tokens=int(max_new_tokens),
+        num_beams=1,
+        use_cache=True,
+        no_repeat_ngram_size=int(no_repeat_ngram_size),
+        repetition_penalty=1.0,
+        pad_token_id=pad,
+        eos_token_id=eos,
+    )
+
+    was_training = model.training
+    model.eval()
+    n_batches = math.ceil(len(order) / batch_size)
+    try:
+        with torch.inference_mode():
+            for b in tqdm(range(n_batches), desc="generate", disable=not progress):
+                idx = order[b * batch_size : (b + 1) * batch_size]
+                input_ids, attention_mask = _left_pad([encoded[i] for i in idx], pad, device)
+                kwargs = dict(base_kwargs)
+                if greedy:
+                    kwargs["do_sample"] = False
+                    seqs = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+                elif rng == "per_example":
+                    from transformers import LogitsProcessorList
+
+                    sampler = _PerRowGumbelSampler(
+                        [_derive_seed(seed, keys[i]) for i in idx], device, temperature, top_k, top_p
+                    )
+                    kwargs["do_sample"] = False
+                    kwargs["logits_processor"] = LogitsProcessorList([sampler])
+                    seqs = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+                else:
+                    kwargs.update(do_sample=True, temperature=float(temperature), top_k=int(top_k),
+                                  top_p=float(top_p))
+                    devices = [device] if device.type == "cuda" else []
+                    with torch.random.fork_rng(devices=devices):
+                        torch.manual_seed(_derive_seed(seed, f"batch{b}"))
+                        seqs = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+                new = seqs[:, input_ids.shape[1]:].tolist()
+                for row, i in enumerate(idx):
+                    ids = new[row]
+                    cut = next((j for j, t in enumerate(ids) if t in eos_set), len(ids))
+                    out[i] = ids[:cut]
+    finally:
+        model.train(was_training)
+    return out  # type: ignore[return-value]
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    do_sample: bool = True,
+    seed: int = 0,
+    keys: Sequence[Any] | None = None,
+    rng: str = "per_example",
+    add_special_tokens: bool = True,
+    progress: bool = True,
+) -> list[str]:
+    """``generate_ids`` decoded: new tokens only, special tokens skipped, whitespace stripped
+    (as MiniLLM does before scoring). Defaults are MiniLLM's sampling protocol except
+    ``no_repeat_ngram_size`` (pass 6 for MiniLLM's setting)."""
+    ids = generate_ids(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        temperature=temperature, top_k=top_k, top_p=top_p,
+        no_repeat_ngram_size=no_repeat_ngram_size, do_sample=do_sample, seed=seed, keys=keys,
+        rng=rng, add_special_tokens=add_special_tokens, progress=progress,
+    )
+    return [tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
+
+
+# ----------------------------------------------------------------------------- teacher forcing
+
+
+def teacher_forced_metrics(model, batches: Iterable[Mapping[str, torch.Tensor]], *,
+                           max_batches: int | None = None) -> dict[str, float]:
+    """Mean NLL per response token and argmax token accuracy on reference responses.
+
+    ``batches`` yield right-padded ``{"input_ids", "attention_mask", "labels"}`` with
+    **unshifted** labels (-100 on prompt and padding): position t's logits are scored
+    against label t+1 here. The NLL is computed in fp32 over response positions only and
+    averaged over all tokens of all batches (token-weighted, like the training loss). It is
+    the reward-hacking canary of method.md §5: a DPKD student whose preference margin grows
+    while this NLL rises is gaming the objective. Returns ``nll``, ``perplexity``
+    (exp(nll)), ``token_accuracy``, ``n_tokens``. The model's train/eval mode is restored.
+    """
+    device = _model_device(model)
+    total_nll = 0.0
+    correct = 0
+    count = 0
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for b, batch in enumerate(batches):
+                if max_batches is not None and b >= max_batches:
+                    break
+                input_ids = batch["input_ids"].to(device)
+                labels = batch["labels"].to(device)
+                attention_mask = batch.get("attention_mask")
+                if attention_mask is not None:
+                    attention_mask = attention_mask.to(device)
+                out = model(input_ids=input_ids, attention_mask=attention_mask)
+                logits = getattr(out, "logits", None)
+                if logits is None:
+                    logits = out[0] if isinstance(out, (tuple, list)) else out
+                target = labels[:, 1:]
+                mask = target != -100
+                selected = logits[:, :-1][mask].float()
+                y = target[mask]
+                total_nll += float(F.cross_entropy(selected, y, reduction="sum"))
+                correct += int((selected.argmax(dim=-1) == y).sum())
+                count += int(y.numel())
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("no response tokens (all labels are -100)")
+    nll = total_nll / count
+    return {"nll": nll, "perplexity": math.exp(min(nll, 700.0)), "token_accuracy": correct / count,
+            "n_tokens": count}
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _references_of(example: Mapping[str, Any], key: str) -> list[str]:
+    """References of an example: ``example[key]`` (list or str); falls back to a Dolly-style
+    "response" or MiniLLM-style "output" field when ``key`` is absent."""
+    for k in (key, "response", "output"):
+        if k in example and example[k] is not None:
+            return _as_references(example[k])
+    raise KeyError(f"example has no {key!r} (or 'response'/'output') field: {sorted(example)}")
+
+
+def evaluate_generations(
+    model,
+    tokenizer,
+    examples: Sequence[Mapping[str, Any]],
+    *,
+    seeds: Sequence[int] = (10,),
+    batch_size: int = 16,
+    max_new_tokens: int = 256,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    do_sample: bool = True,
+    rng: str = "per_example",
+    prompt_key: str = "prompt",
+    references_key: str = "references",
+    prompt_fn: Callable[[Mapping[str, Any]], str] | None = None,
+    bucket_edges: Sequence[float] = DEFAULT_BUCKET_EDGES,
+    add_special_tokens: bool = True,
+    progress: bool = True,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Sample once per seed for every example, score, and summarise.
+
+    ``examples``: dicts with ``id`` (defaults to the position), the already formatted
+    ``prompt`` (or pass ``prompt_fn(example) -> str``, e.g. ``data.format_prompt``),
+    ``references`` (list or str) and optional ``category``.
+
+    Per-example rows (one per example and seed; scores in [0, 1]): id, seed, category,
+    prompt, sample, reference (the first), references, rouge_l, exact_match,
+    response_tokens (generated ids before EOS), response_words, reference_tokens (first
+    reference, model tokenizer, no special tokens), reference_words, truncated (hit
+    ``max_new_tokens`` without EOS), bucket (``length_bucket(reference_tokens)``).
+
+    Summary (scores x 100): n, n_seeds, seeds, rouge_l / rouge_l_sd and exact_match /
+    exact_match_sd (mean and sample sd over the per-seed means), response_tokens,
+    response_words, distinct_1, distinct_2 (corpus level), repetition_rate (4-grams),
+    empty_rate, truncated_rate (all averaged over seeds), per_seed (the same per seed),
+    generation (the sampling settings), generate_s (wall time of sampling).
+    """
+    examples = list(examples)
+    if not examples:
+        raise ValueError("no examples")
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"need distinct seeds, got {seeds}")
+    ids = [ex.get("id", i) for i, ex in enumerate(examples)]
+    if len(set(map(str, ids))) != len(ids):
+        raise ValueError("example ids must be unique")
+    prompts = [prompt_fn(ex) if prompt_fn is not None else ex[prompt_key] for ex in examples]
+    refs = [_references_of(ex, references_key) for ex in examples]
+    ref_tokens = [len(tokenizer(r[0], add_special_tokens=False)["input_ids"]) for r in refs]
+
+    rows: list[dict[str, Any]] = []
+    per_seed: list[dict[str, Any]] = []
+    gen_seconds = 0.0
+    for seed in seeds:
+        t0 = time.perf_counter()
+        new_ids = generate_ids(
+            model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+            temperature=temperature, top_k=top_k, top_p=top_p,
+            no_repeat_ngram_size=no_repeat_ngram_size, do_sample=do_sample, seed=seed,
+            keys=[str(i) for i in ids], rng=rng, add_special_tokens=add_special_tokens,
+            progress=progress,
+        )
+        gen_seconds += time.perf_counter() - t0
+        samples = [tokenizer.decode(x, skip_special_tokens=True).strip() for x in new_ids]
+        seed_rows = []
+        for ex, ex_id, prompt, ref, n_ref, sample, gen in zip(
+            examples, ids, prompts, refs, ref_tokens, samples, new_ids
+        ):
+            seed_rows.append(
+                {
+                    "id": ex_id,
+                    "seed": seed,
+                    "category": ex.get("category"),
+                    "prompt": prompt,
+                    "sample": sample,
+                    "reference": ref[0],
+                    "references": ref,
+                    "rouge_l": rouge_l(sample, ref),
+                    "exact_match": exact_match(sample, ref),
+                    "response_tokens": len(gen),
+                    "response_words": word_count(sample),
+                    "reference_tokens": n_ref,
+                    "reference_words": word_count(ref[0]),
+                    "truncated": len(gen) >= max_new_tokens,
+                    "bucket": length_bucket(n_ref, bucket_edges),
+                }
+            )
+        rows.extend(seed_rows)
+        texts = [r["sample"] for r in seed_rows]
+        n = len(seed_rows)
+        per_seed.append(
+            {
+                "seed": seed,
+                "rouge_l": 100.0 * sum(r["rouge_l"] for r in seed_rows) / n,
+                "exact_match": 100.0 * sum(r["exact_match"] for r in seed_rows) / n,
+                "response_tokens": sum(r["response_tokens"] for r in seed_rows) / n,
+                "response_words": sum(r["response_words"] for r in seed_rows) / n,
+                "distinct_1": distinct_n(texts, 1),
+                "distinct_2": distinct_n(texts, 2),
+                "repetition_rate": repetition_rate(texts, 4),
+                "empty_rate": sum(not t for t in texts) / n,
+                "truncated_rate": sum(r["truncated"] for r in seed_rows) / n,
+            }
+        )
+
+    summary: dict[str, Any] = {"n": len(examples), "n_seeds": len(seeds), "seeds": seeds}
+    for metric in ("rouge_l", "exact_match"):
+        mean, sd = summarize_over_seeds([s[metric] for s in per_seed])
+        summary[metric] = mean
+        summary[f"{metric}_sd"] = sd
+    for metric in ("response_tokens", "response_words", "distinct_1", "distinct_2",
+                   "repetition_rate", "empty_rate", "truncated_rate"):
+        summary[metric] = sum(s[metric] for s in per_seed) / len(per_seed)
+    summary["per_seed"] = per_seed
+    summary["generation"] = {
+        "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
+        "top_p": top_p, "no_repeat_ngram_size": no_repeat_ngram_size, "do_sample": do_sample,
+        "rng": rng, "batch_size": batch_size,
+    }
+    summary["generate_s"] = gen_seconds
+    return rows, summary
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def write_eval_jsonl(per_example: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> None:
+    """Write rows as JSON lines atomically: a temp file in the same directory, fsync, then
+    ``os.replace``, so a killed run never leaves a half-written eval.jsonl that a figure
+    notebook or the resume logic would take for a finished one."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path), dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            for row in per_example:
+                fh.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results should be readable like any file
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_eval_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows written by ``write_eval_jsonl``."""
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
