@@ -106,6 +106,7 @@ class TrainConfig:
     seq_max_new_tokens: int = 64  # dpkd_seq / seqkd: generated response length
     teacher_mode: str = "online"  # online | cache (precomputed top-k teacher signals)
     cache_topk: int = 32
+    cache_dir: str = ".cache/teacher_signals"  # keyed by teacher, tokenizer, data and k
     loss_chunk_size: int = 0  # >0: memory-lean loss over chunks of response positions
     autocast_dtype: str = "float32"  # bfloat16 autocast is faster on some CPUs; fp32 default
     log_every: int = 1

@@ -24,9 +24,13 @@ What this module reproduces and why (see docs/method.md §3-§5 and docs/design.
   position ids from the attention mask, so a padded batch gives the same greedy output as
   one prompt at a time; tested).
 
-  transformers v5 trap: ``top_k=None`` is *not* "no filter" - unset generation fields are
-  filled from the model's ``generation_config`` and then from the global default
-  ``top_k=50``. Only ``top_k=0`` disables the filter, so we always pass an explicit int.
+  transformers v5 trap (checked on 5.24): a generation field left unset - not passed, or
+  ``None`` inside a ``GenerationConfig`` object - is filled from the checkpoint's
+  ``generation_config`` and then from the global default ``top_k=50``. So "top_k 0" has
+  to be passed explicitly as ``top_k=0``; we always do, and we also pin every other field
+  that changes the sampled distribution (repetition penalty, minimum length, suppressed
+  tokens, typical/min-p, ...) so that a hub checkpoint's own defaults (say ``top_p=0.9``)
+  cannot leak into the protocol.
 
   Randomness: by default (``rng="per_example"``) each prompt gets its own
   ``torch.Generator`` seeded from ``(seed, key)`` and samples by the Gumbel-max trick
@@ -77,6 +81,8 @@ __all__ = [
     "generate",
     "teacher_forced_metrics",
     "evaluate_generations",
+    "evaluate_splits",
+    "evaluate_saved",
     "write_eval_jsonl",
     "read_eval_jsonl",
 ]
@@ -331,15 +337,11 @@ class _PerRowGumbelSampler:
     depends only on its own seed and the step number.
     """
 
-    def __init__(self, row_seeds: Sequence[int], device: torch.device, temperature: float,
-                 top_k: int, top_p: float):
+    def __init__(self, row_seeds: Sequence[int], temperature: float, top_k: int, top_p: float):
         from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-        self.generators = []
-        for s in row_seeds:
-            g = torch.Generator(device=device)
-            g.manual_seed(int(s))
-            self.generators.append(g)
+        self.row_seeds = [int(s) for s in row_seeds]
+        self.generators: list[torch.Generator] | None = None  # made on the scores' device
         self.temperature = float(temperature)
         self.top_k = TopKLogitsWarper(top_k=int(top_k)) if top_k > 0 else None
         self.top_p = TopPLogitsWarper(top_p=float(top_p)) if top_p < 1.0 else None
@@ -352,6 +354,8 @@ class _PerRowGumbelSampler:
             scores = self.top_k(input_ids, scores)
         if self.top_p is not None:
             scores = self.top_p(input_ids, scores)
+        if self.generators is None:  # lazily: with device_map the logits may not be on device 0
+            self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.row_seeds]
         vocab = scores.shape[-1]
         tiny = torch.finfo(torch.float32).tiny
         noise = torch.stack(
@@ -454,14 +458,28 @@ def generate_ids(
     order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), i))
     out: list[list[int] | None] = [None] * len(prompts)
 
+    # Explicit values override the checkpoint's generation_config (see module docstring).
     base_kwargs: dict[str, Any] = dict(
         max_new_tokens=int(max_new_tokens),
+        min_length=0,
+        min_new_tokens=None,
         num_beams=1,
         use_cache=True,
         no_repeat_ngram_size=int(no_repeat_ngram_size),
         repetition_penalty=1.0,
+        bad_words_ids=None,
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
+        forced_bos_token_id=None,
+        forced_eos_token_id=None,
+        exponential_decay_length_penalty=None,
         pad_token_id=pad,
         eos_token_id=eos,
+    )
+    # Only meaningful with do_sample=True (transformers' own sampler, rng="per_batch").
+    warper_kwargs: dict[str, Any] = dict(
+        temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), typical_p=1.0,
+        min_p=None, epsilon_cutoff=0.0, eta_cutoff=0.0,
     )
 
     was_training = model.training
@@ -480,14 +498,13 @@ def generate_ids(
                     from transformers import LogitsProcessorList
 
                     sampler = _PerRowGumbelSampler(
-                        [_derive_seed(seed, keys[i]) for i in idx], device, temperature, top_k, top_p
+                        [_derive_seed(seed, keys[i]) for i in idx], temperature, top_k, top_p
                     )
                     kwargs["do_sample"] = False
                     kwargs["logits_processor"] = LogitsProcessorList([sampler])
                     seqs = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
                 else:
-                    kwargs.update(do_sample=True, temperature=float(temperature), top_k=int(top_k),
-                                  top_p=float(top_p))
+                    kwargs.update(do_sample=True, **warper_kwargs)
                     devices = [device] if device.type == "cuda" else []
                     with torch.random.fork_rng(devices=devices):
                         torch.manual_seed(_derive_seed(seed, f"batch{b}"))
@@ -718,6 +735,112 @@ def evaluate_generations(
     }
     summary["generate_s"] = gen_seconds
     return rows, summary
+
+
+# ----------------------------------------------------------------------------- project glue
+
+_SPLIT_SUMMARY_KEYS = ("rouge_l", "rouge_l_sd", "exact_match", "exact_match_sd", "response_tokens",
+                       "distinct_2", "repetition_rate", "truncated_rate", "n")
+
+
+def evaluate_splits(
+    model,
+    tokenizer,
+    splits: Mapping[str, Sequence[Mapping[str, Any]]],
+    eval_cfg: Any,
+    data_cfg: Any = None,
+    *,
+    progress: bool = True,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """``evaluate_generations`` on each split named in ``eval_cfg.splits`` (the training
+    loop's final evaluation and ``python -m dpkd_lib eval``).
+
+    ``splits`` maps split names to Dolly-format records (``instruction``, ``context``,
+    ``response``, ``category``, ``id``); prompts come from ``data.format_prompt`` (imported
+    here only, so the metric code above does not depend on the data module). ``eval_cfg``
+    supplies seeds, batch_size, max_new_tokens, temperature, top_k, top_p,
+    no_repeat_ngram_size and max_examples (0 = all; the first n records, so every method
+    sees the same examples). ``data_cfg`` is accepted for the call signature and unused.
+
+    Rows gain a ``split`` field. The summary is flat for summary.json and log lines:
+    ``{split}_rouge_l``, ``{split}_rouge_l_sd``, ``{split}_exact_match`` (...) plus
+    ``eval`` = {split: full ``evaluate_generations`` summary}. A split named in the config
+    but absent from ``splits`` (e.g. no held-out file) is listed in ``eval_skipped_splits``.
+    """
+    from .data import format_prompt
+
+    del data_cfg
+    rows: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {"eval": {}, "eval_skipped_splits": []}
+    max_examples = int(getattr(eval_cfg, "max_examples", 0) or 0)
+    for split in eval_cfg.splits:
+        records = list(splits.get(split) or [])
+        if not records:
+            summary["eval_skipped_splits"].append(split)
+            continue
+        if max_examples:
+            records = records[:max_examples]
+        examples = []
+        for i, rec in enumerate(records):
+            refs = rec.get("references") or [rec["response"]]
+            ex_id = rec.get("id")
+            examples.append({"id": f"{split}#{i}" if ex_id in (None, "") else ex_id,
+                             "prompt": format_prompt(rec), "references": refs,
+                             "category": rec.get("category")})
+        split_rows, split_summary = evaluate_generations(
+            model, tokenizer, examples, seeds=tuple(eval_cfg.seeds), batch_size=eval_cfg.batch_size,
+            max_new_tokens=eval_cfg.max_new_tokens, temperature=eval_cfg.temperature,
+            top_k=eval_cfg.top_k, top_p=eval_cfg.top_p,
+            no_repeat_ngram_size=eval_cfg.no_repeat_ngram_size, progress=progress,
+        )
+        for row in split_rows:
+            row["split"] = split
+        rows.extend(split_rows)
+        summary["eval"][split] = split_summary
+        for key in _SPLIT_SUMMARY_KEYS:
+            summary[f"{split}_{key}"] = split_summary[key]
+    return rows, summary
+
+
+def evaluate_saved(cfg: Any, model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                   progress: bool = True) -> dict[str, Any]:
+    """Evaluate a model saved by ``models.save_model`` on the eval splits of a run config
+    (``python -m dpkd_lib eval``); writes ``eval.jsonl`` and ``eval_summary.json`` to
+    ``out_dir`` and returns the summary. The tokenizer is the one saved next to the model
+    when present, else the config's. The data are rebuilt from ``cfg.data`` exactly as the
+    training run builds them, so the examples match those of the run's own evaluation.
+    """
+    from pathlib import Path
+
+    from . import data as data_lib
+    from . import models as model_lib
+    from .results import write_json
+
+    if getattr(cfg, "threads", 0):
+        torch.set_num_threads(int(cfg.threads))
+    model_dir = Path(model_dir)
+    quant = cfg.student.quantization if cfg.student.quantization != "none" else None
+    model = model_lib.load_saved(model_dir, dtype=cfg.student.dtype, quantization=quant)
+    if quant is None and torch.cuda.is_available():
+        model = model.to("cuda")
+    if (model_dir / "tokenizer_config.json").exists() or (model_dir / "tokenizer.json").exists():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    else:
+        from .train import build_tokenizer
+
+        tokenizer = build_tokenizer(cfg)
+    d = cfg.data
+    splits = data_lib.load_records(d.source, path=d.path or None, seed=d.data_seed,
+                                   n_train=d.n_train, n_valid=d.n_valid, n_test=d.n_test,
+                                   n_heldout=d.n_heldout)
+    rows, summary = evaluate_splits(model, tokenizer, splits, cfg.eval, d, progress=progress)
+    summary["model_dir"] = str(model_dir)
+    out = Path(out_dir)
+    write_eval_jsonl(rows, out / "eval.jsonl")
+    write_json(out / "eval_summary.json", summary)
+    return summary
 
 
 # ----------------------------------------------------------------------------- files

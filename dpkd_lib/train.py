@@ -32,6 +32,7 @@ from .results import RunDir, read_json, write_json
 
 CHECKPOINT = "checkpoints/last.pt"
 DISTILL_OBJECTIVES = ("kd", "rkl", "jsd", "dpkd_token", "dpkd_seq")
+SMOLLM2_CACHE = os.environ.get("DPKD_SMOLLM2_CACHE", ".cache/smollm2")
 
 
 class TrainingFault(RuntimeError):
@@ -67,7 +68,8 @@ def build_model(mcfg, tokenizer, *, trainable: bool):
                                      eos_token_id=tokenizer.eos_token_id)
         model = model.to(model_lib.resolve_dtype(mcfg.dtype))
     elif mcfg.source == "smollm2":
-        model = model_lib.load_smollm2(dtype=mcfg.dtype)
+        # the GGUF parse takes ~20 s; a converted copy under .cache loads in well under 1 s
+        model = model_lib.load_smollm2(dtype=mcfg.dtype, cache_dir=SMOLLM2_CACHE)
     elif mcfg.source == "saved":
         model = model_lib.load_saved(mcfg.name_or_path, dtype=mcfg.dtype,
                                      quantization=None if mcfg.quantization == "none" else mcfg.quantization)
@@ -77,7 +79,7 @@ def build_model(mcfg, tokenizer, *, trainable: bool):
             quantization=None if mcfg.quantization == "none" else mcfg.quantization)
     if mcfg.prune_to:
         model = model_lib.prune_layers(model, mcfg.prune_to)
-    if mcfg.quantization != "none" and mcfg.source in ("tiny", "smollm2") :
+    if mcfg.quantization != "none" and mcfg.source in ("tiny", "smollm2"):
         model = model_lib.quantize_in_memory(model, mcfg.quantization, dtype=mcfg.dtype)
     if not trainable:
         model_lib.freeze(model)
@@ -162,20 +164,34 @@ def distill_term(tcfg, s_logits, t_logits, labels) -> tuple[torch.Tensor, dict]:
         loss = losses.dpkd_token_loss(s_logits, t_logits, labels, beta=tcfg.beta,
                                       loss_type=tcfg.loss_type, label_smoothing=tcfg.label_smoothing,
                                       reference_free=tcfg.reference_free, chunk_size=chunk)
-        return loss, token_reward_stats(s_logits, t_logits, labels, tcfg.beta)
+        return loss, token_reward_stats(s_logits, labels, tcfg.beta, t_logits=t_logits)
     raise ConfigError(f"train.objective: '{obj}' has no token-level term")
 
 
+def cached_distill_term(tcfg, s_logits, labels, topk) -> tuple[torch.Tensor, dict]:
+    """The same terms from cached teacher top-k (teacher_mode=cache; kd and dpkd_token)."""
+    ids, logps = topk
+    if tcfg.objective == "kd":
+        return losses.forward_kl_from_teacher_topk(s_logits, labels, ids, logps), {}
+    loss = losses.dpkd_token_loss_from_teacher_topk(
+        s_logits, labels, ids, logps, beta=tcfg.beta, loss_type=tcfg.loss_type,
+        label_smoothing=tcfg.label_smoothing, reference_free=tcfg.reference_free)
+    return loss, token_reward_stats(s_logits, labels, tcfg.beta, topk=topk)
+
+
 @torch.no_grad()
-def token_reward_stats(s_logits, t_logits, labels, beta: float) -> dict:
+def token_reward_stats(s_logits, labels, beta: float, *, t_logits=None, topk=None) -> dict:
     """Implicit token rewards β·log(q/p) of the chosen (teacher argmax) and rejected (student
-    argmax) tokens: their means, margin and how often chosen beats rejected where they differ."""
-    mask = labels != -100
-    s, t = s_logits[mask].float().log_softmax(-1), t_logits[mask].float().log_softmax(-1)
-    chosen, rejected = t.argmax(-1, keepdim=True), s.argmax(-1, keepdim=True)
-    r_c = beta * (s.gather(-1, chosen) - t.gather(-1, chosen)).squeeze(-1)
-    r_r = beta * (s.gather(-1, rejected) - t.gather(-1, rejected)).squeeze(-1)
-    differ = (chosen != rejected).squeeze(-1)
+    argmax) tokens: their means, margin and how often chosen beats rejected where they differ.
+    The teacher comes as full logits (online) or as cached top-k, through the same log-prob
+    helpers the losses use, so logs and loss agree."""
+    if t_logits is not None:
+        lp = losses.dpkd_token_logps(s_logits, t_logits, labels)
+    else:
+        lp = losses.dpkd_token_logps_from_teacher_topk(s_logits, labels, topk[0], topk[1])
+    r_c, r_r = losses.implicit_rewards(lp.policy_chosen, lp.policy_rejected, lp.ref_chosen,
+                                       lp.ref_rejected, beta=beta)
+    differ = lp.chosen_ids != lp.rejected_ids
     acc = (r_c > r_r)[differ].float().mean().item() if differ.any() else float("nan")
     return {"reward_chosen": r_c.mean().item(), "reward_rejected": r_r.mean().item(),
             "reward_margin": (r_c - r_r).mean().item(), "reward_accuracy": acc,
@@ -197,9 +213,9 @@ def sequence_preference(tcfg, student, teacher, pair) -> tuple[torch.Tensor, dic
         logps["chosen"], logps["rejected"], logps["ref_chosen"], logps["ref_rejected"],
         beta=tcfg.beta, loss_type=tcfg.loss_type, label_smoothing=tcfg.label_smoothing,
         reference_free=tcfg.reference_free, gamma=tcfg.gamma)
-    with torch.no_grad():
-        r_c = tcfg.beta * (logps["chosen"] - (0 if tcfg.reference_free else logps["ref_chosen"]))
-        r_r = tcfg.beta * (logps["rejected"] - (0 if tcfg.reference_free else logps["ref_rejected"]))
+    r_c, r_r = losses.implicit_rewards(logps["chosen"], logps["rejected"], logps["ref_chosen"],
+                                       logps["ref_rejected"], beta=tcfg.beta,
+                                       reference_free=tcfg.reference_free)
     stats = {"reward_chosen": r_c.mean().item(), "reward_rejected": r_r.mean().item(),
              "reward_margin": (r_c - r_r).mean().item(),
              "reward_accuracy": (r_c > r_r).float().mean().item(),
@@ -227,10 +243,12 @@ def sample_rejected(student, tokenizer, examples, tcfg, device, generator_seed: 
         att[i, width - len(p):] = 1
     was_training = student.training
     student.eval()
-    torch.manual_seed(generator_seed)
-    out = student.generate(input_ids=ids.to(device), attention_mask=att.to(device), do_sample=True,
-                           temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=tcfg.seq_max_new_tokens,
-                           pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+    with torch.random.fork_rng(devices=[]):  # sampling must not move the training RNG stream
+        torch.manual_seed(generator_seed)
+        out = student.generate(input_ids=ids.to(device), attention_mask=att.to(device), do_sample=True,
+                               temperature=1.0, top_k=0, top_p=1.0,
+                               max_new_tokens=tcfg.seq_max_new_tokens, pad_token_id=pad,
+                               eos_token_id=tokenizer.eos_token_id)
     student.train(was_training)
     rows = []
     for i, p in enumerate(prompts):
@@ -274,12 +292,10 @@ class Trainer:
                                        n_heldout=cfg.data.n_heldout)
         self.splits = splits
         self.data_hash = data_lib.data_hash(splits["train"])
-        self.teacher = None
-        if cfg.teacher is not None and t.objective != "sft":
+        self.teacher = self.cache = self.pt_cache = None
+        uses_teacher = cfg.teacher is not None and t.objective != "sft"
+        if uses_teacher and t.teacher_mode == "online":
             self.teacher = build_model(cfg.teacher, self.tokenizer, trainable=False)
-        self.student = build_model(cfg.student, self.tokenizer, trainable=True)
-        if self.teacher is not None:
-            model_lib.check_same_vocab(self.tokenizer, self.tokenizer, self.teacher, self.student)
         train_records = splits["train"]
         if t.objective in ("seqkd", "dpkd_seq"):
             train_records = self.teacher_responses(train_records)
@@ -292,6 +308,11 @@ class Trainer:
                      else [r.get("text", "") for r in data_lib.read_jsonl(cfg.data.pretrain_path)])
             self.pretrain = data_lib.pretrain_blocks(texts, self.tokenizer, cfg.data.pretrain_block_size,
                                                      max_blocks=cfg.data.pretrain_max_blocks)
+        if uses_teacher and t.teacher_mode == "cache":
+            self.cache, self.pt_cache = self.teacher_signals()
+        self.student = build_model(cfg.student, self.tokenizer, trainable=True)
+        if self.teacher is not None:
+            model_lib.check_same_vocab(self.tokenizer, self.tokenizer, self.teacher, self.student)
         self.optimizer = torch.optim.AdamW(param_groups(self.student, t.weight_decay), lr=t.lr,
                                            betas=(t.adam_beta1, t.adam_beta2))
         self.student, self.optimizer = self.accelerator.prepare(self.student, self.optimizer)
@@ -307,6 +328,38 @@ class Trainer:
                                           max_prompt=d.max_prompt,
                                           min_response_tokens=d.min_response_tokens,
                                           bad_data=d.bad_data)
+
+    def teacher_signals(self):
+        """Cached teacher top-k on the train set (and pre-train blocks): built once per
+        (teacher, tokenizer, data, k), shared by every method and seed that uses it."""
+        from . import teacher_cache as tc
+        cfg, t = self.cfg, self.cfg.train
+        teacher_params = to_dict(cfg.teacher)
+        tok_name = f"{cfg.tokenizer.kind}:{cfg.tokenizer.path}:{cfg.tokenizer.vocab_size}:{len(self.tokenizer)}"
+        built = {}
+
+        def get_teacher():
+            if "model" not in built:
+                built["model"] = build_model(cfg.teacher, self.tokenizer, trainable=False)
+            return built["model"]
+
+        train_key = tc.cache_key(teacher_params, tok_name, data_lib.data_hash(self.train_set), t.cache_topk)
+        meta = {"teacher": teacher_params, "tokenizer": tok_name, "k": t.cache_topk}
+        device = self.accelerator.device
+        cache = tc.load_or_build(Path(t.cache_dir) / train_key, get_teacher, self.train_set,
+                                 self.tokenizer.pad_token_id, t.cache_topk, meta=meta,
+                                 batch_size=cfg.eval.batch_size, device=device, progress=self.progress)
+        pt_cache = None
+        if self.pretrain is not None:
+            blocks = [{"id": f"pt{i}", "input_ids": row.tolist(), "labels": row.tolist(), "prompt_len": 0}
+                      for i, row in enumerate(self.pretrain)]
+            pt_key = tc.cache_key(teacher_params, tok_name, data_lib.data_hash(blocks), t.cache_topk)
+            pt_cache = tc.load_or_build(Path(t.cache_dir) / pt_key, get_teacher, blocks,
+                                        self.tokenizer.pad_token_id, t.cache_topk, meta=meta,
+                                        batch_size=cfg.eval.batch_size, device=device,
+                                        progress=self.progress)
+        built.clear()
+        return cache, pt_cache
 
     def teacher_responses(self, records):
         """Teacher-generated responses (SeqKD data; DPKD-seq's chosen side), made once and kept
@@ -340,7 +393,8 @@ class Trainer:
         g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + index)
         rows = torch.randint(0, n, (self.cfg.train.batch_size,), generator=g)
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        return self.pretrain[rows[rank::world]].to(self.accelerator.device)
+        rows = rows[rank::world]
+        return self.pretrain[rows].to(self.accelerator.device), [f"pt{i}" for i in rows.tolist()]
 
     # -- one step
     def step_loss(self, index: int) -> tuple[torch.Tensor, dict, list]:
@@ -355,7 +409,12 @@ class Trainer:
             s_logits, labels = response_logits(self.student, batch)
             parts["ce"] = losses.sft_loss(s_logits, labels)
             loss = (1 - kd) * parts["ce"]
-            if t.objective in ("kd", "rkl", "jsd", "dpkd_token"):
+            if self.cache is not None:
+                counts = (batch["labels"][:, 1:] != -100).sum(1).tolist()
+                topk = self.cache.gather(batch["ids"], counts)
+                parts["distill"], stats = cached_distill_term(t, s_logits, labels, topk)
+                loss = loss + kd * parts["distill"]
+            elif t.objective in ("kd", "rkl", "jsd", "dpkd_token"):
                 with torch.no_grad():
                     t_logits, _ = response_logits(self.teacher, batch)
                 parts["distill"], stats = distill_term(t, s_logits, t_logits, labels)
@@ -370,11 +429,18 @@ class Trainer:
                 parts["distill"], stats = sequence_preference(t, self.student, self.teacher, pair)
                 loss = loss + kd * parts["distill"]
             if self.pretrain is not None:
-                pt_ids = self.pretrain_batch(index)
+                pt_ids, pt_names = self.pretrain_batch(index)
                 pt_logits, pt_labels = full_logits(self.student, pt_ids)
                 parts["pt_ce"] = losses.sft_loss(pt_logits, pt_labels)
                 pt = (1 - kd) * parts["pt_ce"]
-                if kd > 0:
+                if kd > 0 and self.pt_cache is not None:
+                    # cached: soft CE over the top-k plus one bucket for the rest (exact at k = V)
+                    ids, logps = self.pt_cache.gather(pt_names)
+                    flat = pt_logits.reshape(1, -1, pt_logits.shape[-1])
+                    parts["pt_kd"] = losses.soft_cross_entropy_from_teacher_topk(
+                        flat, pt_labels.reshape(1, -1), ids, logps)
+                    pt = pt + kd * parts["pt_kd"]
+                elif kd > 0:
                     with torch.no_grad():
                         pt_teacher, _ = full_logits(self.teacher, pt_ids)
                     parts["pt_kd"] = losses.soft_cross_entropy(pt_logits, pt_teacher, pt_labels)

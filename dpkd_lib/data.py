@@ -1,0 +1,623 @@
+"""Data: records, prompts, tokenized examples, batches, and the loaders of every data source.
+
+A **record** is a dict ``{"id", "instruction", "context", "response", "category"}`` (the
+synthetic set adds ``template``; MiniLLM eval files may add ``references``, a list). Every
+source is mapped to records first, so the rest of the pipeline has one input format.
+
+Prompts follow MiniLLM exactly (its ``process_data_dolly.py``, Alpaca style; method.md §4),
+because ROUGE-L numbers are only comparable under the same template. Prompt and response
+are tokenized separately and concatenated, so ``prompt_len`` is exact and the loss mask can
+never leak into the prompt. Labels follow the Hugging Face convention (unshifted, same
+length as ``input_ids``, -100 where no loss is taken); the trainer shifts.
+
+Bad records are never silently dropped: ``build_sft_dataset`` counts every drop by reason in
+a :class:`FilterReport`, can raise on the first bad record instead (``bad_data="error"``),
+and refuses to return an empty data set (a zero-step "successful" run is a bug).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import socket
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from .errors import DataError
+
+PROMPT_TEMPLATE = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+PROMPT_TEMPLATE_WITH_CONTEXT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+
+IGNORE_INDEX = -100
+DATA_SOURCES = ("synthetic", "jsonl", "dolly_hub", "minillm")
+DROP_REASONS = (
+    "not_a_record",
+    "missing_field",
+    "not_a_string",
+    "empty_instruction",
+    "empty_response",
+    "invalid_unicode",
+    "duplicate_id",
+    "prompt_too_long",
+    "response_too_short",
+    "too_long",
+)
+NO_NETWORK_MESSAGE = "no network: use the cpu profile (synthetic data) or data.path=LOCAL.jsonl"
+DOLLY_REPO = "databricks/databricks-dolly-15k"
+DOLLY_FILE = "databricks-dolly-15k.jsonl"
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def format_prompt(record: Mapping[str, Any]) -> str:
+    """The MiniLLM/Alpaca prompt for a record; the context block only when it is non-empty
+    (MiniLLM tests ``len(input) == 0``, so whitespace-only context still counts as input)."""
+    context = record.get("context") or ""
+    if len(context) == 0:
+        return PROMPT_TEMPLATE.format(instruction=record["instruction"])
+    return PROMPT_TEMPLATE_WITH_CONTEXT.format(instruction=record["instruction"], input=context)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+class Dropped(NamedTuple):
+    """Why a record was not turned into an example (reason is one of ``DROP_REASONS``)."""
+
+    reason: str
+    detail: str
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    """True if ``text`` cannot be encoded as UTF-8: lone surrogates, which is what invalid
+    bytes become when a file is read with ``errors="surrogateescape"`` (see ``read_jsonl``)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def validate_record(record: Any) -> Dropped | None:
+    """Structural checks that need no tokenizer. None when the record is usable."""
+    if not isinstance(record, Mapping):
+        return Dropped("not_a_record", f"record is a {type(record).__name__}, not a mapping")
+    for key in ("instruction", "response"):
+        if key not in record or record[key] is None:
+            return Dropped("missing_field", f"no {key!r}")
+    for key in ("instruction", "context", "response"):
+        value = record.get(key)
+        if value is not None and not isinstance(value, str):
+            return Dropped("not_a_string", f"{key!r} is a {type(value).__name__}")
+    if not record["instruction"].strip():
+        return Dropped("empty_instruction", "instruction is empty or whitespace")
+    if not record["response"].strip():
+        return Dropped("empty_response", "response is empty or whitespace")
+    for key in ("instruction", "context", "response"):
+        if _has_lone_surrogate(record.get(key) or ""):
+            return Dropped("invalid_unicode", f"{key!r} is not valid UTF-8")
+    return None
+
+
+# --------------------------------------------------------------------------- tokenization
+
+
+def _bos_prefix(tokenizer) -> list[int]:
+    """[bos] when the tokenizer itself adds one (Llama-style), else []. Probed once per
+    tokenizer: GPT-2 and the SmolLM2 GGUF tokenizer add none."""
+    cached = getattr(tokenizer, "_dpkd_bos_prefix", None)
+    if cached is not None:
+        return cached
+    bos = getattr(tokenizer, "bos_token_id", None)
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    prefix = [bos] if bos is not None and probe and probe[0] == bos else []
+    try:
+        tokenizer._dpkd_bos_prefix = prefix
+    except AttributeError:  # some tokenizers forbid new attributes; probing again is cheap
+        pass
+    return prefix
+
+
+def _eos_id(tokenizer) -> int:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise DataError("the tokenizer has no eos token: responses could never end")
+    return int(eos)
+
+
+def pad_id_of(tokenizer) -> int:
+    """The pad id to use for a tokenizer: its pad token, else its eos token."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return int(pad) if pad is not None else _eos_id(tokenizer)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def tokenize_example(record: Mapping[str, Any], tokenizer, max_length: int, max_prompt: int,
+                     *, min_response_tokens: int = 0) -> dict | Dropped:
+    """One record -> one SFT example, or the reason it is dropped.
+
+    input_ids = [bos?] + prompt ids + response ids + [eos]
+    labels    = -100 over the prompt, then response ids + [eos]   (unshifted, HF convention)
+
+    Too long is dropped, never truncated: a truncated response teaches the model to stop
+    mid-sentence, and a truncated prompt changes the task. Returns a dict with id,
+    input_ids, labels, prompt_len, response_len (response tokens + eos), prompt, response.
+    """
+    bad = validate_record(record)
+    if bad is not None:
+        return bad
+    prompt = format_prompt(record)
+    prompt_ids = _bos_prefix(tokenizer) + _encode(tokenizer, prompt)
+    if len(prompt_ids) > max_prompt:
+        return Dropped("prompt_too_long", f"{len(prompt_ids)} prompt tokens > max_prompt {max_prompt}")
+    response_ids = _encode(tokenizer, record["response"])
+    if len(response_ids) < min_response_tokens:
+        return Dropped("response_too_short",
+                       f"{len(response_ids)} response tokens < min_response_tokens {min_response_tokens}")
+    target = response_ids + [_eos_id(tokenizer)]
+    total = len(prompt_ids) + len(target)
+    if total > max_length:
+        return Dropped("too_long", f"{total} tokens > max_length {max_length}")
+    return {
+        "id": str(record.get("id", "")),
+        "input_ids": prompt_ids + target,
+        "labels": [IGNORE_INDEX] * len(prompt_ids) + target,
+        "prompt_len": len(prompt_ids),
+        "response_len": len(target),
+        "prompt": prompt,
+        "response": record["response"],
+        **({"references": list(record["references"])} if record.get("references") else {}),
+    }
+
+
+@dataclass
+class FilterReport:
+    """What ``build_sft_dataset`` kept and dropped (per reason); goes into run manifests."""
+
+    kept: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    first_dropped: dict[str, str] = field(default_factory=dict)  # reason -> first record id
+
+    @property
+    def total(self) -> int:
+        return self.kept + sum(self.dropped.values())
+
+    def add_drop(self, reason: str, record_id: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        self.first_dropped.setdefault(reason, record_id)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kept": self.kept, "total": self.total, "dropped": dict(self.dropped),
+                "first_dropped": dict(self.first_dropped)}
+
+    def __str__(self) -> str:
+        n_drop = sum(self.dropped.values())
+        text = f"kept {self.kept}/{self.total} records"
+        if n_drop:
+            reasons = ", ".join(f"{r}={self.dropped[r]}" for r in DROP_REASONS if r in self.dropped)
+            text += f"; dropped {n_drop} ({reasons})"
+        return text
+
+
+def build_sft_dataset(records: Iterable[Mapping[str, Any]], tokenizer, *, max_length: int = 512,
+                      max_prompt: int = 256, min_response_tokens: int = 0,
+                      bad_data: str = "drop") -> tuple[list[dict], FilterReport]:
+    """Validate and tokenize records into SFT examples.
+
+    bad_data="drop": skip bad records, counting each by reason in the report;
+    bad_data="error": raise ``DataError`` (a ValueError) naming the first bad record and why.
+    An empty result raises ``DataError`` with the report, whatever the policy.
+    """
+    if bad_data not in ("drop", "error"):
+        raise ValueError(f"bad_data must be 'drop' or 'error', got {bad_data!r}")
+    if max_prompt >= max_length:
+        raise ValueError(f"max_prompt ({max_prompt}) must be smaller than max_length ({max_length})")
+    report = FilterReport()
+    examples: list[dict] = []
+    seen_ids: set[str] = set()
+    for index, record in enumerate(records):
+        record_id = _record_id(record, index)
+        if record_id in seen_ids:
+            out: dict | Dropped = Dropped("duplicate_id", f"id {record_id!r} appears twice")
+        else:
+            out = tokenize_example(record, tokenizer, max_length, max_prompt,
+                                   min_response_tokens=min_response_tokens)
+        if isinstance(out, Dropped):
+            if bad_data == "error":
+                raise DataError(f"bad record {record_id!r} (#{index}): {out.reason}: {out.detail}")
+            report.add_drop(out.reason, record_id)
+            continue
+        seen_ids.add(record_id)
+        out["id"] = record_id
+        examples.append(out)
+        report.kept += 1
+    if not examples:
+        raise DataError(f"no usable records after filtering: {report}")
+    return examples, report
+
+
+def _record_id(record: Any, index: int) -> str:
+    if isinstance(record, Mapping) and record.get("id") not in (None, ""):
+        return str(record["id"])
+    return f"#{index}"
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def collate_sft(examples: Sequence[Mapping[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Right-padded training batch: input_ids, attention_mask, labels (-100 on padding), ids."""
+    if not examples:
+        raise ValueError("collate_sft: empty batch")
+    width = max(len(ex["input_ids"]) for ex in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        input_ids[row, :n] = torch.tensor(ex["input_ids"], dtype=torch.long)
+        labels[row, :n] = torch.tensor(ex["labels"], dtype=torch.long)
+        attention[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
+            "ids": [ex.get("id", "") for ex in examples]}
+
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int = 0,
+                           drop_last: bool = False, mega_batches: int = 50) -> list[list[int]]:
+    """Batches of indices whose members have similar lengths, in a random batch order.
+
+    Why: random batches pad every row to the longest one (~160 tokens against ~90 on the
+    synthetic set, design.md §3 cost notes). We shuffle all indices (seeded by seed and
+    epoch), cut them into mega-batches of ``mega_batches`` batches, sort each mega-batch by
+    length, cut it into batches, and shuffle the batch order. Sorting only inside
+    mega-batches keeps the data order random at the scale of an epoch.
+    Every index appears exactly once (unless drop_last drops the one short batch).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    rng = random.Random(f"length-grouped:{seed}:{epoch}")
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    chunk = batch_size * max(1, mega_batches)
+    batches: list[list[int]] = []
+    for start in range(0, len(order), chunk):
+        mega = sorted(order[start:start + chunk], key=lambda i: (-lengths[i], i))
+        batches += [mega[j:j + batch_size] for j in range(0, len(mega), batch_size)]
+    if drop_last:
+        batches = [b for b in batches if len(b) == batch_size]
+    rng.shuffle(batches)
+    return batches
+
+
+def random_batches(n: int, batch_size: int, seed: int, epoch: int = 0,
+                   drop_last: bool = False) -> list[list[int]]:
+    """Plain shuffled batches (the baseline that ``length_grouped_batches`` is compared to)."""
+    rng = random.Random(f"random-batches:{seed}:{epoch}")
+    order = list(range(n))
+    rng.shuffle(order)
+    batches = [order[j:j + batch_size] for j in range(0, n, batch_size)]
+    return [b for b in batches if len(b) == batch_size] if drop_last else batches
+
+
+def mean_padded_length(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -> float:
+    """Mean padded row length (batch max) over all rows: what the model actually computes."""
+    rows = sum(len(b) for b in batches)
+    return sum(max(lengths[i] for i in b) * len(b) for b in batches if b) / max(rows, 1)
+
+
+def collate_prompts(items: Sequence[Mapping[str, Any]], tokenizer, max_prompt: int) -> dict[str, Any]:
+    """Left-padded prompt batch for generation (design §7): input_ids, attention_mask, ids,
+    prompts, references.
+
+    Accepts records (formatted here) or examples from ``tokenize_example`` (their prompt ids
+    are reused). Left padding puts every prompt's last token at the same position, so one
+    batched ``generate`` call continues all rows. A prompt longer than ``max_prompt`` keeps
+    its last ``max_prompt`` tokens (the "### Response:" cue must survive); eval sets are
+    filtered by ``build_sft_dataset`` first, so this is a safety net.
+    """
+    if not items:
+        raise ValueError("collate_prompts: empty batch")
+    pad = pad_id_of(tokenizer)
+    rows, prompts, refs, ids = [], [], [], []
+    for index, item in enumerate(items):
+        if "input_ids" in item and "prompt_len" in item:
+            ids_ = list(item["input_ids"][: item["prompt_len"]])
+            prompt = item.get("prompt") or tokenizer.decode(ids_)
+        else:
+            prompt = format_prompt(item)
+            ids_ = _bos_prefix(tokenizer) + _encode(tokenizer, prompt)
+        rows.append(ids_[-max_prompt:])
+        prompts.append(prompt)
+        refs.append(list(item["references"]) if item.get("references") else [item.get("response", "")])
+        ids.append(_record_id(item, index))
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, ids_ in enumerate(rows):
+        input_ids[row, width - len(ids_):] = torch.tensor(ids_, dtype=torch.long)
+        attention[row, width - len(ids_):] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "ids": ids, "prompts": prompts,
+            "references": refs}
+
+
+# --------------------------------------------------------------------------- pre-training corpus
+
+
+def pydoc_corpus() -> list[str]:
+    """Offline English prose for the pre-training term L_PT: the help topics shipped with
+    CPython (``pydoc_data.topics``), ~460k characters, in sorted-key order (deterministic)."""
+    from pydoc_data.topics import topics
+
+    texts = [topics[key].strip() for key in sorted(topics)]
+    return [t for t in texts if t]
+
+
+def pretrain_blocks(texts: Iterable[str], tokenizer, block_size: int,
+                    max_blocks: int | None = None) -> torch.Tensor:
+    """Concatenate texts (eos between documents) and cut into [N, block_size] blocks.
+
+    The tail shorter than a block is dropped; tokenizing stops once ``max_blocks`` are
+    filled. Raises DataError when the corpus cannot fill one block.
+    """
+    if block_size < 2:
+        raise ValueError(f"block_size must be >= 2, got {block_size}")
+    eos = _eos_id(tokenizer)
+    need = None if max_blocks is None else max_blocks * block_size
+    stream: list[int] = []
+    for text in texts:
+        stream += _encode(tokenizer, text) + [eos]
+        if need is not None and len(stream) >= need:
+            break
+    n_blocks = len(stream) // block_size
+    if max_blocks is not None:
+        n_blocks = min(n_blocks, max_blocks)
+    if n_blocks == 0:
+        raise DataError(f"pre-train corpus has {len(stream)} tokens: not one block of {block_size}")
+    return torch.tensor(stream[: n_blocks * block_size], dtype=torch.long).view(n_blocks, block_size)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def write_jsonl(records: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> None:
+    """One JSON object per line, UTF-8, written atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Objects of a JSONL file. Invalid UTF-8 bytes are kept as lone surrogates (so the
+    record is later dropped and counted as ``invalid_unicode`` instead of killing the load);
+    a line that is not JSON raises DataError naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    out = []
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+    return out
+
+
+def _to_record(raw: Mapping[str, Any], default_id: str) -> dict:
+    """Map Dolly ({instruction, context, response, category}), Alpaca/MiniLLM
+    ({instruction, input, output}) or our own fields onto a record. Values are passed
+    through unchanged (validation happens in ``build_sft_dataset``)."""
+    rec = dict(raw)
+    if "context" not in rec and "input" in rec:
+        rec["context"] = rec.pop("input")
+    if "response" not in rec and "output" in rec:
+        output = rec.pop("output")
+        if isinstance(output, list):  # several references (MiniLLM eval files)
+            rec["references"] = output
+            output = output[0] if output else ""
+        rec["response"] = output
+    rec.setdefault("context", "")
+    rec.setdefault("category", "")
+    if rec.get("id") in (None, ""):
+        rec["id"] = default_id
+    return rec
+
+
+def load_jsonl_records(path: str | os.PathLike, id_prefix: str | None = None) -> list[dict]:
+    """Records from a JSONL file in Dolly, Alpaca/MiniLLM or our format."""
+    prefix = id_prefix or Path(path).stem
+    return [_to_record(raw, f"{prefix}-{i:05d}") for i, raw in enumerate(read_jsonl(path))]
+
+
+_PROMPT_MARKERS = ("### Instruction:\n", "\n\n### Input:\n", "\n\n### Response:\n")
+
+
+def _parse_prompt(prompt: str) -> tuple[str, str] | None:
+    """(instruction, input) back out of a prompt built with our templates, else None."""
+    start, mid, end = _PROMPT_MARKERS
+    if start not in prompt or not prompt.endswith(end):
+        return None
+    body = prompt.split(start, 1)[1][: -len(end)]
+    if mid in body:
+        instruction, context = body.split(mid, 1)
+        return instruction, context
+    return body, ""
+
+
+def load_minillm_processed(path: str | os.PathLike) -> list[dict]:
+    """Records from one of MiniLLM's processed JSONL files.
+
+    Its ``process_data_dolly.py`` writes {"instruction", "prompt", "input", "output"}; some
+    eval files carry only {"prompt", "output"} (output possibly a list of references). A
+    ``prompt`` in our template is parsed back into instruction/context so that
+    ``format_prompt`` rebuilds the identical string; any other prompt becomes the
+    instruction.
+    """
+    records = []
+    for i, raw in enumerate(read_jsonl(path)):
+        raw = dict(raw)
+        prompt = raw.pop("prompt", None)
+        if "instruction" not in raw and isinstance(prompt, str):
+            parsed = _parse_prompt(prompt)
+            raw["instruction"], raw["input"] = parsed if parsed else (prompt, "")
+        records.append(_to_record(raw, f"{Path(path).stem}-{i:05d}"))
+    return records
+
+
+def _offline() -> bool:
+    flags = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+    if any(os.environ.get(f, "").strip().lower() in ("1", "true", "yes", "on") for f in flags):
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return True
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe of the hub endpoint, so that a machine without network fails in
+    seconds instead of after the hub client's retries (~25 s). Behind a proxy the probe
+    says nothing, so it is skipped."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(getattr(constants, "ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def load_dolly_hub(cache_dir: str | os.PathLike | None = None) -> list[dict]:
+    """databricks-dolly-15k from the Hugging Face hub (one JSONL file, ~13 MB).
+
+    A copy already in the hub cache is used without any network call. Otherwise, offline
+    (HF_HUB_OFFLINE etc.) or with the hub unreachable, this fails at once with a message
+    naming the offline ways; any download failure becomes the same one-line DataError.
+    """
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise DataError(f"huggingface_hub is not installed; {NO_NETWORK_MESSAGE}") from None
+    kwargs = dict(repo_type="dataset", cache_dir=str(cache_dir) if cache_dir else None)
+    try:
+        local = hf_hub_download(DOLLY_REPO, DOLLY_FILE, local_files_only=True, **kwargs)
+    except Exception:  # noqa: BLE001 - not cached: try the network below
+        local = None
+    if local is None:
+        if _offline():
+            raise DataError(f"cannot get {DOLLY_REPO} (offline mode, no cached copy): {NO_NETWORK_MESSAGE}")
+        if not _hub_reachable():
+            raise DataError(f"cannot get {DOLLY_REPO} (hub unreachable): {NO_NETWORK_MESSAGE}")
+        try:
+            local = hf_hub_download(DOLLY_REPO, DOLLY_FILE, etag_timeout=10, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - every failure has the same remedy
+            raise DataError(f"cannot get {DOLLY_REPO} ({type(exc).__name__}): {NO_NETWORK_MESSAGE}") from None
+    records = []
+    for i, raw in enumerate(read_jsonl(local)):
+        rec = _to_record(raw, f"dolly-{i:05d}")
+        rec["id"] = f"dolly-{i:05d}"
+        records.append(rec)
+    return records
+
+
+def minillm_dolly_split(records: Sequence[Mapping[str, Any]], seed: int, n_valid: int = 1000,
+                        n_test: int = 500, *, tokenizer=None, min_response_tokens: int = 11,
+                        max_prompt: int = 256) -> dict[str, list[dict]]:
+    """MiniLLM's Dolly processing as a split: {"train", "valid", "test"}.
+
+    With a tokenizer, records are first filtered as in MiniLLM (response >= 11 tokens,
+    prompt <= 256 tokens, method.md §4) so the split sizes are the published ones; without
+    one, that filtering is left to ``build_sft_dataset``. A seeded shuffle then takes
+    ``n_test`` for DollyEval, ``n_valid`` for validation and the rest for training.
+    """
+    kept = [dict(r) for r in records]
+    if tokenizer is not None:
+        def ok(rec: dict) -> bool:
+            out = tokenize_example(rec, tokenizer, max_length=10**9, max_prompt=max_prompt,
+                                   min_response_tokens=min_response_tokens)
+            return not isinstance(out, Dropped)
+        kept = [r for r in kept if ok(r)]
+    if n_valid + n_test >= len(kept):
+        raise DataError(f"{len(kept)} records cannot give {n_valid} valid + {n_test} test + a train split")
+    rng = random.Random(f"minillm-dolly:{seed}")
+    rng.shuffle(kept)
+    return {"train": kept[n_valid + n_test:], "valid": kept[n_test:n_test + n_valid],
+            "test": kept[:n_test]}
+
+
+_SPLIT_FILES = ("train", "valid", "test", "heldout")
+
+
+def _load_split_dir(folder: Path, reader) -> dict[str, list[dict]]:
+    """{split: records} from ``folder/{train,valid,test,heldout}.jsonl`` (train required)."""
+    out = {s: reader(folder / f"{s}.jsonl") for s in _SPLIT_FILES if (folder / f"{s}.jsonl").is_file()}
+    if "train" not in out:
+        raise FileNotFoundError(f"{folder}: no train.jsonl (expected train/valid/test[/heldout].jsonl)")
+    return out
+
+
+def load_records(source: str, path: str | os.PathLike | None = None, seed: int = 0,
+                 **sizes: int) -> dict[str, list[dict]]:
+    """Records by split for a data source (``DataConfig.source``).
+
+    synthetic: ``generate_synthetic(seed=seed, **sizes)`` (n_train, n_valid, n_test, n_heldout).
+    jsonl: a folder with train/valid/test[/heldout].jsonl, or one file split MiniLLM-style.
+    dolly_hub: Dolly-15k from the hub, split MiniLLM-style (needs network or a cached copy).
+    minillm: a folder of MiniLLM processed files ({split}.jsonl), or one file split as above.
+    For the MiniLLM-style split, ``n_valid``/``n_test`` in sizes override 1000/500.
+    """
+    if source not in DATA_SOURCES:
+        raise ValueError(f"unknown data source {source!r}; valid sources: {', '.join(DATA_SOURCES)}")
+    if source == "synthetic":
+        from .synthetic import generate_synthetic
+
+        return generate_synthetic(seed=seed, **sizes)
+    split_sizes = {k: sizes[k] for k in ("n_valid", "n_test") if k in sizes}
+    if source == "dolly_hub":
+        return minillm_dolly_split(load_dolly_hub(), seed, **split_sizes)
+    if not path:
+        raise FileNotFoundError(f"data source {source!r} needs a path (data.path=FILE.jsonl or a folder)")
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data path not found: {path}")
+    reader = load_jsonl_records if source == "jsonl" else load_minillm_processed
+    if path.is_dir():
+        return _load_split_dir(path, reader)
+    return minillm_dolly_split(reader(path), seed, **split_sizes)
+
+
+def data_hash(records: Any) -> str:
+    """sha256 of the canonical JSON of records (a list, or a dict of splits): the data
+    identity written into run manifests and teacher-cache keys. ASCII-escaped so that even
+    records with lone surrogates hash."""
+    blob = json.dumps(records, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("ascii")).hexdigest()
