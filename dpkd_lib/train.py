@@ -135,7 +135,7 @@ def response_logits(model, batch):
     hidden = out.hidden_states[-1][:, :-1]
     labels = batch["labels"][:, 1:]
     mask = labels != -100
-    head = model.get_output_embeddings()
+    head = getattr(model, "module", model).get_output_embeddings()  # DDP wraps the model
     logits = head(hidden[mask].to(head.weight.dtype) if head.weight.dtype.is_floating_point
                   else hidden[mask])
     return logits.float().unsqueeze(0), labels[mask].unsqueeze(0)
@@ -343,6 +343,8 @@ class Trainer:
                 built["model"] = build_model(cfg.teacher, self.tokenizer, trainable=False)
             return built["model"]
 
+        if not self.is_main:  # the main process builds the cache; the others then read it
+            self.accelerator.wait_for_everyone()
         train_key = tc.cache_key(teacher_params, tok_name, data_lib.data_hash(self.train_set), t.cache_topk)
         meta = {"teacher": teacher_params, "tokenizer": tok_name, "k": t.cache_topk}
         device = self.accelerator.device
@@ -359,6 +361,8 @@ class Trainer:
                                         batch_size=cfg.eval.batch_size, device=device,
                                         progress=self.progress)
         built.clear()
+        if self.is_main:
+            self.accelerator.wait_for_everyone()
         return cache, pt_cache
 
     def teacher_responses(self, records):
@@ -380,12 +384,14 @@ class Trainer:
             data_lib.write_jsonl(out, path)
         return out
 
-    def micro_batch(self, index: int):
-        """The process's share of global batch `index` (several processes split each batch)."""
+    def my_rows(self, index: int) -> list[int]:
+        """This process's share of global batch `index` (several processes split each batch)."""
         ids = self.schedule[index]
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        mine = ids[rank::world] or ids[:1]
-        batch = data_lib.collate_sft([self.train_set[i] for i in mine], self.tokenizer.pad_token_id)
+        return ids[self.accelerator.process_index::self.accelerator.num_processes] or ids[:1]
+
+    def micro_batch(self, index: int):
+        batch = data_lib.collate_sft([self.train_set[i] for i in self.my_rows(index)],
+                                     self.tokenizer.pad_token_id)
         return {k: (v.to(self.accelerator.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
     def pretrain_batch(self, index: int):
@@ -420,7 +426,7 @@ class Trainer:
                 parts["distill"], stats = distill_term(t, s_logits, t_logits, labels)
                 loss = loss + kd * parts["distill"]
             elif t.objective == "dpkd_seq":
-                rows = [self.train_set[i] for i in self.schedule[index]]
+                rows = [self.train_set[i] for i in self.my_rows(index)]
                 pair = {"chosen": batch,
                         "rejected": sample_rejected(self.student, self.tokenizer, rows, t,
                                                     self.accelerator.device, t.seed * 7919 + index)}
@@ -445,9 +451,24 @@ class Trainer:
                         pt_teacher, _ = full_logits(self.teacher, pt_ids)
                     parts["pt_kd"] = losses.soft_cross_entropy(pt_logits, pt_teacher, pt_labels)
                     pt = pt + kd * parts["pt_kd"]
-                loss = loss + t.lm_coef * pt
+        # response terms are token means over this process's rows: rescale to the global batch
+        loss = loss * self.token_share(index)
+        if self.pretrain is not None:
+            loss = loss + t.lm_coef * pt
         stats["response_tokens"] = int((labels != -100).sum())
         return loss, {k: v.item() for k, v in parts.items()} | stats, batch["ids"]
+
+    def token_share(self, index: int) -> float:
+        """world × (this process's response tokens / the global batch's). DDP averages the
+        processes' gradients, so this makes N processes optimise the same flat token mean
+        over the global batch as one process does (1.0 in a single process)."""
+        world = self.accelerator.num_processes
+        if world == 1:
+            return 1.0
+        ids = self.schedule[index]
+        def count(rows):
+            return sum(self.train_set[i]["response_len"] for i in rows)
+        return world * count(self.my_rows(index)) / count(ids)
 
     # -- checkpoints
     def trainable_state(self) -> dict:
@@ -513,7 +534,8 @@ def train(cfg: RunConfig, *, force: bool = False, progress: bool = True) -> dict
     if tr.is_main:
         tr.run.start_manifest(tr.params, seed=t.seed, device=str(tr.accelerator.device),
                               data_hash=tr.data_hash)
-        tr.run.write_manifest(filter_report=tr.filter_report)
+        tr.run.write_manifest(filter_report=tr.filter_report,
+                              num_processes=tr.accelerator.num_processes)
     step = tr.load_checkpoint() if tr.state == "resume" else 0
     if tr.is_main:
         tr.run.truncate_metrics(step)
