@@ -210,3 +210,18 @@ def test_same_seed_same_metrics_other_seed_other_samples(tmp_path):
         runs[name] = (_metric_rows(tmp_path / name), [r["sample"] for r in read_jsonl(tmp_path / name / "eval.jsonl")])
     assert runs["a"] == runs["b"]
     assert runs["a"][0] != runs["c"][0] and runs["a"][1] != runs["c"][1]
+
+
+def test_cli_eval_scores_a_saved_model(tmp_path):
+    run = tmp_path / "run"
+    assert _cli("train", "--params", str(SMOKE), "--set", f"output_dir={run}", "--set",
+                "eval.generate=false").returncode == 0
+    out = tmp_path / "eval"
+    proc = _cli("eval", "--params", str(SMOKE), "--model", str(run / "model"), "--out", str(out),
+                "--set", "eval.max_examples=3", "--set", "eval.max_new_tokens=6", "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    rows = read_jsonl(out / "eval.jsonl")
+    assert len(rows) == 3 and {"sample", "reference", "rouge_l", "exact_match"} <= set(rows[0])
+    assert "test_rouge_l" in read_json(out / "eval_summary.json")
+    missing = _cli("eval", "--params", str(SMOKE), "--model", str(tmp_path / "nope"), "--out", str(out))
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
