@@ -156,10 +156,11 @@ def distill_term(tcfg, s_logits, t_logits, labels) -> tuple[torch.Tensor, dict]:
         return losses.forward_kl(s_logits, t_logits, labels, temperature=tcfg.temperature,
                                  chunk_size=chunk), {}
     if obj == "rkl":  # reverse KL(q || p): mode seeking
-        return losses.reverse_kl(s_logits, t_logits, labels, temperature=tcfg.temperature), {}
+        return losses.reverse_kl(s_logits, t_logits, labels, temperature=tcfg.temperature,
+                                 chunk_size=chunk), {}
     if obj == "jsd":  # generalised Jensen-Shannon (DistiLLM's family)
         return losses.js_divergence(s_logits, t_logits, labels, beta=tcfg.jsd_beta,
-                                    temperature=tcfg.temperature), {}
+                                    temperature=tcfg.temperature, chunk_size=chunk), {}
     if obj == "dpkd_token":  # released code: teacher argmax chosen, student argmax rejected
         loss = losses.dpkd_token_loss(s_logits, t_logits, labels, beta=tcfg.beta,
                                       loss_type=tcfg.loss_type, label_smoothing=tcfg.label_smoothing,
