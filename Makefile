@@ -14,6 +14,9 @@ HF_HUB_OFFLINE       ?= 1
 TRANSFORMERS_OFFLINE ?= 1
 export HF_HUB_OFFLINE TRANSFORMERS_OFFLINE FORCE
 export TOKENIZERS_PARALLELISM := false
+# Idle OpenMP threads sleep instead of spinning: with 2 cores shared by several processes,
+# spinning threads made a 2-thread step up to 5x slower than a 1-thread one (bench notes).
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup test reproduce lab bench clean help
 

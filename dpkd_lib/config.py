@@ -104,8 +104,9 @@ class TrainConfig:
     temperature: float = 1.0
     jsd_beta: float = 0.5
     seq_max_new_tokens: int = 64  # dpkd_seq / seqkd: generated response length
-    teacher_mode: str = "online"  # online | cache (precomputed top-k teacher signals)
-    cache_topk: int = 32
+    teacher_mode: str = "online"  # online | cache (teacher signals precomputed once, on disk)
+    cache_format: str = "hidden"  # hidden: exact (final hidden states + head); topk: compact
+    cache_topk: int = 32  # topk format only
     cache_dir: str = ".cache/teacher_signals"  # keyed by teacher, tokenizer, data and k
     loss_chunk_size: int = 0  # >0: memory-lean loss over chunks of response positions
     autocast_dtype: str = "float32"  # bfloat16 autocast is faster on some CPUs; fp32 default
@@ -272,9 +273,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     needs_teacher = t.objective not in ("sft",)
     if needs_teacher and cfg.teacher is None:
         raise ConfigError(f"teacher: objective '{t.objective}' needs a teacher section")
-    if t.teacher_mode == "cache" and t.objective not in ("dpkd_token", "kd"):
-        raise ConfigError(f"train.teacher_mode: 'cache' supports objectives dpkd_token and kd, "
-                          f"not '{t.objective}'")
+    _check_choice("train.cache_format", t.cache_format, ("hidden", "topk"))
+    cacheable = ("dpkd_token", "kd", "rkl", "jsd") if t.cache_format == "hidden" else ("dpkd_token", "kd")
+    if t.teacher_mode == "cache" and t.objective not in cacheable:
+        raise ConfigError(f"train.teacher_mode: 'cache' with cache_format '{t.cache_format}' supports "
+                          f"objectives {', '.join(cacheable)}, not '{t.objective}'")
     for s in cfg.eval.splits:
         _check_choice("eval.splits", s, ("train", "valid", "test", "heldout"))
     return cfg

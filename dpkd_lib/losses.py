@@ -157,8 +157,31 @@ def _per_position(
     if chunk_size is None:
         outs = row_fn(*tensors)
         return tuple(o[mask] for o in outs), mask
-    rows = [x[mask] for x in tensors]
+    rows = [_rows(x, mask) for x in tensors]
     return _chunked(row_fn, rows, chunk_size), mask
+
+
+class _GatherRows(torch.autograd.Function):
+    """``x[mask]`` whose backward fills one zero tensor in place. PyTorch's own backward for a
+    boolean index builds the zero tensor and then an out-of-place copy of it: a second
+    full [B, T, V] tensor at the peak of the lean path."""
+
+    @staticmethod
+    def forward(ctx, x, mask):
+        ctx.save_for_backward(mask)
+        ctx.shape = x.shape
+        return x[mask]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        out = grad.new_zeros(ctx.shape)
+        out[mask] = grad
+        return out, None
+
+
+def _rows(x: Tensor, mask: Tensor) -> Tensor:
+    return _GatherRows.apply(x, mask) if x.requires_grad else x[mask]
 
 
 def _chunked(row_fn, rows: Sequence[Tensor], chunk_size: int) -> Tuple[Tensor, ...]:
@@ -509,7 +532,7 @@ def _dpkd_lean(student_logits, teacher_logits, labels, temperature, chunk_size):
     no graph and its rows are then dropped; only the student side is differentiated, each
     chunk under checkpointing. Autograd keeps the gathered student rows and [N, 2] tensors."""
     mask = labels != IGNORE_INDEX
-    s_rows = student_logits[mask]
+    s_rows = _rows(student_logits, mask)
     n = s_rows.shape[0]
     with torch.no_grad():
         t_rows = teacher_logits[mask]
@@ -647,7 +670,7 @@ def dpkd_token_logps_from_teacher_topk(student_logits, labels, teacher_topk_ids,
     _check_temperature(temperature)
     _check_chunk(chunk_size)
     mask = labels != IGNORE_INDEX
-    s_rows = student_logits[mask]
+    s_rows = _rows(student_logits, mask)
     ids, lp = _dpkd_teacher_side_topk(s_rows.detach(), teacher_topk_ids[mask],
                                       teacher_topk_logps[mask])
     fn = functools.partial(_dpkd_student_side, temperature=temperature)

@@ -275,7 +275,12 @@ _ALIASES = {"meta-llama/Llama-2-13b-chat-hf": "meta-llama/Llama-2-13b-hf",
             "HuggingFaceTB/SmolLM2-135M": "HuggingFaceTB/SmolLM2-135M-Instruct",
             "openai-community/gpt2": "gpt2", "openai-community/gpt2-medium": "gpt2-medium",
             "openai-community/gpt2-large": "gpt2-large", "openai-community/gpt2-xl": "gpt2-xl",
-            "Qwen/Qwen2.5-14B": "Qwen/Qwen2.5-14B-Instruct", "Qwen/Qwen2.5-7B": "Qwen/Qwen2.5-7B-Instruct"}
+            "Qwen/Qwen2.5-14B": "Qwen/Qwen2.5-14B-Instruct", "Qwen/Qwen2.5-7B": "Qwen/Qwen2.5-7B-Instruct",
+            # MiniLLM's released GPT-2 checkpoints (the paper and colab profiles' pair)
+            "MiniLLM/teacher-gpt2-1.5B": "gpt2-xl", "MiniLLM/init-gpt2-120M": "gpt2",
+            "MiniLLM/init-gpt2-340M": "gpt2-medium", "MiniLLM/init-gpt2-760M": "gpt2-large",
+            "MiniLLM/SFT-gpt2-120M": "gpt2", "MiniLLM/SFT-gpt2-340M": "gpt2-medium",
+            "MiniLLM/SFT-gpt2-760M": "gpt2-large"}
 
 
 def known_shape(name: str) -> Optional[ModelShape]:
@@ -516,9 +521,10 @@ def estimate(plan: MemoryPlan) -> dict:
         t_act = _inference_activations(t, max(tokens, pt_tokens), cb, plan.keep_hidden_states)
         t_logits = (rows + pt_tokens) * t.vocab * 4.0 * TEACHER_LOGIT_COPIES
         # the teacher runs after the student's forward: its transients overlap with the
-        # student's activations and logits, not with the backward pass
-        fwd["teacher_forward"] = max(t_act, t_logits)
-        fwd["teacher_logits"] = t_logits if t_act > t_logits else 0.0
+        # student's activations and logits, not with the backward pass (its hidden states
+        # and its logits are counted together: conservative, and within 1 % measured)
+        fwd["teacher_activations"] = t_act
+        fwd["teacher_logits"] = t_logits
         if plan.teacher_dtype in ("4bit", "8bit"):
             fwd["quant_workspace"] = max(fwd.get("quant_workspace", 0.0), _largest_linear(t) * cb)
     elif plan.teacher_mode == "cached":

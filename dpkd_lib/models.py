@@ -308,6 +308,12 @@ def quantize_in_memory(
     with tempfile.TemporaryDirectory(prefix="dpkd-quantize-") as tmp:
         plain.save_pretrained(tmp)
         quantized = load_pretrained(tmp, dtype=dtype, quantization=quantization)
+        # parameters left unquantized (embeddings, norms) still map the temp file's pages:
+        # copy them so the deleted file's memory is released
+        with torch.no_grad():
+            for param in quantized.parameters():
+                if param.dtype.is_floating_point and type(param) is nn.Parameter:
+                    param.data = param.data.clone()
     _set_source(quantized, "")  # the temporary directory is gone
     return quantized
 

@@ -1,15 +1,23 @@
 """Teacher signals computed once, stored on disk, reused by every method and seed.
 
-Token-level objectives only need, at each response position, a few numbers from the teacher:
-its top-k token ids and their log-probabilities (the argmax is the first). With the data
-fixed, these are identical for every method, seed and epoch, so they are computed in one
-pass, saved as safetensors keyed by (teacher, tokenizer, data, k), and training then runs
-with no teacher in memory — what lets a 13B 4-bit teacher be unloaded before a 7B student
-trains on one 16 GB GPU, and what makes the 30-epoch recipe cheap.
+With the data fixed, what a token-level objective needs from the teacher at each response
+position is identical for every method, seed and epoch. So it is computed in one teacher
+pass, saved as safetensors keyed by (teacher, tokenizer, data, format), and training runs
+with no teacher body in memory — what lets a 13B 4-bit teacher be unloaded before a 7B
+student trains on one 16 GB GPU, and what makes the 30-epoch recipe cheap.
 
-Layout of a cache folder: `signals.safetensors` with `topk_ids` [P, k] int32 and
-`topk_logps` [P, k] float32 over all P response positions of the data set, and
-`index.json` mapping example id → (start, count) plus the key fields.
+Two formats:
+- ``hidden`` (exact): the teacher's final (post-norm) hidden state at each position plus its
+  output head, stored once. Teacher logits are one [N, H] × [H, V] matmul away, bit-for-bit
+  what the online teacher's head produces from the same hidden states, so every token-level
+  objective (kd, rkl, jsd, dpkd_token) and the pre-train KD term train exactly as online.
+  Cost: H floats per position (576 for SmolLM2: ~2.3 KB in fp32).
+- ``topk`` (compact): the teacher's top-k ids and log-probs per position (8·k bytes). DPKD
+  needs log p(s) for the student's argmax s, which is only bounded when s is outside the
+  top-k (see losses.dpkd_token_loss_from_teacher_topk); KD uses k tokens plus a rest bucket.
+  For teachers whose hidden size makes ``hidden`` too large on disk.
+
+A cache folder holds `signals.safetensors` and `index.json` (example id → (start, count)).
 """
 from __future__ import annotations
 
@@ -28,26 +36,31 @@ from . import data as data_lib
 from . import losses
 from .results import atomic_write_text
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+FORMATS = ("hidden", "topk")
 
 
-def cache_key(teacher_params: dict, tokenizer_name: str, data_hash: str, k: int) -> str:
-    blob = json.dumps({"teacher": teacher_params, "tokenizer": tokenizer_name,
-                       "data": data_hash, "k": k, "v": FORMAT_VERSION}, sort_keys=True, default=str)
+def cache_key(teacher_params: dict, tokenizer_name: str, data_hash: str, k: int,
+              fmt: str = "topk") -> str:
+    blob = json.dumps({"teacher": teacher_params, "tokenizer": tokenizer_name, "data": data_hash,
+                       "k": k if fmt == "topk" else None, "format": fmt, "v": FORMAT_VERSION},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 class TeacherCache:
-    def __init__(self, topk_ids: torch.Tensor, topk_logps: torch.Tensor, index: dict):
-        self.topk_ids, self.topk_logps, self.index = topk_ids, topk_logps, index
+    """Per-position teacher signals over a data set, in one of the two formats."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], index: dict, fmt: str):
+        self.tensors, self.index, self.format = tensors, index, fmt
 
     @property
     def k(self) -> int:
-        return self.topk_ids.shape[1]
+        return self.tensors["topk_ids"].shape[1]
 
-    def gather(self, example_ids, counts=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Signals of these examples' response positions, concatenated in batch order: the
-        same order as `train.response_logits` flattens a batch. Returns [1, N, k] tensors."""
+    def rows(self, example_ids, counts=None) -> torch.Tensor:
+        """Row numbers of these examples' positions, concatenated in batch order: the same
+        order in which `train.response_logits` flattens a batch."""
         rows = []
         for j, ex_id in enumerate(example_ids):
             start, count = self.index[ex_id]
@@ -55,8 +68,25 @@ class TeacherCache:
                 raise ValueError(f"teacher cache has {count} positions for example {ex_id}, the batch "
                                  f"has {counts[j]}: the cache was built on other data; rebuild it")
             rows.append(torch.arange(start, start + count))
-        rows = torch.cat(rows)
-        return self.topk_ids[rows].long().unsqueeze(0), self.topk_logps[rows].unsqueeze(0)
+        return torch.cat(rows)
+
+    def gather(self, example_ids, counts=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """topk format: ([1, N, k] ids, [1, N, k] log-probs)."""
+        rows = self.rows(example_ids, counts)
+        return (self.tensors["topk_ids"][rows].long().unsqueeze(0),
+                self.tensors["topk_logps"][rows].unsqueeze(0))
+
+    def teacher_logits(self, example_ids, counts=None, device=None) -> torch.Tensor:
+        """hidden format: the teacher's logits [1, N, V] at these positions, exactly."""
+        rows = self.rows(example_ids, counts)
+        hidden = self.tensors["hidden"][rows]
+        weight = self.tensors["head_weight"]
+        if device is not None:
+            hidden, weight = hidden.to(device), weight.to(device)
+        logits = hidden @ weight.T
+        if "head_bias" in self.tensors:
+            logits = logits + self.tensors["head_bias"].to(logits.device)
+        return logits.unsqueeze(0)
 
     def save(self, folder: Path, meta: dict) -> None:
         """Write into a temp folder and rename: a killed build never looks complete."""
@@ -64,9 +94,9 @@ class TeacherCache:
         tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file({"topk_ids": self.topk_ids.contiguous(), "topk_logps": self.topk_logps.contiguous()},
-                  str(tmp / "signals.safetensors"))
-        atomic_write_text(tmp / "index.json", json.dumps({"meta": meta, "index": self.index}))
+        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp / "signals.safetensors"))
+        atomic_write_text(tmp / "index.json", json.dumps({"meta": meta, "format": self.format,
+                                                          "index": self.index}))
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -74,47 +104,73 @@ class TeacherCache:
     @classmethod
     def load(cls, folder: Path) -> "TeacherCache":
         tensors = load_file(str(Path(folder) / "signals.safetensors"))
-        index = json.loads((Path(folder) / "index.json").read_text())["index"]
-        return cls(tensors["topk_ids"], tensors["topk_logps"], {k: tuple(v) for k, v in index.items()})
+        info = json.loads((Path(folder) / "index.json").read_text())
+        index = {k: tuple(v) for k, v in info["index"].items()}
+        return cls(tensors, index, info.get("format", "topk"))
+
+
+def output_head(teacher) -> dict[str, torch.Tensor]:
+    """The teacher's output head as plain fp32 tensors (for the exact `hidden` format)."""
+    config = getattr(teacher, "config", None)
+    if getattr(config, "final_logit_softcapping", None):
+        raise ValueError("teacher applies logit soft-capping after its head: the `hidden` cache "
+                         "cannot reproduce it; use train.cache_format=topk")
+    head = teacher.get_output_embeddings()
+    weight = head.weight
+    if not weight.dtype.is_floating_point:
+        raise ValueError("teacher's output head is quantized: use train.cache_format=topk "
+                         "(or keep lm_head unquantized)")
+    out = {"head_weight": weight.detach().float().cpu().clone()}
+    if getattr(head, "bias", None) is not None:
+        out["head_bias"] = head.bias.detach().float().cpu().clone()
+    return out
 
 
 @torch.no_grad()
-def compute_signals(teacher, examples, pad_id: int, k: int, *, batch_size: int = 8,
-                    device=None, temperature: float = 1.0, progress: bool = True) -> TeacherCache:
-    """One teacher pass over tokenised examples; keeps top-k log-probs of response positions."""
-    from .train import response_logits
+def compute_signals(teacher, examples, pad_id: int, k: int = 32, *, fmt: str = "topk",
+                    batch_size: int = 8, device=None, temperature: float = 1.0,
+                    progress: bool = True) -> TeacherCache:
+    """One teacher pass over tokenised examples, keeping what `fmt` needs per position."""
+    from .train import response_hidden
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown cache format '{fmt}'; valid: {', '.join(FORMATS)}")
     device = device or next(teacher.parameters()).device
+    head = teacher.get_output_embeddings()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-    ids_parts, logp_parts, index, start = [], [], {}, 0
-    starts = {}
-    for b in tqdm(range(0, len(order), batch_size), desc="teacher cache", disable=not progress):
+    parts: dict[str, list] = {"hidden": [], "topk_ids": [], "topk_logps": []}
+    index, start = {}, 0
+    for b in tqdm(range(0, len(order), batch_size), desc=f"teacher cache ({fmt})", disable=not progress):
         chunk = [examples[i] for i in order[b:b + batch_size]]
         batch = data_lib.collate_sft(chunk, pad_id)
         batch = {key: (v.to(device) if torch.is_tensor(v) else v) for key, v in batch.items()}
-        logits, _ = response_logits(teacher, batch)
-        # k above the vocabulary just keeps every token (an exact cache)
-        top_ids, top_logps = losses.teacher_topk(logits[0], min(k, logits.shape[-1]),
-                                                 temperature=temperature)
-        ids_parts.append(top_ids.to(torch.int32).cpu())
-        logp_parts.append(top_logps.float().cpu())
-        counts = (batch["labels"][:, 1:] != -100).sum(1).tolist()
-        for ex, count in zip(chunk, counts):
-            starts[ex["id"]] = (start, count)
+        hidden, _ = response_hidden(teacher, batch)
+        if fmt == "hidden":
+            parts["hidden"].append(hidden.float().cpu())
+        else:
+            logits = head(hidden.to(head.weight.dtype)).float()
+            ids, logps = losses.teacher_topk(logits, min(k, logits.shape[-1]), temperature=temperature)
+            parts["topk_ids"].append(ids.to(torch.int32).cpu())
+            parts["topk_logps"].append(logps.float().cpu())
+        for ex, count in zip(chunk, (batch["labels"][:, 1:] != -100).sum(1).tolist()):
+            index[ex["id"]] = (start, count)
             start += count
-    index.update(starts)
-    return TeacherCache(torch.cat(ids_parts), torch.cat(logp_parts), index)
+    tensors = {name: torch.cat(p) for name, p in parts.items() if p}
+    if fmt == "hidden":
+        tensors |= output_head(teacher)
+    return TeacherCache(tensors, index, fmt)
 
 
 def load_or_build(folder: Path, build_teacher, examples, pad_id: int, k: int, *, meta: dict,
-                  batch_size: int = 8, device=None, progress: bool = True) -> TeacherCache:
+                  fmt: str = "topk", batch_size: int = 8, device=None,
+                  progress: bool = True) -> TeacherCache:
     """Reuse the cache in `folder` if complete; otherwise load the teacher (a callable, so it
     is never loaded when the cache exists), compute, save, and free the teacher."""
     folder = Path(folder)
     if (folder / "index.json").exists() and (folder / "signals.safetensors").exists():
         return TeacherCache.load(folder)
     teacher = build_teacher()
-    cache = compute_signals(teacher, examples, pad_id, k, batch_size=batch_size, device=device,
-                            progress=progress)
+    cache = compute_signals(teacher, examples, pad_id, k, fmt=fmt, batch_size=batch_size,
+                            device=device, progress=progress)
     del teacher
     gc.collect()
     if torch.cuda.is_available():

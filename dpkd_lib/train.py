@@ -123,22 +123,27 @@ def batch_schedule(lengths, batch_size: int, n_batches: int, seed: int) -> list[
     return schedule[:n_batches]
 
 
+def response_hidden(model, batch):
+    """Final (post-norm) hidden states at response positions, flattened: ([N, H], [N]).
+    Position i predicts token i + 1 (shift); rows are in batch order."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    return out.hidden_states[-1][:, :-1][mask], labels[mask]
+
+
 def response_logits(model, batch):
     """Logits at response positions only, flattened: ([1, N, V], [1, N]).
 
-    Position i predicts token i + 1 (shift). Only ~1/5 of positions carry a loss, and the
-    vocabulary head is over half of a small student's FLOPs, so the head is applied to the
-    gathered final hidden states of those positions, not to the whole [B, T, H] tensor.
+    Only ~1/5 of positions carry a loss, and the vocabulary head is over half of a small
+    student's FLOPs, so the head is applied to the gathered final hidden states of those
+    positions, not to the whole [B, T, H] tensor.
     """
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                output_hidden_states=True, logits_to_keep=1, use_cache=False)
-    hidden = out.hidden_states[-1][:, :-1]
-    labels = batch["labels"][:, 1:]
-    mask = labels != -100
+    hidden, labels = response_hidden(model, batch)
     head = getattr(model, "module", model).get_output_embeddings()  # DDP wraps the model
-    logits = head(hidden[mask].to(head.weight.dtype) if head.weight.dtype.is_floating_point
-                  else hidden[mask])
-    return logits.float().unsqueeze(0), labels[mask].unsqueeze(0)
+    logits = head(hidden.to(head.weight.dtype) if head.weight.dtype.is_floating_point else hidden)
+    return logits.float().unsqueeze(0), labels.unsqueeze(0)
 
 
 def full_logits(model, input_ids):
@@ -165,7 +170,8 @@ def distill_term(tcfg, s_logits, t_logits, labels) -> tuple[torch.Tensor, dict]:
         loss = losses.dpkd_token_loss(s_logits, t_logits, labels, beta=tcfg.beta,
                                       loss_type=tcfg.loss_type, label_smoothing=tcfg.label_smoothing,
                                       reference_free=tcfg.reference_free, chunk_size=chunk)
-        return loss, token_reward_stats(s_logits, labels, tcfg.beta, t_logits=t_logits)
+        return loss, token_reward_stats(s_logits, labels, tcfg.beta, t_logits=t_logits,
+                                        chunk_size=chunk)
     raise ConfigError(f"train.objective: '{obj}' has no token-level term")
 
 
@@ -181,13 +187,14 @@ def cached_distill_term(tcfg, s_logits, labels, topk) -> tuple[torch.Tensor, dic
 
 
 @torch.no_grad()
-def token_reward_stats(s_logits, labels, beta: float, *, t_logits=None, topk=None) -> dict:
+def token_reward_stats(s_logits, labels, beta: float, *, t_logits=None, topk=None,
+                       chunk_size=None) -> dict:
     """Implicit token rewards β·log(q/p) of the chosen (teacher argmax) and rejected (student
     argmax) tokens: their means, margin and how often chosen beats rejected where they differ.
     The teacher comes as full logits (online) or as cached top-k, through the same log-prob
     helpers the losses use, so logs and loss agree."""
     if t_logits is not None:
-        lp = losses.dpkd_token_logps(s_logits, t_logits, labels)
+        lp = losses.dpkd_token_logps(s_logits, t_logits, labels, chunk_size=chunk_size)
     else:
         lp = losses.dpkd_token_logps_from_teacher_topk(s_logits, labels, topk[0], topk[1])
     r_c, r_r = losses.implicit_rewards(lp.policy_chosen, lp.policy_rejected, lp.ref_chosen,
@@ -346,19 +353,21 @@ class Trainer:
 
         if not self.is_main:  # the main process builds the cache; the others then read it
             self.accelerator.wait_for_everyone()
-        train_key = tc.cache_key(teacher_params, tok_name, data_lib.data_hash(self.train_set), t.cache_topk)
-        meta = {"teacher": teacher_params, "tokenizer": tok_name, "k": t.cache_topk}
+        fmt = t.cache_format
+        train_key = tc.cache_key(teacher_params, tok_name, data_lib.data_hash(self.train_set),
+                                 t.cache_topk, fmt)
+        meta = {"teacher": teacher_params, "tokenizer": tok_name, "k": t.cache_topk, "format": fmt}
         device = self.accelerator.device
         cache = tc.load_or_build(Path(t.cache_dir) / train_key, get_teacher, self.train_set,
-                                 self.tokenizer.pad_token_id, t.cache_topk, meta=meta,
+                                 self.tokenizer.pad_token_id, t.cache_topk, meta=meta, fmt=fmt,
                                  batch_size=cfg.eval.batch_size, device=device, progress=self.progress)
         pt_cache = None
         if self.pretrain is not None:
             blocks = [{"id": f"pt{i}", "input_ids": row.tolist(), "labels": row.tolist(), "prompt_len": 0}
                       for i, row in enumerate(self.pretrain)]
-            pt_key = tc.cache_key(teacher_params, tok_name, data_lib.data_hash(blocks), t.cache_topk)
+            pt_key = tc.cache_key(teacher_params, tok_name, data_lib.data_hash(blocks), t.cache_topk, fmt)
             pt_cache = tc.load_or_build(Path(t.cache_dir) / pt_key, get_teacher, blocks,
-                                        self.tokenizer.pad_token_id, t.cache_topk, meta=meta,
+                                        self.tokenizer.pad_token_id, t.cache_topk, meta=meta, fmt=fmt,
                                         batch_size=cfg.eval.batch_size, device=device,
                                         progress=self.progress)
         built.clear()
@@ -416,14 +425,18 @@ class Trainer:
             s_logits, labels = response_logits(self.student, batch)
             parts["ce"] = losses.sft_loss(s_logits, labels)
             loss = (1 - kd) * parts["ce"]
-            if self.cache is not None:
+            if self.cache is not None and self.cache.format == "topk":
                 counts = (batch["labels"][:, 1:] != -100).sum(1).tolist()
                 topk = self.cache.gather(batch["ids"], counts)
                 parts["distill"], stats = cached_distill_term(t, s_logits, labels, topk)
                 loss = loss + kd * parts["distill"]
             elif t.objective in ("kd", "rkl", "jsd", "dpkd_token"):
                 with torch.no_grad():
-                    t_logits, _ = response_logits(self.teacher, batch)
+                    if self.cache is not None:  # exact: stored hidden states through the head
+                        counts = (batch["labels"][:, 1:] != -100).sum(1).tolist()
+                        t_logits = self.cache.teacher_logits(batch["ids"], counts, self.accelerator.device)
+                    else:
+                        t_logits, _ = response_logits(self.teacher, batch)
                 parts["distill"], stats = distill_term(t, s_logits, t_logits, labels)
                 loss = loss + kd * parts["distill"]
             elif t.objective == "dpkd_seq":
@@ -440,7 +453,13 @@ class Trainer:
                 pt_logits, pt_labels = full_logits(self.student, pt_ids)
                 parts["pt_ce"] = losses.sft_loss(pt_logits, pt_labels)
                 pt = (1 - kd) * parts["pt_ce"]
-                if kd > 0 and self.pt_cache is not None:
+                if kd > 0 and self.pt_cache is not None and self.pt_cache.format == "hidden":
+                    with torch.no_grad():
+                        pt_teacher = self.pt_cache.teacher_logits(pt_names, device=self.accelerator.device)
+                    parts["pt_kd"] = losses.soft_cross_entropy(
+                        pt_logits, pt_teacher.reshape(pt_logits.shape), pt_labels)
+                    pt = pt + kd * parts["pt_kd"]
+                elif kd > 0 and self.pt_cache is not None:
                     # cached: soft CE over the top-k plus one bucket for the rest (exact at k = V)
                     ids, logps = self.pt_cache.gather(pt_names)
                     flat = pt_logits.reshape(1, -1, pt_logits.shape[-1])

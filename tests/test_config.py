@@ -62,7 +62,8 @@ BAD_INPUTS = [
     (["student.quantization=3bit"], ["student.quantization", "4bit"]),
     (["tokenizer.kind=sentencepiece"], ["tokenizer.kind", "bpe_local"]),
     (["train"], ["--set expects key=value"]),
-    (["train.teacher_mode=cache", "train.objective=rkl"], ["train.teacher_mode", "rkl"]),
+    (["train.teacher_mode=cache", "train.objective=seqkd"], ["train.teacher_mode", "seqkd"]),
+    (["train.teacher_mode=cache", "train.cache_format=topk", "train.objective=rkl"], ["train.teacher_mode", "rkl"]),
 ]
 
 

@@ -189,3 +189,14 @@ def test_colab_qlora_params_plan_and_cache_build():
         M.plan_from_config(online, device_budget=15 * M.GiB, device="cuda")
     first_fix = [line for line in str(err.value).splitlines() if "saves" in line][0]
     assert "cache the teacher" in first_fix
+
+
+def test_paper_and_colab_gpt2_params_plan_offline():
+    for name in ("params/paper/base_train.yaml", "params/colab/base_train.yaml"):
+        path = ROOT / name
+        if not path.exists():
+            continue
+        cfg = load_config(path, ["train.objective=dpkd_token"])
+        plan = M.plan_from_config(cfg, device="cuda")  # MiniLLM checkpoints: known GPT-2 shapes
+        assert plan.student.arch == "gpt2" and plan.teacher.n_layer == 48
+        assert M.estimate(plan)["total"] > plan.teacher.n_params() * 2

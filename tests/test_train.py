@@ -68,14 +68,33 @@ def test_step_loss_is_the_documented_mix(tmp_path):
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_cached_teacher_matches_online_teacher(tmp_path):
-    """With k equal to the vocabulary the cache is exact: same losses and same weights."""
+@pytest.mark.parametrize("objective", ["dpkd_token", "kd", "rkl", "jsd"])
+def test_exact_hidden_cache_trains_like_the_online_teacher(tmp_path, objective):
+    """Stored final hidden states + the teacher's head reproduce the online teacher: same
+    losses (pre-train KD term included) and the same trained weights."""
+    common = ["train.max_steps=3", "eval.generate=false", "train.save_every=0",
+              f"train.objective={objective}", f"train.cache_dir={tmp_path / 'cache'}"]
+    train(load_config(SMOKE, [f"output_dir={tmp_path / 'online'}", *common]), progress=False)
+    train(load_config(SMOKE, [f"output_dir={tmp_path / 'cached'}", "train.teacher_mode=cache",
+                              "train.cache_format=hidden", *common]), progress=False)
+    a = read_jsonl(tmp_path / "online" / "metrics.jsonl")
+    b = read_jsonl(tmp_path / "cached" / "metrics.jsonl")
+    for key in ("loss", "distill", "pt_kd"):
+        for ra, rb in zip(a, b):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-7), key
+    from safetensors.torch import load_file
+    wa = load_file(str(tmp_path / "online" / "model" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "cached" / "model" / "model.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_topk_cache_with_k_at_vocabulary_size_is_exact(tmp_path):
     common = ["train.max_steps=3", "eval.generate=false", "train.save_every=0",
               f"train.cache_dir={tmp_path / 'cache'}"]
     online = load_config(SMOKE, [f"output_dir={tmp_path / 'online'}", *common])
     vocab = online.tokenizer.vocab_size
     cached = load_config(SMOKE, [f"output_dir={tmp_path / 'cached'}", "train.teacher_mode=cache",
-                                 f"train.cache_topk={vocab + 16}", *common])
+                                 "train.cache_format=topk", f"train.cache_topk={vocab + 16}", *common])
     train(online, progress=False)
     train(cached, progress=False)
     a = read_jsonl(tmp_path / "online" / "metrics.jsonl")
@@ -89,7 +108,7 @@ def test_cached_teacher_matches_online_teacher(tmp_path):
 def test_small_k_cache_is_close_and_never_loads_the_teacher_twice(tmp_path, monkeypatch):
     import dpkd_lib.train as train_mod
     common = ["train.max_steps=2", "eval.generate=false", f"train.cache_dir={tmp_path / 'cache'}",
-              "train.teacher_mode=cache", "train.cache_topk=8"]
+              "train.teacher_mode=cache", "train.cache_format=topk", "train.cache_topk=8"]
     train(load_config(SMOKE, [f"output_dir={tmp_path / 'a'}", *common]), progress=False)
     built = []
     original = train_mod.build_model
