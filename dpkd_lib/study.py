@@ -3,8 +3,10 @@
     python -m dpkd_lib.study --profile cpu [--force] [--only 01] [--results-root DIR]
 
 For every notebook ``notebooks/NN_name.ipynb`` (in name order) the parameters come from
-``params/<profile>/NN_name.yaml``, plus four the driver always injects: ``profile``,
-``results_root`` (default ``results/<profile>``), ``repo_root`` and ``force``. The executed
+``params/<profile>/NN_name.yaml``, plus five the driver always injects: ``profile``,
+``results_root`` (default ``results/<profile>``), ``repo_root``, ``force`` and
+``from_driver`` (True; a notebook run by hand with another profile than cpu loads its
+params file itself). The executed
 copy is written to ``<results_root>/notebooks/NN_name.ipynb`` atomically: papermill writes
 ``.NN_name.running.ipynb`` and only a notebook that finished is renamed into place. A
 failed one is kept as ``NN_name.failed.ipynb`` (with the traceback in its cells) and the
@@ -40,7 +42,7 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OFFLINE_PROFILES = ("smoke", "cpu")
-INJECTED = ("profile", "results_root", "repo_root", "force")
+INJECTED = ("profile", "results_root", "repo_root", "force", "from_driver")
 STATUS_FILE = "status.json"
 
 
@@ -182,6 +184,8 @@ def run_study(profile: str, *, force: bool = False, only: str | None = None,
     env_before = dict(os.environ)
     os.environ["DPKD_BATCH"] = "1"
     os.environ.setdefault("TQDM_MININTERVAL", "10")  # read by tqdm at import: a line per 10 s
+    # idle OpenMP threads sleep instead of spinning (a shared 2-core machine; see the Makefile)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if profile in OFFLINE_PROFILES:
         for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
@@ -201,7 +205,7 @@ def run_study(profile: str, *, force: bool = False, only: str | None = None,
                 upstream = order[: order.index(stem)]
             nb_params = dict(params[stem], **(extra_params or {}))
             nb_params.update(profile=profile, results_root=str(root), repo_root=str(repo),
-                             force=bool(force))
+                             force=bool(force), from_driver=True)
             fingerprint = _digest({"source": source_digest, "params": params[stem],
                                    "extra": extra_params or {}, "results_root": str(root),
                                    "upstream": {u: executed.get(u) for u in upstream}})

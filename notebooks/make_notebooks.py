@@ -36,10 +36,13 @@ if repo_root is None:  # opened in JupyterLab: the repo is here or one folder up
     repo_root = next(p for p in (os.getcwd(), os.path.dirname(os.getcwd()))
                      if os.path.isdir(os.path.join(p, "dpkd_lib")))
 sys.path.insert(0, os.path.abspath(repo_root))
-from dpkd_lib.study import setup_notebook
+from dpkd_lib.study import load_params, setup_notebook
 ROOT = setup_notebook(repo_root)          # cwd = repo root; text progress bars under papermill
-results_root = results_root or f"results/{profile}"
-print(f"profile {profile!r}, results in {results_root}")'''
+if not from_driver and profile != "cpu":  # run by hand with another profile: take its params file
+    globals().update(load_params(ROOT / "params", profile, "{stem}"))
+    print(f"parameters from params/{{profile}}/{stem}.yaml")
+results_root = results_root or f"results/{{profile}}"
+print(f"profile {{profile!r}}, results in {{results_root}}")'''
 
 
 def md(text: str):
@@ -56,11 +59,13 @@ def code(text: str, tags=()):
 def params_cell(stem: str):
     values = yaml.safe_load((ROOT / "params" / "cpu" / f"{stem}.yaml").read_text()) or {}
     lines = ["# Parameters (defaults: the cpu profile, params/cpu/%s.yaml). The study driver" % stem,
-             "# injects the chosen profile's values in a cell right after this one.",
+             "# injects the chosen profile's values in a cell right after this one; run by hand",
+             "# with another profile, the next cell loads params/<profile>/%s.yaml instead." % stem,
              'profile = "cpu"',
              "results_root = None   # None: results/<profile>",
              "repo_root = None      # None: found from the working directory",
-             "force = False         # recompute finished runs"]
+             "force = False         # recompute finished runs",
+             "from_driver = False   # True when python -m dpkd_lib.study runs the notebook"]
     for key, value in values.items():
         lines.append(f"{key} = {value!r}")   # one line each: papermill parses line by line
     return code("\n".join(lines), tags=("parameters",))
@@ -72,7 +77,9 @@ def notebook(stem: str, title_cells, body, upstream):
                                  "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
     nb.metadata["dpkd"] = {"upstream": list(upstream)}
-    nb.cells = [code(INSTALL), *title_cells, params_cell(stem), code(SETUP), *body]
+    nb.cells = [code(INSTALL), *title_cells, params_cell(stem), code(SETUP.format(stem=stem)), *body]
+    for i, cell in enumerate(nb.cells):  # stable ids: regenerating gives no spurious diff
+        cell.id = f"c{i:02d}"
     path = HERE / f"{stem}.ipynb"
     nbformat.validate(nb)
     nbformat.write(nb, path)
@@ -521,7 +528,8 @@ LORA_BODY = [
     summaries = ex.run_grid(base_params, runs, results_root, pair=pair, force=force)
     df = ex.collect(results_root)
     lora = df[df["group"] == "lora"]
-    display(ex.main_table(lora, metrics=("rouge_l", "exact_match", "nll"), label_col="label"))
+    display(ex.main_table(lora, methods=[run_prefix + m for m in methods],
+                          metrics=("rouge_l", "exact_match", "nll"), label_col="label"))
     for a, b in [(run_prefix + "dpkd_token", run_prefix + "sft")]:
         if {a, b} <= set(lora["method"]):
             print(ex.noise_verdict(lora, a, b)["text"])
@@ -559,7 +567,7 @@ ABL_BODY = [
     import pandas as pd
     from IPython.display import display
     from dpkd_lib import experiments as ex
-    pair = ex.pair_from_results(results_root)
+    pair = ex.pair_from_results(results_root) if use_built_pair else []
     main = ex.collect(results_root)
     runs = []
     for i, (key, spec) in enumerate(ablations.items()):
@@ -605,7 +613,7 @@ ABL_BODY = [
     responses.
     """),
     code('''
-    fam = df[(df["group"] == "ablation") | df["objective"].isin(["dpkd_token", "dpkd_seq"])]
+    fam = df[(df["group"] == "ablation") | ((df["group"] == "main") & df["objective"].isin(["dpkd_token", "dpkd_seq"]))]
     mon = ex.final_monitors(fam, last=10)
     display(mon.round(3))
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
@@ -709,7 +717,9 @@ FIG_BODY = [
         display(table)
     lora = df[df["group"] == "lora"]
     if not lora.empty:
-        table = ex.main_table(lora, splits=splits, metrics=("rouge_l", "exact_match", "nll"), label_col="label")
+        by_objective = dict(zip(lora["method"], lora["objective"]))
+        order = sorted(by_objective, key=lambda m: ex.METHOD_ORDER.index(by_objective[m]))
+        table = ex.main_table(lora, methods=order, splits=splits, metrics=("rouge_l", "exact_match", "nll"), label_col="label")
         written += ex.write_table(table, tables / "lora_4bit")
         display(table)
     '''),

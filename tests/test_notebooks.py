@@ -212,3 +212,19 @@ def test_figures_notebook_needs_no_model(smoke, tmp_path):
     status = study.run_study("smoke", results_root=copy, only="04", force=True, log_output=False)
     assert status["notebooks"]["04_figures"]["status"] == "finished"
     assert (copy / "tables" / "main.csv").exists() and (copy / "figures" / "curves.png").exists()
+
+
+def test_notebook_run_by_hand_takes_its_profiles_params(tmp_path):
+    """Opened in JupyterLab/Colab with profile edited in the parameters cell (no driver), a
+    notebook loads params/<profile>/<notebook>.yaml itself."""
+    import papermill as pm
+    out = tmp_path / "00.ipynb"
+    pm.execute_notebook(str(ROOT / "notebooks" / "00_theory.ipynb"), str(out), kernel_name="python3",
+                        parameters={"profile": "smoke", "results_root": str(tmp_path / "res")},
+                        cwd=str(ROOT), progress_bar=False)
+    nb = nbformat.read(out, as_version=4)
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "profile 'smoke'" in text and "parameters from params/smoke/00_theory.yaml" in text
+    setup = next(c for c in nb.cells if c.cell_type == "code" and "load_params(ROOT" in c.source)
+    assert "00_theory" in setup.source
+    assert (tmp_path / "res" / "figures" / "theory_kl_modes.png").exists()
