@@ -626,13 +626,8 @@ def model_flops_per_step(student, padded_tokens: float, response_tokens: float) 
 # ----------------------------------------------------------------------------- 4. generation
 
 def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device):
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
-    return ids.to(device), mask.to(device)
+    from .data import left_pad
+    return left_pad(rows, pad_id, device)
 
 
 def bench_generation(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 32,

@@ -347,14 +347,22 @@ def collate_prompts(items: Sequence[Mapping[str, Any]], tokenizer, max_prompt: i
         prompts.append(prompt)
         refs.append(list(item["references"]) if item.get("references") else [item.get("response", "")])
         ids.append(_record_id(item, index))
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for row, ids_ in enumerate(rows):
-        input_ids[row, width - len(ids_):] = torch.tensor(ids_, dtype=torch.long)
-        attention[row, width - len(ids_):] = 1
+    input_ids, attention = left_pad(rows, pad)
     return {"input_ids": input_ids, "attention_mask": attention, "ids": ids, "prompts": prompts,
             "references": refs}
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into (input_ids, attention_mask). Left padding keeps every
+    prompt's last token at the last position, which is where generation continues."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return input_ids.to(device) if device is not None else input_ids, \
+        mask.to(device) if device is not None else mask
 
 
 # --------------------------------------------------------------------------- pre-training corpus

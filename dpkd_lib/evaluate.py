@@ -375,15 +375,8 @@ def _encode_prompts(tokenizer, prompts: Sequence[str], add_special_tokens: bool)
 
 
 def _left_pad(batch: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists into (input_ids, attention_mask). Left padding keeps every
-    prompt's last token at the last position, which is where generation continues."""
-    width = max(len(x) for x in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, x in enumerate(batch):
-        input_ids[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
-        mask[i, width - len(x):] = 1
-    return input_ids.to(device), mask.to(device)
+    from .data import left_pad
+    return left_pad(batch, pad_id, device)
 
 
 def _special_ids(model, tokenizer) -> tuple[int | list[int] | None, int]:

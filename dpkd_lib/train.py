@@ -243,12 +243,8 @@ def sample_rejected(student, tokenizer, examples, tcfg, device, generator_seed: 
     """Student's on-policy samples for the prompts of `examples`, as a right-padded batch."""
     pad = tokenizer.pad_token_id
     prompts = [ex["input_ids"][: ex["prompt_len"]] for ex in examples]
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    att = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        att[i, width - len(p):] = 1
+    ids, att = data_lib.left_pad(prompts, pad)
+    width = ids.shape[1]
     was_training = student.training
     student.eval()
     with torch.random.fork_rng(devices=[]):  # sampling must not move the training RNG stream
