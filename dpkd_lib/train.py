@@ -206,17 +206,31 @@ def token_reward_stats(s_logits, labels, beta: float, *, t_logits=None, topk=Non
             "argmax_disagree": differ.float().mean().item()}
 
 
-def sequence_preference(tcfg, student, teacher, pair) -> tuple[torch.Tensor, dict]:
-    """Paper's DPKD (sequence level): teacher response chosen, student's own sample rejected."""
+def row_logps(logits, labels, batch, average: bool):
+    """Per-sequence log-probs [B] from response-row logits ([1, N, V], as `response_logits`
+    returns them): each row's positions are passed to `losses.sequence_logps` on their own."""
+    rows = (batch["labels"][:, 1:] != -100).nonzero()[:, 0]
+    n_rows = batch["labels"].shape[0]
+    return torch.cat([losses.sequence_logps(logits[:, rows == r], labels[:, rows == r], average=average)
+                      for r in range(n_rows)])
+
+
+def sequence_preference(tcfg, student, teacher, pair, chosen_student=None) -> tuple[torch.Tensor, dict]:
+    """Paper's DPKD (sequence level): teacher response chosen, student's own sample rejected.
+    `chosen_student` reuses the student's response logits of the chosen batch when the CE
+    term has already computed them (the same forward)."""
     avg = tcfg.length_normalize
     logps = {}
     for side in ("chosen", "rejected"):
         batch = pair[side]
-        s_logits, labels = response_logits_per_row(student, batch)
+        if side == "chosen" and chosen_student is not None:
+            s_logits, labels = chosen_student
+        else:
+            s_logits, labels = response_logits(student, batch)
         with torch.no_grad():
-            t_logits, _ = response_logits_per_row(teacher, batch)
-        logps[side] = losses.sequence_logps(s_logits, labels, average=avg)
-        logps["ref_" + side] = losses.sequence_logps(t_logits, labels, average=avg)
+            t_logits, _ = response_logits(teacher, batch)
+        logps[side] = row_logps(s_logits, labels, batch, avg)
+        logps["ref_" + side] = row_logps(t_logits, labels, batch, avg)
     per_pair = losses.preference_loss(
         logps["chosen"], logps["rejected"], logps["ref_chosen"], logps["ref_rejected"],
         beta=tcfg.beta, loss_type=tcfg.loss_type, label_smoothing=tcfg.label_smoothing,
@@ -229,13 +243,6 @@ def sequence_preference(tcfg, student, teacher, pair) -> tuple[torch.Tensor, dic
              "reward_accuracy": (r_c > r_r).float().mean().item(),
              "rejected_len": float((pair["rejected"]["labels"] != -100).sum(1).float().mean())}
     return per_pair.mean(), stats
-
-
-def response_logits_per_row(model, batch):
-    """Aligned [B, T-1, V] logits and labels (sequence log-probs need the row structure)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   use_cache=False).logits[:, :-1]
-    return logits.float(), batch["labels"][:, 1:]
 
 
 @torch.no_grad()
@@ -442,7 +449,8 @@ class Trainer:
                                                     self.accelerator.device, t.seed * 7919 + index)}
                 pair["rejected"] = {k: (v.to(self.accelerator.device) if torch.is_tensor(v) else v)
                                     for k, v in pair["rejected"].items()}
-                parts["distill"], stats = sequence_preference(t, self.student, self.teacher, pair)
+                parts["distill"], stats = sequence_preference(t, self.student, self.teacher, pair,
+                                                              chosen_student=(s_logits, labels))
                 loss = loss + kd * parts["distill"]
             if self.pretrain is not None:
                 pt_ids, pt_names = self.pretrain_batch(index)

@@ -134,3 +134,22 @@ def test_cosine_schedule_matches_formula():
     assert lr_at(0, cfg) == pytest.approx(1e-3)
     assert lr_at(4, cfg) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))
     assert lr_at(8, cfg) == pytest.approx(1e-5) and lr_at(9, cfg) == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_row_logps_from_response_rows_equal_full_logits(average):
+    """DPKD-seq scores sequences from response-row logits only; same numbers as full logits."""
+    from dpkd_lib import losses
+    from dpkd_lib.models import tiny_model
+    from dpkd_lib.train import response_logits, row_logps
+    torch.manual_seed(0)
+    model = tiny_model("llama", 50, n_layer=1, n_embd=32, n_head=4, seed=3)
+    ids = torch.randint(1, 50, (3, 9))
+    labels = ids.clone()
+    labels[0, :4] = labels[1, :2] = labels[2, :6] = -100
+    labels[1, 7:] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    full = model(input_ids=ids).logits[:, :-1].float()
+    expected = losses.sequence_logps(full, labels[:, 1:], average=average)
+    got = row_logps(*response_logits(model, batch), batch, average)
+    assert torch.allclose(got, expected, atol=1e-5)
