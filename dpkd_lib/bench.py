@@ -67,6 +67,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from . import losses
+from .data import left_pad
 from .results import atomic_write_text, write_json
 
 OUT_DIR = Path("results/bench")
@@ -625,11 +626,6 @@ def model_flops_per_step(student, padded_tokens: float, response_tokens: float) 
 
 # ----------------------------------------------------------------------------- 4. generation
 
-def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device):
-    from .data import left_pad
-    return left_pad(rows, pad_id, device)
-
-
 def bench_generation(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 32,
                      batch_size: int = 16, repeats: int = 1, progress: bool = True,
                      device: Optional[torch.device] = None) -> dict:
@@ -647,7 +643,7 @@ def bench_generation(model, tokenizer, prompts: Sequence[str], *, max_new_tokens
     produced = {"batched": 0, "single": 0}
 
     def run(rows, key):
-        ids, mask = _left_pad(rows, pad, device)
+        ids, mask = left_pad(rows, pad, device)
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         produced[key] += (out.shape[1] - ids.shape[1]) * out.shape[0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,7 +154,7 @@ def _closest(name: str, options) -> str:
 def _coerce(value: Any, typ: Any, key: str) -> Any:
     """Check `value` against a field type; ints are accepted for floats (1 → 1.0)."""
     origin = typing.get_origin(typ)
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+    if origin in (typing.Union, types.UnionType):  # Optional[X] / X | None
         args = [a for a in typing.get_args(typ) if a is not type(None)]
         if value is None:
             return None

@@ -361,8 +361,9 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[t
     for i, r in enumerate(rows):
         input_ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
         mask[i, width - len(r):] = 1
-    return input_ids.to(device) if device is not None else input_ids, \
-        mask.to(device) if device is not None else mask
+    if device is not None:
+        input_ids, mask = input_ids.to(device), mask.to(device)
+    return input_ids, mask
 
 
 # --------------------------------------------------------------------------- pre-training corpus

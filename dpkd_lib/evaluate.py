@@ -65,6 +65,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .data import left_pad
+
 __all__ = [
     "normalize_answer",
     "exact_match",
@@ -374,11 +376,6 @@ def _encode_prompts(tokenizer, prompts: Sequence[str], add_special_tokens: bool)
     return ids
 
 
-def _left_pad(batch: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    from .data import left_pad
-    return left_pad(batch, pad_id, device)
-
-
 def _special_ids(model, tokenizer) -> tuple[int | list[int] | None, int]:
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
@@ -482,7 +479,7 @@ def generate_ids(
         with torch.inference_mode():
             for b in tqdm(range(n_batches), desc="generate", disable=not progress):
                 idx = order[b * batch_size : (b + 1) * batch_size]
-                input_ids, attention_mask = _left_pad([encoded[i] for i in idx], pad, device)
+                input_ids, attention_mask = left_pad([encoded[i] for i in idx], pad, device)
                 kwargs = dict(base_kwargs)
                 if greedy:
                     kwargs["do_sample"] = False
