@@ -28,7 +28,7 @@ from . import evaluate as eval_lib
 from . import losses
 from . import models as model_lib
 from .config import ConfigError, RunConfig, to_dict
-from .results import RunDir, read_json, write_json
+from .results import RunDir, read_json, run_id, write_json
 
 CHECKPOINT = "checkpoints/last.pt"
 DISTILL_OBJECTIVES = ("kd", "rkl", "jsd", "dpkd_token", "dpkd_seq")
@@ -215,18 +215,13 @@ def row_logps(logits, labels, batch, average: bool):
                       for r in range(n_rows)])
 
 
-def sequence_preference(tcfg, student, teacher, pair, chosen_student=None) -> tuple[torch.Tensor, dict]:
-    """Paper's DPKD (sequence level): teacher response chosen, student's own sample rejected.
-    `chosen_student` reuses the student's response logits of the chosen batch when the CE
-    term has already computed them (the same forward)."""
+def sequence_preference(tcfg, student, teacher, pair) -> tuple[torch.Tensor, dict]:
+    """Paper's DPKD (sequence level): teacher response chosen, student's own sample rejected."""
     avg = tcfg.length_normalize
     logps = {}
     for side in ("chosen", "rejected"):
         batch = pair[side]
-        if side == "chosen" and chosen_student is not None:
-            s_logits, labels = chosen_student
-        else:
-            s_logits, labels = response_logits(student, batch)
+        s_logits, labels = response_logits(student, batch)
         with torch.no_grad():
             t_logits, _ = response_logits(teacher, batch)
         logps[side] = row_logps(s_logits, labels, batch, avg)
@@ -308,10 +303,20 @@ class Trainer:
         if uses_teacher and t.teacher_mode == "online":
             self.teacher = build_model(cfg.teacher, self.tokenizer, trainable=False)
         train_records = splits["train"]
-        if t.objective in ("seqkd", "dpkd_seq"):
+        if t.objective == "seqkd":  # SeqKD: plain SFT on the teacher's own responses
             train_records = self.teacher_responses(train_records)
         self.train_set, report = self.tokenize(train_records)
         self.filter_report = report.as_dict()
+        self.chosen_by_id = {}
+        if t.objective == "dpkd_seq":
+            # The paper's chosen side is the teacher's response to the same prompt. It is a
+            # batch of its own: the CE term of the step loss stays on the dataset responses,
+            # as for every other distillation objective (module docstring).
+            chosen, _ = self.tokenize(self.teacher_responses(train_records))
+            self.chosen_by_id = {ex["id"]: ex for ex in chosen}
+            # a teacher response the filters dropped (too long, say) leaves the reference as chosen
+            self.filter_report["chosen_is_reference"] = sum(
+                ex["id"] not in self.chosen_by_id for ex in self.train_set)
         self.valid_set, _ = self.tokenize(splits.get("valid") or splits["train"][:64])
         self.pretrain = None
         if t.lm_coef > 0 and cfg.data.pretrain_source != "none":
@@ -379,33 +384,44 @@ class Trainer:
         return cache, pt_cache
 
     def teacher_responses(self, records):
-        """Teacher-generated responses (SeqKD data; DPKD-seq's chosen side), made once and kept
-        next to the run so a resumed run reuses them."""
-        path = self.run.file("teacher_responses.jsonl")
-        if path.exists():
-            cached = data_lib.read_jsonl(path)
-            if len(cached) == len(records):
-                return cached
-        prompts = [data_lib.format_prompt(r) for r in records]
-        samples = eval_lib.generate(self.teacher, self.tokenizer, prompts,
-                                    max_new_tokens=self.cfg.train.seq_max_new_tokens,
-                                    batch_size=self.cfg.eval.batch_size, temperature=1.0,
-                                    top_k=0, top_p=1.0, seed=self.cfg.train.seed,
-                                    progress=self.progress)
-        out = [dict(r, response=s if s.strip() else r["response"]) for r, s in zip(records, samples)]
-        if self.is_main:
-            data_lib.write_jsonl(out, path)
-        return out
+        """Teacher-sampled responses to the prompts of `records` (SeqKD's data, DPKD-seq's
+        chosen side). Sampled once per (teacher, data, seed, length) into `train.cache_dir`,
+        so runs of one seed share them (SeqKD and DPKD-seq, the DPKD-seq ablations), and
+        copied next to the run, where a resumed run finds them."""
+        t = self.cfg.train
+        key = run_id({"teacher": to_dict(self.cfg.teacher), "data": data_lib.data_hash(records),
+                      "seed": t.seed, "max_new_tokens": t.seq_max_new_tokens,
+                      "tokenizer": to_dict(self.cfg.tokenizer)}, length=16)
+        mine, shared = self.run.file("teacher_responses.jsonl"), Path(t.cache_dir) / "responses" / f"{key}.jsonl"
+        for path in (mine, shared):
+            if path.exists():
+                cached = data_lib.read_jsonl(path)
+                if len(cached) == len(records) and all(c.get("id") == r.get("id") for c, r in zip(cached, records)):
+                    break
+        else:
+            prompts = [data_lib.format_prompt(r) for r in records]
+            samples = eval_lib.generate(self.teacher, self.tokenizer, prompts,
+                                        max_new_tokens=t.seq_max_new_tokens,
+                                        batch_size=self.cfg.eval.batch_size, temperature=1.0,
+                                        top_k=0, top_p=1.0, seed=t.seed, progress=self.progress)
+            cached = [dict(r, response=s if s.strip() else r["response"]) for r, s in zip(records, samples)]
+            if self.is_main:
+                data_lib.write_jsonl(cached, shared)
+        if self.is_main and not mine.exists():
+            data_lib.write_jsonl(cached, mine)
+        return cached
 
     def my_rows(self, index: int) -> list[int]:
         """This process's share of global batch `index` (several processes split each batch)."""
         ids = self.schedule[index]
         return ids[self.accelerator.process_index::self.accelerator.num_processes] or ids[:1]
 
-    def micro_batch(self, index: int):
-        batch = data_lib.collate_sft([self.train_set[i] for i in self.my_rows(index)],
-                                     self.tokenizer.pad_token_id)
+    def to_device(self, batch: dict) -> dict:
         return {k: (v.to(self.accelerator.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+    def micro_batch(self, index: int):
+        return self.to_device(data_lib.collate_sft([self.train_set[i] for i in self.my_rows(index)],
+                                                   self.tokenizer.pad_token_id))
 
     def pretrain_batch(self, index: int):
         n = len(self.pretrain)
@@ -444,13 +460,12 @@ class Trainer:
                 loss = loss + kd * parts["distill"]
             elif t.objective == "dpkd_seq":
                 rows = [self.train_set[i] for i in self.my_rows(index)]
-                pair = {"chosen": batch,
-                        "rejected": sample_rejected(self.student, self.tokenizer, rows, t,
-                                                    self.accelerator.device, t.seed * 7919 + index)}
-                pair["rejected"] = {k: (v.to(self.accelerator.device) if torch.is_tensor(v) else v)
-                                    for k, v in pair["rejected"].items()}
-                parts["distill"], stats = sequence_preference(t, self.student, self.teacher, pair,
-                                                              chosen_student=(s_logits, labels))
+                chosen = data_lib.collate_sft([self.chosen_by_id.get(ex["id"], ex) for ex in rows],
+                                              self.tokenizer.pad_token_id)
+                rejected = sample_rejected(self.student, self.tokenizer, rows, t,
+                                           self.accelerator.device, t.seed * 7919 + index)
+                pair = {side: self.to_device(b) for side, b in (("chosen", chosen), ("rejected", rejected))}
+                parts["distill"], stats = sequence_preference(t, self.student, self.teacher, pair)
                 loss = loss + kd * parts["distill"]
             if self.pretrain is not None:
                 pt_ids, pt_names = self.pretrain_batch(index)
@@ -602,7 +617,8 @@ def train(cfg: RunConfig, *, force: bool = False, progress: bool = True) -> dict
         row = {"step": step, "lr": lr, "grad_norm": float(grad_norm), "time_s": time.time() - tick}
         for key in logs[0]:
             row[key] = float(np.mean([p[key] for p in logs]))
-        row["student_nll_ref"] = row.get("ce")
+        if t.objective != "seqkd":  # SeqKD's CE is on teacher samples, not on the references
+            row["student_nll_ref"] = row.get("ce")
         if t.eval_every and step % t.eval_every == 0:
             row |= tr.valid_metrics()
         if tr.is_main and (step % t.log_every == 0 or step == t.max_steps):

@@ -465,8 +465,11 @@ MAIN_BODY = [
     ## 4 · Training curves
 
     Mean over seeds (band: min–max). `student_nll_ref` is the cross-entropy on the dataset
-    responses of each batch, logged for every method: a DPKD student whose preference
-    margin grows while this rises would be reward-hacking (method.md §5).
+    responses of each batch, logged for every method but SeqKD (whose CE is on teacher
+    samples): a DPKD student whose preference margin grows while this rises would be
+    reward-hacking (method.md §5). Every distillation objective, DPKD-seq included, keeps
+    the same `(1 − kd_ratio)·CE` on the dataset responses; DPKD-seq's chosen responses are
+    the teacher's samples, a batch of their own.
     """),
     code('''
     fig = ex.curves(df[df["group"] == "main"], metrics=("loss", "student_nll_ref", "distill", "reward_margin"),
@@ -611,6 +614,14 @@ ABL_BODY = [
     and distinct-2 of its sampled test responses. Reward hacking (DistiLLM-2) shows up as a
     growing margin together with a *rising* reference NLL, longer or more repetitive
     responses.
+
+    Read the token-level margin with its construction in mind: where the two argmaxes
+    differ, the student's greedy token s beats the teacher's t under the student
+    (log q(t) − log q(s) ≤ 0) and t beats s under the teacher (log p(t) − log p(s) ≥ 0), so
+    every token-level Δ is ≤ 0 and the reward accuracy is 0 by definition. The loss can only
+    pull Δ up towards 0, and a position leaves the sum once the student's argmax becomes the
+    teacher's; `argmax_disagree` is the token-level measure of progress. The sequence-level
+    margin has no such bound.
     """),
     code('''
     fam = df[(df["group"] == "ablation") | ((df["group"] == "main") & df["objective"].isin(["dpkd_token", "dpkd_seq"]))]

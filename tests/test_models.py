@@ -371,4 +371,8 @@ def test_smollm2_pruned_student(smollm2, tmp_path):
     M.save_model(student, tmp_path / "student", tok)
     ids = tok("Hello", return_tensors="pt").input_ids
     reloaded = M.load_saved(tmp_path / "student")
-    assert torch.equal(_logits(reloaded, ids), _logits(student, ids))
+    # the round trip keeps every weight bit for bit; the logits only to float rounding, as
+    # fresh tensors can take another BLAS path than the pruned model's (seen: 1.5e-5 apart)
+    saved, mine = reloaded.state_dict(), student.state_dict()
+    assert saved.keys() == mine.keys() and all(torch.equal(saved[k], mine[k]) for k in mine)
+    assert torch.allclose(_logits(reloaded, ids), _logits(student, ids), rtol=0, atol=1e-4)

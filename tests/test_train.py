@@ -56,10 +56,12 @@ def test_every_objective_decreases_its_loss_on_a_fixed_batch(tmp_path, objective
     assert read_json(tmp_path / objective / "manifest.json")["status"] == "finished"
 
 
-def test_step_loss_is_the_documented_mix(tmp_path):
+@pytest.mark.parametrize("objective", ["dpkd_token", "dpkd_seq"])
+def test_step_loss_is_the_documented_mix(tmp_path, objective):
     """(1-k)·CE + k·objective + lm·[(1-k)·CE_pt + k·H(p,q)_pt] with the logged parts."""
     cfg = load_config(SMOKE, [f"output_dir={tmp_path / 'mix'}", "train.kd_ratio=0.3",
-                              "train.lm_coef=0.7"])
+                              "train.lm_coef=0.7", f"train.objective={objective}",
+                              "train.seq_max_new_tokens=8", f"train.cache_dir={tmp_path / 'cache'}"])
     trainer = Trainer(cfg, progress=False)
     trainer.setup()
     loss, parts, _ = trainer.step_loss(0)
@@ -153,3 +155,52 @@ def test_row_logps_from_response_rows_equal_full_logits(average):
     expected = losses.sequence_logps(full, labels[:, 1:], average=average)
     got = row_logps(*response_logits(model, batch), batch, average)
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_dpkd_seq_keeps_ce_on_the_dataset_and_the_teacher_response_as_chosen(tmp_path, monkeypatch):
+    """DPKD-seq's CE term is on the dataset responses, like every distillation objective
+    (the same CE as DPKD-token's on the same batch); the chosen side of its preference pair
+    is the teacher's sampled response to the same prompt, a batch of its own."""
+    import dpkd_lib.train as train_mod
+    common = ["train.seq_max_new_tokens=8", f"train.cache_dir={tmp_path / 'cache'}"]
+    trainers = {}
+    for objective in ("dpkd_token", "dpkd_seq"):
+        tr = Trainer(load_config(SMOKE, [f"output_dir={tmp_path / objective}",
+                                         f"train.objective={objective}", *common]), progress=False)
+        tr.setup()
+        trainers[objective] = tr
+    seq, tok = trainers["dpkd_seq"], trainers["dpkd_token"]
+    assert [ex["input_ids"] for ex in seq.train_set] == [ex["input_ids"] for ex in tok.train_set]
+    seen = {}
+    original = train_mod.sequence_preference
+    monkeypatch.setattr(train_mod, "sequence_preference",
+                        lambda tcfg, s, t, pair: seen.update(pair) or original(tcfg, s, t, pair))
+    _, seq_parts, ids = seq.step_loss(0)
+    _, tok_parts, tok_ids = tok.step_loss(0)
+    assert list(ids) == list(tok_ids)
+    assert seq_parts["ce"] == pytest.approx(tok_parts["ce"], rel=1e-6)
+    teacher_rows = {r["id"]: r["response"] for r in read_jsonl(tmp_path / "dpkd_seq" / "teacher_responses.jsonl")}
+    chosen = seq.tokenizer.batch_decode(torch.where(seen["chosen"]["labels"] == -100, seq.tokenizer.pad_token_id,
+                                                    seen["chosen"]["labels"]), skip_special_tokens=True)
+    dataset = {ex["id"]: ex for ex in seq.train_set}
+    for i, text in zip(ids, chosen):
+        assert text.strip() == teacher_rows[i].strip()
+        assert not torch.equal(torch.tensor(seq.chosen_by_id[i]["input_ids"]), torch.tensor(dataset[i]["input_ids"]))
+
+
+def test_teacher_responses_are_sampled_once_per_seed_and_shared(tmp_path, monkeypatch):
+    """SeqKD and DPKD-seq of one seed read the same teacher samples; another seed samples anew."""
+    import dpkd_lib.train as train_mod
+    calls = []
+    original = train_mod.eval_lib.generate
+    monkeypatch.setattr(train_mod.eval_lib, "generate",
+                        lambda *a, **k: calls.append(k["seed"]) or original(*a, **k))
+    common = ["train.seq_max_new_tokens=8", f"train.cache_dir={tmp_path / 'cache'}"]
+    responses = {}
+    for name, objective, seed in (("a", "dpkd_seq", 1), ("b", "seqkd", 1), ("c", "dpkd_seq", 2)):
+        tr = Trainer(load_config(SMOKE, [f"output_dir={tmp_path / name}", f"train.objective={objective}",
+                                         f"train.seed={seed}", *common]), progress=False)
+        tr.setup()
+        responses[name] = [r["response"] for r in read_jsonl(tmp_path / name / "teacher_responses.jsonl")]
+    assert calls == [1, 2]
+    assert responses["a"] == responses["b"] and responses["a"] != responses["c"]
