@@ -818,3 +818,44 @@ def gap_text(df, *, metric: str = "rouge_l", splits: Sequence[str] = ("test", "h
         out.append(f"{split}: teacher {METRIC_LABELS.get(metric, metric)} {t.mean():.1f} vs starting "
                    f"student {s.mean():.1f} (gap {t.mean() - s.mean():+.1f})")
     return "; ".join(out) if out else "no teacher/student_init runs found"
+
+
+def answer_text(verdicts: Sequence[dict], df=None, *, metric: str = "rouge_l") -> str:
+    """The study's answer in plain Markdown: one bullet per compared pair saying where
+    (split × metric) the first method is better, worse or within seed noise, then, when
+    `df` has the teacher and the starting student, how far each method moved the student
+    on `metric` against the room the teacher left (the teacher–student gap)."""
+    out = []
+    for a, b in dict.fromkeys((v["a"], v["b"]) for v in verdicts):
+        where = {}
+        for v in verdicts:
+            if (v["a"], v["b"]) == (a, b):
+                where.setdefault(v["verdict"], []).append(
+                    f"{v['split']} {METRIC_LABELS.get(v['metric'], v['metric'])}")
+        la, lb = DISPLAY.get(a, a), DISPLAY.get(b, b)
+        better, worse = where.pop("better", []), where.pop("worse", [])
+        if better and worse:
+            head = f"**{la} vs {lb}: mixed** — better on {', '.join(better)}, worse on {', '.join(worse)}"
+        elif better:
+            head = f"**{la} beats {lb}** beyond seed noise on {', '.join(better)}"
+        elif worse:
+            head = f"**{la} is worse than {lb}** beyond seed noise on {', '.join(worse)}"
+        else:
+            head = f"**{la} does not differ from {lb}** beyond seed noise"
+        rest = "; ".join(f"{k} on {', '.join(v)}" for k, v in where.items())
+        out.append(f"- {head}" + (f" ({rest})." if rest else "."))
+    if df is not None and {"teacher", "student_init"} <= set(df["method"]):
+        name = METRIC_LABELS.get(metric, metric)
+        for split in [s for s in ("test", "heldout") if s in set(df["split"])]:
+            sel = df[df["split"] == split]
+            means = sel.groupby("method", sort=False)[metric].mean()
+            start, gap = means["student_init"], means["teacher"] - means["student_init"]
+            moved = {m: means[m] - start for m in means.index if m not in ("teacher", "student_init")}
+            if not moved or _isnan(gap):
+                continue
+            listing = ", ".join(f"{DISPLAY.get(m, m)} {d:+.1f}" for m, d in moved.items())
+            best = max(moved, key=moved.get)
+            out.append(f"- {split} {name}: the teacher is {gap:+.1f} above the starting student. "
+                       f"Change from the start, mean over seeds: {listing}. The best, "
+                       f"{DISPLAY.get(best, best)}, closes {100 * moved[best] / gap:.0f} % of the gap.")
+    return "\n".join(out)

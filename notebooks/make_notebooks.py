@@ -462,6 +462,19 @@ MAIN_BODY = [
                 print("-", v["text"])
     '''),
     md("""
+    ### The answer, in words
+
+    Generated from the verdicts above and the table: which comparisons hold beyond seed
+    noise, and how far each method moved the starting student against the room the teacher
+    left. Before reading "within noise" as "DPKD does not help", check three things: how far
+    *any* method moved the student (a budget that moves nobody cannot separate methods),
+    whether the DPKD term had a gradient to give (`argmax_disagree` and `reward_margin`
+    below, and notebook 03), and the seed spread itself.
+    """),
+    code('''
+    display(Markdown(ex.answer_text(verdicts, df[df["group"].isin(["main", "pair"])])))
+    '''),
+    md("""
     ## 4 · Training curves
 
     Mean over seeds (band: min–max). `student_nll_ref` is the cross-entropy on the dataset
@@ -692,6 +705,10 @@ FIG_BODY = [
                                                   "mean_b", "sd_b", "n_b", "delta", "pooled_sd", "p", "verdict")})
                 print("-", v["text"])
     written += ex.write_table(pd.DataFrame(verdicts), tables / "verdicts", floatfmt=".3f")
+    answer = ex.answer_text(verdicts, df[df["group"].isin(["main", "pair"])])
+    (tables / "answer.md").write_text(answer + "\\n")
+    written.append(tables / "answer.md")
+    display(Markdown(answer))
     '''),
     code('''
     fig, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 3.6), squeeze=False)

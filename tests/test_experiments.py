@@ -198,3 +198,28 @@ def test_paper_table_has_the_papers_numbers():
     t = ex.paper_table()
     row = t[(t["set"] == "DollyEval")].iloc[0]
     assert row["DPKD-token"] == 24.6 and row["SFT"] == 23.3 and row["teacher"] == 27.6
+
+
+def test_answer_text_words_each_pair_and_the_gap_closed():
+    import pandas as pd
+    verdicts = [
+        {"a": "dpkd_token", "b": "sft", "split": "test", "metric": "rouge_l", "verdict": "within noise"},
+        {"a": "dpkd_token", "b": "sft", "split": "heldout", "metric": "rouge_l", "verdict": "better"},
+        {"a": "dpkd_seq", "b": "sft", "split": "test", "metric": "nll", "verdict": "worse"},
+        {"a": "kd", "b": "sft", "split": "test", "metric": "rouge_l", "verdict": "within noise"},
+    ]
+    df = pd.DataFrame([
+        {"method": "teacher", "split": "test", "rouge_l": 30.0},
+        {"method": "student_init", "split": "test", "rouge_l": 10.0},
+        {"method": "sft", "split": "test", "rouge_l": 12.0},
+        {"method": "sft", "split": "test", "rouge_l": 14.0},
+        {"method": "dpkd_token", "split": "test", "rouge_l": 15.0},
+    ])
+    lines = ex.answer_text(verdicts, df).splitlines()
+    assert lines[0] == ("- **DPKD-token beats SFT** beyond seed noise on heldout ROUGE-L "
+                        "(within noise on test ROUGE-L).")
+    assert lines[1] == "- **DPKD-seq is worse than SFT** beyond seed noise on test NLL."
+    assert lines[2] == "- **KD does not differ from SFT** beyond seed noise (within noise on test ROUGE-L)."
+    assert lines[3] == ("- test ROUGE-L: the teacher is +20.0 above the starting student. Change from "
+                        "the start, mean over seeds: SFT +3.0, DPKD-token +5.0. The best, DPKD-token, "
+                        "closes 25 % of the gap.")

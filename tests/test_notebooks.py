@@ -179,6 +179,8 @@ def test_figures_notebook_wrote_tables_from_the_runs(smoke):
     assert len(ablations) == len(abl_params["ablations"]) + len(set(abl_params["reference_runs"].values()))
     verdicts = pd.read_csv(tables / "verdicts.csv")
     assert set(verdicts["verdict"]) <= {"better", "worse", "within noise", "cannot tell"}
+    answer = ex.answer_text(verdicts.to_dict("records"), df[df["group"].isin(["main", "pair"])])
+    assert (tables / "answer.md").read_text().strip() == answer and "gap" in answer
     assert (root / "notebooks" / "status.json").exists()
 
 
