@@ -169,7 +169,8 @@ def distill_term(tcfg, s_logits, t_logits, labels) -> tuple[torch.Tensor, dict]:
     if obj == "dpkd_token":  # released code: teacher argmax chosen, student argmax rejected
         loss = losses.dpkd_token_loss(s_logits, t_logits, labels, beta=tcfg.beta,
                                       loss_type=tcfg.loss_type, label_smoothing=tcfg.label_smoothing,
-                                      reference_free=tcfg.reference_free, chunk_size=chunk)
+                                      reference_free=tcfg.reference_free, gamma=tcfg.gamma,
+                                      temperature=tcfg.temperature, chunk_size=chunk)
         return loss, token_reward_stats(s_logits, labels, tcfg.beta, t_logits=t_logits,
                                         chunk_size=chunk)
     raise ConfigError(f"train.objective: '{obj}' has no token-level term")
@@ -182,7 +183,7 @@ def cached_distill_term(tcfg, s_logits, labels, topk) -> tuple[torch.Tensor, dic
         return losses.forward_kl_from_teacher_topk(s_logits, labels, ids, logps), {}
     loss = losses.dpkd_token_loss_from_teacher_topk(
         s_logits, labels, ids, logps, beta=tcfg.beta, loss_type=tcfg.loss_type,
-        label_smoothing=tcfg.label_smoothing, reference_free=tcfg.reference_free)
+        label_smoothing=tcfg.label_smoothing, reference_free=tcfg.reference_free, gamma=tcfg.gamma)
     return loss, token_reward_stats(s_logits, labels, tcfg.beta, topk=topk)
 
 

@@ -204,3 +204,20 @@ def test_teacher_responses_are_sampled_once_per_seed_and_shared(tmp_path, monkey
         responses[name] = [r["response"] for r in read_jsonl(tmp_path / name / "teacher_responses.jsonl")]
     assert calls == [1, 2]
     assert responses["a"] == responses["b"] and responses["a"] != responses["c"]
+
+
+@pytest.mark.parametrize("mode", ["online", "topk"])
+def test_token_level_simpo_margin_reaches_the_loss(tmp_path, mode):
+    """train.gamma is SimPO's margin at the token level too: −log σ(z − γ) > −log σ(z), so a
+    positive margin raises the DPKD term at every position (with γ = 0 token-level SimPO is
+    exactly the reference-free loss)."""
+    common = ["train.loss_type=simpo", f"train.cache_dir={tmp_path / 'cache'}"]
+    if mode == "topk":
+        common += ["train.teacher_mode=cache", "train.cache_format=topk", "train.cache_topk=8"]
+    distill = {}
+    for gamma in (0.0, 0.5):
+        tr = Trainer(load_config(SMOKE, [f"output_dir={tmp_path / str(gamma)}", f"train.gamma={gamma}",
+                                         *common]), progress=False)
+        tr.setup()
+        distill[gamma] = tr.step_loss(0)[1]["distill"]
+    assert distill[0.5] > distill[0.0] + 1e-3
