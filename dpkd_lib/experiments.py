@@ -699,6 +699,10 @@ def curves(df, metrics: Sequence[str] = ("loss", "ce", "distill", "student_nll_r
     nrows = max(1, math.ceil(n / ncols))
     fig, axes = plt.subplots(nrows, min(ncols, n), figsize=(5.2 * min(ncols, n), 3.4 * nrows),
                              squeeze=False)
+    # one colour per method in every panel; past ten methods tab10 would repeat colours
+    order = list(dict.fromkeys(runs["method"]))
+    cmap = plt.get_cmap("tab10" if len(order) <= 10 else "tab20")
+    colours = {m: cmap(i % cmap.N) for i, m in enumerate(order)}
     for ax, metric in zip(axes.flat, metrics):
         for method, g in runs.groupby("method", sort=False):
             series = []
@@ -711,7 +715,8 @@ def curves(df, metrics: Sequence[str] = ("loss", "ce", "distill", "student_nll_r
                 continue
             both = pd.concat(series, axis=1)
             label = g["label"].iloc[0] if "label" in g else method
-            line = ax.plot(both.index, both.mean(axis=1), label=f"{label} (n={len(series)})")[0]
+            line = ax.plot(both.index, both.mean(axis=1), color=colours[method],
+                           label=f"{label} (n={len(series)})")[0]
             if len(series) > 1:
                 ax.fill_between(both.index, both.min(axis=1), both.max(axis=1),
                                 color=line.get_color(), alpha=0.15)

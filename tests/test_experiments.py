@@ -223,3 +223,15 @@ def test_answer_text_words_each_pair_and_the_gap_closed():
     assert lines[3] == ("- test ROUGE-L: the teacher is +20.0 above the starting student. Change from "
                         "the start, mean over seeds: SFT +3.0, DPKD-token +5.0. The best, DPKD-token, "
                         "closes 25 % of the gap.")
+
+
+def test_curves_give_every_method_its_own_colour(tmp_path):
+    """Twelve ablation lines: tab10 alone would draw two of them in one colour."""
+    import matplotlib
+    matplotlib.use("Agg")
+    for i in range(12):
+        fake_run(tmp_path, f"abl_{i}", method=f"abl_{i}", seed=1, test_rl=1,
+                 metrics=[{"step": s, "loss": float(i + s)} for s in range(1, 4)])
+    fig = ex.curves(ex.collect(tmp_path), metrics=("loss",))
+    colours = [tuple(line.get_color()) for line in fig.axes[0].get_lines()]
+    assert len(colours) == 12 and len(set(colours)) == 12
