@@ -12,6 +12,9 @@ copy is written to ``<results_root>/notebooks/NN_name.ipynb`` atomically: paperm
 failed one is kept as ``NN_name.failed.ipynb`` (with the traceback in its cells) and the
 driver exits non-zero naming the notebook and the cell.
 
+A params file holding only ``skip: <reason>`` leaves that notebook out of the profile (the
+driver says so and records it as skipped).
+
 Reuse: ``<results_root>/notebooks/status.json`` records, per notebook, a fingerprint of
 its source, its parameters and its upstream notebooks' executions, the wall time and when
 it finished. A notebook whose fingerprint is unchanged and whose executed copy exists is
@@ -41,7 +44,7 @@ from typing import Any
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-OFFLINE_PROFILES = ("smoke", "cpu")
+OFFLINE_PROFILES = ("smoke", "cpu", "cpu_long")
 INJECTED = ("profile", "results_root", "repo_root", "force", "from_driver")
 STATUS_FILE = "status.json"
 
@@ -124,6 +127,10 @@ def load_params(params_dir: Path, profile: str, stem: str) -> dict:
     clash = [k for k in data if k in INJECTED]
     if clash:
         raise StudyError(f"{path}: {', '.join(clash)} are set by the driver, remove them")
+    if "skip" in data and (set(data) != {"skip"} or not isinstance(data["skip"], str)
+                           or not data["skip"].strip()):
+        raise StudyError(f"{path}: 'skip' takes the reason as a string and stands alone "
+                         f"(a profile that skips a notebook gives it no parameters)")
     return data
 
 
@@ -203,6 +210,12 @@ def run_study(profile: str, *, force: bool = False, only: str | None = None,
             source_digest, upstream = notebook_source_digest(nb_path)
             if upstream is None:
                 upstream = order[: order.index(stem)]
+            if "skip" in params[stem]:  # e.g. a profile that studies one question only
+                print(f"[study] {stem}: skipped in profile '{profile}' ({params[stem]['skip']})", flush=True)
+                status["notebooks"][stem] = {"status": "skipped", "reason": params[stem]["skip"]}
+                executed.pop(stem, None)
+                timings.append((stem, 0.0, "skipped"))
+                continue
             nb_params = dict(params[stem], **(extra_params or {}))
             nb_params.update(profile=profile, results_root=str(root), repo_root=str(repo),
                              force=bool(force), from_driver=True)
@@ -269,7 +282,7 @@ def run_study(profile: str, *, force: bool = False, only: str | None = None,
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dpkd_lib.study",
                                      description="Execute the study's notebooks with papermill.")
-    parser.add_argument("--profile", default="cpu", help="params/<profile>/ (smoke, cpu, paper, colab)")
+    parser.add_argument("--profile", default="cpu", help="params/<profile>/ (smoke, cpu, cpu_long, paper, colab)")
     parser.add_argument("--force", action="store_true",
                         help="re-execute every notebook and recompute every run")
     parser.add_argument("--only", default=None, help="one notebook: stem or prefix, e.g. 03")

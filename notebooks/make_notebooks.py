@@ -39,7 +39,10 @@ sys.path.insert(0, os.path.abspath(repo_root))
 from dpkd_lib.study import load_params, setup_notebook
 ROOT = setup_notebook(repo_root)          # cwd = repo root; text progress bars under papermill
 if not from_driver and profile != "cpu":  # run by hand with another profile: take its params file
-    globals().update(load_params(ROOT / "params", profile, "{stem}"))
+    _params = load_params(ROOT / "params", profile, "{stem}")
+    if "skip" in _params:
+        raise SystemExit(f"profile {{profile!r}} skips this notebook: {{_params['skip']}}")
+    globals().update(_params)
     print(f"parameters from params/{{profile}}/{stem}.yaml")
 results_root = results_root or f"results/{{profile}}"
 print(f"profile {{profile!r}}, results in {{results_root}}")'''

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.notebook
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 STEMS = [p.stem for p in NOTEBOOKS]
-PROFILES = ("smoke", "cpu", "paper", "colab")
+PROFILES = ("smoke", "cpu", "cpu_long", "paper", "colab")
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +73,8 @@ def test_every_profile_has_params_for_every_notebook(profile):
                 for stem in STEMS}
     for stem in STEMS:
         params = study.load_params(ROOT / "params", profile, stem)
+        if set(params) == {"skip"}:  # the profile leaves this notebook out
+            continue
         assert set(params) == cpu_keys[stem], f"params/{profile}/{stem}.yaml keys differ from cpu"
         if "base_params" in params:
             assert (ROOT / params["base_params"]).exists()
@@ -230,3 +232,44 @@ def test_notebook_run_by_hand_takes_its_profiles_params(tmp_path):
     setup = next(c for c in nb.cells if c.cell_type == "code" and "load_params(ROOT" in c.source)
     assert "00_theory" in setup.source
     assert (tmp_path / "res" / "figures" / "theory_kl_modes.png").exists()
+
+
+def test_a_profile_can_skip_a_notebook(tmp_path):
+    """`skip: <reason>` leaves a notebook out of a profile; the others still run, and a skip
+    with other parameters beside it is an error before anything runs."""
+    nbdir, pdir = tmp_path / "nb", tmp_path / "params" / "p"
+    nbdir.mkdir()
+    pdir.mkdir(parents=True)
+    for stem, body in (("00_a", "y = x + 1"), ("01_b", "raise ValueError('must not run')")):
+        nb = nbformat.v4.new_notebook()
+        params = nbformat.v4.new_code_cell("x = 1")
+        params.metadata["tags"] = ["parameters"]
+        nb.cells = [params, nbformat.v4.new_code_cell(body)]
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(nb, nbdir / f"{stem}.ipynb")
+    (pdir / "00_a.yaml").write_text("x: 3\n")
+    (pdir / "01_b.yaml").write_text("skip: not part of this profile\n")
+    res = tmp_path / "res"
+    status = study.run_study("p", results_root=res, notebooks_dir=nbdir, params_dir=tmp_path / "params",
+                             log_output=False)
+    assert status["notebooks"]["00_a"]["status"] == "finished"
+    assert status["notebooks"]["01_b"] == {"status": "skipped", "reason": "not part of this profile"}
+    assert not (res / "notebooks" / "01_b.ipynb").exists() and not (res / "notebooks" / "01_b.failed.ipynb").exists()
+    (pdir / "01_b.yaml").write_text("skip: reason\nx: 2\n")
+    with pytest.raises(study.StudyError, match="'skip' takes the reason"):
+        study.run_study("p", results_root=res, notebooks_dir=nbdir, params_dir=tmp_path / "params",
+                        log_output=False)
+
+
+def test_cpu_long_is_the_cpu_pair_with_five_times_the_budget(tmp_path):
+    """Same teacher and student builds as cpu, every method the same 150 steps over the 1200
+    training examples, three seeds each, and the notebooks it leaves out are the cpu ones."""
+    cpu, long = (study.load_params(ROOT / "params", p, "01_gpt2_120m") for p in ("cpu", "cpu_long"))
+    assert long["teacher_build"] == cpu["teacher_build"] and long["student_build"] == cpu["student_build"]
+    base = ROOT / long["base_params"]
+    cfgs = [ex.run_config(base, "x", ex.as_overrides(long["common_overrides"]) + ov, tmp_path)
+            for _, ov, _ in ex.method_runs(long["methods"])]
+    assert {c.train.max_steps for c in cfgs} == {150} and {c.data.n_train for c in cfgs} == {1200}
+    assert all(len(m["seeds"]) >= 3 for m in long["methods"].values())
+    skipped = [s for s in STEMS if "skip" in study.load_params(ROOT / "params", "cpu_long", s)]
+    assert skipped == ["02_lora_4bit", "03_ablations_implicit_reward"]
