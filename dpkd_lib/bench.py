@@ -68,7 +68,7 @@ import torch  # noqa: E402
 
 from . import losses
 from .data import left_pad
-from .results import atomic_write_text, write_json
+from .io import atomic_write_text, write_json
 
 OUT_DIR = Path("results/bench")
 
@@ -431,6 +431,7 @@ def bench_teacher_cache(teacher, student, batches: Sequence[dict], pad_id: int, 
     mixing: 0.5·CE + 0.5·DPKD on the response, and, with ``pretrain`` blocks ([n, L] token
     ids, the cpu profile's lm_coef term), 0.5·[0.5·CE + 0.5·H(p, q)] on ``batch_size`` blocks
     (online: the teacher's full logits; cached: its top-k, as train.py does)."""
+    from . import objectives as obj_lib
     from . import teacher_cache as tc
     from . import train as train_mod
     from .config import TrainConfig
@@ -486,8 +487,8 @@ def bench_teacher_cache(teacher, student, batches: Sequence[dict], pad_id: int, 
     with torch.no_grad():
         for batch in _progress(batches, "cache: loss by k", progress):
             b = _to(batch, device)
-            s_logits, labels = train_mod.response_logits(student, b)
-            t_logits, _ = train_mod.response_logits(teacher, b)
+            s_logits, labels = obj_lib.response_logits(student, b)
+            t_logits, _ = obj_lib.response_logits(teacher, b)
             exact = losses.dpkd_token_loss(s_logits, t_logits, labels, beta=tcfg.beta).item()
             exact_losses.append(exact)
             t_hidden = h_cache.teacher_logits(batch["ids"], counts(batch), device)
@@ -508,51 +509,22 @@ def bench_teacher_cache(teacher, student, batches: Sequence[dict], pad_id: int, 
     student.train()
     state = {"i": 0}
 
-    def step(mode: str):
+    teachers = {"online": obj_lib.OnlineTeacher(teacher),
+                "hidden": obj_lib.CachedTeacher(h_cache, h_pt_cache, device=device),
+                "topk": obj_lib.CachedTeacher(cache, pt_cache, device=device)}
+    tcfgs = {"online": tcfg, "hidden": TrainConfig(objective="dpkd_token", teacher_mode="cache"),
+             "topk": TrainConfig(objective="dpkd_token", teacher_mode="cache", cache_format="topk",
+                                 cache_topk=default_k)}
+
+    def step(mode: str):  # train.py's step: objectives.step_loss, then clip and AdamW
         batch = batches[state["i"] % len(batches)]
-        b = _to(batch, device)
-        s_logits, labels = train_mod.response_logits(student, b)
-        loss = (1 - kd) * losses.sft_loss(s_logits, labels)
-        if mode == "online":
-            with torch.no_grad():
-                t_logits, _ = train_mod.response_logits(teacher, b)
-            distill, _ = train_mod.distill_term(tcfg, s_logits, t_logits, labels)
-            del t_logits
-        elif mode == "hidden":
-            with torch.no_grad():
-                t_logits = h_cache.teacher_logits(batch["ids"], counts(batch), device)
-            distill, _ = train_mod.distill_term(tcfg, s_logits, t_logits, labels)
-            del t_logits
-        else:
-            ids, logps = cache.gather(batch["ids"], counts(batch))
-            topk = (ids[..., :default_k].to(device), logps[..., :default_k].to(device))
-            distill, _ = train_mod.cached_distill_term(tcfg, s_logits, labels, topk)
-        loss = loss + kd * distill
-        del s_logits
+        pretrain_rows = None
         if pretrain is not None:
             rows = [(state["i"] * bs + j) % len(pretrain) for j in range(bs)]
-            pt_ids = pretrain[rows].to(device)
-            pt_logits, pt_labels = train_mod.full_logits(student, pt_ids)
-            pt = (1 - kd) * losses.sft_loss(pt_logits, pt_labels)
-            if mode == "online":
-                with torch.no_grad():
-                    pt_teacher, _ = train_mod.full_logits(teacher, pt_ids)
-                pt = pt + kd * losses.soft_cross_entropy(pt_logits, pt_teacher, pt_labels)
-                del pt_teacher
-            elif mode == "hidden":
-                with torch.no_grad():
-                    pt_teacher = h_pt_cache.teacher_logits([f"pt{r}" for r in rows], device=device)
-                pt = pt + kd * losses.soft_cross_entropy(pt_logits, pt_teacher.reshape(pt_logits.shape),
-                                                         pt_labels)
-                del pt_teacher
-            else:
-                ids, logps = pt_cache.gather([f"pt{r}" for r in rows])
-                flat = pt_logits.reshape(1, -1, pt_logits.shape[-1])
-                pt = pt + kd * losses.forward_kl_from_teacher_topk(
-                    flat, pt_labels.reshape(1, -1), ids.to(device), logps.to(device))
-            loss = loss + tcfg.lm_coef * pt
-            del pt_logits
-        loss.backward()
+            pretrain_rows = (pretrain[rows].to(device), [f"pt{r}" for r in rows])
+        out = obj_lib.step_loss(tcfgs[mode], student, teachers[mode], _to(batch, device),
+                                pretrain=pretrain_rows)
+        out.total.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), tcfg.clip_grad)
         opt.step()
         opt.zero_grad(set_to_none=True)

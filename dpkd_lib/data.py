@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import random
-import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,10 @@ from typing import Any, NamedTuple
 
 import torch
 
+from . import hub
+from .choices import DATA_SOURCES, SPLITS
 from .errors import DataError
+from .io import read_jsonl, write_jsonl  # noqa: F401  (data files: strict JSON lines)
 
 PROMPT_TEMPLATE = (
     "Below is an instruction that describes a task. "
@@ -42,7 +44,6 @@ PROMPT_TEMPLATE_WITH_CONTEXT = (
 )
 
 IGNORE_INDEX = -100
-DATA_SOURCES = ("synthetic", "jsonl", "dolly_hub", "minillm")
 DROP_REASONS = (
     "not_a_record",
     "missing_field",
@@ -405,36 +406,6 @@ def pretrain_blocks(texts: Iterable[str], tokenizer, block_size: int,
 # --------------------------------------------------------------------------- files
 
 
-def write_jsonl(records: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> None:
-    """One JSON object per line, UTF-8, written atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Objects of a JSONL file. Invalid UTF-8 bytes are kept as lone surrogates (so the
-    record is later dropped and counted as ``invalid_unicode`` instead of killing the load);
-    a line that is not JSON raises DataError naming file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    out = []
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-    return out
-
-
 def _to_record(raw: Mapping[str, Any], default_id: str) -> dict:
     """Map Dolly ({instruction, context, response, category}), Alpaca/MiniLLM
     ({instruction, input, output}) or our own fields onto a record. Values are passed
@@ -496,35 +467,6 @@ def load_minillm_processed(path: str | os.PathLike) -> list[dict]:
     return records
 
 
-def _offline() -> bool:
-    flags = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
-    if any(os.environ.get(f, "").strip().lower() in ("1", "true", "yes", "on") for f in flags):
-        return True
-    try:
-        from huggingface_hub import constants
-    except ImportError:
-        return True
-    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP probe of the hub endpoint, so that a machine without network fails in
-    seconds instead of after the hub client's retries (~25 s). Behind a proxy the probe
-    says nothing, so it is skipped."""
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    url = urlparse(getattr(constants, "ENDPOINT", "https://huggingface.co"))
-    try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def load_dolly_hub(cache_dir: str | os.PathLike | None = None) -> list[dict]:
     """databricks-dolly-15k from the Hugging Face hub (one JSONL file, ~13 MB).
 
@@ -542,9 +484,9 @@ def load_dolly_hub(cache_dir: str | os.PathLike | None = None) -> list[dict]:
     except Exception:  # noqa: BLE001 - not cached: try the network below
         local = None
     if local is None:
-        if _offline():
+        if hub.offline():
             raise DataError(f"cannot get {DOLLY_REPO} (offline mode, no cached copy): {NO_NETWORK_MESSAGE}")
-        if not _hub_reachable():
+        if not hub.reachable():
             raise DataError(f"cannot get {DOLLY_REPO} (hub unreachable): {NO_NETWORK_MESSAGE}")
         try:
             local = hf_hub_download(DOLLY_REPO, DOLLY_FILE, etag_timeout=10, **kwargs)
@@ -583,12 +525,11 @@ def minillm_dolly_split(records: Sequence[Mapping[str, Any]], seed: int, n_valid
             "test": kept[:n_test]}
 
 
-_SPLIT_FILES = ("train", "valid", "test", "heldout")
 
 
 def _load_split_dir(folder: Path, reader) -> dict[str, list[dict]]:
     """{split: records} from ``folder/{train,valid,test,heldout}.jsonl`` (train required)."""
-    out = {s: reader(folder / f"{s}.jsonl") for s in _SPLIT_FILES if (folder / f"{s}.jsonl").is_file()}
+    out = {s: reader(folder / f"{s}.jsonl") for s in SPLITS if (folder / f"{s}.jsonl").is_file()}
     if "train" not in out:
         raise FileNotFoundError(f"{folder}: no train.jsonl (expected train/valid/test[/heldout].jsonl)")
     return out
@@ -630,3 +571,23 @@ def data_hash(records: Any) -> str:
     records with lone surrogates hash."""
     blob = json.dumps(records, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode("ascii")).hexdigest()
+
+
+def load_splits(dcfg) -> dict[str, list[dict]]:
+    """Records by split for a params file's ``data`` section (config.DataConfig), with
+    ``train_slice`` applied to the train split (the builds and the methods train on disjoint
+    slices of one generated set)."""
+    from .config import parse_slice
+
+    sizes = {"n_valid": dcfg.n_valid, "n_test": dcfg.n_test}
+    if dcfg.source == "synthetic":
+        sizes |= {"n_train": dcfg.n_train, "n_heldout": dcfg.n_heldout}
+    splits = load_records(dcfg.source, path=dcfg.path or None, seed=dcfg.data_seed, **sizes)
+    if dcfg.train_slice:
+        part = splits["train"][parse_slice(dcfg.train_slice)]
+        if not part:
+            raise DataError(f"data.train_slice {dcfg.train_slice!r} selects no record of the "
+                            f"{len(splits['train'])} in the train split")
+        splits["train"] = part
+    return splits
+

@@ -78,15 +78,14 @@ __all__ = [
     "DEFAULT_BUCKET_EDGES",
     "length_bucket",
     "bucket_table",
-    "summarize_over_seeds",
+    "mean_sd",
     "generate_ids",
     "generate",
     "teacher_forced_metrics",
     "evaluate_generations",
     "evaluate_splits",
     "evaluate_saved",
-    "write_eval_jsonl",
-    "read_eval_jsonl",
+    "reference_metrics",
 ]
 
 # ----------------------------------------------------------------------------- metrics
@@ -253,20 +252,18 @@ def _bucket_lower(label: str) -> float:
     return float(label[1:].split(",")[0])
 
 
-def summarize_over_seeds(values: Sequence[float]) -> tuple[float, float]:
-    """(mean, sample sd with ddof=1) of per-seed scores.
-
-    A single value has sd 0.0 by convention (not NaN), so one-seed runs still serialise to
-    valid JSON and plot; read sd = 0 with n_seeds = 1 as "unknown", not "no spread".
-    """
-    vals = [float(v) for v in values]
-    if not vals:
-        raise ValueError("no values to summarise")
-    mean = sum(vals) / len(vals)
-    if len(vals) == 1:
-        return mean, 0.0
-    var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
-    return mean, math.sqrt(var)
+def mean_sd(values: Iterable[float]) -> tuple[float, float, int]:
+    """(mean, sample sd with ddof=1, n) of per-seed values, skipping None and NaN: the one
+    seed-statistics helper. The sd of one value is NaN (unknown), never 0; the mean of no
+    value is NaN."""
+    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    n = len(vals)
+    if n == 0:
+        return float("nan"), float("nan"), 0
+    mean = sum(vals) / n
+    if n == 1:
+        return mean, float("nan"), 1
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)), n
 
 
 def bucket_table(
@@ -280,7 +277,7 @@ def bucket_table(
     With ``edges`` the buckets are recomputed from ``reference_tokens``. For each group:
     ``n_examples`` (distinct ids), ``n_rows`` (examples x seeds), and ``rouge_l``,
     ``exact_match`` (x 100), ``response_tokens`` as the mean over seeds of the per-seed
-    group means, plus ``rouge_l_sd`` / ``exact_match_sd`` over seeds (0 with one seed).
+    group means, plus ``rouge_l_sd`` / ``exact_match_sd`` over seeds (NaN with one seed).
     Bucket rows are ordered by their lower edge; other groupings alphabetically.
     """
     import pandas as pd
@@ -295,8 +292,8 @@ def bucket_table(
     rows = []
     for group, gdf in df.groupby(by, sort=False, dropna=False):
         per_seed = gdf.groupby("seed")[["rouge_l", "exact_match", "response_tokens"]].mean()
-        rl_mean, rl_sd = summarize_over_seeds(100.0 * per_seed["rouge_l"])
-        em_mean, em_sd = summarize_over_seeds(100.0 * per_seed["exact_match"])
+        rl_mean, rl_sd, _ = mean_sd(100.0 * per_seed["rouge_l"])
+        em_mean, em_sd, _ = mean_sd(100.0 * per_seed["exact_match"])
         rows.append(
             {
                 by: group,
@@ -391,7 +388,7 @@ def _special_ids(model, tokenizer) -> tuple[int | list[int] | None, int]:
 def generate_ids(
     model,
     tokenizer,
-    prompts: Sequence[str],
+    prompts: Sequence[str] | Sequence[Sequence[int]],
     *,
     max_new_tokens: int = 256,
     batch_size: int = 16,
@@ -444,7 +441,10 @@ def generate_ids(
     eos, pad = _special_ids(model, tokenizer)
     eos_set = set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
 
-    encoded = _encode_prompts(tokenizer, prompts, add_special_tokens)
+    if isinstance(prompts[0], str):
+        encoded = _encode_prompts(tokenizer, prompts, add_special_tokens)
+    else:  # token ids already (DPKD-seq samples from tokenised training prompts)
+        encoded = [list(map(int, p)) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), i))
     out: list[list[int] | None] = [None] * len(prompts)
 
@@ -552,12 +552,15 @@ def teacher_forced_metrics(model, batches: Iterable[Mapping[str, torch.Tensor]],
     averaged over all tokens of all batches (token-weighted, like the training loss). It is
     the reward-hacking canary of method.md §5: a DPKD student whose preference margin grows
     while this NLL rises is gaming the objective. Returns ``nll``, ``perplexity``
-    (exp(nll)), ``token_accuracy``, ``n_tokens``. The model's train/eval mode is restored.
+    (exp(nll)), ``token_accuracy``, ``n_tokens`` and, when the batches carry ``ids``,
+    ``per_example``: {id, nll_sum, correct, n_tokens} per example (what a bootstrap over
+    examples resamples). The model's train/eval mode is restored.
     """
     device = _model_device(model)
     total_nll = 0.0
     correct = 0
     count = 0
+    per_example = []
     was_training = getattr(model, "training", False)
     model.eval()
     try:
@@ -579,15 +582,23 @@ def teacher_forced_metrics(model, batches: Iterable[Mapping[str, torch.Tensor]],
                 selected = logits[:, :-1][mask].float()
                 y = target[mask]
                 total_nll += float(F.cross_entropy(selected, y, reduction="sum"))
-                correct += int((selected.argmax(dim=-1) == y).sum())
+                hits = selected.argmax(dim=-1) == y
+                correct += int(hits.sum())
                 count += int(y.numel())
+                if "ids" in batch:
+                    row_of = mask.nonzero()[:, 0]
+                    nll = F.cross_entropy(selected, y, reduction="none")
+                    for r, ex_id in enumerate(batch["ids"]):
+                        mine = row_of == r
+                        per_example.append({"id": ex_id, "nll_sum": float(nll[mine].sum()),
+                                            "correct": int(hits[mine].sum()), "n_tokens": int(mine.sum())})
     finally:
         model.train(was_training)
     if count == 0:
         raise ValueError("no response tokens (all labels are -100)")
     nll = total_nll / count
     return {"nll": nll, "perplexity": math.exp(min(nll, 700.0)), "token_accuracy": correct / count,
-            "n_tokens": count}
+            "n_tokens": count, "per_example": per_example}
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -711,7 +722,7 @@ def evaluate_generations(
 
     summary: dict[str, Any] = {"n": len(examples), "n_seeds": len(seeds), "seeds": seeds}
     for metric in ("rouge_l", "exact_match"):
-        mean, sd = summarize_over_seeds([s[metric] for s in per_seed])
+        mean, sd, _ = mean_sd(s[metric] for s in per_seed)
         summary[metric] = mean
         summary[f"{metric}_sd"] = sd
     for metric in ("response_tokens", "response_words", "distinct_1", "distinct_2",
@@ -733,84 +744,103 @@ _SPLIT_SUMMARY_KEYS = ("rouge_l", "rouge_l_sd", "exact_match", "exact_match_sd",
                        "distinct_2", "repetition_rate", "truncated_rate", "n")
 
 
-def evaluate_splits(
-    model,
-    tokenizer,
-    splits: Mapping[str, Sequence[Mapping[str, Any]]],
-    eval_cfg: Any,
-    data_cfg: Any = None,
-    *,
-    progress: bool = True,
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """``evaluate_generations`` on each split named in ``eval_cfg.splits`` (the training
-    loop's final evaluation and ``python -m dpkd_lib eval``).
+def reference_metrics(model, tokenizer, records, data_cfg, *, batch_size: int = 16) -> dict[str, Any]:
+    """Teacher-forced NLL and token accuracy on the references of `records`, tokenised as
+    training tokenises them (``data_cfg``: max_length, max_prompt), with ``per_example``
+    rows. Without a reference that fits (every example too long) only ``note`` says why."""
+    from .data import DataError, build_sft_dataset, collate_sft, pad_id_of
 
-    ``splits`` maps split names to Dolly-format records (``instruction``, ``context``,
-    ``response``, ``category``, ``id``); prompts come from ``data.format_prompt`` (imported
-    here only, so the metric code above does not depend on the data module). ``eval_cfg``
-    supplies seeds, batch_size, max_new_tokens, temperature, top_k, top_p,
-    no_repeat_ngram_size and max_examples (0 = all; the first n records, so every method
-    sees the same examples). ``data_cfg`` is accepted for the call signature and unused.
+    try:
+        dataset, _ = build_sft_dataset(records, tokenizer, max_length=data_cfg.max_length,
+                                       max_prompt=data_cfg.max_prompt)
+    except DataError as err:
+        return {"note": str(err)[:200]}
+    pad = pad_id_of(tokenizer)
+    device = _model_device(model)
+    batches = ({k: (v.to(device) if torch.is_tensor(v) else v) for k, v in
+                collate_sft(dataset[i:i + batch_size], pad).items()}
+               for i in range(0, len(dataset), batch_size))
+    m = teacher_forced_metrics(model, batches)
+    return {"nll": m["nll"], "token_acc": m["token_accuracy"], "n_tokens": m["n_tokens"],
+            "n_examples": len(dataset), "per_example": m["per_example"]}
 
-    Rows gain a ``split`` field. The summary is flat for summary.json and log lines:
-    ``{split}_rouge_l``, ``{split}_rouge_l_sd``, ``{split}_exact_match`` (...) plus
-    ``eval`` = {split: full ``evaluate_generations`` summary}. A split named in the config
-    but absent from ``splits`` (e.g. no held-out file) is listed in ``eval_skipped_splits``.
+
+def evaluate_splits(model, tokenizer, splits: Mapping[str, Sequence[Mapping[str, Any]]],
+                    eval_cfg: Any, data_cfg: Any, *, progress: bool = True
+                    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The evaluation protocol on each split named in ``eval_cfg.splits``: the final
+    evaluation of every training run (teacher, starting student and methods alike) and
+    ``python -m dpkd_lib eval``. Per split, on the first ``max_examples`` records (0 = all;
+    every model sees the same ones):
+
+    * greedy decoding (``eval_cfg.greedy``): the primary generation metric;
+    * T-sampling, once per seed of ``eval_cfg.sample_seeds`` (MiniLLM's protocol);
+    * teacher-forced NLL / token accuracy on the references (``eval_cfg.teacher_forced``).
+
+    ``splits`` maps split names to Dolly-format records; prompts come from
+    ``data.format_prompt``. Rows (one per example × decoding × seed) gain ``split`` and
+    ``decoding`` ("greedy" with seed None, or "sample"). The summary is flat for
+    summary.json: ``{split}_rouge_l``, ``{split}_exact_match`` (...) for greedy decoding,
+    ``{split}_sample_rouge_l`` (...) for sampling, ``{split}_nll`` and ``{split}_token_acc``,
+    plus ``eval`` = {split: {"greedy"|"sample"|"teacher_forced": full summaries}}. A split
+    absent from ``splits`` (no held-out file, say) is listed in ``eval_skipped_splits``.
     """
     from .data import format_prompt
 
-    del data_cfg
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {"eval": {}, "eval_skipped_splits": []}
-    max_examples = int(getattr(eval_cfg, "max_examples", 0) or 0)
-    for split in eval_cfg.splits:
+    e = eval_cfg
+    decodings = ([("greedy", dict(seeds=(0,), do_sample=False))] if e.greedy else []) + \
+        ([("sample", dict(seeds=tuple(e.sample_seeds), do_sample=True))] if e.sample_seeds else [])
+    for split in e.splits:
         records = list(splits.get(split) or [])
         if not records:
             summary["eval_skipped_splits"].append(split)
             continue
-        if max_examples:
-            records = records[:max_examples]
-        examples = []
-        for i, rec in enumerate(records):
-            refs = rec.get("references") or [rec["response"]]
-            ex_id = rec.get("id")
-            examples.append({"id": f"{split}#{i}" if ex_id in (None, "") else ex_id,
-                             "prompt": format_prompt(rec), "references": refs,
-                             "category": rec.get("category")})
-        split_rows, split_summary = evaluate_generations(
-            model, tokenizer, examples, seeds=tuple(eval_cfg.seeds), batch_size=eval_cfg.batch_size,
-            max_new_tokens=eval_cfg.max_new_tokens, temperature=eval_cfg.temperature,
-            top_k=eval_cfg.top_k, top_p=eval_cfg.top_p,
-            no_repeat_ngram_size=eval_cfg.no_repeat_ngram_size, progress=progress,
-        )
-        for row in split_rows:
-            row["split"] = split
-        rows.extend(split_rows)
-        summary["eval"][split] = split_summary
-        for key in _SPLIT_SUMMARY_KEYS:
-            summary[f"{split}_{key}"] = split_summary[key]
+        if e.max_examples:
+            records = records[:e.max_examples]
+        examples = [{"id": rec.get("id") or f"{split}#{i}", "prompt": format_prompt(rec),
+                     "references": rec.get("references") or [rec["response"]],
+                     "category": rec.get("category")} for i, rec in enumerate(records)]
+        out = summary["eval"][split] = {}
+        for name, how in decodings:
+            split_rows, out[name] = evaluate_generations(
+                model, tokenizer, examples, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
+                temperature=e.temperature, top_k=e.top_k, top_p=e.top_p,
+                no_repeat_ngram_size=e.no_repeat_ngram_size, progress=progress, **how)
+            for row in split_rows:
+                row.update(split=split, decoding=name, seed=row["seed"] if name == "sample" else None)
+            rows.extend(split_rows)
+            prefix = f"{split}_" if name == "greedy" else f"{split}_sample_"
+            summary |= {prefix + key: out[name][key] for key in _SPLIT_SUMMARY_KEYS}
+        if e.teacher_forced:
+            tf = reference_metrics(model, tokenizer, records, data_cfg)
+            rows.extend(dict(r, split=split, decoding="teacher_forced") for r in tf.pop("per_example", []))
+            out["teacher_forced"] = tf
+            summary[f"{split}_nll"], summary[f"{split}_token_acc"] = tf.get("nll"), tf.get("token_acc")
     return rows, summary
 
 
 def evaluate_saved(cfg: Any, model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                    progress: bool = True) -> dict[str, Any]:
-    """Evaluate a model saved by ``models.save_model`` on the eval splits of a run config
-    (``python -m dpkd_lib eval``); writes ``eval.jsonl`` and ``eval_summary.json`` to
-    ``out_dir`` and returns the summary. The tokenizer is the one saved next to the model
-    when present, else the config's. The data are rebuilt from ``cfg.data`` exactly as the
-    training run builds them, so the examples match those of the run's own evaluation.
-    """
+    """Evaluate a model saved by ``models.save_model`` on the eval splits of a params file
+    (``python -m dpkd_lib eval``; a params file validated for evaluation: no teacher or
+    training section needed); writes ``eval.jsonl`` and ``eval_summary.json`` to ``out_dir``
+    and returns the summary. The tokenizer is the one saved next to the model when present,
+    else the params'. The data are built from ``cfg.data`` as a training run builds them,
+    so the examples match those of the run's own final evaluation."""
     from pathlib import Path
 
-    from . import data as data_lib
-    from . import models as model_lib
-    from .results import write_json
+    from .data import load_splits
+    from .io import write_json, write_jsonl
+    from .models import load_saved
+    from .tokenization import build_tokenizer
 
     if getattr(cfg, "threads", 0):
         torch.set_num_threads(int(cfg.threads))
     model_dir = Path(model_dir)
     quant = cfg.student.quantization if cfg.student.quantization != "none" else None
-    model = model_lib.load_saved(model_dir, dtype=cfg.student.dtype, quantization=quant)
+    model = load_saved(model_dir, dtype=cfg.student.dtype, quantization=quant)
     if quant is None and torch.cuda.is_available():
         model = model.to("cuda")
     if (model_dir / "tokenizer_config.json").exists() or (model_dir / "tokenizer.json").exists():
@@ -818,47 +848,11 @@ def evaluate_saved(cfg: Any, model_dir: str | os.PathLike, out_dir: str | os.Pat
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     else:
-        from .train import build_tokenizer
-
-        tokenizer = build_tokenizer(cfg)
-    d = cfg.data
-    splits = data_lib.load_records(d.source, path=d.path or None, seed=d.data_seed,
-                                   n_train=d.n_train, n_valid=d.n_valid, n_test=d.n_test,
-                                   n_heldout=d.n_heldout)
-    rows, summary = evaluate_splits(model, tokenizer, splits, cfg.eval, d, progress=progress)
+        tokenizer = build_tokenizer(cfg.tokenizer)
+    rows, summary = evaluate_splits(model, tokenizer, load_splits(cfg.data), cfg.eval, cfg.data,
+                                    progress=progress)
     summary["model_dir"] = str(model_dir)
     out = Path(out_dir)
-    write_eval_jsonl(rows, out / "eval.jsonl")
+    write_jsonl(out / "eval.jsonl", rows)
     write_json(out / "eval_summary.json", summary)
     return summary
-
-
-# ----------------------------------------------------------------------------- files
-
-
-def write_eval_jsonl(per_example: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> None:
-    """Write rows as JSON lines atomically: a temp file in the same directory, fsync, then
-    ``os.replace``, so a killed run never leaves a half-written eval.jsonl that a figure
-    notebook or the resume logic would take for a finished one."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path), dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for row in per_example:
-                fh.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results should be readable like any file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def read_eval_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows written by ``write_eval_jsonl``."""
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]

@@ -45,8 +45,11 @@ from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
-#: valid ``loss_type`` values of :func:`preference_loss` and :func:`dpkd_token_loss`.
-LOSS_TYPES: Tuple[str, ...] = ("sigmoid", "ipo", "hinge", "dpop", "simpo", "cpo")
+from .choices import LOSS_TYPE_PARAMS, LOSS_TYPES  # noqa: E402  (valid loss types, defined once)
+
+#: what a preference-loss setting means when the caller leaves it out
+_PREFERENCE_DEFAULTS = {"label_smoothing": 0.0, "reference_free": False, "gamma": 0.0,
+                        "dpop_lambda": 50.0, "cpo_alpha": 1.0}
 
 __all__ = [
     "IGNORE_INDEX",
@@ -63,6 +66,7 @@ __all__ = [
     "dpkd_token_loss",
     "sequence_logps",
     "preference_loss",
+    "token_preference_loss",
     "implicit_rewards",
     "teacher_topk",
     "dpkd_token_logps_from_teacher_topk",
@@ -352,6 +356,18 @@ def _check_loss_type(loss_type: str) -> None:
         raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
 
 
+def _preference_settings(loss_type: str, given: dict) -> dict:
+    """The settings `loss_type` uses, defaults filled in. A setting it does not use is an
+    error, never silently dropped (SimPO's γ given to the sigmoid loss, say)."""
+    _check_loss_type(loss_type)
+    used = LOSS_TYPE_PARAMS[loss_type]
+    unused = [k for k, v in given.items() if v is not None and k not in used]
+    if unused:
+        raise ValueError(f"{', '.join(unused)} not used by loss_type {loss_type!r} "
+                         f"(it uses: {', '.join(used) or 'nothing but beta'})")
+    return {k: (given.get(k) if given.get(k) is not None else _PREFERENCE_DEFAULTS[k]) for k in used}
+
+
 def _smoothed_sigmoid_loss(z: Tensor, label_smoothing: float) -> Tensor:
     """−(1−ε)·log σ(z) − ε·log σ(−z): conservative DPO (ε = 0 is plain −log σ(z))."""
     loss = -F.logsigmoid(z)
@@ -367,11 +383,12 @@ def preference_loss(
     ref_rejected_logps: Optional[Tensor],
     beta: float = 0.1,
     loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-    reference_free: bool = False,
-    gamma: float = 0.0,
-    dpop_lambda: float = 50.0,
-    cpo_alpha: float = 1.0,
+    *,
+    label_smoothing: Optional[float] = None,
+    reference_free: Optional[bool] = None,
+    gamma: Optional[float] = None,
+    dpop_lambda: Optional[float] = None,
+    cpo_alpha: Optional[float] = None,
 ) -> Tensor:
     """Per-pair DPO-family loss (elementwise: [B] in, [B] out; any shape works).
 
@@ -380,40 +397,44 @@ def preference_loss(
         h = (π_c − π_r) − (ref_c − ref_r),
     with ref_c = ref_r = 0 when ``reference_free`` (then the ref arguments may be None).
     Reference log-probs are detached: the reference (the teacher, in DPKD) is frozen.
-    ε = ``label_smoothing``. Variants (each formula sits next to its branch below):
+    Each loss type takes only the settings it uses (``choices.LOSS_TYPE_PARAMS``); passing
+    another one is an error. ε = ``label_smoothing`` (default 0). Variants, each formula next
+    to its branch below:
 
     * "sigmoid" DPO / cDPO:  −(1−ε)·log σ(βh) − ε·log σ(−βh)
-    * "ipo"  (Azar et al. 2023, eq. 17):  (h − 1/(2β))²            (ε unused)
-    * "hinge" (SLiC-style):  max(0, 1 − βh)                          (ε unused)
-    * "dpop" DPO-Positive (Pal et al. 2024, "Smaug"):
-          z = β·[h − λ·max(0, ref_c − π_c)],  loss = −(1−ε)·log σ(z) − ε·log σ(−z)
-      λ = ``dpop_lambda`` (paper default 50). The penalty is active when the policy puts less
-      mass than the reference on the chosen response. With ``reference_free`` the ref terms
-      are 0 here too, so the penalty becomes λ·(−π_c).
+    * "ipo"  (Azar et al. 2023, eq. 17):  (h − 1/(2β))²
+    * "hinge" (SLiC-style):  max(0, 1 − βh)
+    * "dpop" DPO-Positive as the released DPKD code writes it (penalty outside the sigmoid):
+          −(1−ε)·log σ(βh) − ε·log σ(−βh) + λ·max(0, ref_c − π_c)
+      λ = ``dpop_lambda`` (default 50, the released code's and Smaug's). Pal et al. 2024 put
+      the penalty inside the sigmoid, σ(β[h − λ·max(0, ref_c − π_c)]); the released form's
+      penalty is not scaled by β and does not saturate. With ``reference_free`` ref_c = 0.
     * "simpo" (Meng et al. 2024; reference-free by construction, refs ignored):
           z = β·(π_c − π_r) − γ,  loss = −(1−ε)·log σ(z) − ε·log σ(−z)
       The caller passes length-normalised log-probs (sequence_logps(..., average=True)).
-      γ = ``gamma`` is the target margin; gamma is used by this branch only.
+      γ = ``gamma`` (default 0) is the target margin.
     * "cpo" (Xu et al. 2024; reference-free, refs ignored):
           loss = −(1−ε)·log σ(z) − ε·log σ(−z) + α·(−π_c),  z = β·(π_c − π_r)
       i.e. the reference-free preference term plus the CPO NLL regulariser on the chosen
-      response, α = ``cpo_alpha`` (1 in the CPO paper).
+      response, α = ``cpo_alpha`` (default 1, the CPO paper's).
     """
-    _check_loss_type(loss_type)
+    kw = _preference_settings(loss_type, dict(label_smoothing=label_smoothing,
+                                              reference_free=reference_free, gamma=gamma,
+                                              dpop_lambda=dpop_lambda, cpo_alpha=cpo_alpha))
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
-    eps = float(label_smoothing)
+    eps = float(kw.get("label_smoothing", 0.0))
     _check_unit("label_smoothing", eps)
     dtype = torch.promote_types(_compute_dtype(chosen_logps), rejected_logps.dtype)
     pi_c = chosen_logps.to(dtype)
     pi_r = rejected_logps.to(dtype)
 
     if loss_type == "simpo":  # −log σ(β(π_c − π_r) − γ)
-        return _smoothed_sigmoid_loss(beta * (pi_c - pi_r) - gamma, eps)
+        return _smoothed_sigmoid_loss(beta * (pi_c - pi_r) - kw["gamma"], eps)
     if loss_type == "cpo":  # −log σ(β(π_c − π_r)) − α·π_c
-        return _smoothed_sigmoid_loss(beta * (pi_c - pi_r), eps) - cpo_alpha * pi_c
+        return _smoothed_sigmoid_loss(beta * (pi_c - pi_r), eps) - kw["cpo_alpha"] * pi_c
 
-    if reference_free:
+    if kw["reference_free"]:
         ref_c = ref_r = torch.zeros_like(pi_c)
     else:
         if ref_chosen_logps is None or ref_rejected_logps is None:
@@ -429,9 +450,16 @@ def preference_loss(
         return (h - 1.0 / (2.0 * beta)) ** 2
     if loss_type == "hinge":  # max(0, 1 − βh)
         return torch.relu(1.0 - beta * h)
-    # loss_type == "dpop":  −log σ(β[h − λ·max(0, ref_c − π_c)])
-    penalty = torch.relu(ref_c - pi_c)
-    return _smoothed_sigmoid_loss(beta * (h - dpop_lambda * penalty), eps)
+    # loss_type == "dpop":  −log σ(βh) + λ·max(0, ref_c − π_c)   (released DPKD code)
+    return _smoothed_sigmoid_loss(beta * h, eps) + kw["dpop_lambda"] * torch.relu(ref_c - pi_c)
+
+
+def token_preference_loss(lp: "TokenPreferenceLogps", beta: float = 0.1,
+                          loss_type: str = "sigmoid", **settings) -> Tensor:
+    """Token-level DPKD from its four log-probs (`dpkd_token_logps`): the preference loss at
+    each position, flat mean over positions. ``settings``: see :func:`preference_loss`."""
+    return _mean(preference_loss(lp.policy_chosen, lp.policy_rejected, lp.ref_chosen,
+                                 lp.ref_rejected, beta=beta, loss_type=loss_type, **settings))
 
 
 def implicit_rewards(
@@ -578,13 +606,9 @@ def dpkd_token_loss(
     labels: Tensor,
     beta: float = 0.1,
     loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-    reference_free: bool = False,
     temperature: float = 1.0,
-    dpop_lambda: float = 50.0,
-    gamma: float = 0.0,
-    cpo_alpha: float = 1.0,
     chunk_size: Optional[int] = None,
+    **settings,
 ) -> Tensor:
     """Token-level DPKD loss of the released code (method.md §2), flat mean over positions.
 
@@ -593,19 +617,15 @@ def dpkd_token_loss(
                                                               ``reference_free``)
     and ℓ = preference_loss(log q(t), log q(s), log p(t), log p(s), ...), i.e. for
     "sigmoid" ℓ = −(1−ε)·log σ(βΔ) − ε·log σ(−βΔ), for "ipo" ℓ = (Δ − 1/(2β))², for "dpop"
-    the sigmoid loss of β·[Δ − λ·max(0, log p(t) − log q(t))] (see :func:`preference_loss`
-    for every variant). Where t == s, Δ = 0 exactly: the position adds log 2 ("sigmoid",
+    the sigmoid loss plus λ·max(0, log p(t) − log q(t)) (see :func:`preference_loss` for
+    every variant; ``settings`` are its loss-type settings). Where t == s, Δ = 0 exactly: the position adds log 2 ("sigmoid",
     ε = 0; (1/(2β))² for "ipo") with zero gradient and still counts in the denominator
     ("dpop" and "cpo" keep a gradient there through their log q(t) terms). Log-probs are at
     ``temperature``. ``chunk_size``: see the module docstring (same value and gradient).
     """
-    _check_loss_type(loss_type)
+    _preference_settings(loss_type, settings)  # fail before the forward work
     lg = dpkd_token_logps(student_logits, teacher_logits, labels, temperature, chunk_size)
-    losses = preference_loss(lg.policy_chosen, lg.policy_rejected, lg.ref_chosen,
-                             lg.ref_rejected, beta=beta, loss_type=loss_type,
-                             label_smoothing=label_smoothing, reference_free=reference_free,
-                             gamma=gamma, dpop_lambda=dpop_lambda, cpo_alpha=cpo_alpha)
-    return _mean(losses)
+    return token_preference_loss(lg, beta=beta, loss_type=loss_type, **settings)
 
 
 # ----------------------------------------------------------------------------------------
@@ -689,13 +709,9 @@ def dpkd_token_loss_from_teacher_topk(
     teacher_topk_logps: Tensor,
     beta: float = 0.1,
     loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-    reference_free: bool = False,
     temperature: float = 1.0,
-    dpop_lambda: float = 50.0,
-    gamma: float = 0.0,
-    cpo_alpha: float = 1.0,
     chunk_size: Optional[int] = None,
+    **settings,
 ) -> Tensor:
     """:func:`dpkd_token_loss` given only the teacher's top-k ids and log-probs per position
     (``teacher_topk_ids``, ``teacher_topk_logps``: [..., k], e.g. from :func:`teacher_topk`
@@ -709,14 +725,10 @@ def dpkd_token_loss_from_teacher_topk(
     u − log p(s) ≥ 0, and the "sigmoid" loss is a lower bound of the exact one, off by at most
     β·(u − log p(s)) per such position (log σ is 1-Lipschitz). Exact for k = V.
     """
-    _check_loss_type(loss_type)
+    _preference_settings(loss_type, settings)  # fail before the forward work
     lg = dpkd_token_logps_from_teacher_topk(student_logits, labels, teacher_topk_ids,
                                             teacher_topk_logps, temperature, chunk_size)
-    losses = preference_loss(lg.policy_chosen, lg.policy_rejected, lg.ref_chosen,
-                             lg.ref_rejected, beta=beta, loss_type=loss_type,
-                             label_smoothing=label_smoothing, reference_free=reference_free,
-                             gamma=gamma, dpop_lambda=dpop_lambda, cpo_alpha=cpo_alpha)
-    return _mean(losses)
+    return token_preference_loss(lg, beta=beta, loss_type=loss_type, **settings)
 
 
 def _topk_bucket_rows(s: Tensor, topk_ids: Tensor, topk_logps: Tensor, temperature: float,

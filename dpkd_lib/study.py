@@ -43,14 +43,12 @@ from typing import Any
 
 import yaml
 
+from .errors import StudyError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OFFLINE_PROFILES = ("smoke", "cpu", "cpu_long")
 INJECTED = ("profile", "results_root", "repo_root", "force", "from_driver")
 STATUS_FILE = "status.json"
-
-
-class StudyError(RuntimeError):
-    """A user-facing failure of the driver (missing params, failed notebook)."""
 
 
 # ----------------------------------------------------------------------------- notebook side
@@ -150,7 +148,7 @@ def read_status(folder: Path) -> dict:
 
 
 def write_status(folder: Path, status: dict) -> None:
-    from .results import write_json
+    from .io import write_json
     write_json(folder / STATUS_FILE, status)
 
 

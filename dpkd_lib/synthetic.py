@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Callable
 
-SPLITS = ("train", "valid", "test", "heldout")
+from .choices import SPLITS
+
 CATEGORY_WEIGHTS = {
     "closed_qa": 0.18,
     "information_extraction": 0.16,

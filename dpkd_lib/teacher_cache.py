@@ -18,6 +18,13 @@ Two formats:
   For teachers whose hidden size makes ``hidden`` too large on disk.
 
 A cache folder holds `signals.safetensors` and `index.json` (example id → (start, count)).
+Keys name the teacher by its weights (`models.weights_fingerprint`), not only its path, so a
+rebuilt teacher never meets the signals of the old one. A cache that cannot be read (a
+truncated file, say) is rebuilt with a one-line warning.
+
+The teacher's *sampled responses* (SeqKD's training data, DPKD-seq's chosen side) and its
+log-probs of them are cached the same way, once per (teacher, data, seed, length), and
+shared by every run that uses them.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ import hashlib
 import json
 import os
 import shutil
+import logging
 from pathlib import Path
 
 import torch
@@ -34,17 +42,17 @@ from tqdm.auto import tqdm
 
 from . import data as data_lib
 from . import losses
-from .results import atomic_write_text
+from .objectives import response_hidden
+from .choices import CACHE_FORMATS
+from .io import atomic_write_text, read_json, write_json, write_jsonl
 
-FORMAT_VERSION = 2
-FORMATS = ("hidden", "topk")
+CACHE_VERSION = 3
+log = logging.getLogger("dpkd_lib")
 
 
-def cache_key(teacher_params: dict, tokenizer_name: str, data_hash: str, k: int,
-              fmt: str = "topk") -> str:
-    blob = json.dumps({"teacher": teacher_params, "tokenizer": tokenizer_name, "data": data_hash,
-                       "k": k if fmt == "topk" else None, "format": fmt, "v": FORMAT_VERSION},
-                      sort_keys=True, default=str)
+def cache_key(**identity) -> str:
+    """A short stable key of what made a cache (teacher, tokenizer, data, format, ...)."""
+    blob = json.dumps(dict(identity, v=CACHE_VERSION), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -131,9 +139,8 @@ def compute_signals(teacher, examples, pad_id: int, k: int = 32, *, fmt: str = "
                     batch_size: int = 8, device=None, temperature: float = 1.0,
                     progress: bool = True) -> TeacherCache:
     """One teacher pass over tokenised examples, keeping what `fmt` needs per position."""
-    from .train import response_hidden
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown cache format '{fmt}'; valid: {', '.join(FORMATS)}")
+    if fmt not in CACHE_FORMATS:
+        raise ValueError(f"unknown cache format '{fmt}'; valid: {', '.join(CACHE_FORMATS)}")
     device = device or next(teacher.parameters()).device
     head = teacher.get_output_embeddings()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
@@ -167,7 +174,14 @@ def load_or_build(folder: Path, build_teacher, examples, pad_id: int, k: int, *,
     is never loaded when the cache exists), compute, save, and free the teacher."""
     folder = Path(folder)
     if (folder / "index.json").exists() and (folder / "signals.safetensors").exists():
-        return TeacherCache.load(folder)
+        try:
+            cache = TeacherCache.load(folder)
+            if cache.format == fmt and set(cache.index) >= {ex["id"] for ex in examples}:
+                return cache
+            log.warning("warning: teacher cache %s does not cover this data: rebuilding it", folder)
+        except Exception as exc:  # noqa: BLE001 - any unreadable cache is rebuilt, never fatal
+            log.warning("warning: teacher cache %s is unreadable (%s): rebuilding it", folder,
+                        type(exc).__name__)
     teacher = build_teacher()
     cache = compute_signals(teacher, examples, pad_id, k, fmt=fmt, batch_size=batch_size,
                             device=device, progress=progress)
@@ -177,3 +191,69 @@ def load_or_build(folder: Path, build_teacher, examples, pad_id: int, k: int, *,
         torch.cuda.empty_cache()
     cache.save(folder, meta)
     return cache
+
+
+def folder(cache_dir, meta: dict, examples) -> Path:
+    """The cache folder of these signals: keyed by the teacher (params and weights), the
+    tokenizer, the format and the tokenised examples."""
+    return Path(cache_dir) / cache_key(**meta, data=data_lib.data_hash(examples))
+
+
+# ----------------------------------------------------------------------------- teacher samples
+
+def responses_path(cache_dir, key: str) -> Path:
+    return Path(cache_dir) / "responses" / f"{key}.jsonl"
+
+
+def scores_path(cache_dir, key: str) -> Path:
+    return Path(cache_dir) / "sequence_logps" / f"{key}.json"
+
+
+def load_or_sample(path: Path, records, sample, *, write: bool = True) -> list[dict]:
+    """`records` with the teacher's sampled response in place of the dataset's: read from
+    `path` when it holds exactly these records, else `sample(records)` (one string per
+    record; an empty sample keeps the dataset response) and written there."""
+    if path.exists():
+        try:
+            cached = data_lib.read_jsonl(path)
+            if [c.get("id") for c in cached] == [r.get("id") for r in records]:
+                return cached
+        except Exception as exc:  # noqa: BLE001 - unreadable: sample again
+            log.warning("warning: %s is unreadable (%s): sampling again", path, type(exc).__name__)
+    samples = sample(records)
+    out = [dict(r, response=s if s.strip() else r["response"]) for r, s in zip(records, samples)]
+    if write:
+        write_jsonl(path, out)
+    return out
+
+
+def score_rows(rows, score, pad_id: int, *, batch_size: int = 16) -> list[float]:
+    """`score(collated batch) -> [B] tensor` over tokenised rows, in length-sorted batches;
+    returns one float per row, in the rows' order."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    out = [0.0] * len(rows)
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        values = score(data_lib.collate_sft([rows[i] for i in idx], pad_id))
+        for i, v in zip(idx, values.tolist()):
+            out[i] = float(v)
+    return out
+
+
+def load_or_score(path: Path, rows, score, pad_id: int, *, write: bool = True) -> dict[str, float]:
+    """{row id: teacher sequence log-prob} of tokenised rows, computed once (`score_rows`)
+    and kept in `path` (a json file) for every run that scores the same rows."""
+    ids = [r["id"] for r in rows]
+    if path.exists():
+        try:
+            cached = read_json(path)
+            if set(cached) >= set(ids):
+                return cached
+        except Exception as exc:  # noqa: BLE001 - unreadable: score again
+            log.warning("warning: %s is unreadable (%s): scoring again", path, type(exc).__name__)
+    unique = list({r["id"]: r for r in rows}.values())
+    scores = dict(zip([r["id"] for r in unique], score_rows(unique, score, pad_id)))
+    if write:
+        write_json(path, scores)
+    return scores
+

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import ModelLoadError
+from .hub import unavailable_reason
 
 EOS_TOKEN = "<|endoftext|>"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -141,3 +142,35 @@ def smollm2_tokenizer(cache_dir: str | None = None):
     tok.eos_token = SMOLLM2_EOS
     tok.pad_token = SMOLLM2_EOS
     return tok
+
+
+# --------------------------------------------------------------------------- from params
+
+
+def pretrained_tokenizer(name_or_path: str):
+    """A hub id or local folder through ``AutoTokenizer`` (paper / colab profiles). With no
+    network a hub id fails at once with a one-line ModelLoadError; pad = eos when unset."""
+    from transformers import AutoTokenizer
+
+    why = unavailable_reason(name_or_path, "tokenizer_config.json")
+    if why:
+        raise ModelLoadError(f"tokenizer {name_or_path!r}: {why}")
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"tokenizer {name_or_path!r} cannot be loaded: {exc}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def build_tokenizer(tcfg):
+    """The tokenizer of a params file's ``tokenizer`` section (config.TokenizerConfig)."""
+    if tcfg.kind == "bpe_local":
+        return train_bpe_tokenizer(default_corpus_texts(), vocab_size=tcfg.vocab_size)
+    if tcfg.kind == "gpt2":
+        return gpt2_tokenizer()
+    if tcfg.kind == "smollm2":
+        return smollm2_tokenizer()
+    return pretrained_tokenizer(tcfg.path)
+

@@ -1,23 +1,22 @@
 """One training loop for every objective, on `accelerate` (CPU, one GPU, or `accelerate launch`).
 
-Step loss (method.md §2, the released DPKD runner, generalised to every objective):
-
-    (1 - kd_ratio) * CE(dataset response) + kd_ratio * objective
-        + lm_coef * [(1 - kd_ratio) * CE(pre-train) + kd_ratio * H(p, q)(pre-train)]
-
-with kd_ratio = lm_coef = 0.5 in the released runner. `sft` and `seqkd` are plain
-cross-entropy (on dataset / teacher-generated responses) plus lm_coef * CE(pre-train).
+What a step minimises is `objectives.step_loss` (docs/method.md §2). This module feeds it:
+the data in a deterministic length-grouped order, the pre-train blocks, the teacher (online
+or from its cache), DPKD-seq's pairs; then AdamW, the schedule, clipping, checkpoints, the
+per-step log and the final evaluation.
 
 Read `train()` top to bottom: set-up, then the loop, then the final save and evaluation.
+Interrupting it (Ctrl-C, SIGTERM) saves a checkpoint and says how to resume; killing it
+loses at most the steps since the last checkpoint; the same command then resumes.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
-import os
 import random
+import signal
 import time
-from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,18 +24,17 @@ from tqdm.auto import tqdm
 
 from . import data as data_lib
 from . import evaluate as eval_lib
-from . import losses
 from . import models as model_lib
-from .config import ConfigError, RunConfig, to_dict
-from .results import RunDir, read_json, run_id, write_json
+from . import objectives as obj_lib
+from . import teacher_cache as tc
+from .choices import TOKEN_OBJECTIVES
+from .config import RunConfig, to_dict
+from .errors import TrainingFault
+from .io import read_json, write_json
+from .rundir import RunDir, run_id
+from .tokenization import build_tokenizer
 
-CHECKPOINT = "checkpoints/last.pt"
-DISTILL_OBJECTIVES = ("kd", "rkl", "jsd", "dpkd_token", "dpkd_seq")
-SMOLLM2_CACHE = os.environ.get("DPKD_SMOLLM2_CACHE", ".cache/smollm2")
-
-
-class TrainingFault(RuntimeError):
-    """A numerical fault (NaN/inf loss) that stopped training; the last good checkpoint stays."""
+log = logging.getLogger("dpkd_lib")
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -45,51 +43,6 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def build_tokenizer(cfg: RunConfig):
-    from . import tokenization as tok
-    kind = cfg.tokenizer.kind
-    if kind == "bpe_local":
-        return tok.train_bpe_tokenizer(tok.default_corpus_texts(), vocab_size=cfg.tokenizer.vocab_size)
-    if kind == "gpt2":
-        return tok.gpt2_tokenizer()
-    if kind == "smollm2":
-        return tok.smollm2_tokenizer()
-    return tok.load_tokenizer(cfg.tokenizer.path)
-
-
-def build_model(mcfg, tokenizer, *, trainable: bool):
-    """Model from its config section: tiny / hub / GGUF / saved, then prune, then LoRA."""
-    if mcfg.source == "tiny":
-        model = model_lib.tiny_model(mcfg.arch, len(tokenizer), n_layer=mcfg.n_layer,
-                                     n_embd=mcfg.n_embd, n_head=mcfg.n_head, seed=mcfg.seed,
-                                     pad_token_id=tokenizer.pad_token_id,
-                                     eos_token_id=tokenizer.eos_token_id)
-        model = model.to(model_lib.resolve_dtype(mcfg.dtype))
-    elif mcfg.source == "smollm2":
-        # the GGUF parse takes ~20 s; a converted copy under .cache loads in well under 1 s
-        model = model_lib.load_smollm2(dtype=mcfg.dtype, cache_dir=SMOLLM2_CACHE)
-    elif mcfg.source == "saved":
-        model = model_lib.load_saved(mcfg.name_or_path, dtype=mcfg.dtype,
-                                     quantization=None if mcfg.quantization == "none" else mcfg.quantization)
-    else:
-        model = model_lib.load_pretrained(
-            mcfg.name_or_path, dtype=mcfg.dtype,
-            quantization=None if mcfg.quantization == "none" else mcfg.quantization)
-    if mcfg.prune_to:
-        model = model_lib.prune_layers(model, mcfg.prune_to)
-    if mcfg.quantization != "none" and mcfg.source in ("tiny", "smollm2"):
-        model = model_lib.quantize_in_memory(model, mcfg.quantization, dtype=mcfg.dtype)
-    if not trainable:
-        model_lib.freeze(model)
-        return model
-    if mcfg.gradient_checkpointing:
-        model_lib.enable_gradient_checkpointing(model)
-    if mcfg.lora:
-        model = model_lib.apply_lora(model, r=mcfg.lora_r, alpha=mcfg.lora_alpha,
-                                     dropout=mcfg.lora_dropout)
-    return model
 
 
 def param_groups(model, weight_decay: float):
@@ -104,13 +57,19 @@ def param_groups(model, weight_decay: float):
 
 
 def lr_at(step: int, cfg) -> float:
-    """Linear warm-up, then cosine from lr to min_lr over t_max steps (flat at min_lr after)."""
+    """Linear warm-up, then cosine from lr to min_lr over t_max steps. With t_max_steps = 0
+    the period is the run (flat at min_lr at its end); with t_max_steps > 0 the schedule is
+    torch's CosineAnnealingLR, which the released runner uses with T_max = 20 of 30 epochs:
+    past T_max it climbs back towards lr."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.lr_schedule == "constant":
         return cfg.lr
-    t_max = cfg.t_max_steps or cfg.max_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, t_max - cfg.warmup_steps))
+    after = step - cfg.warmup_steps
+    if cfg.t_max_steps:
+        progress = after / cfg.t_max_steps
+    else:
+        progress = min(1.0, after / max(1, cfg.max_steps - cfg.warmup_steps))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
@@ -123,149 +82,28 @@ def batch_schedule(lengths, batch_size: int, n_batches: int, seed: int) -> list[
     return schedule[:n_batches]
 
 
-def response_hidden(model, batch):
-    """Final (post-norm) hidden states at response positions, flattened: ([N, H], [N]).
-    Position i predicts token i + 1 (shift); rows are in batch order."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                output_hidden_states=True, logits_to_keep=1, use_cache=False)
-    labels = batch["labels"][:, 1:]
-    mask = labels != -100
-    return out.hidden_states[-1][:, :-1][mask], labels[mask]
+@contextlib.contextmanager
+def stop_requests():
+    """SIGINT / SIGTERM ask the loop to stop at the end of the current step (a second Ctrl-C
+    stops at once). Yields a dict whose "signal" is set when asked; handlers are restored."""
+    asked: dict = {"signal": None}
 
+    def handler(signum, frame):
+        if asked["signal"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        asked["signal"] = signal.Signals(signum).name
 
-def response_logits(model, batch):
-    """Logits at response positions only, flattened: ([1, N, V], [1, N]).
-
-    Only ~1/5 of positions carry a loss, and the vocabulary head is over half of a small
-    student's FLOPs, so the head is applied to the gathered final hidden states of those
-    positions, not to the whole [B, T, H] tensor.
-    """
-    hidden, labels = response_hidden(model, batch)
-    head = getattr(model, "module", model).get_output_embeddings()  # DDP wraps the model
-    logits = head(hidden.to(head.weight.dtype) if head.weight.dtype.is_floating_point else hidden)
-    return logits.float().unsqueeze(0), labels.unsqueeze(0)
-
-
-def full_logits(model, input_ids):
-    """Aligned logits for a pre-train block: logits[:, i] scores input_ids[:, i + 1]."""
-    logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1]
-    return logits.float(), input_ids[:, 1:]
-
-
-# ----------------------------------------------------------------------------- objectives
-
-def distill_term(tcfg, s_logits, t_logits, labels) -> tuple[torch.Tensor, dict]:
-    """The objective's own term on response positions, next to its formula."""
-    obj, chunk = tcfg.objective, (tcfg.loss_chunk_size or None)
-    if obj == "kd":  # forward KL(p || q): mode covering (gradient equals soft CE's)
-        return losses.forward_kl(s_logits, t_logits, labels, temperature=tcfg.temperature,
-                                 chunk_size=chunk), {}
-    if obj == "rkl":  # reverse KL(q || p): mode seeking
-        return losses.reverse_kl(s_logits, t_logits, labels, temperature=tcfg.temperature,
-                                 chunk_size=chunk), {}
-    if obj == "jsd":  # generalised Jensen-Shannon (DistiLLM's family)
-        return losses.js_divergence(s_logits, t_logits, labels, beta=tcfg.jsd_beta,
-                                    temperature=tcfg.temperature, chunk_size=chunk), {}
-    if obj == "dpkd_token":  # released code: teacher argmax chosen, student argmax rejected
-        loss = losses.dpkd_token_loss(s_logits, t_logits, labels, beta=tcfg.beta,
-                                      loss_type=tcfg.loss_type, label_smoothing=tcfg.label_smoothing,
-                                      reference_free=tcfg.reference_free, gamma=tcfg.gamma,
-                                      temperature=tcfg.temperature, chunk_size=chunk)
-        return loss, token_reward_stats(s_logits, labels, tcfg.beta, t_logits=t_logits,
-                                        chunk_size=chunk)
-    raise ConfigError(f"train.objective: '{obj}' has no token-level term")
-
-
-def cached_distill_term(tcfg, s_logits, labels, topk) -> tuple[torch.Tensor, dict]:
-    """The same terms from cached teacher top-k (teacher_mode=cache; kd and dpkd_token)."""
-    ids, logps = topk
-    if tcfg.objective == "kd":
-        return losses.forward_kl_from_teacher_topk(s_logits, labels, ids, logps), {}
-    loss = losses.dpkd_token_loss_from_teacher_topk(
-        s_logits, labels, ids, logps, beta=tcfg.beta, loss_type=tcfg.loss_type,
-        label_smoothing=tcfg.label_smoothing, reference_free=tcfg.reference_free, gamma=tcfg.gamma)
-    return loss, token_reward_stats(s_logits, labels, tcfg.beta, topk=topk)
-
-
-@torch.no_grad()
-def token_reward_stats(s_logits, labels, beta: float, *, t_logits=None, topk=None,
-                       chunk_size=None) -> dict:
-    """Implicit token rewards β·log(q/p) of the chosen (teacher argmax) and rejected (student
-    argmax) tokens: their means, margin and how often chosen beats rejected where they differ.
-    The teacher comes as full logits (online) or as cached top-k, through the same log-prob
-    helpers the losses use, so logs and loss agree."""
-    if t_logits is not None:
-        lp = losses.dpkd_token_logps(s_logits, t_logits, labels, chunk_size=chunk_size)
-    else:
-        lp = losses.dpkd_token_logps_from_teacher_topk(s_logits, labels, topk[0], topk[1])
-    r_c, r_r = losses.implicit_rewards(lp.policy_chosen, lp.policy_rejected, lp.ref_chosen,
-                                       lp.ref_rejected, beta=beta)
-    differ = lp.chosen_ids != lp.rejected_ids
-    acc = (r_c > r_r)[differ].float().mean().item() if differ.any() else float("nan")
-    return {"reward_chosen": r_c.mean().item(), "reward_rejected": r_r.mean().item(),
-            "reward_margin": (r_c - r_r).mean().item(), "reward_accuracy": acc,
-            "argmax_disagree": differ.float().mean().item()}
-
-
-def row_logps(logits, labels, batch, average: bool):
-    """Per-sequence log-probs [B] from response-row logits ([1, N, V], as `response_logits`
-    returns them): each row's positions are passed to `losses.sequence_logps` on their own."""
-    rows = (batch["labels"][:, 1:] != -100).nonzero()[:, 0]
-    n_rows = batch["labels"].shape[0]
-    return torch.cat([losses.sequence_logps(logits[:, rows == r], labels[:, rows == r], average=average)
-                      for r in range(n_rows)])
-
-
-def sequence_preference(tcfg, student, teacher, pair) -> tuple[torch.Tensor, dict]:
-    """Paper's DPKD (sequence level): teacher response chosen, student's own sample rejected."""
-    avg = tcfg.length_normalize
-    logps = {}
-    for side in ("chosen", "rejected"):
-        batch = pair[side]
-        s_logits, labels = response_logits(student, batch)
-        with torch.no_grad():
-            t_logits, _ = response_logits(teacher, batch)
-        logps[side] = row_logps(s_logits, labels, batch, avg)
-        logps["ref_" + side] = row_logps(t_logits, labels, batch, avg)
-    per_pair = losses.preference_loss(
-        logps["chosen"], logps["rejected"], logps["ref_chosen"], logps["ref_rejected"],
-        beta=tcfg.beta, loss_type=tcfg.loss_type, label_smoothing=tcfg.label_smoothing,
-        reference_free=tcfg.reference_free, gamma=tcfg.gamma)
-    r_c, r_r = losses.implicit_rewards(logps["chosen"], logps["rejected"], logps["ref_chosen"],
-                                       logps["ref_rejected"], beta=tcfg.beta,
-                                       reference_free=tcfg.reference_free)
-    stats = {"reward_chosen": r_c.mean().item(), "reward_rejected": r_r.mean().item(),
-             "reward_margin": (r_c - r_r).mean().item(),
-             "reward_accuracy": (r_c > r_r).float().mean().item(),
-             "rejected_len": float((pair["rejected"]["labels"] != -100).sum(1).float().mean())}
-    return per_pair.mean(), stats
-
-
-@torch.no_grad()
-def sample_rejected(student, tokenizer, examples, tcfg, device, generator_seed: int):
-    """Student's on-policy samples for the prompts of `examples`, as a right-padded batch."""
-    pad = tokenizer.pad_token_id
-    prompts = [ex["input_ids"][: ex["prompt_len"]] for ex in examples]
-    ids, att = data_lib.left_pad(prompts, pad)
-    width = ids.shape[1]
-    was_training = student.training
-    student.eval()
-    with torch.random.fork_rng(devices=[]):  # sampling must not move the training RNG stream
-        torch.manual_seed(generator_seed)
-        out = student.generate(input_ids=ids.to(device), attention_mask=att.to(device), do_sample=True,
-                               temperature=1.0, top_k=0, top_p=1.0,
-                               max_new_tokens=tcfg.seq_max_new_tokens, pad_token_id=pad,
-                               eos_token_id=tokenizer.eos_token_id)
-    student.train(was_training)
-    rows = []
-    for i, p in enumerate(prompts):
-        new = out[i, width:].tolist()
-        if tokenizer.eos_token_id in new:
-            new = new[: new.index(tokenizer.eos_token_id) + 1]
-        new = new or [tokenizer.eos_token_id]
-        rows.append({"id": examples[i]["id"], "input_ids": p + new,
-                     "labels": [-100] * len(p) + new, "prompt_len": len(p)})
-    return data_lib.collate_sft(rows, pad)
+    old = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        yield asked
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -284,7 +122,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if not self.is_main:
             self.state = "finished" if self.run.is_finished() else (
-                "resume" if self.run.file(CHECKPOINT).exists() else "fresh")
+                "resume" if self.run.has_checkpoint() else "fresh")
 
     # -- set-up
     def setup(self) -> None:
@@ -292,50 +130,41 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         set_seed(t.seed)
-        self.tokenizer = build_tokenizer(cfg)
-        splits = data_lib.load_records(cfg.data.source, path=cfg.data.path or None,
-                                       seed=cfg.data.data_seed, n_train=cfg.data.n_train,
-                                       n_valid=cfg.data.n_valid, n_test=cfg.data.n_test,
-                                       n_heldout=cfg.data.n_heldout)
-        self.splits = splits
-        self.data_hash = data_lib.data_hash(splits["train"])
-        self.teacher = self.cache = self.pt_cache = None
-        uses_teacher = cfg.teacher is not None and t.objective != "sft"
-        if uses_teacher and t.teacher_mode == "online":
-            self.teacher = build_model(cfg.teacher, self.tokenizer, trainable=False)
-        train_records = splits["train"]
+        self.tokenizer = build_tokenizer(cfg.tokenizer)
+        self.splits = data_lib.load_splits(cfg.data)
+        self.data_hash = data_lib.data_hash(self.splits["train"])
+        self.teacher_model = None
+        if t.objective in ("seqkd", "dpkd_seq") or (t.objective in TOKEN_OBJECTIVES and t.teacher_mode == "online"):
+            self.teacher_model = model_lib.build_model(cfg.teacher, self.tokenizer, trainable=False)
+        train_records = self.splits["train"]
         if t.objective == "seqkd":  # SeqKD: plain SFT on the teacher's own responses
             train_records = self.teacher_responses(train_records)
         self.train_set, report = self.tokenize(train_records)
         self.filter_report = report.as_dict()
-        self.chosen_by_id = {}
-        if t.objective == "dpkd_seq":
-            # The paper's chosen side is the teacher's response to the same prompt. It is a
-            # batch of its own: the CE term of the step loss stays on the dataset responses,
-            # as for every other distillation objective (module docstring).
-            chosen, _ = self.tokenize(self.teacher_responses(train_records))
-            self.chosen_by_id = {ex["id"]: ex for ex in chosen}
-            # a teacher response the filters dropped (too long, say) leaves the reference as chosen
-            self.filter_report["chosen_is_reference"] = sum(
-                ex["id"] not in self.chosen_by_id for ex in self.train_set)
-        self.valid_set, _ = self.tokenize(splits.get("valid") or splits["train"][:64])
         self.pretrain = None
-        if t.lm_coef > 0 and cfg.data.pretrain_source != "none":
+        if t.lm_coef > 0:
             texts = (data_lib.pydoc_corpus() if cfg.data.pretrain_source == "pydoc"
                      else [r.get("text", "") for r in data_lib.read_jsonl(cfg.data.pretrain_path)])
             self.pretrain = data_lib.pretrain_blocks(texts, self.tokenizer, cfg.data.pretrain_block_size,
                                                      max_blocks=cfg.data.pretrain_max_blocks)
-        if uses_teacher and t.teacher_mode == "cache":
-            self.cache, self.pt_cache = self.teacher_signals()
-        self.student = build_model(cfg.student, self.tokenizer, trainable=True)
-        if self.teacher is not None:
-            model_lib.check_same_vocab(self.tokenizer, self.tokenizer, self.teacher, self.student)
+        self.chosen = {}
+        if t.objective == "dpkd_seq":
+            self.setup_dpkd_seq(train_records)
+        if t.objective in TOKEN_OBJECTIVES and t.teacher_mode == "cache":
+            self.teacher = self.teacher_signals()
+        elif self.teacher_model is not None:
+            self.teacher = obj_lib.OnlineTeacher(self.teacher_model)
+        else:
+            self.teacher = None
+        self.student = model_lib.build_model(cfg.student, self.tokenizer, trainable=True)
+        if self.teacher_model is not None:
+            model_lib.check_same_vocab(self.tokenizer, self.tokenizer, self.teacher_model, self.student)
         self.optimizer = torch.optim.AdamW(param_groups(self.student, t.weight_decay), lr=t.lr,
                                            betas=(t.adam_beta1, t.adam_beta2))
         self.student, self.optimizer = self.accelerator.prepare(self.student, self.optimizer)
-        if self.teacher is not None and self.teacher.device != self.accelerator.device \
+        if self.teacher_model is not None and self.teacher_model.device != self.accelerator.device \
                 and cfg.teacher.quantization == "none":
-            self.teacher.to(self.accelerator.device)
+            self.teacher_model.to(self.accelerator.device)
         lengths = [len(ex["input_ids"]) for ex in self.train_set]
         self.schedule = batch_schedule(lengths, t.batch_size, t.max_steps * t.grad_accum, t.seed)
 
@@ -346,72 +175,77 @@ class Trainer:
                                           min_response_tokens=d.min_response_tokens,
                                           bad_data=d.bad_data)
 
-    def teacher_signals(self):
-        """Cached teacher top-k on the train set (and pre-train blocks): built once per
-        (teacher, tokenizer, data, k), shared by every method and seed that uses it."""
-        from . import teacher_cache as tc
+    def teacher_identity(self) -> dict:
+        """What makes the teacher's signals what they are: its params and its weights."""
+        return {"teacher": to_dict(self.cfg.teacher), "weights": model_lib.weights_fingerprint(self.cfg.teacher),
+                "tokenizer": to_dict(self.cfg.tokenizer), "vocab": len(self.tokenizer)}
+
+    def teacher_signals(self) -> obj_lib.CachedTeacher:
+        """Cached teacher signals on the train set (and the pre-train blocks): built once per
+        (teacher, tokenizer, data, format), shared by every method and seed that uses them."""
         cfg, t = self.cfg, self.cfg.train
-        teacher_params = to_dict(cfg.teacher)
-        tok_name = f"{cfg.tokenizer.kind}:{cfg.tokenizer.path}:{cfg.tokenizer.vocab_size}:{len(self.tokenizer)}"
         built = {}
 
         def get_teacher():
             if "model" not in built:
-                built["model"] = build_model(cfg.teacher, self.tokenizer, trainable=False)
+                built["model"] = model_lib.build_model(cfg.teacher, self.tokenizer, trainable=False)
             return built["model"]
 
         if not self.is_main:  # the main process builds the cache; the others then read it
             self.accelerator.wait_for_everyone()
-        fmt = t.cache_format
-        train_key = tc.cache_key(teacher_params, tok_name, data_lib.data_hash(self.train_set),
-                                 t.cache_topk, fmt)
-        meta = {"teacher": teacher_params, "tokenizer": tok_name, "k": t.cache_topk, "format": fmt}
-        device = self.accelerator.device
-        cache = tc.load_or_build(Path(t.cache_dir) / train_key, get_teacher, self.train_set,
-                                 self.tokenizer.pad_token_id, t.cache_topk, meta=meta, fmt=fmt,
-                                 batch_size=cfg.eval.batch_size, device=device, progress=self.progress)
-        pt_cache = None
+        ident, fmt, k = self.teacher_identity(), t.cache_format, t.cache_topk
+        meta = ident | {"k": k, "format": fmt}
+        kw = dict(meta=meta, fmt=fmt, batch_size=cfg.eval.batch_size, device=self.accelerator.device,
+                  progress=self.progress)
+        pad = self.tokenizer.pad_token_id
+        caches = [tc.load_or_build(tc.folder(cfg.cache_dir, meta, self.train_set), get_teacher,
+                                   self.train_set, pad, k, **kw)]
         if self.pretrain is not None:
             blocks = [{"id": f"pt{i}", "input_ids": row.tolist(), "labels": row.tolist(), "prompt_len": 0}
                       for i, row in enumerate(self.pretrain)]
-            pt_key = tc.cache_key(teacher_params, tok_name, data_lib.data_hash(blocks), t.cache_topk, fmt)
-            pt_cache = tc.load_or_build(Path(t.cache_dir) / pt_key, get_teacher, blocks,
-                                        self.tokenizer.pad_token_id, t.cache_topk, meta=meta, fmt=fmt,
-                                        batch_size=cfg.eval.batch_size, device=device,
-                                        progress=self.progress)
+            caches.append(tc.load_or_build(tc.folder(cfg.cache_dir, meta, blocks), get_teacher,
+                                           blocks, pad, k, **kw))
         built.clear()
         if self.is_main:
             self.accelerator.wait_for_everyone()
-        return cache, pt_cache
+        return obj_lib.CachedTeacher(*caches, device=self.accelerator.device)
 
     def teacher_responses(self, records):
         """Teacher-sampled responses to the prompts of `records` (SeqKD's data, DPKD-seq's
-        chosen side). Sampled once per (teacher, data, seed, length) into `train.cache_dir`,
-        so runs of one seed share them (SeqKD and DPKD-seq, the DPKD-seq ablations), and
-        copied next to the run, where a resumed run finds them."""
-        t = self.cfg.train
-        key = run_id({"teacher": to_dict(self.cfg.teacher), "data": data_lib.data_hash(records),
-                      "seed": t.seed, "max_new_tokens": t.seq_max_new_tokens,
-                      "tokenizer": to_dict(self.cfg.tokenizer)}, length=16)
-        mine, shared = self.run.file("teacher_responses.jsonl"), Path(t.cache_dir) / "responses" / f"{key}.jsonl"
-        for path in (mine, shared):
-            if path.exists():
-                cached = data_lib.read_jsonl(path)
-                if len(cached) == len(records) and all(c.get("id") == r.get("id") for c, r in zip(cached, records)):
-                    break
-        else:
-            prompts = [data_lib.format_prompt(r) for r in records]
-            samples = eval_lib.generate(self.teacher, self.tokenizer, prompts,
-                                        max_new_tokens=t.seq_max_new_tokens,
-                                        batch_size=self.cfg.eval.batch_size, temperature=1.0,
-                                        top_k=0, top_p=1.0, seed=t.seed, progress=self.progress)
-            cached = [dict(r, response=s if s.strip() else r["response"]) for r, s in zip(records, samples)]
-            if self.is_main:
-                data_lib.write_jsonl(cached, shared)
-        if self.is_main and not mine.exists():
-            data_lib.write_jsonl(cached, mine)
-        return cached
+        chosen side), sampled once per (teacher, data, seed, length) into the cache folder
+        and shared by every run that needs them."""
+        t, e = self.cfg.train, self.cfg.eval
+        key = tc.cache_key(**self.teacher_identity(), data=data_lib.data_hash(records),
+                           seed=t.seed, max_new_tokens=t.seq_max_new_tokens)
 
+        def sample(recs):
+            return eval_lib.generate(self.teacher_model, self.tokenizer,
+                                     [data_lib.format_prompt(r) for r in recs],
+                                     max_new_tokens=t.seq_max_new_tokens, batch_size=e.batch_size,
+                                     seed=t.seed, keys=[r["id"] for r in recs], progress=self.progress)
+        return tc.load_or_sample(tc.responses_path(self.cfg.cache_dir, key), records, sample,
+                                 write=self.is_main)
+
+    def setup_dpkd_seq(self, records) -> None:
+        """DPKD-seq's chosen side: the teacher's response to each training prompt, a batch
+        of its own (the CE term stays on the dataset responses), with the teacher's
+        log-probs of it computed once. A chosen response the filters dropped (too long,
+        say) leaves the reference as chosen."""
+        t = self.cfg.train
+        chosen, _ = self.tokenize(self.teacher_responses(records))
+        self.chosen = {ex["id"]: ex for ex in chosen}
+        self.filter_report["chosen_is_reference"] = sum(ex["id"] not in self.chosen for ex in self.train_set)
+        key = tc.cache_key(**self.teacher_identity(), data=data_lib.data_hash(chosen),
+                           average=t.length_normalize)
+        self.ref_chosen = tc.load_or_score(
+            tc.scores_path(self.cfg.cache_dir, key),
+            [self.chosen.get(ex["id"], ex) for ex in self.train_set],
+            lambda batch: obj_lib.OnlineTeacher(self.teacher_model).sequence_logps(
+                self.to_device(batch), t.length_normalize),
+            self.tokenizer.pad_token_id, write=self.is_main)
+        self.rejected = {}
+
+    # -- batches
     def my_rows(self, index: int) -> list[int]:
         """This process's share of global batch `index` (several processes split each batch)."""
         ids = self.schedule[index]
@@ -432,71 +266,54 @@ class Trainer:
         rows = rows[rank::world]
         return self.pretrain[rows].to(self.accelerator.device), [f"pt{i}" for i in rows.tolist()]
 
+    def sample_rejected(self, index: int) -> None:
+        """The student's own samples (DPKD-seq's rejected side) for micro-batches index ..
+        index + rejected_every - 1, drawn in one batch by the current student ("batch
+        on-policy" when rejected_every > 1), with the teacher's log-probs of them."""
+        t, pad, eos = self.cfg.train, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        stop = min(index + t.rejected_every, len(self.schedule))
+        wanted = [(j, i) for j in range(index, stop) for i in self.my_rows(j)]
+        prompts = [self.train_set[i]["input_ids"][: self.train_set[i]["prompt_len"]] for _, i in wanted]
+        model = self.accelerator.unwrap_model(self.student)
+        samples = eval_lib.generate_ids(model, self.tokenizer, prompts, max_new_tokens=t.seq_max_new_tokens,
+                                        batch_size=max(len(prompts), 1), seed=t.seed * 7919 + index,
+                                        keys=[f"{j}:{i}" for j, i in wanted], progress=False)
+        rows = []
+        for (j, i), p, new in zip(wanted, prompts, samples):
+            new = new + [eos] if len(new) < t.seq_max_new_tokens else new  # ended by EOS: score it
+            rows.append({"id": self.train_set[i]["id"], "input_ids": p + new,
+                         "labels": [-100] * len(p) + new, "prompt_len": len(p)})
+        teacher = obj_lib.OnlineTeacher(self.teacher_model)
+        scores = tc.score_rows(rows, lambda b: teacher.sequence_logps(self.to_device(b), t.length_normalize),
+                               pad, batch_size=self.cfg.eval.batch_size)
+        self.rejected = {}
+        for (j, _), row, score in zip(wanted, rows, scores):
+            self.rejected.setdefault(j, []).append((row, score))
+
+    def dpkd_seq_pair(self, index: int) -> dict:
+        if index not in self.rejected:
+            self.sample_rejected(index)
+        rows = [self.train_set[i] for i in self.my_rows(index)]
+        chosen = [self.chosen.get(ex["id"], ex) for ex in rows]
+        rejected, ref_rejected = zip(*self.rejected.pop(index))
+        pad = self.tokenizer.pad_token_id
+        return {"chosen": self.to_device(data_lib.collate_sft(chosen, pad)),
+                "rejected": self.to_device(data_lib.collate_sft(list(rejected), pad)),
+                "ref_chosen": torch.tensor([self.ref_chosen[ex["id"]] for ex in chosen],
+                                           device=self.accelerator.device),
+                "ref_rejected": torch.tensor(ref_rejected, device=self.accelerator.device)}
+
     # -- one step
-    def step_loss(self, index: int) -> tuple[torch.Tensor, dict, list]:
-        """Loss of micro-batch `index` and its logged parts."""
+    def step_loss(self, index: int) -> tuple[obj_lib.StepLoss, list]:
+        """Loss of micro-batch `index` (objectives.step_loss) and the batch's example ids."""
         t = self.cfg.train
         batch = self.micro_batch(index)
-        kd = t.kd_ratio if t.objective in DISTILL_OBJECTIVES else 0.0
-        autocast = torch.autocast(self.accelerator.device.type, dtype=getattr(torch, t.autocast_dtype),
-                                  enabled=t.autocast_dtype != "float32")
-        parts, stats = {}, {}
-        with autocast:
-            s_logits, labels = response_logits(self.student, batch)
-            parts["ce"] = losses.sft_loss(s_logits, labels)
-            loss = (1 - kd) * parts["ce"]
-            if self.cache is not None and self.cache.format == "topk":
-                counts = (batch["labels"][:, 1:] != -100).sum(1).tolist()
-                topk = self.cache.gather(batch["ids"], counts)
-                parts["distill"], stats = cached_distill_term(t, s_logits, labels, topk)
-                loss = loss + kd * parts["distill"]
-            elif t.objective in ("kd", "rkl", "jsd", "dpkd_token"):
-                with torch.no_grad():
-                    if self.cache is not None:  # exact: stored hidden states through the head
-                        counts = (batch["labels"][:, 1:] != -100).sum(1).tolist()
-                        t_logits = self.cache.teacher_logits(batch["ids"], counts, self.accelerator.device)
-                    else:
-                        t_logits, _ = response_logits(self.teacher, batch)
-                parts["distill"], stats = distill_term(t, s_logits, t_logits, labels)
-                loss = loss + kd * parts["distill"]
-            elif t.objective == "dpkd_seq":
-                rows = [self.train_set[i] for i in self.my_rows(index)]
-                chosen = data_lib.collate_sft([self.chosen_by_id.get(ex["id"], ex) for ex in rows],
-                                              self.tokenizer.pad_token_id)
-                rejected = sample_rejected(self.student, self.tokenizer, rows, t,
-                                           self.accelerator.device, t.seed * 7919 + index)
-                pair = {side: self.to_device(b) for side, b in (("chosen", chosen), ("rejected", rejected))}
-                parts["distill"], stats = sequence_preference(t, self.student, self.teacher, pair)
-                loss = loss + kd * parts["distill"]
-            if self.pretrain is not None:
-                pt_ids, pt_names = self.pretrain_batch(index)
-                pt_logits, pt_labels = full_logits(self.student, pt_ids)
-                parts["pt_ce"] = losses.sft_loss(pt_logits, pt_labels)
-                pt = (1 - kd) * parts["pt_ce"]
-                if kd > 0 and self.pt_cache is not None and self.pt_cache.format == "hidden":
-                    with torch.no_grad():
-                        pt_teacher = self.pt_cache.teacher_logits(pt_names, device=self.accelerator.device)
-                    parts["pt_kd"] = losses.soft_cross_entropy(
-                        pt_logits, pt_teacher.reshape(pt_logits.shape), pt_labels)
-                    pt = pt + kd * parts["pt_kd"]
-                elif kd > 0 and self.pt_cache is not None:
-                    # cached: soft CE over the top-k plus one bucket for the rest (exact at k = V)
-                    ids, logps = self.pt_cache.gather(pt_names)
-                    flat = pt_logits.reshape(1, -1, pt_logits.shape[-1])
-                    parts["pt_kd"] = losses.soft_cross_entropy_from_teacher_topk(
-                        flat, pt_labels.reshape(1, -1), ids, logps)
-                    pt = pt + kd * parts["pt_kd"]
-                elif kd > 0:
-                    with torch.no_grad():
-                        pt_teacher, _ = full_logits(self.teacher, pt_ids)
-                    parts["pt_kd"] = losses.soft_cross_entropy(pt_logits, pt_teacher, pt_labels)
-                    pt = pt + kd * parts["pt_kd"]
-        # response terms are token means over this process's rows: rescale to the global batch
-        loss = loss * self.token_share(index)
-        if self.pretrain is not None:
-            loss = loss + t.lm_coef * pt
-        stats["response_tokens"] = int((labels != -100).sum())
-        return loss, {k: v.item() for k, v in parts.items()} | stats, batch["ids"]
+        out = obj_lib.step_loss(
+            t, self.student, self.teacher, batch,
+            pretrain=self.pretrain_batch(index) if self.pretrain is not None else None,
+            pair=self.dpkd_seq_pair(index) if t.objective == "dpkd_seq" else None,
+            response_scale=self.token_share(index))
+        return out, batch["ids"]
 
     def token_share(self, index: int) -> float:
         """world × (this process's response tokens / the global batch's). DDP averages the
@@ -506,61 +323,53 @@ class Trainer:
         if world == 1:
             return 1.0
         ids = self.schedule[index]
+
         def count(rows):
             return sum(self.train_set[i]["response_len"] for i in rows)
         return world * count(self.my_rows(index)) / count(ids)
 
     # -- checkpoints
-    def trainable_state(self) -> dict:
-        model = self.accelerator.unwrap_model(self.student)
-        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
     def save_checkpoint(self, step: int) -> None:
         if not self.is_main:
             return
-        state = {"step": step, "model": self.trainable_state(),
-                 "optimizer": self.optimizer.state_dict(),
-                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                         "torch": torch.get_rng_state()}}
-        path = self.run.file(CHECKPOINT)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        model = self.accelerator.unwrap_model(self.student)
+        self.run.save_checkpoint({
+            "step": step, "optimizer": self.optimizer.state_dict(),
+            "model": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                    "torch": torch.get_rng_state()}})
 
     def load_checkpoint(self) -> int:
-        path = self.run.file(CHECKPOINT)
-        if not path.exists():
+        """The step of the newest readable checkpoint (0: none), with its state restored."""
+        state = self.run.load_checkpoint()
+        if state is None:
             return 0
-        state = torch.load(path, weights_only=False)
         model = self.accelerator.unwrap_model(self.student)
         missing = model.load_state_dict(state["model"], strict=False)
         if missing.unexpected_keys:
-            raise RuntimeError(f"checkpoint {path} does not fit this model: {missing.unexpected_keys[:3]}")
+            raise RuntimeError(f"checkpoint in {self.run.path} does not fit this model: "
+                               f"{missing.unexpected_keys[:3]}")
         self.optimizer.load_state_dict(state["optimizer"])
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
         torch.set_rng_state(state["rng"]["torch"])
         return state["step"]
 
+    def weights_finite(self) -> bool:
+        return all(torch.isfinite(p).all() for p in self.student.parameters() if p.requires_grad)
+
     # -- evaluation
     def valid_metrics(self) -> dict:
-        batches = [data_lib.collate_sft(self.valid_set[i:i + 16], self.tokenizer.pad_token_id)
-                   for i in range(0, len(self.valid_set), 16)]
-        batches = [{k: (v.to(self.accelerator.device) if torch.is_tensor(v) else v) for k, v in b.items()}
-                   for b in batches]
         model = self.accelerator.unwrap_model(self.student)
-        was = model.training
-        model.eval()
-        out = eval_lib.teacher_forced_metrics(model, batches)
-        model.train(was)
-        return {"valid_nll": out["nll"], "valid_token_acc": out["token_accuracy"]}
+        out = eval_lib.reference_metrics(model, self.tokenizer, self.splits.get("valid") or
+                                         self.splits["train"][:64], self.cfg.data)
+        return {"valid_nll": out.get("nll"), "valid_token_acc": out.get("token_acc")}
 
     def final_eval(self) -> dict:
         model = self.accelerator.unwrap_model(self.student)
-        per_example, summary = eval_lib.evaluate_splits(model, self.tokenizer, self.splits, self.cfg.eval,
-                                               self.cfg.data, progress=self.progress)
-        eval_lib.write_eval_jsonl(per_example, self.run.file("eval.jsonl"))
+        rows, summary = eval_lib.evaluate_splits(model, self.tokenizer, self.splits, self.cfg.eval,
+                                                 self.cfg.data, progress=self.progress)
+        self.run.write_jsonl("eval.jsonl", rows)
         return summary
 
 
@@ -570,79 +379,102 @@ def train(cfg: RunConfig, *, force: bool = False, progress: bool = True) -> dict
     if tr.state == "finished":
         return read_json(tr.run.file("summary.json"))
     t, started = cfg.train, time.time()
-    tr.setup()
-    if tr.is_main:
-        tr.run.start_manifest(tr.params, seed=t.seed, device=str(tr.accelerator.device),
-                              data_hash=tr.data_hash)
-        tr.run.write_manifest(filter_report=tr.filter_report,
-                              num_processes=tr.accelerator.num_processes)
-    step = tr.load_checkpoint() if tr.state == "resume" else 0
-    if tr.is_main:
-        tr.run.truncate_metrics(step)
-    skipped = 0
-    bar = tqdm(total=t.max_steps, initial=step, desc=f"{t.objective}", disable=not (progress and tr.is_main),
-               dynamic_ncols=True)
-    tr.student.train()
-    while step < t.max_steps:
-        tick = time.time()
-        lr = lr_at(step, t)
-        for group in tr.optimizer.param_groups:
-            group["lr"] = lr
-        logs, ids, bad = [], [], False
-        for micro in range(t.grad_accum):
-            loss, parts, batch_ids = tr.step_loss(step * t.grad_accum + micro)
-            ids += list(batch_ids)
-            if not torch.isfinite(loss):
-                bad = True
-                logs.append(parts)
-                break
-            tr.accelerator.backward(loss / t.grad_accum)
-            logs.append(parts | {"loss": loss.item()})
-        if bad:
-            tr.optimizer.zero_grad(set_to_none=True)
-            if t.nan_policy == "stop":
-                if tr.is_main:
-                    tr.run.write_manifest(status="failed", error=f"non-finite loss at step {step}")
-                raise TrainingFault(f"non-finite loss at step {step}: parts {logs[-1]}, batch ids "
-                                    f"{ids[:16]}; the last good checkpoint is kept in "
-                                    f"{tr.run.file(CHECKPOINT)} (train.nan_policy=skip skips such batches)")
-            skipped += 1
-            step += 1
-            bar.update(1)
-            continue
-        grad_norm = tr.accelerator.clip_grad_norm_(tr.student.parameters(), t.clip_grad) \
-            if t.clip_grad > 0 else torch.tensor(float("nan"))
-        tr.optimizer.step()
-        tr.optimizer.zero_grad(set_to_none=True)
-        step += 1
-        row = {"step": step, "lr": lr, "grad_norm": float(grad_norm), "time_s": time.time() - tick}
-        for key in logs[0]:
-            row[key] = float(np.mean([p[key] for p in logs]))
-        if t.objective != "seqkd":  # SeqKD's CE is on teacher samples, not on the references
-            row["student_nll_ref"] = row.get("ce")
-        if t.eval_every and step % t.eval_every == 0:
-            row |= tr.valid_metrics()
-        if tr.is_main and (step % t.log_every == 0 or step == t.max_steps):
-            tr.run.append_metrics(row)
-        bar.set_postfix(loss=f"{row['loss']:.4f}")
-        bar.update(1)
-        if t.save_every and step % t.save_every == 0 and step < t.max_steps:
-            tr.save_checkpoint(step)
-    bar.close()
-    tr.accelerator.wait_for_everyone()
-    summary = {"objective": t.objective, "steps": step, "skipped_batches": skipped,
-               "seed": t.seed, "run_id": tr.run.manifest.get("run_id")}
-    summary |= tr.valid_metrics()
-    if tr.is_main:
-        model = tr.accelerator.unwrap_model(tr.student)
-        if cfg.student.lora and cfg.student.merge_lora_on_save:
-            model = model_lib.merge_lora(model)
-        model_lib.save_model(model, tr.run.file("model"), tokenizer=tr.tokenizer)
-        if cfg.eval.generate and cfg.eval.splits:
-            summary |= tr.final_eval()
-        summary["wall_time_s"] = time.time() - started
-        write_json(tr.run.file("summary.json"), summary)
-        tr.run.write_manifest(status="finished", wall_time_s=summary["wall_time_s"],
-                              finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    tr.accelerator.wait_for_everyone()
+    with tr.run.lock() if tr.is_main else contextlib.nullcontext():
+        try:
+            tr.setup()
+        except BaseException as err:
+            if tr.is_main:
+                tr.run.write_manifest(status="failed", error=f"{type(err).__name__}: {str(err)[:300]}")
+            raise
+        if tr.is_main:
+            tr.run.start_manifest(tr.params, seed=t.seed, device=str(tr.accelerator.device),
+                                  data_hash=tr.data_hash)
+            tr.run.write_manifest(filter_report=tr.filter_report, num_processes=tr.accelerator.num_processes)
+        step = tr.load_checkpoint() if tr.state == "resume" else 0
+        if tr.is_main:
+            tr.run.truncate_metrics(step)
+        skipped = 0
+        bar = tqdm(total=t.max_steps, initial=step, desc=t.objective,
+                   disable=not (progress and tr.is_main), dynamic_ncols=True)
+        tr.student.train()
+        with stop_requests() as asked:
+            while step < t.max_steps:
+                tick = time.time()
+                lr = lr_at(step, t)
+                for group in tr.optimizer.param_groups:
+                    group["lr"] = lr
+                logs, ids, bad = [], [], None
+                probe = t.grad_probe_every and (step + 1) % t.grad_probe_every == 0
+                for micro in range(t.grad_accum):
+                    out, batch_ids = tr.step_loss(step * t.grad_accum + micro)
+                    ids += list(batch_ids)
+                    parts = out.parts | out.stats
+                    if not torch.isfinite(out.total):
+                        bad = parts
+                        break
+                    if probe and micro == 0:  # where the update comes from (extra backward passes)
+                        parts |= obj_lib.gradient_split(out.terms, tr.student.parameters())
+                    tr.accelerator.backward(out.total / t.grad_accum)
+                    logs.append(parts | {"loss": out.total.item()})
+                if bad is not None:
+                    tr.optimizer.zero_grad(set_to_none=True)
+                    if t.nan_policy == "stop":
+                        tr.run.fail(f"non-finite loss at step {step}")
+                        raise TrainingFault(f"non-finite loss at step {step}: parts {bad}, batch ids "
+                                            f"{ids[:16]}; {tr.run.checkpoint_note()} "
+                                            f"(train.nan_policy=skip skips such batches)")
+                    skipped += 1
+                    step += 1
+                    bar.update(1)
+                    if skipped > t.max_skipped_share * t.max_steps:
+                        tr.run.fail(f"{skipped} of {step} steps skipped (non-finite loss)")
+                        raise TrainingFault(f"{skipped} of {step} steps had a non-finite loss, over "
+                                            f"train.max_skipped_share={t.max_skipped_share}; "
+                                            f"{tr.run.checkpoint_note()}")
+                    continue
+                grad_norm = tr.accelerator.clip_grad_norm_(tr.student.parameters(), t.clip_grad) \
+                    if t.clip_grad > 0 else torch.tensor(float("nan"))
+                tr.optimizer.step()
+                tr.optimizer.zero_grad(set_to_none=True)
+                step += 1
+                row = {"step": step, "lr": lr, "grad_norm": float(grad_norm), "time_s": time.time() - tick}
+                for key in dict.fromkeys(k for p in logs for k in p):
+                    row[key] = float(np.mean([p[key] for p in logs if key in p]))
+                if t.objective != "seqkd":  # SeqKD's CE is on teacher samples, not on the references
+                    row["student_nll_ref"] = row.get("ce")
+                if t.eval_every and step % t.eval_every == 0:
+                    row |= tr.valid_metrics()
+                if tr.is_main and (step % t.log_every == 0 or step == t.max_steps):
+                    tr.run.append_metrics(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+                bar.update(1)
+                if asked["signal"] and step < t.max_steps:
+                    tr.save_checkpoint(step)
+                    tr.run.write_manifest(status="interrupted", interrupted_at=step)
+                    bar.close()
+                    raise KeyboardInterrupt(f"interrupted ({asked['signal']}) at step {step}; "
+                                            f"rerun the same command to resume")
+                if t.save_every and step % t.save_every == 0 and step < t.max_steps:
+                    tr.save_checkpoint(step)
+        bar.close()
+        tr.accelerator.wait_for_everyone()
+        if not tr.weights_finite():
+            tr.run.fail("non-finite weights after training")
+            raise TrainingFault(f"the weights are not finite after {step} steps ({skipped} skipped); "
+                                f"{tr.run.checkpoint_note()}")
+        summary = {"objective": t.objective, "steps": step, "skipped_batches": skipped,
+                   "seed": t.seed, "run_id": run_id(tr.params)}
+        summary |= tr.valid_metrics()
+        if tr.is_main:
+            model = tr.accelerator.unwrap_model(tr.student)
+            if cfg.student.lora and cfg.student.merge_lora_on_save:
+                model = model_lib.merge_lora(model)
+            model_lib.save_model(model, tr.run.file("model"), tokenizer=tr.tokenizer)
+            if cfg.eval.splits:
+                summary |= tr.final_eval()
+            summary["wall_time_s"] = time.time() - started
+            write_json(tr.run.file("summary.json"), summary)
+            tr.run.write_manifest(status="finished", wall_time_s=summary["wall_time_s"],
+                                  finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        tr.accelerator.wait_for_everyone()
     return summary

@@ -21,10 +21,10 @@ def test_smoke_params_load_and_round_trip():
 
 
 def test_overrides_are_dotted_and_typed():
-    cfg = load_config(SMOKE, ["train.lr=1e-4", "output_dir=/tmp/x", "eval.seeds=[1,2]",
+    cfg = load_config(SMOKE, ["train.lr=1e-4", "output_dir=/tmp/x", "eval.sample_seeds=[1,2]",
                               "train.reference_free=true"])
     assert cfg.train.lr == 1e-4 and cfg.output_dir == "/tmp/x"
-    assert cfg.eval.seeds == [1, 2] and cfg.train.reference_free is True
+    assert cfg.eval.sample_seeds == [1, 2] and cfg.train.reference_free is True
 
 
 def test_int_accepted_for_float_but_not_the_reverse():
@@ -63,7 +63,23 @@ BAD_INPUTS = [
     (["tokenizer.kind=sentencepiece"], ["tokenizer.kind", "bpe_local"]),
     (["train"], ["--set expects key=value"]),
     (["train.teacher_mode=cache", "train.objective=seqkd"], ["train.teacher_mode", "seqkd"]),
-    (["train.teacher_mode=cache", "train.cache_format=topk", "train.objective=rkl"], ["train.teacher_mode", "rkl"]),
+    (["train.teacher_mode=cache", "train.cache_format=topk", "train.objective=rkl"], ["train.cache_format", "rkl"]),
+    # every float finite, every range checked before work (eval's too)
+    (["train.lr=nan"], ["train.lr", "not a finite number"]),
+    (["train.lr=.inf"], ["train.lr", "not a finite number"]),
+    (["train.beta=.nan"], ["train.beta", "not a finite number"]),
+    (["train.kd_ratio=nan"], ["train.kd_ratio", "not a finite number"]),
+    (["eval.max_new_tokens=-1"], ["eval.max_new_tokens", "out of range"]),
+    (["eval.top_p=2"], ["eval.top_p", "out of range"]),
+    (["eval.batch_size=0"], ["eval.batch_size", "out of range"]),
+    (["eval.max_examples=-1"], ["eval.max_examples", "out of range"]),
+    # a setting the run does not use is refused, never ignored
+    (["train.objective=kd", "train.beta=0.5"], ["train.beta=0.5 is not used", "objective 'kd'", "dpkd_token"]),
+    (["train.loss_type=ipo", "train.label_smoothing=0.1"], ["train.label_smoothing=0.1 is not used",
+                                                            "loss_type sigmoid"]),
+    (["train.gamma=0.5"], ["train.gamma=0.5 is not used", "loss_type simpo"]),
+    (["eval.temperature=0.7"], ["eval.temperature=0.7 is not used", "eval.sample_seeds"]),
+    (["train.lm_coef=0"], ["data.pretrain_source='pydoc' is not used", "lm_coef > 0"]),
 ]
 
 

@@ -217,8 +217,8 @@ def test_load_dolly_hub_fails_fast_offline(monkeypatch, tmp_path):
 
 
 def test_load_dolly_hub_unreachable_fails_fast(monkeypatch, tmp_path):
-    monkeypatch.setattr(D, "_offline", lambda: False)
-    monkeypatch.setattr(D, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(D.hub, "offline", lambda: False)
+    monkeypatch.setattr(D.hub, "reachable", lambda timeout=3.0: False)
     with pytest.raises(DataError, match="hub unreachable.*no network"):
         D.load_dolly_hub(cache_dir=tmp_path)
 
@@ -230,8 +230,7 @@ def test_load_dolly_hub_uses_a_cached_copy_offline(monkeypatch, tmp_path):
     commit = "0" * 40
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
-    D.write_jsonl([{"instruction": "Q", "context": "", "response": "A", "category": "open_qa"}] * 3,
-                  repo / "snapshots" / commit / "databricks-dolly-15k.jsonl")
+    D.write_jsonl(repo / "snapshots" / commit / "databricks-dolly-15k.jsonl", [{"instruction": "Q", "context": "", "response": "A", "category": "open_qa"}] * 3)
     records = D.load_dolly_hub(cache_dir=tmp_path)
     assert [r["id"] for r in records] == ["dolly-00000", "dolly-00001", "dolly-00002"]
     assert records[0]["response"] == "A" and records[0]["category"] == "open_qa"
@@ -247,8 +246,8 @@ def test_load_records_dispatch_and_errors(tmp_path):
     out = D.load_records("synthetic", seed=2, n_train=10, n_valid=2, n_test=3, n_heldout=4)
     assert [len(out[s]) for s in ("train", "valid", "test", "heldout")] == [10, 2, 3, 4]
     folder = tmp_path / "splits"
-    D.write_jsonl(out["train"], folder / "train.jsonl")
-    D.write_jsonl(out["test"], folder / "test.jsonl")
+    D.write_jsonl(folder / "train.jsonl", out["train"])
+    D.write_jsonl(folder / "test.jsonl", out["test"])
     loaded = D.load_records("jsonl", folder)
     assert loaded == {"train": out["train"], "test": out["test"]}
     with pytest.raises(FileNotFoundError, match="train.jsonl"):
@@ -257,10 +256,10 @@ def test_load_records_dispatch_and_errors(tmp_path):
 
 def test_load_jsonl_maps_dolly_and_alpaca_fields(tmp_path):
     path = tmp_path / "mixed.jsonl"
-    D.write_jsonl([
+    D.write_jsonl(path, [
         {"instruction": "Q1", "context": "C1", "response": "A1", "category": "closed_qa"},
         {"instruction": "Q2", "input": "", "output": "A2"},
-    ], path)
+    ])
     r1, r2 = D.load_jsonl_records(path)
     assert (r1["id"], r1["context"], r1["response"], r1["category"]) == ("mixed-00000", "C1", "A1", "closed_qa")
     assert (r2["id"], r2["context"], r2["response"]) == ("mixed-00001", "", "A2")
@@ -270,11 +269,11 @@ def test_load_minillm_processed_rebuilds_the_same_prompt(tmp_path):
     with_ctx = rec(0, instruction="Summarize.", context="Some text.")
     no_ctx = rec(1, instruction="Say hi.")
     path = tmp_path / "valid.jsonl"
-    D.write_jsonl([
+    D.write_jsonl(path, [
         {"instruction": "Summarize.", "prompt": D.format_prompt(with_ctx), "input": "Some text.", "output": "Short."},
         {"prompt": D.format_prompt(no_ctx), "output": ["Hi.", "Hello."]},
         {"prompt": "Free-form prompt", "output": "x"},
-    ], path)
+    ])
     a, b, c = D.load_minillm_processed(path)
     assert D.format_prompt(a) == D.format_prompt(with_ctx) and a["response"] == "Short."
     assert D.format_prompt(b) == D.format_prompt(no_ctx)
@@ -301,7 +300,7 @@ def test_minillm_dolly_split(tok):
 def test_jsonl_roundtrip_and_data_hash(tmp_path):
     records = generate_synthetic(n_train=20, n_valid=0, n_test=0, n_heldout=0, seed=4)["train"]
     path = tmp_path / "sub" / "train.jsonl"
-    D.write_jsonl(records, path)
+    D.write_jsonl(path, records)
     assert not os.path.exists(str(path) + ".tmp")
     assert D.read_jsonl(path) == records
     assert D.data_hash(D.read_jsonl(path)) == D.data_hash(records)

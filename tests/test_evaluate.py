@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from dpkd_lib import evaluate as ev
+from dpkd_lib.io import read_jsonl, write_jsonl
 
 # ----------------------------------------------------------------------------- fixtures
 
@@ -195,15 +196,16 @@ def test_length_bucket_edges():
         ev.length_bucket(1, edges=(0, 5, 5))
 
 
-def test_summarize_over_seeds():
-    assert ev.summarize_over_seeds([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
+def test_mean_sd_is_the_one_seed_statistic():
+    assert ev.mean_sd([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0, 3))
     vals = [24.1, 24.9, 23.8, 24.4]
-    mean, sd = ev.summarize_over_seeds(vals)
-    assert mean == pytest.approx(statistics.mean(vals))
+    mean, sd, n = ev.mean_sd(vals)
+    assert mean == pytest.approx(statistics.mean(vals)) and n == 4
     assert sd == pytest.approx(statistics.stdev(vals))  # sample sd, ddof = 1
-    assert ev.summarize_over_seeds([5.0]) == (5.0, 0.0)
-    with pytest.raises(ValueError):
-        ev.summarize_over_seeds([])
+    mean, sd, n = ev.mean_sd([5.0, None, float("nan")])  # missing values are skipped
+    assert (mean, n) == (5.0, 1) and math.isnan(sd)      # one value: spread unknown, not 0
+    mean, sd, n = ev.mean_sd([])
+    assert n == 0 and math.isnan(mean) and math.isnan(sd)
 
 
 def test_bucket_table_means_counts_and_order():
@@ -464,8 +466,8 @@ def test_evaluate_generations_rows_and_summary(tokenizer, llama, tmp_path):
     assert table["n_examples"].sum() == 4 and table["n_rows"].sum() == 12
 
     path = tmp_path / "run" / "eval.jsonl"
-    ev.write_eval_jsonl(rows, path)
-    assert ev.read_eval_jsonl(path) == json.loads(json.dumps(rows))
+    write_jsonl(path, rows)
+    assert read_jsonl(path) == json.loads(json.dumps(rows))
     assert os.listdir(path.parent) == ["eval.jsonl"]
 
 
@@ -484,7 +486,7 @@ def test_evaluate_generations_exact_match_and_prompt_fn(tokenizer):
     assert [r["sample"] for r in rows] == ["the", "the"]
     assert [r["exact_match"] for r in rows] == [1.0, 0.0]
     assert rows[0]["prompt"] == "Q: capital of France?\nA:"
-    assert summary["exact_match"] == pytest.approx(50.0) and summary["exact_match_sd"] == 0.0
+    assert summary["exact_match"] == pytest.approx(50.0) and math.isnan(summary["exact_match_sd"])
     assert summary["rouge_l"] == pytest.approx(50.0)
     assert summary["truncated_rate"] == 1.0
     with pytest.raises(ValueError):
@@ -492,15 +494,25 @@ def test_evaluate_generations_exact_match_and_prompt_fn(tokenizer):
                                 prompt_fn=lambda ex: ex["instruction"])
 
 
-def test_write_eval_jsonl_is_atomic(tmp_path):
+def test_jsonl_writes_are_atomic_and_strict(tmp_path):
     path = tmp_path / "eval.jsonl"
-    ev.write_eval_jsonl([{"id": 1, "sample": "é"}], path)
+    write_jsonl(path, [{"id": 1, "sample": "é"}])
     before = path.read_bytes()
-    with pytest.raises(ValueError):  # NaN is not JSON: the write fails mid-way
-        ev.write_eval_jsonl([{"id": 2}, {"id": 3, "rouge_l": float("nan")}], path)
+
+    def rows():
+        yield {"id": 2}
+        raise RuntimeError("killed mid-write")
+    with pytest.raises(RuntimeError):
+        write_jsonl(path, rows())
     assert path.read_bytes() == before  # old file intact
     assert os.listdir(tmp_path) == ["eval.jsonl"]  # no temp file left behind
-    assert ev.read_eval_jsonl(path) == [{"id": 1, "sample": "é"}]
+    assert read_jsonl(path) == [{"id": 1, "sample": "é"}]
+    # non-finite floats are written as null: any strict JSON reader loads the file
+    write_jsonl(path, [{"id": 3, "rouge_l": float("nan"), "x": [float("inf"), 1.5]}])
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(c)) == {"id": 3, "rouge_l": None,
+                                                                       "x": [None, 1.5]}
 
 
 def test_evaluate_splits_flat_summary(tokenizer, llama):
@@ -512,12 +524,26 @@ def test_evaluate_splits_flat_summary(tokenizer, llama):
                    ("Where is the cat?", "The cat sat on the mat.", "on the mat", "closed_qa"),
                    ("Capital of France?", "", "Paris", "open_qa")])]
     splits = {"train": records, "test": records, "valid": records[:1]}
-    cfg = SimpleNamespace(splits=["test", "heldout"], max_examples=2, seeds=[1, 2], batch_size=4,
-                          max_new_tokens=4, temperature=1.0, top_k=0, top_p=1.0, no_repeat_ngram_size=0)
-    rows, summary = ev.evaluate_splits(llama, tokenizer, splits, cfg, None, progress=False)
-    assert len(rows) == 4 and {r["split"] for r in rows} == {"test"}
-    assert rows[1]["prompt"] == format_prompt(records[1]) and rows[1]["reference"] == "on the mat"
+    cfg = SimpleNamespace(splits=["test", "heldout"], max_examples=2, greedy=True, sample_seeds=[1, 2],
+                          teacher_forced=True, batch_size=4, max_new_tokens=4, temperature=1.0,
+                          top_k=0, top_p=1.0, no_repeat_ngram_size=0)
+    data_cfg = SimpleNamespace(max_length=1024, max_prompt=768)
+    rows, summary = ev.evaluate_splits(llama, tokenizer, splits, cfg, data_cfg, progress=False)
+    by = lambda d: [r for r in rows if r["decoding"] == d]  # noqa: E731
+    assert len(by("greedy")) == 2 and len(by("sample")) == 4 and len(by("teacher_forced")) == 2
+    assert {r["split"] for r in rows} == {"test"}
+    greedy = by("greedy")
+    assert greedy[1]["prompt"] == format_prompt(records[1]) and greedy[1]["reference"] == "on the mat"
+    assert all(r["seed"] is None for r in greedy) and {r["seed"] for r in by("sample")} == {1, 2}
     assert summary["eval_skipped_splits"] == ["heldout"]
-    assert summary["test_n"] == 2
-    assert summary["test_rouge_l"] == summary["eval"]["test"]["rouge_l"]
-    assert "test_rouge_l_sd" in summary and "test_exact_match" in summary
+    assert summary["test_n"] == 2 and summary["test_sample_n"] == 2
+    assert summary["test_rouge_l"] == summary["eval"]["test"]["greedy"]["rouge_l"]
+    assert summary["test_sample_rouge_l"] == summary["eval"]["test"]["sample"]["rouge_l"]
+    # greedy decoding is the model's argmax path: the same as a direct greedy decode
+    direct = ev.generate(llama, tokenizer, [format_prompt(r) for r in records[:2]], max_new_tokens=4,
+                         do_sample=False, progress=False)
+    assert [r["sample"] for r in greedy] == direct
+    # teacher-forced: the token-weighted mean of the per-example rows
+    tf = by("teacher_forced")
+    assert summary["test_nll"] == pytest.approx(sum(r["nll_sum"] for r in tf) / sum(r["n_tokens"] for r in tf))
+    assert summary["test_token_acc"] == pytest.approx(sum(r["correct"] for r in tf) / sum(r["n_tokens"] for r in tf))

@@ -13,10 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import dpkd_lib.losses as losses_mod
 import dpkd_lib.train as train_mod
 from dpkd_lib.config import load_config
-from dpkd_lib.results import read_json, read_jsonl
-from dpkd_lib.train import TrainingFault, train
+from dpkd_lib.io import read_json, read_jsonl
+from dpkd_lib.errors import TrainingFault
+from dpkd_lib.train import train
 
 from test_config import ROOT, SMOKE, _cli
 
@@ -69,7 +71,7 @@ def test_sigkill_then_same_command_resumes_to_identical_results(tmp_path):
 
 def test_finished_run_is_reused_not_recomputed(tmp_path):
     out = tmp_path / "run"
-    args = ["train", "--params", str(SMOKE), "--set", f"output_dir={out}", "--set", "eval.generate=false"]
+    args = ["train", "--params", str(SMOKE), "--set", f"output_dir={out}", "--set", "eval.splits=[]"]
     assert _cli(*args).returncode == 0
     stamp = (out / "summary.json").stat().st_mtime_ns
     second = _cli(*args)
@@ -78,7 +80,7 @@ def test_finished_run_is_reused_not_recomputed(tmp_path):
 
 def test_different_params_refuse_to_clobber_then_force_moves_aside(tmp_path):
     out = tmp_path / "run"
-    base = ["train", "--params", str(SMOKE), "--set", f"output_dir={out}", "--set", "eval.generate=false"]
+    base = ["train", "--params", str(SMOKE), "--set", f"output_dir={out}", "--set", "eval.splits=[]"]
     assert _cli(*base).returncode == 0
     refused = _cli(*base, "--set", "train.beta=0.5")
     assert refused.returncode == 2 and "train.beta" in refused.stderr and "--force" in refused.stderr
@@ -92,9 +94,9 @@ def test_teacher_with_another_vocabulary_is_refused(tmp_path):
     teacher = tmp_path / "teacher"
     assert _cli("train", "--params", str(SMOKE), "--set", f"output_dir={teacher}", "--set",
                 "train.objective=sft", "--set", "teacher=null", "--set", "train.max_steps=1",
-                "--set", "eval.generate=false", "--set", "tokenizer.vocab_size=300").returncode == 0
+                "--set", "eval.splits=[]", "--set", "tokenizer.vocab_size=300").returncode == 0
     proc = _cli("train", "--params", str(SMOKE), "--set", f"output_dir={tmp_path / 'd'}",
-                "--set", "teacher.source=saved", "--set", f"teacher.name_or_path={teacher / 'model'}")
+                "--set", 'teacher={"source": "saved", "name_or_path": "%s"}' % (teacher / "model"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "vocab" in proc.stderr.lower(), proc.stderr
 
@@ -102,7 +104,7 @@ def test_teacher_with_another_vocabulary_is_refused(tmp_path):
 def test_hub_id_offline_fails_fast_pointing_at_the_offline_profile(tmp_path):
     started = time.time()
     proc = _cli("train", "--params", str(SMOKE), "--set", f"output_dir={tmp_path / 'h'}",
-                "--set", "teacher.source=pretrained", "--set", "teacher.name_or_path=gpt2-xl",
+                "--set", 'teacher={"source": "pretrained", "name_or_path": "gpt2-xl"}',
                 env_extra={"HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2 and time.time() - started < 60
     message = proc.stderr.lower()
@@ -125,8 +127,9 @@ def _bad_jsonl(path, n_good=12):
 def test_bad_records_are_counted_per_reason_or_rejected_by_policy(tmp_path):
     data = tmp_path / "data.jsonl"
     _bad_jsonl(data)
-    sets = ["--set", "data.source=jsonl", "--set", f"data.path={data}", "--set", "data.n_valid=2",
-            "--set", "data.n_test=2", "--set", "eval.generate=false"]
+    section = {"source": "jsonl", "path": str(data), "n_valid": 2, "n_test": 2, "max_length": 256,
+               "max_prompt": 192, "pretrain_source": "pydoc", "pretrain_block_size": 64}
+    sets = ["--set", f"data={json.dumps(section)}", "--set", "eval.splits=[]"]
     ok = _cli("train", "--params", str(SMOKE), "--set", f"output_dir={tmp_path / 'drop'}", *sets)
     assert ok.returncode == 0, ok.stderr[-1500:]
     report = read_json(tmp_path / "drop" / "manifest.json")["filter_report"]
@@ -139,7 +142,7 @@ def test_bad_records_are_counted_per_reason_or_rejected_by_policy(tmp_path):
 
 def test_empty_data_after_filtering_is_an_error_not_a_zero_step_run(tmp_path):
     proc = _cli("train", "--params", str(SMOKE), "--set", f"output_dir={tmp_path / 'e'}",
-                "--set", "data.min_response_tokens=100000", "--set", "eval.generate=false")
+                "--set", "data.min_response_tokens=100000", "--set", "eval.splits=[]")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "response_too_short" in proc.stderr or "empty" in proc.stderr.lower()
     assert not (tmp_path / "e" / "summary.json").exists()
@@ -147,20 +150,20 @@ def test_empty_data_after_filtering_is_an_error_not_a_zero_step_run(tmp_path):
 
 def _nan_on_call(monkeypatch, bad_call):
     calls = {"n": 0}
-    original = train_mod.losses.sft_loss
+    original = losses_mod.sft_loss
 
     def flaky(logits, labels, *args, **kwargs):
         calls["n"] += 1
         value = original(logits, labels, *args, **kwargs)
         return value * float("nan") if calls["n"] == bad_call else value
 
-    monkeypatch.setattr(train_mod.losses, "sft_loss", flaky)
+    monkeypatch.setattr(losses_mod, "sft_loss", flaky)
 
 
 def test_nan_loss_stops_with_step_parts_and_batch_ids_keeping_the_checkpoint(tmp_path, monkeypatch):
     # sft_loss runs twice per step here (response CE, pre-train CE): call 7 is step 4's response CE
     _nan_on_call(monkeypatch, bad_call=7)
-    cfg = load_config(SMOKE, [f"output_dir={tmp_path / 'n'}", "train.save_every=2", "eval.generate=false"])
+    cfg = load_config(SMOKE, [f"output_dir={tmp_path / 'n'}", "train.save_every=2", "eval.splits=[]"])
     with pytest.raises(TrainingFault) as err:
         train(cfg, progress=False)
     message = str(err.value)
@@ -172,14 +175,15 @@ def test_nan_loss_stops_with_step_parts_and_batch_ids_keeping_the_checkpoint(tmp
 
 def test_nan_policy_skip_counts_the_batch(tmp_path, monkeypatch):
     _nan_on_call(monkeypatch, bad_call=7)
-    cfg = load_config(SMOKE, [f"output_dir={tmp_path / 's'}", "train.nan_policy=skip", "eval.generate=false"])
+    cfg = load_config(SMOKE, [f"output_dir={tmp_path / 's'}", "train.nan_policy=skip", "eval.splits=[]",
+                              "train.max_skipped_share=0.2"])
     summary = train(cfg, progress=False)
     assert summary["skipped_batches"] == 1 and math.isfinite(summary["valid_nll"])
     assert len(read_jsonl(tmp_path / "s" / "metrics.jsonl")) == cfg.train.max_steps - 1
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    sets = ["--set", "eval.generate=false", "--set", "train.max_steps=6"]
+    sets = ["--set", "eval.splits=[]", "--set", "train.max_steps=6"]
     single = tmp_path / "single"
     assert _cli("train", "--params", str(SMOKE), "--set", f"output_dir={single}", *sets).returncode == 0
     multi = tmp_path / "multi"
@@ -204,10 +208,10 @@ def test_same_seed_same_metrics_other_seed_other_samples(tmp_path):
     runs = {}
     for name, seed, sample_seed in (("a", 40, 10), ("b", 40, 10), ("c", 41, 11)):
         cfg = load_config(SMOKE, [f"output_dir={tmp_path / name}", f"train.seed={seed}",
-                                  f"eval.seeds=[{sample_seed}]", "eval.max_examples=4",
+                                  "eval.greedy=false", f"eval.sample_seeds=[{sample_seed}]", "eval.max_examples=4",
                                   "eval.max_new_tokens=8"])
         train(cfg, progress=False)
-        runs[name] = (_metric_rows(tmp_path / name), [r["sample"] for r in read_jsonl(tmp_path / name / "eval.jsonl")])
+        runs[name] = (_metric_rows(tmp_path / name), [r["sample"] for r in read_jsonl(tmp_path / name / "eval.jsonl") if r["decoding"] == "sample"])
     assert runs["a"] == runs["b"]
     assert runs["a"][0] != runs["c"][0] and runs["a"][1] != runs["c"][1]
 
@@ -215,12 +219,12 @@ def test_same_seed_same_metrics_other_seed_other_samples(tmp_path):
 def test_cli_eval_scores_a_saved_model(tmp_path):
     run = tmp_path / "run"
     assert _cli("train", "--params", str(SMOKE), "--set", f"output_dir={run}", "--set",
-                "eval.generate=false").returncode == 0
+                "eval.splits=[]").returncode == 0
     out = tmp_path / "eval"
     proc = _cli("eval", "--params", str(SMOKE), "--model", str(run / "model"), "--out", str(out),
                 "--set", "eval.max_examples=3", "--set", "eval.max_new_tokens=6", "--no-progress")
     assert proc.returncode == 0, proc.stderr[-1500:]
-    rows = read_jsonl(out / "eval.jsonl")
+    rows = [r for r in read_jsonl(out / "eval.jsonl") if r["decoding"] == "greedy"]
     assert len(rows) == 3 and {"sample", "reference", "rouge_l", "exact_match"} <= set(rows[0])
     assert "test_rouge_l" in read_json(out / "eval_summary.json")
     missing = _cli("eval", "--params", str(SMOKE), "--model", str(tmp_path / "nope"), "--out", str(out))

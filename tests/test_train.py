@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from dpkd_lib.config import load_config
-from dpkd_lib.results import read_json, read_jsonl
+from dpkd_lib.io import read_json, read_jsonl
 from dpkd_lib.train import Trainer, lr_at, train
 
 from test_config import SMOKE
 
-OBJECTIVES = ["sft", "kd", "rkl", "jsd", "seqkd", "dpkd_token", "dpkd_seq"]
+from dpkd_lib.choices import DISTILL_OBJECTIVES, OBJECTIVES, SAMPLING_OBJECTIVES
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def sft_teacher(tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher")
     cfg = load_config(SMOKE, [f"output_dir={out}", "train.objective=sft", "teacher=null",
                               "student.n_layer=2", "student.n_embd=64", "train.max_steps=40",
-                              "train.lr=0.005", "train.lm_coef=0.0", "eval.generate=false",
+                              "train.lr=0.005", "train.lm_coef=0.0", "data.pretrain_source=none", "eval.splits=[]",
                               "train.save_every=0"])
     train(cfg, progress=False)
     return str(out / "model")
@@ -29,12 +29,15 @@ def sft_teacher(tmp_path_factory):
 
 def fixed_batch_cfg(tmp_path, objective, *extra, teacher=None):
     """Four training examples and batch 4: every step sees the same batch."""
-    saved = [f"teacher.source=saved", f"teacher.name_or_path={teacher}"] if teacher else []
+    saved = ['teacher={"source": "saved", "name_or_path": "%s"}' % teacher] if teacher else []
+    if objective == "sft":
+        saved = ["teacher=null"]
     return load_config(SMOKE, [*saved,
         f"output_dir={tmp_path / objective}", f"train.objective={objective}",
         "data.n_train=4", "train.batch_size=4", "train.max_steps=6", "train.lr=0.01",
-        "train.kd_ratio=1.0", "train.lm_coef=0.0", "data.pretrain_source=none",
-        "train.save_every=0", "eval.generate=false", "train.seq_max_new_tokens=8", *extra])
+        "train.lm_coef=0.0", "data.pretrain_source=none", "train.save_every=0", "eval.splits=[]",
+        *(["train.kd_ratio=1.0"] if objective in DISTILL_OBJECTIVES else []),
+        *(["train.seq_max_new_tokens=8"] if objective in SAMPLING_OBJECTIVES else []), *extra])
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
@@ -59,23 +62,35 @@ def test_every_objective_decreases_its_loss_on_a_fixed_batch(tmp_path, objective
 @pytest.mark.parametrize("objective", ["dpkd_token", "dpkd_seq"])
 def test_step_loss_is_the_documented_mix(tmp_path, objective):
     """(1-k)·CE + k·objective + lm·[(1-k)·CE_pt + k·H(p,q)_pt] with the logged parts."""
+    seq = ["train.seq_max_new_tokens=8"] if objective == "dpkd_seq" else []
     cfg = load_config(SMOKE, [f"output_dir={tmp_path / 'mix'}", "train.kd_ratio=0.3",
-                              "train.lm_coef=0.7", f"train.objective={objective}",
-                              "train.seq_max_new_tokens=8", f"train.cache_dir={tmp_path / 'cache'}"])
+                              "train.lm_coef=0.7", f"train.objective={objective}", *seq,
+                              f"cache_dir={tmp_path / 'cache'}"])
     trainer = Trainer(cfg, progress=False)
     trainer.setup()
-    loss, parts, _ = trainer.step_loss(0)
+    out, _ = trainer.step_loss(0)
+    parts = out.parts
     k, lm = 0.3, 0.7
     expected = (1 - k) * parts["ce"] + k * parts["distill"] + lm * ((1 - k) * parts["pt_ce"] + k * parts["pt_kd"])
-    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert out.total.item() == pytest.approx(expected, rel=1e-5)
+    assert sum(t.item() for t in out.terms.values()) == pytest.approx(out.total.item(), rel=1e-6)
+    # the paper's Algorithm 1: L_DPKD + λ·L_PT, with L_PT the plain LM cross-entropy
+    alg1 = load_config(SMOKE, [f"output_dir={tmp_path / 'alg1'}", "train.kd_ratio=1.0", "train.lm_coef=0.7",
+                               "train.pretrain_loss=ce", f"train.objective={objective}", *seq,
+                               f"cache_dir={tmp_path / 'cache'}"])
+    trainer = Trainer(alg1, progress=False)
+    trainer.setup()
+    out, _ = trainer.step_loss(0)
+    assert set(out.terms) == {"distill", "pt_ce"} and "pt_kd" not in out.parts
+    assert out.total.item() == pytest.approx(out.parts["distill"] + 0.7 * out.parts["pt_ce"], rel=1e-5)
 
 
 @pytest.mark.parametrize("objective", ["dpkd_token", "kd", "rkl", "jsd"])
 def test_exact_hidden_cache_trains_like_the_online_teacher(tmp_path, objective):
     """Stored final hidden states + the teacher's head reproduce the online teacher: same
     losses (pre-train KD term included) and the same trained weights."""
-    common = ["train.max_steps=3", "eval.generate=false", "train.save_every=0",
-              f"train.objective={objective}", f"train.cache_dir={tmp_path / 'cache'}"]
+    common = ["train.max_steps=3", "eval.splits=[]", "train.save_every=0",
+              f"train.objective={objective}", f"cache_dir={tmp_path / 'cache'}"]
     train(load_config(SMOKE, [f"output_dir={tmp_path / 'online'}", *common]), progress=False)
     train(load_config(SMOKE, [f"output_dir={tmp_path / 'cached'}", "train.teacher_mode=cache",
                               "train.cache_format=hidden", *common]), progress=False)
@@ -91,8 +106,8 @@ def test_exact_hidden_cache_trains_like_the_online_teacher(tmp_path, objective):
 
 
 def test_topk_cache_with_k_at_vocabulary_size_is_exact(tmp_path):
-    common = ["train.max_steps=3", "eval.generate=false", "train.save_every=0",
-              f"train.cache_dir={tmp_path / 'cache'}"]
+    common = ["train.max_steps=3", "eval.splits=[]", "train.save_every=0",
+              f"cache_dir={tmp_path / 'cache'}"]
     online = load_config(SMOKE, [f"output_dir={tmp_path / 'online'}", *common])
     vocab = online.tokenizer.vocab_size
     cached = load_config(SMOKE, [f"output_dir={tmp_path / 'cached'}", "train.teacher_mode=cache",
@@ -109,12 +124,12 @@ def test_topk_cache_with_k_at_vocabulary_size_is_exact(tmp_path):
 
 def test_small_k_cache_is_close_and_never_loads_the_teacher_twice(tmp_path, monkeypatch):
     import dpkd_lib.train as train_mod
-    common = ["train.max_steps=2", "eval.generate=false", f"train.cache_dir={tmp_path / 'cache'}",
+    common = ["train.max_steps=2", "eval.splits=[]", f"cache_dir={tmp_path / 'cache'}",
               "train.teacher_mode=cache", "train.cache_format=topk", "train.cache_topk=8"]
     train(load_config(SMOKE, [f"output_dir={tmp_path / 'a'}", *common]), progress=False)
     built = []
-    original = train_mod.build_model
-    monkeypatch.setattr(train_mod, "build_model",
+    original = train_mod.model_lib.build_model
+    monkeypatch.setattr(train_mod.model_lib, "build_model",
                         lambda mcfg, tok, trainable: built.append(trainable) or original(mcfg, tok, trainable=trainable))
     train(load_config(SMOKE, [f"output_dir={tmp_path / 'b'}", "train.seed=41", *common]), progress=False)
     assert built == [True], "with a complete cache only the student is built"
@@ -123,19 +138,29 @@ def test_small_k_cache_is_close_and_never_loads_the_teacher_twice(tmp_path, monk
 def test_4bit_teacher_and_lora_student_on_cpu(tmp_path):
     cfg = load_config(SMOKE, [f"output_dir={tmp_path / 'q'}", "teacher.quantization=4bit",
                               "student.lora=true", "student.lora_r=4", "train.max_steps=3",
-                              "eval.generate=false", "train.save_every=0"])
+                              "eval.splits=[]", "train.save_every=0"])
     summary = train(cfg, progress=False)
     rows = read_jsonl(tmp_path / "q" / "metrics.jsonl")
     assert all(math.isfinite(r["loss"]) for r in rows) and summary["steps"] == 3
     assert (tmp_path / "q" / "model" / "adapter_config.json").exists()
 
 
-def test_cosine_schedule_matches_formula():
-    cfg = load_config(SMOKE, ["train.max_steps=10", "train.lr=1e-3", "train.min_lr=1e-5",
+def test_cosine_schedule_matches_torch_and_the_released_runner():
+    """t_max_steps > 0 is torch's CosineAnnealingLR (the released runner's, T_max = 20 of 30
+    epochs): it reaches min_lr at T_max and climbs back after it. 0 = one decay over the run."""
+    cfg = load_config(SMOKE, ["train.max_steps=12", "train.lr=1e-3", "train.min_lr=1e-5",
                               "train.t_max_steps=8"]).train
-    assert lr_at(0, cfg) == pytest.approx(1e-3)
-    assert lr_at(4, cfg) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))
-    assert lr_at(8, cfg) == pytest.approx(1e-5) and lr_at(9, cfg) == pytest.approx(1e-5)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=8, eta_min=1e-5)
+    for step in range(12):
+        assert lr_at(step, cfg) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9), step
+        opt.step()
+        sched.step()
+    assert lr_at(8, cfg) == pytest.approx(1e-5) and lr_at(11, cfg) > 1e-4  # climbs back
+    whole = load_config(SMOKE, ["train.max_steps=10", "train.lr=1e-3", "train.min_lr=1e-5",
+                                "train.warmup_steps=2"]).train
+    assert [lr_at(s, whole) for s in (0, 1)] == pytest.approx([5e-4, 1e-3])
+    assert lr_at(9, whole) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 7 / 8)))
 
 
 @pytest.mark.parametrize("average", [False, True])
@@ -143,7 +168,7 @@ def test_row_logps_from_response_rows_equal_full_logits(average):
     """DPKD-seq scores sequences from response-row logits only; same numbers as full logits."""
     from dpkd_lib import losses
     from dpkd_lib.models import tiny_model
-    from dpkd_lib.train import response_logits, row_logps
+    from dpkd_lib.objectives import response_logits, row_logps
     torch.manual_seed(0)
     model = tiny_model("llama", 50, n_layer=1, n_embd=32, n_head=4, seed=3)
     ids = torch.randint(1, 50, (3, 9))
@@ -160,32 +185,56 @@ def test_row_logps_from_response_rows_equal_full_logits(average):
 def test_dpkd_seq_keeps_ce_on_the_dataset_and_the_teacher_response_as_chosen(tmp_path, monkeypatch):
     """DPKD-seq's CE term is on the dataset responses, like every distillation objective
     (the same CE as DPKD-token's on the same batch); the chosen side of its preference pair
-    is the teacher's sampled response to the same prompt, a batch of its own."""
-    import dpkd_lib.train as train_mod
-    common = ["train.seq_max_new_tokens=8", f"train.cache_dir={tmp_path / 'cache'}"]
+    is the teacher's sampled response to the same prompt, a batch of its own, and the
+    teacher's log-probs of it are computed once (not at every step)."""
+    import dpkd_lib.objectives as obj_lib
     trainers = {}
     for objective in ("dpkd_token", "dpkd_seq"):
-        tr = Trainer(load_config(SMOKE, [f"output_dir={tmp_path / objective}",
-                                         f"train.objective={objective}", *common]), progress=False)
+        extra = ["train.seq_max_new_tokens=8"] if objective == "dpkd_seq" else []
+        tr = Trainer(load_config(SMOKE, [f"output_dir={tmp_path / objective}", f"cache_dir={tmp_path / 'cache'}",
+                                         f"train.objective={objective}", *extra]), progress=False)
         tr.setup()
         trainers[objective] = tr
     seq, tok = trainers["dpkd_seq"], trainers["dpkd_token"]
     assert [ex["input_ids"] for ex in seq.train_set] == [ex["input_ids"] for ex in tok.train_set]
     seen = {}
-    original = train_mod.sequence_preference
-    monkeypatch.setattr(train_mod, "sequence_preference",
+    original = obj_lib.sequence_preference
+    monkeypatch.setattr(obj_lib, "sequence_preference",
                         lambda tcfg, s, t, pair: seen.update(pair) or original(tcfg, s, t, pair))
-    _, seq_parts, ids = seq.step_loss(0)
-    _, tok_parts, tok_ids = tok.step_loss(0)
+    seq_out, ids = seq.step_loss(0)
+    tok_out, tok_ids = tok.step_loss(0)
     assert list(ids) == list(tok_ids)
-    assert seq_parts["ce"] == pytest.approx(tok_parts["ce"], rel=1e-6)
-    teacher_rows = {r["id"]: r["response"] for r in read_jsonl(tmp_path / "dpkd_seq" / "teacher_responses.jsonl")}
+    assert seq_out.parts["ce"] == pytest.approx(tok_out.parts["ce"], rel=1e-6)
+    teacher_rows = {r["id"]: r["response"] for r in seq.teacher_responses(seq.splits["train"])}
     chosen = seq.tokenizer.batch_decode(torch.where(seen["chosen"]["labels"] == -100, seq.tokenizer.pad_token_id,
                                                     seen["chosen"]["labels"]), skip_special_tokens=True)
     dataset = {ex["id"]: ex for ex in seq.train_set}
     for i, text in zip(ids, chosen):
         assert text.strip() == teacher_rows[i].strip()
-        assert not torch.equal(torch.tensor(seq.chosen_by_id[i]["input_ids"]), torch.tensor(dataset[i]["input_ids"]))
+        assert seq.chosen[i]["input_ids"] != dataset[i]["input_ids"]
+    # the precomputed teacher log-probs are the teacher's log-probs of those chosen rows
+    online = obj_lib.OnlineTeacher(seq.teacher_model).sequence_logps(seen["chosen"], True)
+    assert torch.allclose(seen["ref_chosen"], online, atol=1e-5)
+    assert torch.allclose(seen["ref_rejected"],
+                          obj_lib.OnlineTeacher(seq.teacher_model).sequence_logps(seen["rejected"], True), atol=1e-5)
+
+
+def test_dpkd_seq_batch_on_policy_samples_every_k_steps(tmp_path, monkeypatch):
+    """rejected_every = k: the student's samples for k steps are drawn at once (one generate
+    call per k steps), each step still gets its own batch's prompts."""
+    import dpkd_lib.train as train_mod
+    calls = []
+    original = train_mod.eval_lib.generate_ids
+    monkeypatch.setattr(train_mod.eval_lib, "generate_ids",
+                        lambda model, tok, prompts, **k: calls.append(len(prompts)) or original(model, tok, prompts, **k))
+    cfg = load_config(SMOKE, [f"output_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}",
+                              "train.objective=dpkd_seq", "train.seq_max_new_tokens=6", "train.max_steps=5",
+                              "train.rejected_every=2", "eval.splits=[]", "train.save_every=0"])
+    train(cfg, progress=False)
+    # 96: the teacher's responses (chosen side), once; then batch 4: steps (1, 2), (3, 4), (5)
+    assert calls == [96, 8, 8, 4]
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert len(rows) == 5 and all(math.isfinite(r["loss"]) and r["rejected_len"] >= 1 for r in rows)
 
 
 def test_teacher_responses_are_sampled_once_per_seed_and_shared(tmp_path, monkeypatch):
@@ -195,15 +244,16 @@ def test_teacher_responses_are_sampled_once_per_seed_and_shared(tmp_path, monkey
     original = train_mod.eval_lib.generate
     monkeypatch.setattr(train_mod.eval_lib, "generate",
                         lambda *a, **k: calls.append(k["seed"]) or original(*a, **k))
-    common = ["train.seq_max_new_tokens=8", f"train.cache_dir={tmp_path / 'cache'}"]
+    common = ["train.seq_max_new_tokens=8", f"cache_dir={tmp_path / 'cache'}"]
     responses = {}
     for name, objective, seed in (("a", "dpkd_seq", 1), ("b", "seqkd", 1), ("c", "dpkd_seq", 2)):
         tr = Trainer(load_config(SMOKE, [f"output_dir={tmp_path / name}", f"train.objective={objective}",
                                          f"train.seed={seed}", *common]), progress=False)
         tr.setup()
-        responses[name] = [r["response"] for r in read_jsonl(tmp_path / name / "teacher_responses.jsonl")]
+        responses[name] = [r["response"] for r in tr.teacher_responses(tr.splits["train"])]
     assert calls == [1, 2]
     assert responses["a"] == responses["b"] and responses["a"] != responses["c"]
+    assert len(list((tmp_path / "cache" / "responses").glob("*.jsonl"))) == 2
 
 
 @pytest.mark.parametrize("mode", ["online", "topk"])
@@ -211,7 +261,7 @@ def test_token_level_simpo_margin_reaches_the_loss(tmp_path, mode):
     """train.gamma is SimPO's margin at the token level too: −log σ(z − γ) > −log σ(z), so a
     positive margin raises the DPKD term at every position (with γ = 0 token-level SimPO is
     exactly the reference-free loss)."""
-    common = ["train.loss_type=simpo", f"train.cache_dir={tmp_path / 'cache'}"]
+    common = ["train.loss_type=simpo", f"cache_dir={tmp_path / 'cache'}"]
     if mode == "topk":
         common += ["train.teacher_mode=cache", "train.cache_format=topk", "train.cache_topk=8"]
     distill = {}
@@ -219,5 +269,62 @@ def test_token_level_simpo_margin_reaches_the_loss(tmp_path, mode):
         tr = Trainer(load_config(SMOKE, [f"output_dir={tmp_path / str(gamma)}", f"train.gamma={gamma}",
                                          *common]), progress=False)
         tr.setup()
-        distill[gamma] = tr.step_loss(0)[1]["distill"]
+        distill[gamma] = tr.step_loss(0)[0].parts["distill"]
     assert distill[0.5] > distill[0.0] + 1e-3
+
+
+# every objective × every setting that can change a loss: a setting the run accepts changes
+# the step loss; a setting it refuses ("is not used") would not have changed it
+PROBES = [  # (name, settings it needs, the probe)
+    ("kd_ratio", {}, {"kd_ratio": 0.3}),
+    ("lm_coef", {}, {"lm_coef": 0.2}),
+    ("pretrain_loss", {}, {"pretrain_loss": "ce"}),
+    ("beta", {}, {"beta": 0.7}),
+    ("loss_type", {}, {"loss_type": "ipo"}),
+    ("label_smoothing", {}, {"label_smoothing": 0.2}),
+    ("reference_free", {}, {"reference_free": True}),
+    ("gamma", {"loss_type": "simpo"}, {"gamma": 0.3}),
+    ("dpop_lambda", {"loss_type": "dpop"}, {"dpop_lambda": 2.0}),
+    ("cpo_alpha", {"loss_type": "cpo"}, {"cpo_alpha": 0.5}),
+    ("length_normalize", {}, {"length_normalize": False}),
+    ("temperature", {}, {"temperature": 1.5}),
+    ("jsd_beta", {}, {"jsd_beta": 0.3}),
+    ("skew_alpha", {}, {"skew_alpha": 0.4}),
+]
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_every_setting_is_used_or_refused(tmp_path, objective):
+    import dataclasses
+
+    from dpkd_lib import objectives as obj_lib
+    from dpkd_lib.config import ConfigError
+    seq = ["train.seq_max_new_tokens=6"] if objective in SAMPLING_OBJECTIVES else []
+    base = [f"output_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}", f"train.objective={objective}",
+            "train.lm_coef=0.5", *seq] + (["teacher=null"] if objective == "sft" else [])
+    tr = Trainer(load_config(SMOKE, base), progress=False)
+    tr.setup()
+    batch, pretrain = tr.micro_batch(0), tr.pretrain_batch(0)
+    pair = tr.dpkd_seq_pair(0) if objective == "dpkd_seq" else None
+    if pair is not None:  # let the teacher score both sides online (length_normalize may change)
+        pair = {k: pair[k] for k in ("chosen", "rejected")}
+        tr.teacher = obj_lib.OnlineTeacher(tr.teacher_model)
+
+    def loss(**settings):
+        t = dataclasses.replace(tr.cfg.train, **settings)
+        with torch.no_grad():
+            return obj_lib.step_loss(t, tr.student, tr.teacher, batch, pretrain=pretrain, pair=pair).total.item()
+
+    for name, needs, probe in PROBES:
+        overrides = [f"train.{k}={v}" for k, v in {**needs, **probe}.items()]
+        try:
+            load_config(SMOKE, base + overrides)
+            accepted = True
+        except ConfigError as err:
+            assert "is not used" in str(err), (name, str(err))
+            accepted = False
+        before, after = loss(**needs), loss(**needs, **probe)
+        if accepted:
+            assert after != pytest.approx(before, rel=1e-7, abs=1e-9), f"{objective}: {name} accepted but ignored"
+        else:
+            assert after == before, f"{objective}: {name} refused but it changes the loss"

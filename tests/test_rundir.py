@@ -5,7 +5,8 @@ import os
 import pytest
 
 from dpkd_lib.config import ConfigError, load_config, to_dict
-from dpkd_lib.results import RunDir, atomic_write_text, read_jsonl, run_id
+from dpkd_lib.io import atomic_write_text, read_jsonl
+from dpkd_lib.rundir import RunDir, run_id
 
 from test_config import SMOKE
 
@@ -31,6 +32,14 @@ def test_atomic_write_leaves_old_file_when_interrupted(tmp_path, monkeypatch):
         atomic_write_text(path, "new")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"], "temp file left behind"
+
+
+def test_a_torn_line_anywhere_but_last_is_an_error(tmp_path):
+    from dpkd_lib.errors import DataError
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"a": 1}\n{"a": \n{"a": 3}\n')
+    with pytest.raises(DataError, match=r"x.jsonl:2: not valid JSON"):
+        read_jsonl(path, torn_ok=True)
 
 
 def test_prepare_refuses_to_clobber_and_names_keys(tmp_path):
@@ -62,6 +71,6 @@ def test_torn_metrics_line_is_ignored_and_truncation_keeps_steps(tmp_path):
         run.append_metrics({"step": step})
     with open(run.file("metrics.jsonl"), "a") as handle:
         handle.write('{"step": 4, "lo')
-    assert [r["step"] for r in read_jsonl(run.file("metrics.jsonl"))] == [1, 2, 3]
+    assert [r["step"] for r in read_jsonl(run.file("metrics.jsonl"), torn_ok=True)] == [1, 2, 3]
     run.truncate_metrics(2)
     assert [r["step"] for r in read_jsonl(run.file("metrics.jsonl"))] == [1, 2]

@@ -1,0 +1,54 @@
+"""Every list of valid values, defined once.
+
+Config validation (`config.py`), the losses (`losses.py`), the step (`objectives.py`) and the
+parameter reference (`docs/params.md`, checked by a test) all read these tuples, so they
+cannot disagree. Which parameter each objective and loss type *uses* is here too: a
+parameter that the chosen objective does not use is refused at load time, never ignored.
+"""
+from __future__ import annotations
+
+# --------------------------------------------------------------------------- objectives
+#: every training objective (docs/method.md §2 and the baselines)
+OBJECTIVES = ("sft", "kd", "rkl", "jsd", "skl", "srkl", "seqkd", "dpkd_token", "dpkd_seq")
+#: token-level terms computed from the teacher's logits at each response position: the
+#: teacher signal is the same for every method and seed, so it can be cached
+TOKEN_OBJECTIVES = ("kd", "rkl", "jsd", "skl", "srkl", "dpkd_token")
+#: objectives with a teacher term in the step loss (kd_ratio mixes it with CE)
+DISTILL_OBJECTIVES = TOKEN_OBJECTIVES + ("dpkd_seq",)
+#: objectives that need a teacher at all (SeqKD trains on the teacher's samples)
+TEACHER_OBJECTIVES = DISTILL_OBJECTIVES + ("seqkd",)
+#: objectives whose top-k cached form exists (losses.*_from_teacher_topk)
+TOPK_OBJECTIVES = ("kd", "dpkd_token")
+#: objectives that sample responses (from the teacher, and for DPKD-seq from the student)
+SAMPLING_OBJECTIVES = ("seqkd", "dpkd_seq")
+
+# --------------------------------------------------------------------------- losses
+#: DPO-family preference losses (losses.preference_loss), at token or sequence level
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "dpop", "simpo", "cpo")
+#: the train parameters each loss type uses beyond beta; any other is refused
+LOSS_TYPE_PARAMS = {
+    "sigmoid": ("label_smoothing", "reference_free"),
+    "ipo": ("reference_free",),
+    "hinge": ("reference_free",),
+    "dpop": ("label_smoothing", "reference_free", "dpop_lambda"),
+    "simpo": ("label_smoothing", "gamma"),
+    "cpo": ("label_smoothing", "cpo_alpha"),
+}
+#: the pre-train term: "released" = (1-kd_ratio)*CE + kd_ratio*H(p,q) on the corpus (the
+#: released runner); "ce" = plain LM cross-entropy (the paper's Algorithm 1, L_PT)
+PRETRAIN_LOSSES = ("released", "ce")
+
+# --------------------------------------------------------------------------- the rest
+TOKENIZER_KINDS = ("bpe_local", "gpt2", "smollm2", "pretrained")
+MODEL_SOURCES = ("tiny", "pretrained", "smollm2", "saved")
+TINY_ARCHS = ("llama", "gpt2")
+DATA_SOURCES = ("synthetic", "jsonl", "dolly_hub", "minillm")
+PRETRAIN_SOURCES = ("none", "pydoc", "jsonl")
+DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "4bit", "8bit")
+TEACHER_MODES = ("online", "cache")
+CACHE_FORMATS = ("hidden", "topk")
+LR_SCHEDULES = ("cosine", "constant")
+NAN_POLICIES = ("stop", "skip")
+BAD_DATA_POLICIES = ("drop", "error")
+SPLITS = ("train", "valid", "test", "heldout")

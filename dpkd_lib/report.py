@@ -1,0 +1,572 @@
+"""Reading results back: tables, statistics, the answer in words, figures. Reads only the run
+folders under ``<results_root>/runs`` (figure notebooks need no model).
+
+Statistics (docs/design.md §7). Runs are paired by training seed (same batches, same
+pre-train blocks) and every model is scored on the same prompts. A difference between two
+methods is the mean over seeds and prompts of the per-(seed, prompt) difference; its 95 % CI
+comes from a bootstrap that resamples seeds and prompts; the p-value is the bootstrap's
+two-sided tail. Across the declared primary comparisons the p-values are Holm-corrected, and
+each CI is drawn at the level of its Holm step (1 − α/(m − i) for the i-th smallest p), so a
+CI that excludes 0 is a rejected hypothesis. The words of the answer are generated from these
+intervals (`answer_text`), never typed.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import yaml
+
+from .evaluate import bucket_table as run_bucket_table
+from .evaluate import mean_sd
+from .io import atomic_write_text, read_jsonl
+from .runs import DISPLAY, strip_seed
+
+METHOD_ORDER = ["teacher", "student_init", "sft", "kd", "rkl", "jsd", "skl", "srkl", "seqkd",
+                "dpkd_token", "dpkd_seq"]
+METRIC_LABELS = {"rouge_l": "ROUGE-L", "exact_match": "EM", "nll": "NLL", "token_acc": "tok-acc",
+                 "response_tokens": "resp. len", "distinct_2": "distinct-2", "repetition_rate": "repetition",
+                 "sample_rouge_l": "ROUGE-L (T=1)", "sample_exact_match": "EM (T=1)",
+                 "valid_nll": "valid NLL", "wall_time_s": "wall s"}
+LOWER_IS_BETTER = {"nll", "valid_nll", "repetition_rate"}
+# method.md §5 (ROUGE-L). The baselines appear to be MiniLLM's published 5-seed means; DPKD
+# is one seed. S-NI SeqKD: 16.4 in the paper's Table 1 (the released code's table has 16.0).
+PAPER_NUMBERS = {
+    ("gpt2-120M", "DollyEval"): {"teacher": 27.6, "sft": 23.3, "kd": 22.8, "seqkd": 22.7,
+                                  "minillm": 24.6, "dpkd_token": 24.6},
+    ("gpt2-120M", "SelfInst"): {"teacher": 14.3, "sft": 10.0, "kd": 10.8, "seqkd": 10.1,
+                                 "minillm": 13.2, "dpkd_token": 13.8},
+    ("gpt2-120M", "S-NI"): {"teacher": 27.6, "sft": 16.3, "kd": 13.4, "seqkd": 16.4,
+                             "minillm": 25.3, "dpkd_token": 25.4},
+}
+PAPER_NOTE = ("Paper column: DPKD is one seed; the SFT/KD/SeqKD/MiniLLM columns appear to be "
+              "MiniLLM's published 5-seed means.")
+PAPER_ABLATIONS = {"full": 24.62, "no pre-train term": 23.47, "no length normalisation": 22.79,
+                   "IPO": 18.78, "CPO": 24.31, "SimPO": 24.46}
+PARAM_COLUMNS = {
+    "objective": ("train", "objective"), "seed": ("train", "seed"), "steps": ("train", "max_steps"),
+    "beta": ("train", "beta"), "loss_type": ("train", "loss_type"), "lr": ("train", "lr"),
+    "kd_ratio": ("train", "kd_ratio"), "lm_coef": ("train", "lm_coef"),
+    "length_normalize": ("train", "length_normalize"), "teacher_mode": ("train", "teacher_mode"),
+    "student_lora": ("student", "lora"), "teacher_quantization": ("teacher", "quantization"),
+}
+SPLIT_METRICS = ("rouge_l", "exact_match", "response_tokens", "distinct_2", "repetition_rate",
+                 "truncated_rate", "n", "sample_rouge_l", "sample_rouge_l_sd", "sample_exact_match",
+                 "nll", "token_acc")
+
+
+def label(method: str) -> str:
+    return DISPLAY.get(method, method)
+
+
+# ----------------------------------------------------------------------------- collection
+
+def _get(params: dict, path: tuple) -> Any:
+    node = params
+    for part in path:
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def iter_runs(results_root: str | Path):
+    """(run_dir, params, summary, labels) of every finished run under results_root/runs."""
+    runs = Path(results_root) / "runs"
+    if not runs.is_dir():
+        return
+    for run_dir in sorted(p for p in runs.iterdir() if p.is_dir() and ".replaced-" not in p.name):
+        try:
+            if json.loads((run_dir / "manifest.json").read_text()).get("status") != "finished":
+                continue
+            params = yaml.safe_load((run_dir / "params.yaml").read_text()) or {}
+            summary = json.loads((run_dir / "summary.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError, yaml.YAMLError):
+            continue
+        try:
+            labels = json.loads((run_dir / "labels.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            labels = {}
+        yield run_dir, params, summary, labels
+
+
+def collect(results_root: str | Path):
+    """One row per finished run × eval split: run, method, label, group, the params of
+    `PARAM_COLUMNS`, split, and the split's metrics from summary.json (`SPLIT_METRICS`:
+    greedy ROUGE-L / EM ×100 and its response statistics, T=1 sampling as ``sample_*``,
+    teacher-forced NLL / token accuracy), valid_nll, wall_time_s. A run evaluated on no
+    split gets one row with split "valid"."""
+    import pandas as pd
+
+    rows = []
+    for run_dir, params, summ, labels in iter_runs(results_root):
+        method = labels.get("method", strip_seed(run_dir.name))
+        base = {"run": run_dir.name, "method": method, "group": labels.get("group", ""),
+                "label": labels.get("label", label(method)), "run_dir": str(run_dir)}
+        base |= {col: _get(params, path) for col, path in PARAM_COLUMNS.items()}
+        base |= {"valid_nll": summ.get("valid_nll"), "wall_time_s": summ.get("wall_time_s")}
+        splits = list(summ.get("eval") or {})
+        if not splits:
+            rows.append(dict(base, split="valid"))
+        for split in splits:
+            rows.append(dict(base, split=split, **{m: summ.get(f"{split}_{m}") for m in SPLIT_METRICS}))
+    df = pd.DataFrame(rows)
+    if not df.empty:
+        df["_order"] = [METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER)
+                        for m in df["method"]]
+        df = df.sort_values(["_order", "method", "seed", "split"], kind="stable").drop(columns="_order")
+        df = df.reset_index(drop=True)
+    return df
+
+
+def read_rows(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "eval.jsonl"
+    return read_jsonl(path) if path.exists() else []
+
+
+def per_example(df, *, metric: str = "rouge_l", decoding: str = "greedy"):
+    """Per-(run, split, example) values of `metric` from the runs' eval.jsonl: columns run,
+    method, seed, split, id, num, den (the metric is Σnum/Σden: ROUGE-L and EM ×100 with
+    den 1; teacher-forced ``nll`` / ``token_acc`` as sums over a reference's tokens)."""
+    import pandas as pd
+
+    out = []
+    for _, r in df.drop_duplicates("run").iterrows():
+        for row in read_rows(r["run_dir"]):
+            if metric in ("nll", "token_acc"):
+                if row.get("decoding") != "teacher_forced":
+                    continue
+                num = row["nll_sum"] if metric == "nll" else row["correct"]
+                den = row["n_tokens"]
+            else:
+                if row.get("decoding", "greedy") != decoding:
+                    continue
+                num, den = 100.0 * row[metric], 1.0
+            out.append({"run": r["run"], "method": r["method"], "seed": r["seed"],
+                        "split": row["split"], "id": str(row["id"]), "sample_seed": row.get("seed"),
+                        "num": num, "den": den})
+    return pd.DataFrame(out, columns=["run", "method", "seed", "split", "id", "sample_seed", "num", "den"])
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def aggregate(df, by: Sequence[str] = ("method", "split"),
+              metrics: Sequence[str] = ("rouge_l", "exact_match", "nll", "token_acc")):
+    """Mean, sd and n over training seeds (runs) for each group: a long numeric table."""
+    import pandas as pd
+
+    rows = []
+    for key, g in df.groupby(list(by), sort=False, dropna=False):
+        row = dict(zip(by, key if isinstance(key, tuple) else (key,)))
+        for m in metrics:
+            if m in g:
+                row[m], row[f"{m}_sd"], row[f"{m}_n"] = mean_sd(g[m])
+        row["n_seeds"] = int(g["run"].nunique()) if "run" in g else len(g)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def fmt_mean_sd(mean: float, sd: float, digits: int = 1) -> str:
+    """'24.6 ± 0.3'; one seed (sd NaN) prints the mean alone; missing prints '–'."""
+    if mean is None or math.isnan(mean):
+        return "–"
+    return f"{mean:.{digits}f}" if sd is None or math.isnan(sd) else f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def _digits(metric: str, digits: int) -> int:
+    return 3 if metric in ("nll", "valid_nll", "token_acc", "repetition_rate") else digits
+
+
+def main_table(df, *, methods: Sequence[str] | None = None, splits: Sequence[str] = ("test", "heldout"),
+               metrics: Sequence[str] = ("rouge_l", "exact_match", "nll"), digits: int = 1,
+               group: str | Sequence[str] | None = None, label_col: str = "method"):
+    """Paper-style table: one row per method, "mean ± sd" over training seeds per
+    (split, metric), and the number of seeds."""
+    import pandas as pd
+
+    data = df if group is None else df[df["group"].isin([group] if isinstance(group, str) else group)]
+    if methods is not None:
+        data = data[data["method"].isin(methods)]
+    data = data[data["split"].isin(splits)]
+    agg = aggregate(data, by=("method", "split"), metrics=metrics)
+    rows = []
+    for method in (list(methods) if methods is not None else list(dict.fromkeys(data["method"]))):
+        sub = agg[agg["method"] == method]
+        if sub.empty:
+            continue
+        name = data.loc[data["method"] == method, "label"].iloc[0] if label_col == "label" else label(method)
+        row = {"method": name}
+        for split in splits:
+            s = sub[sub["split"] == split]
+            for m in metrics:
+                row[f"{split} {METRIC_LABELS.get(m, m)}"] = "–" if s.empty or m not in s else \
+                    fmt_mean_sd(s[m].iloc[0], s[f"{m}_sd"].iloc[0], _digits(m, digits))
+        row["seeds"] = int(sub["n_seeds"].max())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _matrix(ex, method: str, split: str):
+    """{seed: (num [P], den [P])} of one method on one split, prompts in a fixed id order."""
+    sel = ex[(ex["method"] == method) & (ex["split"] == split)]
+    out = {}
+    for seed, g in sel.groupby("seed", dropna=False):
+        g = g.groupby("id")[["num", "den"]].mean().sort_index()  # mean over sampling seeds, if any
+        out[seed] = g
+    return out
+
+
+def bootstrap_difference(ex, a: str, b: str, split: str, *, n_boot: int = 4000, seed: int = 0,
+                         levels: Sequence[float] = (0.95,)) -> dict:
+    """Mean difference a − b of a per-example metric (`per_example` rows) on `split`, with
+    bootstrap CIs at `levels` and a two-sided bootstrap p-value. Resampled: prompts (the
+    same draw for both sides) and training seeds (paired by seed value when both methods
+    have the same seeds; a single-run side — the teacher, the starting student — is fixed).
+    The metric of a resample is Σnum/Σden over its (seed, prompt) cells."""
+    A, B = _matrix(ex, a, split), _matrix(ex, b, split)
+    if not A or not B:
+        return {"a": a, "b": b, "split": split, "delta": float("nan"), "p": float("nan"), "n_prompts": 0}
+    ids = sorted(set.intersection(*(set(m.index) for m in list(A.values()) + list(B.values()))))
+    stack = lambda M: (np.stack([M[s].loc[ids, "num"].to_numpy() for s in sorted(M)]),  # noqa: E731
+                       np.stack([M[s].loc[ids, "den"].to_numpy() for s in sorted(M)]))
+    (an, ad), (bn, bd) = stack(A), stack(B)
+    paired = sorted(A) == sorted(B) and len(A) > 1
+    rng = np.random.default_rng(seed)
+    P, Sa, Sb = len(ids), an.shape[0], bn.shape[0]
+    p_idx = rng.integers(0, P, size=(n_boot, P))
+    sa_idx = rng.integers(0, Sa, size=(n_boot, Sa))
+    sb_idx = sa_idx if paired else rng.integers(0, Sb, size=(n_boot, Sb))
+
+    def value(num, den, s_idx):
+        n = num[s_idx[:, :, None], p_idx[:, None, :]].sum(axis=(1, 2))
+        d = den[s_idx[:, :, None], p_idx[:, None, :]].sum(axis=(1, 2))
+        return n / d
+
+    boot = value(an, ad, sa_idx) - value(bn, bd, sb_idx)
+    delta = an.sum() / ad.sum() - bn.sum() / bd.sum()
+    p = min(1.0, 2 * min((boot <= 0).mean(), (boot >= 0).mean()))
+    out = {"a": a, "b": b, "split": split, "delta": float(delta), "p": max(float(p), 1.0 / n_boot),
+           "n_prompts": P, "n_seeds_a": Sa, "n_seeds_b": Sb, "paired": paired,
+           "mean_a": float(an.sum() / ad.sum()), "mean_b": float(bn.sum() / bd.sum())}
+    for level in levels:
+        lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
+        out[f"ci_{level:g}"] = (float(lo), float(hi))
+    return out
+
+
+def holm(results: list[dict], alpha: float = 0.05) -> list[dict]:
+    """Holm's step-down over `results` (each with "p"; the bootstrap CIs at every level a
+    step may need must be in it): adds p_holm, the CI at the step's level (ci_lo, ci_hi,
+    ci_level) and "rejected"."""
+    m = len(results)
+    order = sorted(range(m), key=lambda i: results[i]["p"])
+    still, running = True, 0.0
+    for rank, i in enumerate(order):
+        r = results[i]
+        level = 1 - alpha / (m - rank)
+        running = max(running, min(1.0, (m - rank) * r["p"]))
+        still = still and r["p"] <= alpha / (m - rank)
+        lo, hi = r.get(f"ci_{level:g}", (float("nan"), float("nan")))
+        r.update(p_holm=running, ci_level=level, ci_lo=lo, ci_hi=hi, rejected=bool(still))
+    return results
+
+
+def holm_levels(m: int, alpha: float = 0.05) -> tuple[float, ...]:
+    return tuple(1 - alpha / (m - rank) for rank in range(m))
+
+
+def compare(ex, pairs: Sequence[Sequence[str]], splits: Sequence[str], *, metric: str = "rouge_l",
+            alpha: float = 0.05, n_boot: int = 4000) -> list[dict]:
+    """The declared comparisons (method a vs method b) on every split, Holm-corrected
+    together: one dict per (pair, split) with delta, CI at its Holm level, p, p_holm,
+    rejected and a `verdict` ("better", "worse", "no difference shown")."""
+    m = len(pairs) * len(splits)
+    results = [dict(bootstrap_difference(ex, a, b, split, n_boot=n_boot, seed=k,
+                                         levels=holm_levels(m, alpha)), metric=metric)
+               for k, ((a, b), split) in enumerate((p, s) for p in pairs for s in splits)]
+    for r in holm(results, alpha):
+        lower = metric in LOWER_IS_BETTER
+        better = (r["delta"] < 0) if lower else (r["delta"] > 0)
+        r["verdict"] = ("better" if better else "worse") if r["rejected"] else "no difference shown"
+    return results
+
+
+def gap_closed(ex, methods: Sequence[str], split: str, *, start: str = "student_init",
+               teacher: str = "teacher", n_boot: int = 4000, level: float = 0.95) -> list[dict]:
+    """How far each method moved the starting student toward the teacher on `split`:
+    moved = method − start, and the share of the gap, moved / (teacher − start), each with
+    a bootstrap CI (prompts and seeds resampled as in `bootstrap_difference`)."""
+    out = []
+    gap = bootstrap_difference(ex, teacher, start, split, n_boot=n_boot, seed=99, levels=(level,))
+    for k, method in enumerate(methods):
+        moved = bootstrap_difference(ex, method, start, split, n_boot=n_boot, seed=99, levels=(level,))
+        if not moved.get("n_prompts"):
+            continue
+        out.append({"method": method, "split": split, "moved": moved["delta"],
+                    "moved_ci": moved[f"ci_{level:g}"], "gap": gap["delta"],
+                    "share": moved["delta"] / gap["delta"] if gap["delta"] else float("nan")})
+    return out
+
+
+def _ci(r: dict, digits: int = 1) -> str:
+    return f"{r['delta']:+.{digits}f} [{r['ci_lo']:+.{digits}f}, {r['ci_hi']:+.{digits}f}]"
+
+
+def comparison_sentence(r: dict) -> str:
+    """One plain sentence per comparison, from its interval (and nothing else)."""
+    a, b, name = label(r["a"]), label(r["b"]), METRIC_LABELS.get(r["metric"], r["metric"])
+    where = f"{r['split']} {name}: Δ = {_ci(r, 3 if r['metric'] in ('nll', 'token_acc') else 1)} " \
+            f"({100 * r['ci_level']:.1f} % CI, Holm p = {r['p_holm']:.3f})"
+    if r["verdict"] == "better":
+        return f"{a} beats {b} on {where}."
+    if r["verdict"] == "worse":
+        return f"{a} is worse than {b} on {where}."
+    return f"{a} and {b} are not told apart on {where}: the interval includes 0."
+
+
+def answer_text(comparisons: Sequence[dict], moved: Sequence[dict] = ()) -> str:
+    """The study's answer in Markdown, every sentence generated from the intervals: one
+    bullet per comparison, then how far each method moved the student toward the teacher."""
+    lines = [f"- {comparison_sentence(r)}" for r in comparisons]
+    for split in dict.fromkeys(m["split"] for m in moved):
+        sel = [m for m in moved if m["split"] == split]
+        listing = "; ".join(f"{label(m['method'])} {m['moved']:+.1f} [{m['moved_ci'][0]:+.1f}, "
+                            f"{m['moved_ci'][1]:+.1f}] ({100 * m['share']:.0f} % of the gap)" for m in sel)
+        lines.append(f"- {split}: the teacher is {sel[0]['gap']:+.1f} above the starting student. "
+                     f"Change from the start (95 % CI): {listing}.")
+    return "\n".join(lines)
+
+
+def comparisons_table(comparisons: Sequence[dict]):
+    import pandas as pd
+    return pd.DataFrame([{"a": label(r["a"]), "b": label(r["b"]), "split": r["split"],
+                          "metric": METRIC_LABELS.get(r["metric"], r["metric"]), "delta": r["delta"],
+                          "ci": f"[{r['ci_lo']:+.2f}, {r['ci_hi']:+.2f}]",
+                          "ci_level": r["ci_level"], "p": r["p"], "p_holm": r["p_holm"],
+                          "verdict": r["verdict"], "seeds": f"{r['n_seeds_a']}/{r['n_seeds_b']}",
+                          "prompts": r["n_prompts"]} for r in comparisons])
+
+
+# ----------------------------------------------------------------------------- buckets, curves
+
+def buckets(df, *, split: str = "test", methods: Sequence[str] | None = None, edges=None):
+    """Greedy ROUGE-L and EM by reference-length bucket (paper Tables 4/5), per method: per
+    run from its eval.jsonl (evaluate.bucket_table), then mean ± sd over training seeds."""
+    import pandas as pd
+
+    runs = df[df["split"] == split].drop_duplicates("run")
+    if methods is not None:
+        runs = runs[runs["method"].isin(methods)]
+    per_run = []
+    for _, r in runs.iterrows():
+        rows = [x for x in read_rows(r["run_dir"])
+                if x.get("split") == split and x.get("decoding", "greedy") == "greedy"]
+        if rows:
+            t = run_bucket_table(rows, edges=edges)
+            t["method"], t["run"] = r["method"], r["run"]
+            per_run.append(t)
+    if not per_run:
+        return pd.DataFrame(columns=["method", "bucket", "n_examples", "rouge_l", "rouge_l_sd",
+                                     "exact_match", "exact_match_sd", "n_seeds"])
+    allr = pd.concat(per_run, ignore_index=True)
+    out = []
+    for (method, bucket), g in allr.groupby(["method", "bucket"], sort=False):
+        rl, rl_sd, n = mean_sd(g["rouge_l"])
+        em, em_sd, _ = mean_sd(g["exact_match"])
+        out.append({"method": method, "bucket": bucket, "n_examples": int(g["n_examples"].max()),
+                    "rouge_l": rl, "rouge_l_sd": rl_sd, "exact_match": em, "exact_match_sd": em_sd,
+                    "n_seeds": n})
+    res = pd.DataFrame(out)
+    res["_lo"] = [float(b[1:].split(",")[0]) for b in res["bucket"]]
+    res["_m"] = [METHOD_ORDER.index(m) if m in METHOD_ORDER else 99 for m in res["method"]]
+    return res.sort_values(["_m", "method", "_lo"]).drop(columns=["_lo", "_m"]).reset_index(drop=True)
+
+
+def read_metrics(run_dir: str | Path):
+    import pandas as pd
+    path = Path(run_dir) / "metrics.jsonl"
+    return pd.DataFrame(read_jsonl(path, torn_ok=True)) if path.exists() else pd.DataFrame()
+
+
+def curves(df, metrics: Sequence[str] = ("loss", "ce", "distill", "student_nll_ref"), *,
+           methods: Sequence[str] | None = None, smooth: int = 5, ncols: int = 2, title: str = ""):
+    """Training curves from metrics.jsonl: per method, the mean over its seeds (band = min..max
+    over seeds), moving average over `smooth` steps. Returns the matplotlib figure."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    runs = df.drop_duplicates("run")
+    if methods is not None:
+        runs = runs[runs["method"].isin(methods)]
+    n = len(metrics)
+    nrows = max(1, math.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, min(ncols, n), figsize=(5.2 * min(ncols, n), 3.4 * nrows), squeeze=False)
+    order = list(dict.fromkeys(runs["method"]))  # one colour per method in every panel
+    cmap = plt.get_cmap("tab10" if len(order) <= 10 else "tab20")
+    colours = {m: cmap(i % cmap.N) for i, m in enumerate(order)}
+    for ax, metric in zip(axes.flat, metrics):
+        for method, g in runs.groupby("method", sort=False):
+            series = []
+            for _, r in g.iterrows():
+                m = read_metrics(r["run_dir"])
+                if metric in m and "step" in m:
+                    s = m.set_index("step")[metric].astype(float)
+                    series.append(s.rolling(max(1, smooth), min_periods=1).mean())
+            if not series:
+                continue
+            both = pd.concat(series, axis=1)
+            line = ax.plot(both.index, both.mean(axis=1), color=colours[method],
+                           label=f"{g['label'].iloc[0]} (n={len(series)})")[0]
+            if len(series) > 1:
+                ax.fill_between(both.index, both.min(axis=1), both.max(axis=1), color=line.get_color(),
+                                alpha=0.15)
+        ax.set_title(metric)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8,
+                   bbox_to_anchor=(0.5, -0.02))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig
+
+
+TERM_LABELS = {"ce": "CE (dataset)", "distill": "objective term", "pt_ce": "CE (pre-train)",
+               "pt_kd": "KD (pre-train)"}
+
+
+def update_split(df, methods: Sequence[str] | None = None):
+    """Where each method's update comes from: per run, the mean over its gradient-probe steps
+    of each loss term's share of the update (its gradient projected on the total gradient,
+    |g_t|·cos(g_t, g) / |g|; the shares sum to 1), its gradient norm and cosine; then the
+    mean over seeds. Long format: method, term, share, share_sd, gnorm, gcos, n_probes."""
+    import pandas as pd
+
+    rows = []
+    runs = df.drop_duplicates("run")
+    if methods is not None:
+        runs = runs[runs["method"].isin(methods)]
+    for _, r in runs.iterrows():
+        m = read_metrics(r["run_dir"])
+        if "gnorm_total" not in m:
+            continue
+        probes = m.dropna(subset=["gnorm_total"])
+        for term in TERM_LABELS:
+            if f"gnorm_{term}" not in probes:
+                continue
+            share = probes[f"gnorm_{term}"] * probes[f"gcos_{term}"] / probes["gnorm_total"]
+            rows.append({"method": r["method"], "label": r["label"], "run": r["run"], "term": term,
+                         "share": float(share.mean()), "gnorm": float(probes[f"gnorm_{term}"].mean()),
+                         "gcos": float(probes[f"gcos_{term}"].mean()), "n_probes": len(probes)})
+    per_run = pd.DataFrame(rows)
+    if per_run.empty:
+        return per_run
+    out = []
+    for (method, term), g in per_run.groupby(["method", "term"], sort=False):
+        share, sd, n = mean_sd(g["share"])
+        out.append({"method": method, "label": g["label"].iloc[0], "term": term, "share": share,
+                    "share_sd": sd, "gnorm": float(g["gnorm"].mean()), "gcos": float(g["gcos"].mean()),
+                    "n_runs": n, "n_probes": int(g["n_probes"].sum())})
+    return pd.DataFrame(out)
+
+
+def update_split_figure(split_df, title: str = "Where the update comes from"):
+    """Stacked bars: each method's update split by loss term (`update_split`)."""
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(split_df["method"]))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(methods) + 2), 3.6))
+    bottom_pos, bottom_neg = np.zeros(len(methods)), np.zeros(len(methods))
+    colours = dict(zip(TERM_LABELS, plt.get_cmap("tab10").colors))
+    for term, name in TERM_LABELS.items():
+        vals = np.array([float(split_df[(split_df["method"] == m) & (split_df["term"] == term)]["share"].sum())
+                         for m in methods])
+        if not vals.any():
+            continue
+        base = np.where(vals >= 0, bottom_pos, bottom_neg)
+        ax.bar(range(len(methods)), vals, bottom=base, label=name, color=colours[term])
+        bottom_pos += np.clip(vals, 0, None)
+        bottom_neg += np.clip(vals, None, 0)
+    labels = [split_df.loc[split_df["method"] == m, "label"].iloc[0] for m in methods]
+    ax.set_xticks(range(len(methods)), labels, rotation=30, ha="right")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_ylabel("share of the update")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
+
+
+def final_monitors(df, *, last: int = 10, split: str = "test"):
+    """Reward-hacking monitors per run: the mean of the last `last` logged steps of
+    reward_margin, reward_accuracy, grad_weight, student_nll_ref and argmax_disagree, beside
+    the run's greedy response length, repetition and teacher-forced NLL on `split`."""
+    import pandas as pd
+
+    rows = []
+    for _, r in df[df["split"] == split].drop_duplicates("run").iterrows():
+        m = read_metrics(r["run_dir"])
+        row = {"run": r["run"], "method": r["method"], "label": r.get("label", r["method"])}
+        for col in ("reward_margin", "reward_accuracy", "grad_weight", "student_nll_ref",
+                    "argmax_disagree", "distill"):
+            row[col] = float(m[col].tail(last).mean()) if col in m else float("nan")
+        for col in ("response_tokens", "repetition_rate", "nll", "rouge_l", "exact_match"):
+            row[col] = r.get(col)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def to_markdown(df, floatfmt: str = ".2f") -> str:
+    """A GitHub Markdown table (no `tabulate` dependency)."""
+    cols = [str(c) for c in df.columns]
+
+    def cell(v):
+        if isinstance(v, float):
+            return "–" if math.isnan(v) else format(v, floatfmt)
+        return str(v).replace("|", "\\|")
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row.tolist()) + " |" for _, row in df.iterrows()]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(df, path_stem: str | Path, floatfmt: str = ".2f") -> tuple[Path, Path]:
+    """Write `df` as <stem>.csv and <stem>.md (atomically); returns both paths."""
+    stem = Path(path_stem)
+    csv, md = stem.with_suffix(".csv"), stem.with_suffix(".md")
+    atomic_write_text(csv, df.to_csv(index=False))
+    atomic_write_text(md, to_markdown(df, floatfmt))
+    return csv, md
+
+
+def savefig(fig, results_root: str | Path, name: str, dpi: int = 120) -> Path:
+    """Save a figure as <results_root>/figures/<name>.png (temp file + rename)."""
+    import io as _io
+    buffer = _io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, bbox_inches="tight", format="png")
+    path = Path(results_root) / "figures" / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{name}.png.tmp")
+    tmp.write_bytes(buffer.getvalue())
+    tmp.replace(path)
+    return path
+
+
+def tables_dir(results_root: str | Path) -> Path:
+    path = Path(results_root) / "tables"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def paper_table():
+    """method.md §5 as a DataFrame (rows: set; columns: methods), for the paper profile."""
+    import pandas as pd
+    return pd.DataFrame([{"student ← teacher": k[0], "set": k[1], **{label(m): v for m, v in vals.items()}}
+                         for k, vals in PAPER_NUMBERS.items()])

@@ -1,0 +1,201 @@
+"""Run folders: one writer at a time, ids from resolved params, manifests with a status,
+checkpoints that survive a kill.
+
+A run folder holds params.yaml (resolved), manifest.json (status, git commit, versions, data
+hash, seed, device, wall time), metrics.jsonl, eval.jsonl, summary.json, model/ and
+checkpoints/. Files are written atomically (io.py); ``status == "finished"`` in the manifest
+is the only proof of a finished run. Statuses: running, interrupted, failed, finished.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import platform
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+import yaml
+
+from .config import diff_keys
+from .errors import ConfigError, RunBusy
+from .io import append_jsonl, read_json, read_jsonl, write_json, write_jsonl, write_yaml
+
+log = logging.getLogger("dpkd_lib")
+TRACKED_PACKAGES = ("torch", "transformers", "tokenizers", "accelerate", "peft", "bitsandbytes",
+                    "rouge-score", "pandas", "papermill")
+CHECKPOINTS = ("checkpoints/last.pt", "checkpoints/previous.pt")  # newest first
+
+
+def run_id(params: dict, length: int = 10) -> str:
+    """Short stable hash of resolved params (output_dir and cache_dir excluded: they say
+    where, not what)."""
+    content = {k: v for k, v in params.items() if k not in ("output_dir", "cache_dir")}
+    blob = json.dumps(content, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5, cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_versions() -> dict:
+    versions = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    versions["python"] = platform.python_version()
+    return versions
+
+
+class RunDir:
+    """One run's folder. `prepare` enforces the no-clobber rule before any work starts."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def manifest(self) -> dict:
+        try:
+            return read_json(self.file("manifest.json"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def is_finished(self) -> bool:
+        return self.manifest.get("status") == "finished" and self.file("summary.json").exists()
+
+    def stored_params(self) -> dict | None:
+        try:
+            return yaml.safe_load(self.file("params.yaml").read_text())
+        except FileNotFoundError:
+            return None
+
+    def prepare(self, params: dict, force: bool = False) -> str:
+        """Decide what to do with this folder: 'fresh', 'resume' or 'finished'.
+
+        A folder holding a run with different params is never overwritten silently. A run
+        that failed before its first checkpoint holds nothing worth keeping: the same
+        command with corrected params replaces it. Any other needs ``force``, and its files
+        are moved aside (never deleted) into ``<dir>.replaced-<time>``.
+        """
+        old = self.stored_params()
+        if old is not None:
+            differ = [k for k in diff_keys(old, params) if k not in ("output_dir", "cache_dir")]
+            no_progress = self.manifest.get("status") == "failed" and not self.has_checkpoint()
+            if differ and not (force or no_progress):
+                raise ConfigError(
+                    f"{self.path} holds a run with different params ({', '.join(differ[:8])}"
+                    f"{' …' if len(differ) > 8 else ''}); use another output_dir or --force "
+                    f"(FORCE=1) to replace it (the old files are moved aside)")
+            if differ or force:
+                with self.lock():  # never move a folder another process is writing
+                    pass
+                aside = self.path.with_name(f"{self.path.name}.replaced-{int(time.time())}")
+                self.path.rename(aside)
+                old = None
+        if old is not None and self.is_finished():
+            return "finished"
+        self.path.mkdir(parents=True, exist_ok=True)
+        status = "resume" if old is not None else "fresh"
+        write_yaml(self.file("params.yaml"), params)
+        return status
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the folder's lock: a second process gets a one-line RunBusy naming the holder.
+        An OS lock (fcntl), so a process that dies releases it: no stale lock to clear."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.file(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                raise RunBusy(f"{self.path} is in use by another process (pid {holder}); wait for it "
+                              f"to finish or stop it, then rerun") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    # -- manifest and logs
+    def write_manifest(self, **fields) -> None:
+        manifest = self.manifest
+        manifest.update(fields)
+        write_json(self.file("manifest.json"), manifest)
+
+    def start_manifest(self, params: dict, *, seed: int, device: str, data_hash: str) -> None:
+        manifest = self.manifest
+        self.write_manifest(
+            status="running", run_id=run_id(params), git_commit=git_commit(),
+            packages=package_versions(), seed=seed, device=device, data_hash=data_hash,
+            started=manifest.get("started", time.strftime("%Y-%m-%dT%H:%M:%S")),
+            platform=platform.platform(), attempts=manifest.get("attempts", 0) + 1)
+
+    def fail(self, error: str) -> None:
+        self.write_manifest(status="failed", error=error)
+
+    def write_jsonl(self, name: str, rows) -> None:
+        write_jsonl(self.file(name), rows)
+
+    def append_metrics(self, row: dict) -> None:
+        append_jsonl(self.file("metrics.jsonl"), row)
+
+    def truncate_metrics(self, upto_step: int) -> None:
+        """On resume, keep only metric rows up to the checkpoint's step."""
+        path = self.file("metrics.jsonl")
+        if path.exists():
+            write_jsonl(path, [r for r in read_jsonl(path, torn_ok=True) if r.get("step", 0) <= upto_step])
+
+    # -- checkpoints
+    def has_checkpoint(self) -> bool:
+        return any(self.file(name).exists() for name in CHECKPOINTS)
+
+    def save_checkpoint(self, state: dict) -> None:
+        """Write the new checkpoint next to the last one, check that it reads back, then
+        rotate: last → previous, new → last. A kill at any point leaves a readable one."""
+        last, previous = (self.file(n) for n in CHECKPOINTS)
+        last.parent.mkdir(parents=True, exist_ok=True)
+        tmp = last.with_suffix(".tmp")
+        torch.save(state, tmp)
+        torch.load(tmp, weights_only=False, map_location="cpu")  # verify before it replaces anything
+        if last.exists():
+            os.replace(last, previous)
+        os.replace(tmp, last)
+
+    def load_checkpoint(self) -> dict | None:
+        """The newest checkpoint that reads back, or None. An unreadable one (a truncated
+        file) is skipped with a one-line warning and moved aside."""
+        for name in CHECKPOINTS:
+            path = self.file(name)
+            if not path.exists():
+                continue
+            try:
+                return torch.load(path, weights_only=False, map_location="cpu")
+            except Exception as exc:  # noqa: BLE001 - any damage: fall back, never a traceback
+                os.replace(path, path.with_suffix(".corrupt"))
+                log.warning("warning: checkpoint %s is unreadable (%s); falling back to the one "
+                            "before it", path, type(exc).__name__)
+        return None
+
+    def checkpoint_note(self) -> str:
+        found = [n for n in CHECKPOINTS if self.file(n).exists()]
+        return (f"the last good checkpoint is kept in {self.file(found[0])}" if found else
+                "no checkpoint was written yet (rerunning starts from step 0)")

@@ -1,0 +1,215 @@
+"""Running grids of training runs for the notebooks: build the teacher/student pair once, then
+train (or reuse) every method × seed from it. Reading the results back is report.py's job.
+
+A notebook names its runs (a name, a list of dotted overrides of a base params file, and
+labels) and calls `run_grid`; nothing about training lives only in a notebook. Layout under a
+results root (``results/<profile>``)::
+
+    runs/<name>/          one train() run (rundir.py) + labels.json (method, group, label)
+    teacher_cache/        teacher signals and samples, keyed by what made them
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .choices import TEACHER_OBJECTIVES
+from .config import ConfigError, apply_overrides, from_dict, load_yaml, merge
+
+#: the keys of a model section that say where its weights come from (a pair replaces them)
+WEIGHT_KEYS = ("source", "name_or_path", "arch", "n_layer", "n_embd", "n_head", "seed", "prune_to")
+
+DISPLAY = {"sft": "SFT", "kd": "KD", "rkl": "RKL", "jsd": "JSD", "skl": "SKL", "srkl": "SRKL",
+           "seqkd": "SeqKD", "dpkd_token": "DPKD-token", "dpkd_seq": "DPKD-seq",
+           "teacher": "teacher", "student_init": "student (start)"}
+
+
+def _override(key: str, value: Any) -> str:
+    """A dotted override whose value survives YAML parsing (JSON is YAML)."""
+    return f"{key}={json.dumps(value)}"
+
+
+def as_overrides(overrides) -> list[str]:
+    """Overrides as `load_config` takes them, from a list of "key=value" strings or a mapping
+    {dotted key: value} (the form the params files use). None gives []."""
+    if overrides is None:
+        return []
+    if isinstance(overrides, dict):
+        return [_override(k, v) for k, v in overrides.items()]
+    if isinstance(overrides, str):
+        return [overrides]
+    return [str(o) for o in overrides]
+
+
+def strip_seed(name: str) -> str:
+    return re.sub(r"_s\d+$", "", name)
+
+
+def method_runs(methods: dict, *, prefix: str = "", group: str = "main",
+                common=None) -> list[tuple[str, list, dict]]:
+    """Run specs from a notebook's `methods` parameter.
+
+    ``methods`` maps a method key to ``{"seeds": [...], "overrides": {...}, "objective":
+    <default: the key>, "label": ...}``; each (method, seed) becomes the run
+    ``<prefix><method>_s<seed>`` with ``common`` overrides, then ``train.objective`` and
+    ``train.seed``, then the method's own overrides.
+    """
+    runs = []
+    for method, spec in methods.items():
+        spec = spec or {}
+        for seed in spec.get("seeds", [1]):
+            overrides = as_overrides(common) + [f"train.objective={spec.get('objective', method)}",
+                                                f"train.seed={seed}"] + as_overrides(spec.get("overrides"))
+            runs.append((f"{prefix}{method}_s{seed}", overrides,
+                         {"method": f"{prefix}{method}", "group": group,
+                          "label": spec.get("label", DISPLAY.get(method, method))}))
+    return runs
+
+
+def run_config(base_params: str | Path, name: str, overrides: Sequence[str], results_root,
+               pair: dict | None = None):
+    """The RunConfig of run `name`: base params, its folder and cache under `results_root`,
+    the run's own overrides, then the pair: the built student, and the teacher for the
+    objectives that use one (an SFT run gets no teacher section)."""
+    root = Path(results_root)
+    data = apply_overrides(load_yaml(base_params), [
+        _override("output_dir", str(root / "runs" / name)),
+        _override("cache_dir", str(root / "teacher_cache"))] + as_overrides(overrides))
+    objective = (data.get("train") or {}).get("objective", "dpkd_token")
+    for role, section in (pair or {}).items():
+        if role == "teacher" and objective not in TEACHER_OBJECTIVES:
+            data["teacher"] = None
+        elif section is None:
+            data[role] = None
+        else:  # the built model replaces where the weights come from; the rest (LoRA, 4-bit) stays
+            kept = {k: v for k, v in (data.get(role) or {}).items() if k not in WEIGHT_KEYS}
+            data[role] = merge(kept, section)
+    try:
+        return from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"run {name!r} ({base_params} + {' '.join(as_overrides(overrides))}): {err}") from None
+
+
+def _finished(run_dir: Path) -> bool:
+    from .rundir import RunDir
+    return RunDir(run_dir).is_finished()
+
+
+def _write_json_if_changed(path: Path, obj: dict) -> None:
+    from .io import write_json
+    try:
+        if json.loads(path.read_text()) == obj:
+            return
+    except (FileNotFoundError, json.JSONDecodeError):
+        pass
+    write_json(path, obj)
+
+
+def run_grid(base_params: str | Path, runs: Iterable, results_root: str | Path, *,
+             force: bool = False, pair: dict | None = None, progress: bool = True,
+             verbose: bool = True) -> list[dict]:
+    """Train (or reuse) every run into ``<results_root>/runs/<name>``; returns their summaries.
+
+    ``runs``: (name, overrides[, labels]) tuples. A finished run with the same resolved
+    params is reused; ``force`` recomputes. Every config is resolved (and so validated)
+    before the first run starts: a bad override costs a second, not an hour.
+    """
+    from .train import train
+    specs = [(name, as_overrides(ov), dict(rest[0]) if rest else {}) for name, ov, *rest in runs]
+    names = [s[0] for s in specs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"duplicate run names: {dup}")
+    configs = [(name, run_config(base_params, name, ov, results_root, pair), labels, ov)
+               for name, ov, labels in specs]
+    summaries = []
+    for i, (name, cfg, labels, ov) in enumerate(configs, 1):
+        run_dir = Path(cfg.output_dir)
+        reused = _finished(run_dir) and not force
+        tick = time.time()
+        summary = train(cfg, force=force, progress=progress)
+        _write_json_if_changed(run_dir / "labels.json", {
+            "name": name, "method": labels.get("method", strip_seed(name)), **labels, "overrides": ov})
+        summaries.append(summary)
+        if verbose:
+            print(f"[grid {i}/{len(configs)}] {name}: {'reused' if reused else 'trained'} in "
+                  f"{time.time() - tick:.0f} s (run wall time {summary.get('wall_time_s', 0):.0f} s)",
+                  flush=True)
+    return summaries
+
+
+def run_overrides(results_root: str | Path, name: str) -> list[str]:
+    """A finished run's own overrides as `run_grid` ran it: the starting point of an ablation
+    that changes one thing."""
+    path = Path(results_root) / "runs" / name / "labels.json"
+    try:
+        return list(json.loads(path.read_text())["overrides"])
+    except (FileNotFoundError, KeyError, json.JSONDecodeError):
+        raise FileNotFoundError(f"{path}: no record of run {name!r}; run the notebook that "
+                                f"trains it first (01)") from None
+
+
+def _saved(run_dir: Path) -> dict:
+    return {"source": "saved", "name_or_path": str(run_dir / "model")}
+
+
+def build_pair(base_params: str | Path, results_root: str | Path, *, teacher_build=None,
+               student_build=None, force: bool = False, progress: bool = True) -> dict:
+    """Build the teacher and the starting student once, as ordinary training runs
+    (``runs/teacher``, ``runs/student_init``, evaluated like every method), and return the
+    pair every later run loads (`run_config`'s ``pair``). A build given as None keeps the
+    base params' own section (hub checkpoints in the paper profile)."""
+    runs = [(name, as_overrides(build), {"method": name, "group": "pair", "label": DISPLAY[name]})
+            for name, build in (("teacher", teacher_build), ("student_init", student_build))
+            if build is not None]
+    run_grid(base_params, runs, results_root, force=force, progress=progress)
+    return pair_from_results(results_root, teacher=teacher_build is not None,
+                             student=student_build is not None)
+
+
+def pair_from_results(results_root: str | Path, *, teacher: bool = True, student: bool = True) -> dict:
+    """The pair notebook 01 built, for a later notebook (an error says to run 01 first)."""
+    root, pair = Path(results_root), {}
+    for role, name, wanted in (("teacher", "teacher", teacher), ("student", "student_init", student)):
+        if not wanted:
+            continue
+        run_dir = root / "runs" / name
+        if not _finished(run_dir) or not (run_dir / "model").exists():
+            raise FileNotFoundError(f"{run_dir} has no finished {role}: run notebook 01 first "
+                                    f"(python -m dpkd_lib.study --only 01)")
+        pair[role] = _saved(run_dir)
+    return pair
+
+
+def evaluate_models(base_params: str | Path, models: dict, results_root: str | Path, *,
+                    force: bool = False, progress: bool = True) -> list[dict]:
+    """Evaluate ready-made models (hub checkpoints of the paper profile) like any run, into
+    ``runs/<name>`` folders that report.collect reads. ``models`` maps a name (``teacher``,
+    ``student_init``, ...) to a model section."""
+    from .evaluate import evaluate_saved
+    from .io import read_json, write_json, write_yaml
+    from .rundir import RunDir, run_id
+    out = []
+    for name, section in models.items():
+        cfg = run_config(base_params, name, ["train.objective=sft"], results_root,
+                         {"student": section, "teacher": None})
+        params = dict(json.loads(json.dumps(cfg, default=lambda o: o.__dict__)))
+        run = RunDir(cfg.output_dir)
+        if run.is_finished() and not force and run.stored_params() == params:
+            out.append(read_json(run.file("summary.json")))
+            continue
+        run.path.mkdir(parents=True, exist_ok=True)
+        write_yaml(run.file("params.yaml"), params)
+        run.write_manifest(status="running", run_id=run_id(params), kind="eval_only")
+        tick = time.time()
+        summary = evaluate_saved(cfg, section.get("name_or_path") or "", run.path, progress=progress)
+        summary.update(objective="eval_only", run_id=run_id(params), wall_time_s=time.time() - tick)
+        write_json(run.file("summary.json"), summary)
+        run.write_manifest(status="finished", wall_time_s=summary["wall_time_s"])
+        _write_json_if_changed(run.file("labels.json"), {"name": name, "method": name, "group": "pair",
+                                                         "label": DISPLAY.get(name, name)})
+        out.append(summary)
+    return out
