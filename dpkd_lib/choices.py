@@ -21,6 +21,9 @@ TEACHER_OBJECTIVES = DISTILL_OBJECTIVES + ("seqkd",)
 TOPK_OBJECTIVES = ("kd", "dpkd_token")
 #: objectives that sample responses (from the teacher, and for DPKD-seq from the student)
 SAMPLING_OBJECTIVES = ("seqkd", "dpkd_seq")
+#: what the CE and token-level terms are computed on: the dataset's responses, or the
+#: teacher's samples for the same prompts (the released runner's data variant; SeqKD always)
+TRAIN_ON = ("dataset", "teacher_samples")
 
 # --------------------------------------------------------------------------- losses
 #: DPO-family preference losses (losses.preference_loss), at token or sequence level

@@ -108,7 +108,8 @@ class TrainConfig:
     temperature: float = 1.0  # token-level distillation objectives
     jsd_beta: float = 0.5  # jsd
     skew_alpha: float = 0.1  # skl / srkl (DistiLLM)
-    seq_max_new_tokens: int = 64  # seqkd / dpkd_seq: sampled response length
+    train_on: str = "dataset"  # dataset | teacher_samples: the responses CE and token terms see (not seqkd / dpkd_seq)
+    seq_max_new_tokens: int = 64  # seqkd / dpkd_seq / train_on teacher_samples: sampled response length
     rejected_every: int = 1  # dpkd_seq: draw the student's samples for this many steps at once
     teacher_mode: str = "online"  # online | cache (token-level objectives: signals precomputed once)
     cache_format: str = "hidden"  # cache: hidden = exact (final hidden states + head); topk = compact
@@ -130,6 +131,7 @@ class EvalConfig:
     max_examples: int = 0  # per split; 0 = all (the first n records: every model sees the same)
     greedy: bool = True  # greedy decoding: the primary generation metric
     sample_seeds: list = field(default_factory=list)  # T-sampling, one pass per seed (paper protocol)
+    sample_max_examples: int = 0  # sampling on the first n of those examples only (0 = all of them)
     teacher_forced: bool = True  # NLL and token accuracy on the references
     batch_size: int = 16
     max_new_tokens: int = 128
@@ -259,7 +261,10 @@ def _train_uses(t: TrainConfig, name: str) -> tuple[bool, str]:
                         "token-level objectives with the teacher's logits (not a top-k cache)"),
         "jsd_beta": (obj == "jsd", "objective jsd"),
         "skew_alpha": (obj in ("skl", "srkl"), "objectives skl, srkl"),
-        "seq_max_new_tokens": (obj in C.SAMPLING_OBJECTIVES, "objectives seqkd, dpkd_seq"),
+        "seq_max_new_tokens": (obj in C.SAMPLING_OBJECTIVES or t.train_on == "teacher_samples",
+                               "objectives seqkd, dpkd_seq, or train_on teacher_samples"),
+        "train_on": (obj not in C.SAMPLING_OBJECTIVES, "every objective but seqkd (always the teacher's "
+                     "samples) and dpkd_seq (its chosen side is the teacher's sample already)"),
         "max_skipped_share": (t.nan_policy == "skip", "nan_policy skip"),
     }
     for setting in C.LOSS_TYPE_PARAMS["sigmoid"] + ("gamma", "dpop_lambda", "cpo_alpha"):
@@ -291,7 +296,8 @@ def unused_params(cfg: RunConfig, purpose: str = "train") -> list[tuple[str, Any
     check("eval", e, EvalConfig, lambda n: {
         **{k: (generates, "eval.greedy or eval.sample_seeds") for k in ("batch_size", "max_new_tokens",
                                                                         "no_repeat_ngram_size")},
-        **{k: (bool(e.sample_seeds), "eval.sample_seeds") for k in ("temperature", "top_k", "top_p")},
+        **{k: (bool(e.sample_seeds), "eval.sample_seeds") for k in ("temperature", "top_k", "top_p",
+                                                                   "sample_max_examples")},
     }.get(n, (True, "")))
     if purpose == "eval":
         return out
@@ -354,6 +360,7 @@ def validate(cfg: RunConfig, purpose: str = "train") -> RunConfig:
             or len(set(e.sample_seeds)) != len(e.sample_seeds):
         raise ConfigError(f"eval.sample_seeds: expected distinct integers, got {e.sample_seeds!r}")
     _check_range("eval.max_examples", e.max_examples, 0)
+    _check_range("eval.sample_max_examples", e.sample_max_examples, 0)
     _check_range("eval.batch_size", e.batch_size, 1)
     _check_range("eval.max_new_tokens", e.max_new_tokens, 1)
     _check_range("eval.temperature", e.temperature, 0, None, low_open=True)
@@ -401,6 +408,7 @@ def _validate_train(cfg: RunConfig) -> None:
     _check_choice("train.teacher_mode", t.teacher_mode, C.TEACHER_MODES)
     _check_choice("train.cache_format", t.cache_format, C.CACHE_FORMATS)
     _check_choice("train.pretrain_loss", t.pretrain_loss, C.PRETRAIN_LOSSES)
+    _check_choice("train.train_on", t.train_on, C.TRAIN_ON)
     _check_choice("train.autocast_dtype", t.autocast_dtype, C.DTYPES)
     for key in ("beta", "lr", "temperature"):
         _check_range(f"train.{key}", getattr(t, key), 0, None, low_open=True)
@@ -423,9 +431,11 @@ def _validate_train(cfg: RunConfig) -> None:
     if t.warmup_steps >= t.max_steps:
         raise ConfigError(f"train.warmup_steps ({t.warmup_steps}) must be below train.max_steps "
                           f"({t.max_steps})")
-    if t.objective in C.TEACHER_OBJECTIVES and cfg.teacher is None:
-        raise ConfigError(f"teacher: objective '{t.objective}' needs a teacher section")
-    if t.objective not in C.TEACHER_OBJECTIVES and cfg.teacher is not None:
+    needs_teacher = t.objective in C.TEACHER_OBJECTIVES or t.train_on == "teacher_samples"
+    if needs_teacher and cfg.teacher is None:
+        why = f"objective '{t.objective}'" if t.objective in C.TEACHER_OBJECTIVES else "train_on teacher_samples"
+        raise ConfigError(f"teacher: {why} needs a teacher section")
+    if not needs_teacher and cfg.teacher is not None:
         raise ConfigError(f"teacher: objective '{t.objective}' does not use a teacher; "
                           f"remove the section (teacher: null)")
     if t.teacher_mode == "cache" and t.cache_format == "topk" and t.objective not in C.TOPK_OBJECTIVES:

@@ -84,6 +84,7 @@ __all__ = [
     "teacher_forced_metrics",
     "evaluate_generations",
     "evaluate_splits",
+    "evaluate_model",
     "evaluate_saved",
     "reference_metrics",
 ]
@@ -774,7 +775,8 @@ def evaluate_splits(model, tokenizer, splits: Mapping[str, Sequence[Mapping[str,
     every model sees the same ones):
 
     * greedy decoding (``eval_cfg.greedy``): the primary generation metric;
-    * T-sampling, once per seed of ``eval_cfg.sample_seeds`` (MiniLLM's protocol);
+    * T-sampling, once per seed of ``eval_cfg.sample_seeds`` (MiniLLM's protocol), on the
+      first ``sample_max_examples`` of those records when set (sampling is the costly part);
     * teacher-forced NLL / token accuracy on the references (``eval_cfg.teacher_forced``).
 
     ``splits`` maps split names to Dolly-format records; prompts come from
@@ -804,8 +806,9 @@ def evaluate_splits(model, tokenizer, splits: Mapping[str, Sequence[Mapping[str,
                      "category": rec.get("category")} for i, rec in enumerate(records)]
         out = summary["eval"][split] = {}
         for name, how in decodings:
+            subset = examples[:e.sample_max_examples] if name == "sample" and e.sample_max_examples else examples
             split_rows, out[name] = evaluate_generations(
-                model, tokenizer, examples, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
+                model, tokenizer, subset, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
                 temperature=e.temperature, top_k=e.top_k, top_p=e.top_p,
                 no_repeat_ngram_size=e.no_repeat_ngram_size, progress=progress, **how)
             for row in split_rows:
@@ -821,18 +824,32 @@ def evaluate_splits(model, tokenizer, splits: Mapping[str, Sequence[Mapping[str,
     return rows, summary
 
 
-def evaluate_saved(cfg: Any, model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+def evaluate_model(cfg: Any, model, tokenizer, out_dir: str | os.PathLike, *,
                    progress: bool = True) -> dict[str, Any]:
-    """Evaluate a model saved by ``models.save_model`` on the eval splits of a params file
-    (``python -m dpkd_lib eval``; a params file validated for evaluation: no teacher or
-    training section needed); writes ``eval.jsonl`` and ``eval_summary.json`` to ``out_dir``
-    and returns the summary. The tokenizer is the one saved next to the model when present,
-    else the params'. The data are built from ``cfg.data`` as a training run builds them,
-    so the examples match those of the run's own final evaluation."""
+    """`evaluate_splits` on the data of ``cfg`` (built as a training run builds it, so the
+    examples match a run's own final evaluation); writes ``eval.jsonl`` and
+    ``eval_summary.json`` to ``out_dir`` and returns the summary."""
     from pathlib import Path
 
     from .data import load_splits
     from .io import write_json, write_jsonl
+
+    rows, summary = evaluate_splits(model, tokenizer, load_splits(cfg.data), cfg.eval, cfg.data,
+                                    progress=progress)
+    out = Path(out_dir)
+    write_jsonl(out / "eval.jsonl", rows)
+    write_json(out / "eval_summary.json", summary)
+    return summary
+
+
+def evaluate_saved(cfg: Any, model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                   progress: bool = True) -> dict[str, Any]:
+    """``python -m dpkd_lib eval``: a model saved by ``models.save_model`` (a run's
+    ``model/``) through `evaluate_model`, with a params file validated for evaluation (no
+    teacher or training section needed). The tokenizer is the one saved next to the model
+    when present, else the params'."""
+    from pathlib import Path
+
     from .models import load_saved
     from .tokenization import build_tokenizer
 
@@ -849,10 +866,6 @@ def evaluate_saved(cfg: Any, model_dir: str | os.PathLike, out_dir: str | os.Pat
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     else:
         tokenizer = build_tokenizer(cfg.tokenizer)
-    rows, summary = evaluate_splits(model, tokenizer, load_splits(cfg.data), cfg.eval, cfg.data,
-                                    progress=progress)
+    summary = evaluate_model(cfg, model, tokenizer, out_dir, progress=progress)
     summary["model_dir"] = str(model_dir)
-    out = Path(out_dir)
-    write_jsonl(out / "eval.jsonl", rows)
-    write_json(out / "eval_summary.json", summary)
     return summary

@@ -331,10 +331,13 @@ def answer_text(comparisons: Sequence[dict], moved: Sequence[dict] = ()) -> str:
     lines = [f"- {comparison_sentence(r)}" for r in comparisons]
     for split in dict.fromkeys(m["split"] for m in moved):
         sel = [m for m in moved if m["split"] == split]
+        gap = sel[0]["gap"]
+        share = (lambda m: f" ({100 * m['share']:.0f} % of the gap)") if gap > 0 else (lambda m: "")
         listing = "; ".join(f"{label(m['method'])} {m['moved']:+.1f} [{m['moved_ci'][0]:+.1f}, "
-                            f"{m['moved_ci'][1]:+.1f}] ({100 * m['share']:.0f} % of the gap)" for m in sel)
-        lines.append(f"- {split}: the teacher is {sel[0]['gap']:+.1f} above the starting student. "
-                     f"Change from the start (95 % CI): {listing}.")
+                            f"{m['moved_ci'][1]:+.1f}]{share(m)}" for m in sel)
+        where = (f"the teacher is {gap:+.1f} above the starting student" if gap > 0 else
+                 f"the teacher is not above the starting student ({gap:+.1f}): there is no gap to close")
+        lines.append(f"- {split}: {where}. Change from the start (95 % CI): {listing}.")
     return "\n".join(lines)
 
 
@@ -522,6 +525,140 @@ def final_monitors(df, *, last: int = 10, split: str = "test"):
     return pd.DataFrame(rows)
 
 
+def pilot_table(results_root: str | Path, *, metrics: Sequence[str] = ("rouge_l", "nll")):
+    """The design pilot (runs.run_pilot) on its split: per start × method × setting, the
+    mean ± sd over seeds of each metric, the starting student's and the teacher's value, and
+    the gain over the start in units of the seed sd."""
+    import pandas as pd
+
+    df = collect(results_root)
+    if df.empty:
+        return pd.DataFrame()
+    labels = {r: json.loads((Path(d) / "labels.json").read_text()) for r, d in zip(df["run"], df["run_dir"])}
+    df = df.assign(start=[labels[r].get("start") for r in df["run"]],
+                   setting=[labels[r].get("setting") for r in df["run"]])
+    pilot = df[df["group"] == "pilot"]
+    teacher = pilot[pilot["method"] == "pilot_teacher"]
+    starts = pilot[pilot["method"].str.startswith("pilot_start_")]
+    rows = []
+    for (start, objective, setting), g in pilot[pilot["setting"].notna()].groupby(
+            ["start", "objective", "setting"], sort=False):
+        row = {"start": start, "method": label(objective), "setting": setting, "seeds": g["run"].nunique()}
+        base = starts[starts["start"] == start]
+        for m in metrics:
+            mean, sd, _ = mean_sd(g[m])
+            row[m] = fmt_mean_sd(mean, sd, _digits(m, 1))
+            row[f"{m} start"] = float(base[m].mean()) if not base.empty else float("nan")
+            row[f"{m} teacher"] = float(teacher[m].mean()) if not teacher.empty else float("nan")
+            gain = mean - row[f"{m} start"]
+            row[f"{m} gain/sd"] = gain / sd if sd and not math.isnan(sd) else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def run_means(df, column: str):
+    """The mean of a logged column (metrics.jsonl) over each run's steps, by run."""
+    out = {}
+    for _, r in df.drop_duplicates("run").iterrows():
+        m = read_metrics(r["run_dir"])
+        out[r["run"]] = float(m[column].mean()) if column in m else float("nan")
+    return out
+
+
+def ablation_table(df, reference_runs: dict, *, splits: Sequence[str] = ("test", "heldout"),
+                   metrics: Sequence[str] = ("rouge_l", "exact_match", "nll")):
+    """Each ablation beside the run it changes one thing of (its reference, from notebook
+    01), with the effective gradient weight of its preference term (`grad_weight`: the mean
+    over training of |dℓ/d log q(chosen)|, objectives.chosen_grad_weight) and its share of
+    the update when gradient probes were logged."""
+    import pandas as pd
+
+    abl = df[df["group"] == "ablation"]
+    orders = {r: json.loads((Path(d) / "labels.json").read_text()).get("order", 99)
+              for r, d in zip(abl["run"], abl["run_dir"])}
+    abl = abl.assign(_order=[orders[r] for r in abl["run"]]).sort_values("_order", kind="stable")
+    ref = df[df["run"].isin(set(reference_runs.values()))].copy()
+    ref["label"] = [f"{label(m)} (reference, seed {s})" for m, s in zip(ref["method"], ref["seed"])]
+    ref["method"] = "ref_" + ref["run"]
+    both = pd.concat([ref, abl], ignore_index=True)
+    order = list(dict.fromkeys(ref["method"])) + list(dict.fromkeys(abl["method"]))
+    table = main_table(both, methods=order, splits=splits, metrics=metrics, label_col="label")
+    weights = run_means(both, "grad_weight")
+    table["grad weight"] = [weights.get(both.loc[both["method"] == m, "run"].iloc[0], float("nan"))
+                            for m in order if m in set(both["method"])]
+    return table
+
+
+def main_figure(df, methods: Sequence[str], splits: Sequence[str], metric: str = "rouge_l"):
+    """Bars: each method's mean over seeds (± sd), seeds as dots; teacher and start in grey."""
+    import matplotlib.pyplot as plt
+
+    order = [m for m in ["teacher", "student_init", *methods] if m in set(df["method"])]
+    fig, axes = plt.subplots(1, len(splits), figsize=(max(6, 0.6 * len(order) + 2) * len(splits), 3.8),
+                             squeeze=False)
+    for ax, split in zip(axes[0], splits):
+        sel = df[(df["split"] == split) & df["method"].isin(order)]
+        agg = aggregate(sel, by=("method",), metrics=(metric,)).set_index("method")
+        agg = agg.loc[[m for m in order if m in agg.index]]
+        ax.bar(range(len(agg)), agg[metric], yerr=agg[f"{metric}_sd"].fillna(0), capsize=3,
+               color=["gray" if m in ("teacher", "student_init") else "C0" for m in agg.index])
+        for i, m in enumerate(agg.index):
+            vals = sel[sel["method"] == m][metric]
+            ax.plot([i] * len(vals), vals, "k.", ms=4)
+        names = [sel.loc[sel["method"] == m, "label"].iloc[0] for m in agg.index]
+        ax.set_xticks(range(len(agg)), names, rotation=35, ha="right", fontsize=8)
+        ax.set_title(f"{split}: {METRIC_LABELS.get(metric, metric)} (mean ± sd over seeds; dots: seeds)")
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
+
+
+def difference_figure(comparisons: Sequence[dict]):
+    """The declared comparisons: each difference with its Holm-level CI (0 marked)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(comparisons) + 1.2))
+    for i, r in enumerate(comparisons):
+        colour = "C2" if r["verdict"] == "better" else ("C3" if r["verdict"] == "worse" else "gray")
+        ax.errorbar(r["delta"], i, xerr=[[r["delta"] - r["ci_lo"]], [r["ci_hi"] - r["delta"]]], fmt="o",
+                    color=colour, capsize=3)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(range(len(comparisons)), [f"{label(r['a'])} − {label(r['b'])} ({r['split']})"
+                                            for r in comparisons], fontsize=8)
+    ax.invert_yaxis()
+    name = METRIC_LABELS.get(comparisons[0]["metric"], comparisons[0]["metric"]) if comparisons else ""
+    ax.set_xlabel(f"difference in {name} (Holm-level bootstrap CI)")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    return fig
+
+
+def buckets_figure(df, methods: Sequence[str], splits: Sequence[str]):
+    """Greedy ROUGE-L and EM by reference-length bucket, per method (`buckets`)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(splits), figsize=(6 * len(splits), 6.5), squeeze=False)
+    for col, split in enumerate(splits):
+        bt = buckets(df, split=split, methods=methods)
+        if bt.empty:
+            continue
+        names = list(dict.fromkeys(bt["bucket"]))
+        here = list(dict.fromkeys(bt["method"]))
+        width = 0.8 / max(1, len(here))
+        for row, metric in enumerate(("rouge_l", "exact_match")):
+            ax = axes[row][col]
+            for i, m in enumerate(here):
+                sub = bt[bt["method"] == m].set_index("bucket").reindex(names)
+                ax.bar([j + i * width for j in range(len(names))], sub[metric], width,
+                       yerr=sub[f"{metric}_sd"].fillna(0), capsize=2, label=label(m))
+            counts = bt.groupby("bucket")["n_examples"].max()
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], [f"{b}\nn={counts[b]}" for b in names])
+            ax.set_title(f"{split}: {METRIC_LABELS[metric]} by reference length (tokens)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 # ----------------------------------------------------------------------------- outputs
 
 def to_markdown(df, floatfmt: str = ".2f") -> str:
@@ -557,6 +694,12 @@ def savefig(fig, results_root: str | Path, name: str, dpi: int = 120) -> Path:
     tmp.write_bytes(buffer.getvalue())
     tmp.replace(path)
     return path
+
+
+def write_text(text: str, path: str | Path) -> Path:
+    """Write a text file atomically; returns its path."""
+    atomic_write_text(path, text.rstrip("\n") + "\n")
+    return Path(path)
 
 
 def tables_dir(results_root: str | Path) -> Path:

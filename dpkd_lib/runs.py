@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .choices import TEACHER_OBJECTIVES
-from .config import ConfigError, apply_overrides, from_dict, load_yaml, merge
+from .config import ConfigError, apply_overrides, from_dict, load_yaml, merge, to_dict
 
 #: the keys of a model section that say where its weights come from (a pair replaces them)
 WEIGHT_KEYS = ("source", "name_or_path", "arch", "n_layer", "n_embd", "n_head", "seed", "prune_to")
@@ -72,21 +72,25 @@ def method_runs(methods: dict, *, prefix: str = "", group: str = "main",
 def run_config(base_params: str | Path, name: str, overrides: Sequence[str], results_root,
                pair: dict | None = None):
     """The RunConfig of run `name`: base params, its folder and cache under `results_root`,
-    the run's own overrides, then the pair: the built student, and the teacher for the
-    objectives that use one (an SFT run gets no teacher section)."""
+    the run's own overrides, then the pair (the built or ready-made student and teacher).
+    The grid's one rule: a teacher section goes only to the runs that use a teacher (an SFT
+    run's resolved params say ``teacher: null``); the `train` command line has no such rule
+    and refuses a teacher an objective does not use."""
     root = Path(results_root)
     data = apply_overrides(load_yaml(base_params), [
         _override("output_dir", str(root / "runs" / name)),
         _override("cache_dir", str(root / "teacher_cache"))] + as_overrides(overrides))
-    objective = (data.get("train") or {}).get("objective", "dpkd_token")
+    train = data.get("train") or {}
+    uses_teacher = train.get("objective", "dpkd_token") in TEACHER_OBJECTIVES or \
+        train.get("train_on") == "teacher_samples"
     for role, section in (pair or {}).items():
-        if role == "teacher" and objective not in TEACHER_OBJECTIVES:
-            data["teacher"] = None
-        elif section is None:
+        if section is None:
             data[role] = None
         else:  # the built model replaces where the weights come from; the rest (LoRA, 4-bit) stays
             kept = {k: v for k, v in (data.get(role) or {}).items() if k not in WEIGHT_KEYS}
             data[role] = merge(kept, section)
+    if not uses_teacher:  # the base's or the pair's teacher goes only to the runs that use one
+        data["teacher"] = None
     try:
         return from_dict(data)
     except ConfigError as err:
@@ -156,47 +160,71 @@ def _saved(run_dir: Path) -> dict:
     return {"source": "saved", "name_or_path": str(run_dir / "model")}
 
 
-def build_pair(base_params: str | Path, results_root: str | Path, *, teacher_build=None,
-               student_build=None, force: bool = False, progress: bool = True) -> dict:
-    """Build the teacher and the starting student once, as ordinary training runs
-    (``runs/teacher``, ``runs/student_init``, evaluated like every method), and return the
-    pair every later run loads (`run_config`'s ``pair``). A build given as None keeps the
-    base params' own section (hub checkpoints in the paper profile)."""
-    runs = [(name, as_overrides(build), {"method": name, "group": "pair", "label": DISPLAY[name]})
-            for name, build in (("teacher", teacher_build), ("student_init", student_build))
-            if build is not None]
-    run_grid(base_params, runs, results_root, force=force, progress=progress)
-    return pair_from_results(results_root, teacher=teacher_build is not None,
-                             student=student_build is not None)
+def prepare_pair(base_params: str | Path, results_root: str | Path, spec: dict, *,
+                 force: bool = False, progress: bool = True) -> dict:
+    """The teacher and the starting student every method run starts from, evaluated exactly
+    like every method (same eval params, same prompts). ``spec`` maps ``teacher`` and
+    ``student`` to ``{"build": {overrides}}`` (trained once as an ordinary run of the base
+    params: ``runs/teacher``, ``runs/student_init``) or ``{"model": {model section}}`` (a
+    ready-made model, hub checkpoints in the paper profile, evaluated into the same folder
+    names). Returns the pair for `run_config`."""
+    unknown = set(spec) - {"teacher", "student"}
+    if unknown:
+        raise ConfigError(f"pair: unknown role(s) {sorted(unknown)}; use teacher and student")
+    names = {"teacher": "teacher", "student": "student_init"}
+    builds, pair = [], {}
+    for role, how in spec.items():
+        if set(how) not in ({"build"}, {"model"}):
+            raise ConfigError(f"pair.{role}: give either build (overrides) or model (a model section)")
+        if "build" in how:
+            builds.append((names[role], as_overrides(how["build"]),
+                           {"method": names[role], "group": "pair", "label": DISPLAY[names[role]]}))
+    run_grid(base_params, builds, results_root, force=force, progress=progress)
+    models = {names[role]: how["model"] for role, how in spec.items() if "model" in how}
+    evaluate_models(base_params, models, results_root, force=force, progress=progress)
+    for role, how in spec.items():
+        pair[role] = how["model"] if "model" in how else _saved(Path(results_root) / "runs" / names[role])
+    return pair
+
+
+def arm_runs(name: str, arm: dict) -> list[tuple[str, list, dict]]:
+    """The runs of one arm of a notebook's params: ``{"prefix", "label", "common",
+    "methods"}`` (see `method_runs`); the arm's name is the runs' group."""
+    runs = method_runs(arm["methods"], prefix=arm.get("prefix", ""), group=name, common=arm.get("common"))
+    return [(n, ov, dict(labels, arm=arm.get("label", name))) for n, ov, labels in runs]
 
 
 def pair_from_results(results_root: str | Path, *, teacher: bool = True, student: bool = True) -> dict:
-    """The pair notebook 01 built, for a later notebook (an error says to run 01 first)."""
+    """The pair notebook 01 prepared, for a later notebook (an error says to run 01 first):
+    built models from their run folders, ready-made ones from their recorded section."""
     root, pair = Path(results_root), {}
     for role, name, wanted in (("teacher", "teacher", teacher), ("student", "student_init", student)):
         if not wanted:
             continue
         run_dir = root / "runs" / name
-        if not _finished(run_dir) or not (run_dir / "model").exists():
+        if not _finished(run_dir):
             raise FileNotFoundError(f"{run_dir} has no finished {role}: run notebook 01 first "
                                     f"(python -m dpkd_lib.study --only 01)")
-        pair[role] = _saved(run_dir)
+        section = json.loads((run_dir / "labels.json").read_text()).get("model")
+        pair[role] = section or _saved(run_dir)
     return pair
 
 
 def evaluate_models(base_params: str | Path, models: dict, results_root: str | Path, *,
-                    force: bool = False, progress: bool = True) -> list[dict]:
+                    overrides: Sequence[str] = (), force: bool = False, progress: bool = True) -> list[dict]:
     """Evaluate ready-made models (hub checkpoints of the paper profile) like any run, into
     ``runs/<name>`` folders that report.collect reads. ``models`` maps a name (``teacher``,
-    ``student_init``, ...) to a model section."""
-    from .evaluate import evaluate_saved
+    ``student_init``, ...) to a model section; ``overrides`` change the eval settings."""
+    from .evaluate import evaluate_model
     from .io import read_json, write_json, write_yaml
+    from .models import build_model
     from .rundir import RunDir, run_id
+    from .tokenization import build_tokenizer
     out = []
     for name, section in models.items():
-        cfg = run_config(base_params, name, ["train.objective=sft"], results_root,
+        cfg = run_config(base_params, name, ["train.objective=sft", *overrides], results_root,
                          {"student": section, "teacher": None})
-        params = dict(json.loads(json.dumps(cfg, default=lambda o: o.__dict__)))
+        params = to_dict(cfg)
         run = RunDir(cfg.output_dir)
         if run.is_finished() and not force and run.stored_params() == params:
             out.append(read_json(run.file("summary.json")))
@@ -205,11 +233,47 @@ def evaluate_models(base_params: str | Path, models: dict, results_root: str | P
         write_yaml(run.file("params.yaml"), params)
         run.write_manifest(status="running", run_id=run_id(params), kind="eval_only")
         tick = time.time()
-        summary = evaluate_saved(cfg, section.get("name_or_path") or "", run.path, progress=progress)
+        if cfg.threads:
+            import torch
+            torch.set_num_threads(cfg.threads)
+        tokenizer = build_tokenizer(cfg.tokenizer)
+        model = build_model(cfg.student, tokenizer, trainable=False)
+        summary = evaluate_model(cfg, model, tokenizer, run.path, progress=progress)
+        del model
         summary.update(objective="eval_only", run_id=run_id(params), wall_time_s=time.time() - tick)
         write_json(run.file("summary.json"), summary)
         run.write_manifest(status="finished", wall_time_s=summary["wall_time_s"])
         _write_json_if_changed(run.file("labels.json"), {"name": name, "method": name, "group": "pair",
-                                                         "label": DISPLAY.get(name, name)})
+                                                         "label": DISPLAY.get(name, name), "model": section})
         out.append(summary)
     return out
+
+
+def run_pilot(base_params: str | Path, results_root: str | Path, pilot: dict, pair: dict, *,
+              force: bool = False, progress: bool = True) -> None:
+    """The design pilot of notebook 01, on the validation split only: each candidate starting
+    student (``pilot.starts``: student-build overrides), then each method × setting × seed
+    trained from it (``pilot.methods``, ``pilot.settings``, ``pilot.seeds``), and the teacher
+    evaluated on the same split. Runs are named ``pilot_*`` (group "pilot"); read them with
+    report.pilot_table."""
+    split = [f"eval.splits={json.dumps([pilot.get('split', 'valid')])}"]
+    starts = [(f"pilot_start_{k}", as_overrides(v) + split,
+               {"method": f"pilot_start_{k}", "group": "pilot", "start": k, "label": f"start {k}"})
+              for k, v in pilot["starts"].items()]
+    run_grid(base_params, starts, results_root, force=force, progress=progress)
+    evaluate_models(base_params, {"pilot_teacher": pair["teacher"]}, results_root, overrides=split,
+                    force=force, progress=progress)
+    for start, _, _ in starts:
+        grid = []
+        for method, spec in pilot["methods"].items():
+            for setting, values in pilot["settings"].items():
+                key = f"pilot_{start[12:]}_{method}_{setting}"
+                for seed in pilot["seeds"]:
+                    ov = [f"train.objective={spec.get('objective', method)}", f"train.seed={seed}",
+                          *as_overrides(spec.get("overrides")), *as_overrides(values), *split]
+                    grid.append((f"{key}_s{seed}", ov, {"method": key, "group": "pilot", "start": start[12:],
+                                                        "objective": method, "setting": setting}))
+        run_grid(base_params, grid, results_root, pair={"teacher": pair["teacher"],
+                                                       "student": _saved(Path(results_root) / "runs" / start)},
+                 force=force, progress=progress)
+

@@ -1,32 +1,33 @@
-"""The study driver: execute the notebooks in order with papermill, one params file each.
+"""The study driver: execute the notebooks in order with papermill, for one profile.
 
     python -m dpkd_lib.study --profile cpu [--force] [--only 01] [--results-root DIR]
 
-For every notebook ``notebooks/NN_name.ipynb`` (in name order) the parameters come from
-``params/<profile>/NN_name.yaml``, plus five the driver always injects: ``profile``,
-``results_root`` (default ``results/<profile>``), ``repo_root``, ``force`` and
-``from_driver`` (True; a notebook run by hand with another profile than cpu loads its
-params file itself). The executed
-copy is written to ``<results_root>/notebooks/NN_name.ipynb`` atomically: papermill writes
-``.NN_name.running.ipynb`` and only a notebook that finished is renamed into place. A
-failed one is kept as ``NN_name.failed.ipynb`` (with the traceback in its cells) and the
-driver exits non-zero naming the notebook and the cell.
+The notebooks in ``notebooks/`` are the source (edit them in JupyterLab). Each has a
+``parameters`` cell holding only what a user sets: ``profile``, ``results_root`` (default
+``results/<profile>``) and ``force``; the driver injects exactly these three. Everything
+else a notebook needs comes from one place, ``params/<profile>/NN_name.yaml``, which the
+notebook reads itself (`notebook_setup`), so a notebook opened by hand and the batch run
+read the same values. ``results_root`` is passed relative to the repo root, the notebooks
+run with the repo root as their working directory, and warnings print without file paths:
+executed copies carry no absolute path of the machine that ran them.
 
-A params file holding only ``skip: <reason>`` leaves that notebook out of the profile (the
-driver says so and records it as skipped).
+The executed copy is written to ``<results_root>/notebooks/NN_name.ipynb`` atomically:
+papermill writes ``.NN_name.running.ipynb`` and only a notebook that finished is renamed
+into place. A failed one is kept as ``NN_name.failed.ipynb`` (with the traceback in its
+cells) and the driver exits non-zero naming the notebook and the cell. A params file
+holding only ``skip: <reason>`` leaves that notebook out of the profile.
 
-Reuse: ``<results_root>/notebooks/status.json`` records, per notebook, a fingerprint of
-its source, its parameters and its upstream notebooks' executions, the wall time and when
-it finished. A notebook whose fingerprint is unchanged and whose executed copy exists is
-skipped unless ``--force``. A notebook's upstream is listed in its metadata
+Reuse: ``<results_root>/notebooks/status.json`` records, per notebook, a fingerprint of its
+code cells, its resolved params and its upstream notebooks' executions, the wall time and
+when it finished. A notebook whose fingerprint is unchanged and whose executed copy exists
+is skipped unless ``--force``. A notebook's upstream is listed in its metadata
 (``metadata.dpkd.upstream``; default: every earlier notebook), and each execution gets a
 fresh token, so re-running 01 re-runs 04, which reads its results, but not 00.
 ``--force`` is also passed to the notebooks, which pass it on to the training runs.
 
 Progress: the notebooks use ``tqdm.auto``. The driver sets ``DPKD_BATCH=1`` in the kernel's
-environment; ``setup_notebook()`` (the first call in every notebook) then switches
-``tqdm.auto`` to the plain text bar, so papermill's log shows text bars, while the same
-notebook opened in JupyterLab shows widgets.
+environment; `notebook_setup` then switches ``tqdm.auto`` to the plain text bar, so
+papermill's log shows text bars, while the same notebook in JupyterLab shows widgets.
 """
 from __future__ import annotations
 
@@ -43,35 +44,58 @@ from typing import Any
 
 import yaml
 
-from .errors import StudyError
+from .errors import ConfigError, StudyError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-OFFLINE_PROFILES = ("smoke", "cpu", "cpu_long")
-INJECTED = ("profile", "results_root", "repo_root", "force", "from_driver")
+OFFLINE_PROFILES = ("smoke", "cpu")
+INJECTED = ("profile", "results_root", "force")
 STATUS_FILE = "status.json"
 
 
 # ----------------------------------------------------------------------------- notebook side
 
-def setup_notebook(repo_root: str | os.PathLike | None = None, threads: int | None = None) -> Path:
-    """First call of every notebook: cwd = repo root, text progress bars under papermill.
+def find_repo_root(start: str | os.PathLike | None = None) -> Path:
+    """The repo root: `start` (default the working directory) or the first parent holding
+    ``dpkd_lib`` (a notebook opened in JupyterLab runs in ``notebooks/``)."""
+    here = Path(start or os.getcwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "dpkd_lib").is_dir() and (folder / "params").is_dir():
+            return folder
+    return REPO_ROOT
 
-    Returns the repo root as an absolute path. Safe to call twice.
-    """
-    root = Path(repo_root or REPO_ROOT).resolve()
+
+def _short_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as one line without the file's path (executed notebooks are committed)."""
+    return f"{category.__name__}: {message}\n"
+
+
+def notebook_setup(profile: str, stem: str, results_root: str | None = None) -> dict:
+    """First call of every notebook: cwd = the repo root, text progress bars under papermill,
+    warnings without file paths, and the notebook's params from
+    ``params/<profile>/<stem>.yaml`` (with its ``extends`` chain). Returns the params, plus
+    ``results_root`` (default ``results/<profile>``, relative to the repo root)."""
+    import warnings
+    root = find_repo_root()
     os.chdir(root)
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
+    warnings.formatwarning = _short_warning
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+    disable_progress_bars()            # weight loading / shard writing bars: noise in a notebook
+    hf_logging.disable_progress_bar()
     if os.environ.get("DPKD_BATCH") == "1":
         # tqdm.auto picks the widget bar inside any kernel; under papermill nobody sees
         # widgets, so bind the text bar before any dpkd_lib module imports tqdm.auto.
         import tqdm.auto
         import tqdm.std
         tqdm.auto.tqdm = tqdm.std.tqdm
-    if threads:
-        import torch
-        torch.set_num_threads(int(threads))
-    return root
+    params = load_params(Path("params"), profile, stem)
+    if "skip" in params:
+        raise SystemExit(f"profile {profile!r} skips this notebook: {params['skip']}")
+    params["results_root"] = results_root or f"results/{profile}"
+    print(f"profile {profile!r}: params/{profile}/{stem}.yaml, results in {params['results_root']}")
+    return params
 
 
 def in_colab_or_kaggle() -> str | None:
@@ -111,23 +135,24 @@ def select(notebooks: list[Path], only: str | None) -> list[Path]:
 
 
 def load_params(params_dir: Path, profile: str, stem: str) -> dict:
+    """A notebook's params (``extends`` merged). A missing file or a YAML error is a one-line
+    ConfigError naming the file (and the line)."""
+    from .config import load_yaml
     path = Path(params_dir) / profile / f"{stem}.yaml"
     if not path.exists():
         have = sorted(p.name for p in (Path(params_dir) / profile).glob("*.yaml")) \
             if (Path(params_dir) / profile).is_dir() else []
-        raise StudyError(
+        raise ConfigError(
             f"no params file {path} for notebook {stem} in profile '{profile}' "
             f"(every notebook needs params/<profile>/<notebook>.yaml; "
             f"{'found: ' + ', '.join(have) if have else 'that profile folder has no yaml files'})")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise StudyError(f"{path}: expected a mapping of notebook parameters")
+    data = load_yaml(path)
     clash = [k for k in data if k in INJECTED]
     if clash:
-        raise StudyError(f"{path}: {', '.join(clash)} are set by the driver, remove them")
+        raise ConfigError(f"{path}: {', '.join(clash)} are set by the driver, remove them")
     if "skip" in data and (set(data) != {"skip"} or not isinstance(data["skip"], str)
                            or not data["skip"].strip()):
-        raise StudyError(f"{path}: 'skip' takes the reason as a string and stands alone "
+        raise ConfigError(f"{path}: 'skip' takes the reason as a string and stands alone "
                          f"(a profile that skips a notebook gives it no parameters)")
     return data
 
@@ -162,15 +187,30 @@ def _failed_cell(err: Exception) -> str:
     return f"{where}: {ename}: {str(evalue)[:500]}"
 
 
+def _relative_paths(path: Path, repo: Path) -> None:
+    """Papermill records the input and output paths in the notebook's metadata: store them
+    relative to the repo root (an executed copy is committed; it names no machine's paths)."""
+    import nbformat
+    nb = nbformat.read(path, as_version=4)
+    meta = nb.metadata.get("papermill", {})
+    for key in ("input_path", "output_path"):
+        if meta.get(key):
+            p = Path(meta[key]).resolve()
+            if key == "output_path":   # the final name, not the temporary one
+                p = p.with_name(p.name.lstrip(".").replace(".running", ""))
+            meta[key] = str(p.relative_to(repo)) if p.is_relative_to(repo) else p.name
+    nbformat.write(nb, path)
+
+
 def run_study(profile: str, *, force: bool = False, only: str | None = None,
               results_root: str | os.PathLike | None = None,
               notebooks_dir: str | os.PathLike | None = None,
               params_dir: str | os.PathLike | None = None,
-              kernel: str = "python3", log_output: bool = True,
-              extra_params: dict | None = None) -> dict:
+              kernel: str = "python3", log_output: bool = True) -> dict:
     """Execute the study's notebooks for `profile`; returns the status dict.
 
-    Raises StudyError naming the notebook and cell when one fails.
+    Raises StudyError naming the notebook and cell when one fails. `params_dir` is read
+    for the checks before anything runs (the notebooks read ``params/`` of the repo).
     """
     import papermill as pm
 
@@ -178,6 +218,8 @@ def run_study(profile: str, *, force: bool = False, only: str | None = None,
     notebooks_dir = Path(notebooks_dir or repo / "notebooks")
     params_dir = Path(params_dir or repo / "params")
     root = Path(results_root or repo / "results" / profile).resolve()
+    # relative to the repo root when inside it: executed copies carry no machine's paths
+    shown_root = str(root.relative_to(repo)) if root.is_relative_to(repo) else str(root)
     out_dir = root / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -214,11 +256,9 @@ def run_study(profile: str, *, force: bool = False, only: str | None = None,
                 executed.pop(stem, None)
                 timings.append((stem, 0.0, "skipped"))
                 continue
-            nb_params = dict(params[stem], **(extra_params or {}))
-            nb_params.update(profile=profile, results_root=str(root), repo_root=str(repo),
-                             force=bool(force), from_driver=True)
+            nb_params = {"profile": profile, "results_root": shown_root, "force": bool(force)}
             fingerprint = _digest({"source": source_digest, "params": params[stem],
-                                   "extra": extra_params or {}, "results_root": str(root),
+                                   "results_root": str(root),
                                    "upstream": {u: executed.get(u) for u in upstream}})
             final = out_dir / f"{stem}.ipynb"
             failed = out_dir / f"{stem}.failed.ipynb"
@@ -252,6 +292,7 @@ def run_study(profile: str, *, force: bool = False, only: str | None = None,
                     raise
                 raise StudyError(f"notebook {stem} failed in {_failed_cell(err)}\n"
                                  f"  executed copy with the traceback: {failed}") from err
+            _relative_paths(running, repo)
             os.replace(running, final)
             if failed.exists():
                 failed.unlink()
@@ -280,7 +321,7 @@ def run_study(profile: str, *, force: bool = False, only: str | None = None,
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dpkd_lib.study",
                                      description="Execute the study's notebooks with papermill.")
-    parser.add_argument("--profile", default="cpu", help="params/<profile>/ (smoke, cpu, cpu_long, paper, colab)")
+    parser.add_argument("--profile", default="cpu", help="params/<profile>/ (smoke, cpu, paper, colab)")
     parser.add_argument("--force", action="store_true",
                         help="re-execute every notebook and recompute every run")
     parser.add_argument("--only", default=None, help="one notebook: stem or prefix, e.g. 03")
@@ -294,7 +335,10 @@ def main(argv=None) -> int:
     try:
         run_study(args.profile, force=args.force, only=args.only, results_root=args.results_root,
                   kernel=args.kernel, log_output=not args.quiet)
-    except StudyError as err:
+    except ConfigError as err:  # a params error: the file and the line, before anything runs
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except StudyError as err:  # a notebook failed: its copy with the traceback is kept
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

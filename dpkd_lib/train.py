@@ -134,10 +134,11 @@ class Trainer:
         self.splits = data_lib.load_splits(cfg.data)
         self.data_hash = data_lib.data_hash(self.splits["train"])
         self.teacher_model = None
-        if t.objective in ("seqkd", "dpkd_seq") or (t.objective in TOKEN_OBJECTIVES and t.teacher_mode == "online"):
+        samples = t.objective == "seqkd" or t.train_on == "teacher_samples"
+        if samples or t.objective == "dpkd_seq" or (t.objective in TOKEN_OBJECTIVES and t.teacher_mode == "online"):
             self.teacher_model = model_lib.build_model(cfg.teacher, self.tokenizer, trainable=False)
         train_records = self.splits["train"]
-        if t.objective == "seqkd":  # SeqKD: plain SFT on the teacher's own responses
+        if samples:  # SeqKD, or the released runner's data variant: the teacher's own responses
             train_records = self.teacher_responses(train_records)
         self.train_set, report = self.tokenize(train_records)
         self.filter_report = report.as_dict()
@@ -440,7 +441,7 @@ def train(cfg: RunConfig, *, force: bool = False, progress: bool = True) -> dict
                 row = {"step": step, "lr": lr, "grad_norm": float(grad_norm), "time_s": time.time() - tick}
                 for key in dict.fromkeys(k for p in logs for k in p):
                     row[key] = float(np.mean([p[key] for p in logs if key in p]))
-                if t.objective != "seqkd":  # SeqKD's CE is on teacher samples, not on the references
+                if t.objective != "seqkd" and t.train_on == "dataset":  # else CE is on teacher samples
                     row["student_nll_ref"] = row.get("ce")
                 if t.eval_every and step % t.eval_every == 0:
                     row |= tr.valid_metrics()

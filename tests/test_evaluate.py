@@ -526,6 +526,7 @@ def test_evaluate_splits_flat_summary(tokenizer, llama):
     splits = {"train": records, "test": records, "valid": records[:1]}
     cfg = SimpleNamespace(splits=["test", "heldout"], max_examples=2, greedy=True, sample_seeds=[1, 2],
                           teacher_forced=True, batch_size=4, max_new_tokens=4, temperature=1.0,
+                          sample_max_examples=0,
                           top_k=0, top_p=1.0, no_repeat_ngram_size=0)
     data_cfg = SimpleNamespace(max_length=1024, max_prompt=768)
     rows, summary = ev.evaluate_splits(llama, tokenizer, splits, cfg, data_cfg, progress=False)
@@ -539,6 +540,10 @@ def test_evaluate_splits_flat_summary(tokenizer, llama):
     assert summary["test_n"] == 2 and summary["test_sample_n"] == 2
     assert summary["test_rouge_l"] == summary["eval"]["test"]["greedy"]["rouge_l"]
     assert summary["test_sample_rouge_l"] == summary["eval"]["test"]["sample"]["rouge_l"]
+    cfg.sample_max_examples = 1   # sampling on the first example only: greedy and teacher forcing keep both
+    rows1, summary1 = ev.evaluate_splits(llama, tokenizer, splits, cfg, data_cfg, progress=False)
+    assert summary1["test_sample_n"] == 1 and summary1["test_n"] == 2
+    assert [r for r in rows1 if r["decoding"] == "sample"] == [r for r in by("sample") if r["id"] == "t0"]
     # greedy decoding is the model's argmax path: the same as a direct greedy decode
     direct = ev.generate(llama, tokenizer, [format_prompt(r) for r in records[:2]], max_new_tokens=4,
                          do_sample=False, progress=False)

@@ -1,0 +1,119 @@
+"""dpkd_lib.runs: how a notebook's params become run configs, and that every run of every
+profile's notebooks resolves (types, ranges, unused settings) in milliseconds."""
+from pathlib import Path
+
+import pytest
+
+from dpkd_lib import runs, study
+from dpkd_lib.choices import TEACHER_OBJECTIVES
+from dpkd_lib.config import ConfigError, parse_slice
+
+ROOT = Path(__file__).resolve().parent.parent
+PROFILES = ("smoke", "cpu", "paper", "colab")
+SMOKE_BASE = ROOT / "params" / "smoke" / "base_train.yaml"
+
+
+def test_method_runs_and_arm_labels():
+    specs = runs.method_runs({"sft": {"seeds": [1, 2]}, "dpkd_token": {"seeds": [3], "overrides": {"train.beta": 0.5}}},
+                             common={"train.max_steps": 7})
+    assert [r[0] for r in specs] == ["sft_s1", "sft_s2", "dpkd_token_s3"]
+    assert specs[2][1] == ["train.max_steps=7", "train.objective=dpkd_token", "train.seed=3", "train.beta=0.5"]
+    assert specs[0][2] == {"method": "sft", "group": "main", "label": "SFT"}
+    arm = runs.arm_runs("alone", {"prefix": "alone_", "label": "alone", "methods": {"kd": {"seeds": [1]}}})
+    assert arm[0][0] == "alone_kd_s1" and arm[0][2]["group"] == "alone" and arm[0][2]["arm"] == "alone"
+    assert runs.strip_seed("dpkd_seq_s12") == "dpkd_seq"
+
+
+def test_run_config_gives_the_pair_to_the_runs_that_use_it(tmp_path):
+    teacher = tmp_path / "t"
+    teacher.mkdir()
+    pair = {"teacher": {"source": "saved", "name_or_path": str(teacher)},
+            "student": {"source": "tiny", "seed": 7}}
+    kd = runs.run_config(SMOKE_BASE, "kd_s1", ["train.objective=kd", "teacher.quantization=4bit"], tmp_path, pair)
+    assert kd.teacher.source == "saved" and kd.teacher.quantization == "4bit"   # the rest of the section stays
+    assert kd.output_dir == str(tmp_path / "runs" / "kd_s1") and kd.cache_dir == str(tmp_path / "teacher_cache")
+    assert kd.student.seed == 7 and kd.student.n_layer == 2                       # weight keys replaced
+    sft = runs.run_config(SMOKE_BASE, "sft_s1", ["train.objective=sft"], tmp_path, pair)
+    assert sft.teacher is None                                                    # SFT gets no teacher
+    data = runs.run_config(SMOKE_BASE, "x", ["train.objective=sft", "train.train_on=teacher_samples"], tmp_path, pair)
+    assert data.teacher is not None                                               # it samples from the teacher
+    with pytest.raises(ConfigError, match="run 'x'.*unknown key 'train.objectiv'"):
+        runs.run_config(SMOKE_BASE, "x", ["train.objectiv=kd"], tmp_path)
+
+
+def notebook_runs(profile, tmp_path):
+    """Every run config the notebooks of `profile` would start, resolved (and so validated)."""
+    p = {stem: study.load_params(ROOT / "params", profile, stem)
+         for stem in ("01_gpt2_120m", "02_lora_4bit", "03_ablations_implicit_reward")}
+    main = p["01_gpt2_120m"]
+    base = ROOT / main["base_params"]
+    saved = tmp_path / "model"
+    saved.mkdir(exist_ok=True)
+    built = {role: ({"source": "saved", "name_or_path": str(saved)} if "build" in how else how["model"])
+             for role, how in main["pair"].items()}
+    out = {"pair": [runs.run_config(base, role, runs.as_overrides(how["build"]), tmp_path)
+                    for role, how in main["pair"].items() if "build" in how]}
+    specs = [run for name, arm in main["arms"].items() for run in runs.arm_runs(name, arm)]
+    out["arms"] = {name: runs.run_config(base, name, ov, tmp_path, built) for name, ov, _ in specs}
+    out["labels"] = {name: labels for name, _, labels in specs}
+    pilot = main.get("pilot") or {}
+    out["pilot"] = [runs.run_config(base, "p", runs.as_overrides(v), tmp_path) for v in pilot.get("starts", {}).values()]
+    lora = p["02_lora_4bit"]
+    if "skip" not in lora:
+        pair = built if lora["use_built_pair"] else None
+        out["lora"] = [runs.run_config(ROOT / lora["base_params"], n, ov, tmp_path, pair) for n, ov, _ in
+                       runs.arm_runs("lora", {"prefix": lora["run_prefix"], "common": lora["common"],
+                                              "methods": lora["methods"]})]
+    abl = p["03_ablations_implicit_reward"]
+    out["ablations"] = []
+    if "skip" not in abl:
+        ov_of = {name: ov for name, ov, _ in specs}
+        for key, spec in abl["ablations"].items():
+            ov = ov_of[abl["reference_runs"][spec["base"]]] + runs.as_overrides(spec["overrides"])
+            out["ablations"].append(runs.run_config(ROOT / abl["base_params"], key, ov, tmp_path,
+                                                    built if abl["use_built_pair"] else None))
+    return main, out
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_notebook_run_of_every_profile_resolves(profile, tmp_path):
+    main, out = notebook_runs(profile, tmp_path)
+    assert out["arms"] and all(c.train.max_steps > 0 for c in out["arms"].values())
+    for cfg in out["arms"].values():
+        uses = cfg.train.objective in TEACHER_OBJECTIVES or cfg.train.train_on == "teacher_samples"
+        assert (cfg.teacher is not None) == uses
+    assert all(c.student.lora for c in out.get("lora", []))
+    declared = {m for pair in main["primary"]["comparisons"] for m in pair}
+    released = set(main["arms"]["released"]["methods"])
+    assert declared <= released, "the declared comparisons name methods of arm (a)"
+
+
+@pytest.mark.parametrize("profile", ("smoke", "cpu"))
+def test_the_offline_design(profile, tmp_path):
+    """Issue 13's design, as params: methods train on examples the builds never saw, every
+    method of an arm trains the same steps, arm (b) has nothing mixed in, Algorithm 1 is there."""
+    main, out = notebook_runs(profile, tmp_path)
+    span = lambda c: (parse_slice(c.data.train_slice).start, parse_slice(c.data.train_slice).stop)  # noqa: E731
+    method_slices = {span(c) for c in out["arms"].values()}
+    assert len(method_slices) == 1
+    (m,) = method_slices
+    for b in {span(c) for c in out["pair"]}:
+        assert b[1] is not None and m[0] is not None and b[1] <= m[0], "fresh data for the methods"
+    for arm in main["arms"]:
+        steps = {c.train.max_steps for n, c in out["arms"].items() if out["labels"][n]["group"] == arm}
+        assert len(steps) == 1, f"arm {arm}: every method the same steps"
+    alone = {n: c for n, c in out["arms"].items() if out["labels"][n]["group"] == "alone"}
+    alg1 = [c for c in alone.values() if c.train.pretrain_loss == "ce"]
+    assert len(alg1) == 1 and alg1[0].train.objective == "dpkd_seq" and alg1[0].train.kd_ratio == 1.0
+    for c in alone.values():
+        if c is not alg1[0]:
+            assert c.train.lm_coef == 0.0 and (c.train.objective == "sft" or c.train.kd_ratio == 1.0)
+    if profile == "cpu":
+        seeds = {}
+        for n, c in out["arms"].items():
+            if out["labels"][n]["group"] == "released":
+                seeds.setdefault(c.train.objective, set()).add(c.train.seed)
+        assert all(len(seeds[o]) >= 3 for o in ("sft", "kd", "dpkd_token")) and len(seeds["dpkd_seq"]) >= 2
+        assert all(c.train.grad_probe_every > 0 for c in out["arms"].values())
+        assert {c.eval.max_examples for c in out["arms"].values()} == {0}          # every prompt
+        assert all(c.data.n_test >= 150 and c.data.n_heldout >= 150 for c in out["arms"].values())
