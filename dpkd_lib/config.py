@@ -28,7 +28,8 @@ from .errors import ConfigError
 
 __all__ = ["ConfigError", "TokenizerConfig", "ModelConfig", "DataConfig", "TrainConfig",
            "EvalConfig", "RunConfig", "load_config", "load_yaml", "from_dict", "to_dict",
-           "validate", "unused_params", "diff_keys", "apply_overrides"]
+           "validate", "unused_params", "diff_keys", "apply_overrides", "SECTIONS", "CHOICES",
+           "RANGES", "USES", "Range", "Uses"]
 
 
 @dataclass
@@ -48,54 +49,54 @@ class ModelConfig:
     n_head: int = 4  # tiny only
     seed: int = 0  # tiny only: init seed
     prune_to: int = 0  # >0: keep only the first k decoder layers (depth-pruned student)
-    dtype: str = "float32"
+    dtype: str = "float32"  # dtype the weights are loaded in (compute dtype of a 4-bit/8-bit model)
     quantization: str = "none"  # none | 4bit (nf4) | 8bit, through bitsandbytes
     lora: bool = False  # student only
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
+    lora_r: int = 16  # LoRA rank
+    lora_alpha: int = 32  # LoRA scale numerator (scale = lora_alpha / lora_r)
+    lora_dropout: float = 0.05  # dropout on the LoRA branch
     merge_lora_on_save: bool = False  # save a plain model (teacher building) instead of an adapter
     gradient_checkpointing: bool = False  # student only
 
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"
+    source: str = "synthetic"  # where the instruction records come from
     path: str = ""  # jsonl / minillm file or folder
-    data_seed: int = 0
+    data_seed: int = 0  # seed of the synthetic set, or of the MiniLLM-style split (hub, one file)
     n_train: int = 2000  # synthetic only
-    n_valid: int = 200
-    n_test: int = 300
+    n_valid: int = 200  # valid split size (synthetic, hub, one file; a folder's files are used as they are)
+    n_test: int = 300  # test split size, as n_valid (DollyEval in the paper profile)
     n_heldout: int = 300  # synthetic only
     train_slice: str = ""  # "start:end" of the train split ("" = all): builds and methods use disjoint slices
-    max_length: int = 512
-    max_prompt: int = 256
-    min_response_tokens: int = 0
+    max_length: int = 512  # prompt + response tokens; longer examples are dropped and counted
+    max_prompt: int = 256  # prompt tokens; longer prompts are dropped and counted
+    min_response_tokens: int = 0  # drop (and count) responses shorter than this (MiniLLM: 11)
     bad_data: str = "drop"  # drop (count and report) | error
     pretrain_source: str = "none"  # pre-train corpus D_p of the lm_coef term
     pretrain_path: str = ""  # pretrain_source jsonl only
-    pretrain_block_size: int = 128
-    pretrain_max_blocks: int = 2000
+    pretrain_block_size: int = 128  # tokens per pre-train block
+    pretrain_max_blocks: int = 2000  # blocks kept from the corpus
 
 
 @dataclass
 class TrainConfig:
-    objective: str = "dpkd_token"
-    max_steps: int = 100
+    objective: str = "dpkd_token"  # sft, a KD baseline or a DPKD variant (docs/method.md §7)
+    max_steps: int = 100  # optimizer steps
     batch_size: int = 8  # global batch (split across processes)
-    grad_accum: int = 1
-    lr: float = 5e-4
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 5e-4  # peak learning rate (AdamW)
     min_lr: float = 1e-7  # cosine only
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
+    weight_decay: float = 0.01  # AdamW; none on biases and norm weights (released runner)
+    adam_beta1: float = 0.9  # AdamW β1
+    adam_beta2: float = 0.999  # AdamW β2
     lr_schedule: str = "cosine"  # cosine | constant
     t_max_steps: int = 0  # cosine period; 0 = max_steps. >0: torch's CosineAnnealingLR, which climbs back after it
-    warmup_steps: int = 0
-    clip_grad: float = 1.0
+    warmup_steps: int = 0  # linear warm-up from 0 to lr
+    clip_grad: float = 1.0  # gradient-norm clipping (0 = off)
     # the step (objectives.py): (1-kd_ratio)*CE + kd_ratio*objective + lm_coef*pre-train term
     kd_ratio: float = 0.5  # distillation objectives only
-    lm_coef: float = 0.5
+    lm_coef: float = 0.5  # weight of the pre-train term (0 = off; > 0 needs data.pretrain_source)
     pretrain_loss: str = "released"  # released: (1-kd_ratio)*CE + kd_ratio*H(p,q); ce: Algorithm 1's L_PT
     beta: float = 0.1  # dpkd_token / dpkd_seq
     loss_type: str = "sigmoid"  # dpkd_token / dpkd_seq
@@ -116,41 +117,41 @@ class TrainConfig:
     cache_topk: int = 32  # cache_format topk only
     loss_chunk_size: int = 0  # >0: memory-lean loss over chunks of response positions
     autocast_dtype: str = "float32"  # bfloat16 autocast is faster on some CPUs; fp32 default
-    log_every: int = 1
+    log_every: int = 1  # write a metrics.jsonl row every N steps
     eval_every: int = 0  # teacher-forced NLL on the validation split every N steps (0 = end only)
     save_every: int = 0  # checkpoint every N steps (0 = end only)
     grad_probe_every: int = 0  # >0: every N steps, log each loss term's gradient norm and cosine
     nan_policy: str = "stop"  # stop | skip
     max_skipped_share: float = 0.1  # nan_policy skip: stop once this share of steps was skipped
-    seed: int = 40
+    seed: int = 40  # training seed: batch order, pre-train blocks, sampling (released runner: 40)
 
 
 @dataclass
 class EvalConfig:
-    splits: list = field(default_factory=lambda: ["test", "heldout"])
+    splits: list = field(default_factory=lambda: ["test", "heldout"])  # splits the final evaluation scores
     max_examples: int = 0  # per split; 0 = all (the first n records: every model sees the same)
     greedy: bool = True  # greedy decoding: the primary generation metric
     sample_seeds: list = field(default_factory=list)  # T-sampling, one pass per seed (paper protocol)
     sample_max_examples: int = 0  # sampling on the first n of those examples only (0 = all of them)
     teacher_forced: bool = True  # NLL and token accuracy on the references
-    batch_size: int = 16
-    max_new_tokens: int = 128
+    batch_size: int = 16  # prompts per generation batch
+    max_new_tokens: int = 128  # generation length limit (MiniLLM: 256)
     temperature: float = 1.0  # sampling only
     top_k: int = 0  # sampling only
     top_p: float = 1.0  # sampling only
-    no_repeat_ngram_size: int = 0
+    no_repeat_ngram_size: int = 0  # 0 = off; MiniLLM's protocol uses 6
 
 
 @dataclass
 class RunConfig:
-    output_dir: str = "results/smoke/run"
+    output_dir: str = "results/smoke/run"  # the run folder (runs.run_grid sets results/<profile>/runs/<name>)
     cache_dir: str = ".cache/teacher_signals"  # teacher signals and samples, keyed by what made them
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    student: ModelConfig = field(default_factory=ModelConfig)
-    teacher: ModelConfig | None = None
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # shared by teacher and student
+    student: ModelConfig = field(default_factory=ModelConfig)  # the model trained
+    teacher: ModelConfig | None = None  # frozen; null for objectives without a teacher
+    data: DataConfig = field(default_factory=DataConfig)  # instruction data and pre-train corpus
+    train: TrainConfig = field(default_factory=TrainConfig)  # the step, the optimizer, the loop
+    eval: EvalConfig = field(default_factory=EvalConfig)  # the final evaluation (docs/design.md §7)
     threads: int = 0  # torch threads; 0 = leave torch's default
 
 
@@ -233,6 +234,91 @@ def parse_slice(text: str, key: str = "data.train_slice") -> slice:
     return slice(start, end)
 
 
+# ----------------------------------------------------------------------------- valid values
+# The rules below are data: `validate` and `unused_params` apply them, and docs/params.md is
+# generated from them (`python -m dpkd_lib.params_reference`). A "section" is the dataclass a
+# rule belongs to: "run" (RunConfig's own keys), "tokenizer", "model" (student and teacher),
+# "data", "train", "eval".
+
+SECTIONS = {"run": RunConfig, "tokenizer": TokenizerConfig, "model": ModelConfig,
+            "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+
+#: string settings and their valid values (choices.py); for a list, every item
+CHOICES: dict[str, dict[str, tuple]] = {
+    "tokenizer": {"kind": C.TOKENIZER_KINDS},
+    "model": {"source": C.MODEL_SOURCES, "arch": C.TINY_ARCHS, "dtype": C.DTYPES,
+              "quantization": C.QUANTIZATIONS},
+    "data": {"source": C.DATA_SOURCES, "bad_data": C.BAD_DATA_POLICIES,
+             "pretrain_source": C.PRETRAIN_SOURCES},
+    "train": {"objective": C.OBJECTIVES, "lr_schedule": C.LR_SCHEDULES,
+              "pretrain_loss": C.PRETRAIN_LOSSES, "loss_type": C.LOSS_TYPES,
+              "teacher_mode": C.TEACHER_MODES, "cache_format": C.CACHE_FORMATS,
+              "autocast_dtype": C.DTYPES, "nan_policy": C.NAN_POLICIES, "train_on": C.TRAIN_ON},
+    "eval": {"splits": C.SPLITS},
+}
+
+
+@dataclass(frozen=True)
+class Range:
+    """A numeric range; `high` may name another key of the same section (min_lr <= lr)."""
+    low: float | None = None
+    high: float | str | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def check(self, key: str, section) -> None:
+        high = getattr(section, self.high) if isinstance(self.high, str) else self.high
+        _check_range(key, getattr(section, key.rsplit(".", 1)[-1]), self.low, high,
+                     self.low_open, self.high_open)
+
+    def text(self, prefix: str = "") -> str:
+        """'> 0', '≥ 1', '[0, 1)', '[0, train.lr]' (prefix: the section's dotted prefix)."""
+        high = f"{prefix}{self.high}" if isinstance(self.high, str) else self.high
+        if high is None:
+            return f"{'>' if self.low_open else '≥'} {self.low:g}"
+        high = high if isinstance(high, str) else f"{high:g}"
+        return f"{'(' if self.low_open else '['}{self.low:g}, {high}{')' if self.high_open else ']'}"
+
+
+_POS, _NONNEG, _UNIT = Range(0, low_open=True), Range(0), Range(0, 1)
+#: numeric settings and their ranges, in field order (the first bad one is reported)
+RANGES: dict[str, dict[str, Range]] = {
+    "run": {"threads": _NONNEG},
+    "tokenizer": {"vocab_size": Range(257)},
+    "model": {"n_layer": Range(1), "n_embd": Range(1), "n_head": Range(1), "prune_to": _NONNEG,
+              "lora_r": Range(1), "lora_alpha": Range(1), "lora_dropout": Range(0, 1, high_open=True)},
+    "data": {"n_train": _NONNEG, "n_valid": _NONNEG, "n_test": _NONNEG, "n_heldout": _NONNEG,
+             "max_length": Range(2), "max_prompt": Range(1), "min_response_tokens": _NONNEG,
+             "pretrain_block_size": Range(2), "pretrain_max_blocks": Range(1)},
+    "train": {"max_steps": Range(1), "batch_size": Range(1), "grad_accum": Range(1), "lr": _POS,
+              "min_lr": Range(0, "lr"), "weight_decay": _NONNEG,
+              "adam_beta1": Range(0, 1, high_open=True), "adam_beta2": Range(0, 1, high_open=True),
+              "t_max_steps": _NONNEG, "warmup_steps": _NONNEG, "clip_grad": _NONNEG,
+              "kd_ratio": _UNIT, "lm_coef": _UNIT, "beta": _POS,
+              "label_smoothing": Range(0, 0.5, high_open=True), "gamma": _NONNEG,
+              "dpop_lambda": _NONNEG, "cpo_alpha": _NONNEG, "temperature": _POS,
+              "jsd_beta": Range(0, 1, low_open=True, high_open=True),
+              "skew_alpha": Range(0, 1, high_open=True), "seq_max_new_tokens": Range(1),
+              "rejected_every": Range(1), "cache_topk": Range(1), "loss_chunk_size": _NONNEG,
+              "log_every": Range(1), "eval_every": _NONNEG, "save_every": _NONNEG,
+              "grad_probe_every": _NONNEG, "max_skipped_share": _UNIT},
+    "eval": {"max_examples": _NONNEG, "sample_max_examples": _NONNEG, "batch_size": Range(1),
+             "max_new_tokens": Range(1),
+             "temperature": _POS, "top_k": _NONNEG, "top_p": Range(0, 1, low_open=True),
+             "no_repeat_ngram_size": _NONNEG},
+}
+
+
+def _check_section(kind: str, section, prefix: str) -> None:
+    """The choices, then the ranges, of one section (`prefix`: its dotted name + '.')."""
+    for name, options in CHOICES.get(kind, {}).items():
+        value = getattr(section, name)
+        for item in value if isinstance(value, list) else [value]:
+            _check_choice(prefix + name, item, options)
+    for name, rng in RANGES.get(kind, {}).items():
+        rng.check(prefix + name, section)
+
+
 # ----------------------------------------------------------------------------- what is used
 
 def _defaults(cls) -> dict:
@@ -240,112 +326,131 @@ def _defaults(cls) -> dict:
             for f in dataclasses.fields(cls)}
 
 
-def _train_uses(t: TrainConfig, name: str) -> tuple[bool, str]:
-    """Does the train section's `name` affect a run of `t`? (used, where it applies)."""
-    obj, dpkd = t.objective, t.objective in ("dpkd_token", "dpkd_seq")
-    topk = t.teacher_mode == "cache" and t.cache_format == "topk"
-    rules = {
-        "kd_ratio": (obj in C.DISTILL_OBJECTIVES, f"objectives {', '.join(C.DISTILL_OBJECTIVES)}"),
-        "pretrain_loss": (obj in C.DISTILL_OBJECTIVES and t.lm_coef > 0,
-                          "a distillation objective with lm_coef > 0 (without a teacher term both forms are CE)"),
-        "min_lr": (t.lr_schedule == "cosine", "lr_schedule cosine"),
-        "t_max_steps": (t.lr_schedule == "cosine", "lr_schedule cosine"),
-        "teacher_mode": (obj in C.TOKEN_OBJECTIVES, f"objectives {', '.join(C.TOKEN_OBJECTIVES)}"),
-        "cache_format": (obj in C.TOKEN_OBJECTIVES and t.teacher_mode == "cache", "teacher_mode cache"),
-        "cache_topk": (obj in C.TOKEN_OBJECTIVES and topk, "teacher_mode cache with cache_format topk"),
-        "beta": (dpkd, "objectives dpkd_token, dpkd_seq"),
-        "loss_type": (dpkd, "objectives dpkd_token, dpkd_seq"),
-        "length_normalize": (obj == "dpkd_seq", "objective dpkd_seq"),
-        "rejected_every": (obj == "dpkd_seq", "objective dpkd_seq"),
-        "temperature": (obj in C.TOKEN_OBJECTIVES and not topk,
-                        "token-level objectives with the teacher's logits (not a top-k cache)"),
-        "jsd_beta": (obj == "jsd", "objective jsd"),
-        "skew_alpha": (obj in ("skl", "srkl"), "objectives skl, srkl"),
-        "seq_max_new_tokens": (obj in C.SAMPLING_OBJECTIVES or t.train_on == "teacher_samples",
-                               "objectives seqkd, dpkd_seq, or train_on teacher_samples"),
-        "train_on": (obj not in C.SAMPLING_OBJECTIVES, "every objective but seqkd (always the teacher's "
-                     "samples) and dpkd_seq (its chosen side is the teacher's sample already)"),
-        "max_skipped_share": (t.nan_policy == "skip", "nan_policy skip"),
-    }
-    for setting in C.LOSS_TYPE_PARAMS["sigmoid"] + ("gamma", "dpop_lambda", "cpo_alpha"):
-        users = [lt for lt, used in C.LOSS_TYPE_PARAMS.items() if setting in used]
-        rules[setting] = (dpkd and setting in C.LOSS_TYPE_PARAMS[t.loss_type],
-                          f"objectives dpkd_token, dpkd_seq with loss_type {', '.join(users)}")
-    return rules.get(name, (True, ""))
+@dataclass(frozen=True)
+class Uses:
+    """Where a setting has an effect. `when(cfg, section, role)` says whether it has one in
+    this run (`section`: the dataclass holding it, `role`: "student", "train", ...); `where`
+    says where in words: the refusal message and docs/params.md print it."""
+    when: Any
+    where: str
+
+
+def _objectives(names) -> str:
+    return f"objective {names[0]}" if len(names) == 1 else f"objectives {', '.join(names)}"
+
+
+def _topk(t) -> bool:
+    return t.teacher_mode == "cache" and t.cache_format == "topk"
+
+
+def _for(names) -> Uses:
+    """Used by the objectives `names` only."""
+    return Uses(lambda c, t, r: t.objective in names, _objectives(names))
+
+
+#: every setting that only some runs use; a setting not listed here is used by every run. A
+#: setting changed from its default that the run would not use is refused (`unused_params`).
+USES: dict[str, dict[str, Uses]] = {
+    "tokenizer": {
+        "vocab_size": Uses(lambda c, s, r: s.kind == "bpe_local", "tokenizer.kind bpe_local"),
+        "path": Uses(lambda c, s, r: s.kind == "pretrained", "tokenizer.kind pretrained"),
+    },
+    "model": {
+        **{k: Uses(lambda c, s, r: s.source == "tiny", "source tiny")
+           for k in ("arch", "n_layer", "n_embd", "n_head", "seed")},
+        "name_or_path": Uses(lambda c, s, r: s.source in ("pretrained", "saved"),
+                             "source pretrained or saved"),
+        "lora": Uses(lambda c, s, r: r == "student", "the student"),
+        **{k: Uses(lambda c, s, r: r == "student" and s.lora, "student.lora true")
+           for k in ("lora_r", "lora_alpha", "lora_dropout", "merge_lora_on_save")},
+        "gradient_checkpointing": Uses(lambda c, s, r: r == "student", "the student"),
+    },
+    "data": {
+        "path": Uses(lambda c, s, r: s.source in ("jsonl", "minillm"), "data.source jsonl or minillm"),
+        "n_train": Uses(lambda c, s, r: s.source == "synthetic", "data.source synthetic"),
+        "n_heldout": Uses(lambda c, s, r: s.source == "synthetic", "data.source synthetic"),
+        # the switch is pretrain_source; the block settings describe the corpus it names
+        "pretrain_source": Uses(lambda c, s, r: c.train.lm_coef > 0, "train.lm_coef > 0"),
+        "pretrain_path": Uses(lambda c, s, r: s.pretrain_source == "jsonl", "data.pretrain_source jsonl"),
+    },
+    "train": {
+        "min_lr": Uses(lambda c, t, r: t.lr_schedule == "cosine", "lr_schedule cosine"),
+        "t_max_steps": Uses(lambda c, t, r: t.lr_schedule == "cosine", "lr_schedule cosine"),
+        "kd_ratio": _for(C.DISTILL_OBJECTIVES),
+        "pretrain_loss": Uses(lambda c, t, r: t.objective in C.DISTILL_OBJECTIVES and t.lm_coef > 0,
+                              "a distillation objective with lm_coef > 0 (without a teacher term both "
+                              "forms are CE)"),
+        "beta": _for(C.PREFERENCE_OBJECTIVES),
+        "loss_type": _for(C.PREFERENCE_OBJECTIVES),
+        # label_smoothing, reference_free, gamma, dpop_lambda, cpo_alpha: added below from
+        # choices.LOSS_TYPE_PARAMS
+        "length_normalize": _for(("dpkd_seq",)),
+        "temperature": Uses(lambda c, t, r: t.objective in C.TOKEN_OBJECTIVES and not _topk(t),
+                            "token-level objectives with the teacher's logits (not a top-k cache)"),
+        "jsd_beta": _for(("jsd",)),
+        "skew_alpha": _for(("skl", "srkl")),
+        "seq_max_new_tokens": Uses(lambda c, t, r: t.objective in C.SAMPLING_OBJECTIVES
+                                   or t.train_on == "teacher_samples",
+                                   "objectives seqkd, dpkd_seq, or train_on teacher_samples"),
+        "train_on": Uses(lambda c, t, r: t.objective not in C.SAMPLING_OBJECTIVES,
+                         "every objective but seqkd (always the teacher's samples) and dpkd_seq "
+                         "(its chosen side is the teacher's sample already)"),
+        "rejected_every": _for(("dpkd_seq",)),
+        "teacher_mode": _for(C.TOKEN_OBJECTIVES),
+        "cache_format": Uses(lambda c, t, r: t.objective in C.TOKEN_OBJECTIVES and t.teacher_mode == "cache",
+                             "teacher_mode cache"),
+        "cache_topk": Uses(lambda c, t, r: t.objective in C.TOKEN_OBJECTIVES and _topk(t),
+                           "teacher_mode cache with cache_format topk"),
+        "max_skipped_share": Uses(lambda c, t, r: t.nan_policy == "skip", "nan_policy skip"),
+    },
+    "eval": {
+        **{k: Uses(lambda c, e, r: e.greedy or bool(e.sample_seeds), "eval.greedy or eval.sample_seeds")
+           for k in ("batch_size", "max_new_tokens", "no_repeat_ngram_size")},
+        **{k: Uses(lambda c, e, r: bool(e.sample_seeds), "eval.sample_seeds")
+           for k in ("temperature", "top_k", "top_p", "sample_max_examples")},
+    },
+}
+for _setting in dict.fromkeys(p for used in C.LOSS_TYPE_PARAMS.values() for p in used):
+    USES["train"][_setting] = Uses(
+        lambda c, t, r, s=_setting: (t.objective in C.PREFERENCE_OBJECTIVES
+                                     and s in C.LOSS_TYPE_PARAMS[t.loss_type]),
+        f"{_objectives(C.PREFERENCE_OBJECTIVES)} with loss_type "
+        f"{', '.join(lt for lt, used in C.LOSS_TYPE_PARAMS.items() if _setting in used)}")
+del _setting
+
+#: the sections each purpose checks: (role in the params file, section kind)
+_CHECKED = {"eval": (("tokenizer", "tokenizer"), ("eval", "eval")),
+            "train": (("tokenizer", "tokenizer"), ("eval", "eval"), ("student", "model"),
+                      ("teacher", "model"), ("data", "data"), ("train", "train"))}
 
 
 def unused_params(cfg: RunConfig, purpose: str = "train") -> list[tuple[str, Any, str]]:
     """(dotted key, value, where it applies) of every parameter set away from its default that this
-    run would not use. `purpose` "eval" (a saved model on the eval splits, usually with the
-    training run's own params file) checks the tokenizer and eval sections only."""
+    run would not use (`USES`). `purpose` "eval" (a saved model on the eval splits, usually with
+    the training run's own params file) checks the tokenizer and eval sections only."""
     out = []
-
-    def check(prefix, section, cls, rule):
-        for name, default in _defaults(cls).items():
-            if getattr(section, name) != default:
-                used, where = rule(name)
-                if not used:
-                    out.append((f"{prefix}.{name}", getattr(section, name), where))
-
-    tok = cfg.tokenizer
-    check("tokenizer", tok, TokenizerConfig, lambda n: {
-        "vocab_size": (tok.kind == "bpe_local", "tokenizer.kind bpe_local"),
-        "path": (tok.kind == "pretrained", "tokenizer.kind pretrained")}.get(n, (True, "")))
-    e = cfg.eval
-    generates = e.greedy or bool(e.sample_seeds)
-    check("eval", e, EvalConfig, lambda n: {
-        **{k: (generates, "eval.greedy or eval.sample_seeds") for k in ("batch_size", "max_new_tokens",
-                                                                        "no_repeat_ngram_size")},
-        **{k: (bool(e.sample_seeds), "eval.sample_seeds") for k in ("temperature", "top_k", "top_p",
-                                                                   "sample_max_examples")},
-    }.get(n, (True, "")))
-    if purpose == "eval":
-        return out
-    for role in ("student", "teacher"):
-        m = getattr(cfg, role)
-        if m is None:
+    for role, kind in _CHECKED["eval" if purpose == "eval" else "train"]:
+        section = getattr(cfg, role)
+        if section is None:
             continue
-        lora = role == "student" and m.lora
-        check(role, m, ModelConfig, lambda n, m=m, lora=lora, role=role: {
-            **{k: (m.source == "tiny", "source tiny") for k in ("arch", "n_layer", "n_embd", "n_head", "seed")},
-            "name_or_path": (m.source in ("pretrained", "saved"), "source pretrained or saved"),
-            "lora": (role == "student", "the student"),
-            **{k: (lora, "student.lora true") for k in ("lora_r", "lora_alpha", "lora_dropout", "merge_lora_on_save")},
-            "gradient_checkpointing": (role == "student", "the student"),
-        }.get(n, (True, "")))
-    d = cfg.data
-    pretrain = cfg.train.lm_coef > 0
-    check("data", d, DataConfig, lambda n: {
-        "path": (d.source in ("jsonl", "minillm"), "data.source jsonl or minillm"),
-        "n_train": (d.source == "synthetic", "data.source synthetic"),
-        "n_heldout": (d.source == "synthetic", "data.source synthetic"),
-        # the switch is pretrain_source; the block settings describe the corpus it names
-        "pretrain_source": (pretrain, "train.lm_coef > 0"),
-        "pretrain_path": (d.pretrain_source == "jsonl", "data.pretrain_source jsonl"),
-    }.get(n, (True, "")))
-    check("train", cfg.train, TrainConfig, lambda n: _train_uses(cfg.train, n))
+        for name, default in _defaults(type(section)).items():
+            rule, value = USES[kind].get(name), getattr(section, name)
+            if rule is not None and value != default and not rule.when(cfg, section, role):
+                out.append((f"{role}.{name}", value, rule.where))
     return out
 
 
 # ----------------------------------------------------------------------------- validation
 
 def validate(cfg: RunConfig, purpose: str = "train") -> RunConfig:
-    """Choices, ranges and consistency that types alone cannot express, then the unused
-    check. `purpose` "eval": only what evaluating a saved student reads (no teacher, no train)."""
+    """Choices and ranges (`CHOICES`, `RANGES`), consistency that types alone cannot express,
+    then the unused check (`USES`). `purpose` "eval": only what evaluating a saved student
+    reads (no teacher, no train)."""
     d, e = cfg.data, cfg.eval
-    _check_choice("tokenizer.kind", cfg.tokenizer.kind, C.TOKENIZER_KINDS)
-    _check_range("tokenizer.vocab_size", cfg.tokenizer.vocab_size, 257)
+    _check_section("tokenizer", cfg.tokenizer, "tokenizer.")
     if cfg.tokenizer.kind == "pretrained" and not cfg.tokenizer.path:
         raise ConfigError("tokenizer.path: tokenizer.kind 'pretrained' needs a hub id or local dir")
-    _check_choice("data.source", d.source, C.DATA_SOURCES)
-    _check_choice("data.pretrain_source", d.pretrain_source, C.PRETRAIN_SOURCES)
-    _check_choice("data.bad_data", d.bad_data, C.BAD_DATA_POLICIES)
-    for key in ("n_train", "n_valid", "n_test", "n_heldout", "min_response_tokens"):
-        _check_range(f"data.{key}", getattr(d, key), 0)
-    _check_range("data.max_length", d.max_length, 2)
-    _check_range("data.max_prompt", d.max_prompt, 1)
-    _check_range("data.pretrain_block_size", d.pretrain_block_size, 2)
-    _check_range("data.pretrain_max_blocks", d.pretrain_max_blocks, 1)
+    _check_section("data", d, "data.")
     parse_slice(d.train_slice)
     if d.max_prompt >= d.max_length:
         raise ConfigError(f"data.max_prompt ({d.max_prompt}) must be smaller than data.max_length "
@@ -354,32 +459,16 @@ def validate(cfg: RunConfig, purpose: str = "train") -> RunConfig:
         raise ConfigError(f"data.path: data.source '{d.source}' needs a file path")
     if d.path and d.source in ("jsonl", "minillm") and not Path(d.path).exists():
         raise ConfigError(f"data.path: file not found: {d.path}")
-    for s in e.splits:
-        _check_choice("eval.splits", s, C.SPLITS)
     if not all(isinstance(s, int) and not isinstance(s, bool) for s in e.sample_seeds) \
             or len(set(e.sample_seeds)) != len(e.sample_seeds):
         raise ConfigError(f"eval.sample_seeds: expected distinct integers, got {e.sample_seeds!r}")
-    _check_range("eval.max_examples", e.max_examples, 0)
-    _check_range("eval.sample_max_examples", e.sample_max_examples, 0)
-    _check_range("eval.batch_size", e.batch_size, 1)
-    _check_range("eval.max_new_tokens", e.max_new_tokens, 1)
-    _check_range("eval.temperature", e.temperature, 0, None, low_open=True)
-    _check_range("eval.top_k", e.top_k, 0)
-    _check_range("eval.top_p", e.top_p, 0, 1, low_open=True)
-    _check_range("eval.no_repeat_ngram_size", e.no_repeat_ngram_size, 0)
-    _check_range("threads", cfg.threads, 0)
+    _check_section("eval", e, "eval.")
+    _check_section("run", cfg, "")
     for role in ("student",) if purpose == "eval" else ("student", "teacher"):
         m = getattr(cfg, role)
         if m is None:
             continue
-        _check_choice(f"{role}.source", m.source, C.MODEL_SOURCES)
-        _check_choice(f"{role}.arch", m.arch, C.TINY_ARCHS)
-        _check_choice(f"{role}.dtype", m.dtype, C.DTYPES)
-        _check_choice(f"{role}.quantization", m.quantization, C.QUANTIZATIONS)
-        for key in ("n_layer", "n_embd", "n_head", "lora_r", "lora_alpha"):
-            _check_range(f"{role}.{key}", getattr(m, key), 1)
-        _check_range(f"{role}.prune_to", m.prune_to, 0)
-        _check_range(f"{role}.lora_dropout", m.lora_dropout, 0, 1, high_open=True)
+        _check_section("model", m, f"{role}.")
         if m.source in ("pretrained", "saved") and not m.name_or_path:
             raise ConfigError(f"{role}.name_or_path: source '{m.source}' needs a hub id or path")
         if m.source == "saved" and not Path(m.name_or_path).exists():
@@ -401,33 +490,7 @@ def validate(cfg: RunConfig, purpose: str = "train") -> RunConfig:
 
 def _validate_train(cfg: RunConfig) -> None:
     t, d = cfg.train, cfg.data
-    _check_choice("train.objective", t.objective, C.OBJECTIVES)
-    _check_choice("train.loss_type", t.loss_type, C.LOSS_TYPES)
-    _check_choice("train.lr_schedule", t.lr_schedule, C.LR_SCHEDULES)
-    _check_choice("train.nan_policy", t.nan_policy, C.NAN_POLICIES)
-    _check_choice("train.teacher_mode", t.teacher_mode, C.TEACHER_MODES)
-    _check_choice("train.cache_format", t.cache_format, C.CACHE_FORMATS)
-    _check_choice("train.pretrain_loss", t.pretrain_loss, C.PRETRAIN_LOSSES)
-    _check_choice("train.train_on", t.train_on, C.TRAIN_ON)
-    _check_choice("train.autocast_dtype", t.autocast_dtype, C.DTYPES)
-    for key in ("beta", "lr", "temperature"):
-        _check_range(f"train.{key}", getattr(t, key), 0, None, low_open=True)
-    _check_range("train.min_lr", t.min_lr, 0, t.lr)
-    for key in ("kd_ratio", "lm_coef", "max_skipped_share"):
-        _check_range(f"train.{key}", getattr(t, key), 0, 1)
-    for key in ("adam_beta1", "adam_beta2"):
-        _check_range(f"train.{key}", getattr(t, key), 0, 1, high_open=True)
-    _check_range("train.label_smoothing", t.label_smoothing, 0, 0.5, high_open=True)
-    _check_range("train.jsd_beta", t.jsd_beta, 0, 1, low_open=True, high_open=True)
-    _check_range("train.skew_alpha", t.skew_alpha, 0, 1, high_open=True)
-    for key in ("gamma", "dpop_lambda", "cpo_alpha", "weight_decay", "clip_grad"):
-        _check_range(f"train.{key}", getattr(t, key), 0)
-    for key in ("max_steps", "batch_size", "grad_accum", "cache_topk", "seq_max_new_tokens",
-                "rejected_every", "log_every"):
-        _check_range(f"train.{key}", getattr(t, key), 1)
-    for key in ("warmup_steps", "t_max_steps", "eval_every", "save_every", "loss_chunk_size",
-                "grad_probe_every"):
-        _check_range(f"train.{key}", getattr(t, key), 0)
+    _check_section("train", t, "train.")
     if t.warmup_steps >= t.max_steps:
         raise ConfigError(f"train.warmup_steps ({t.warmup_steps}) must be below train.max_steps "
                           f"({t.max_steps})")
