@@ -368,6 +368,10 @@ USES: dict[str, dict[str, Uses]] = {
     "data": {
         "path": Uses(lambda c, s, r: s.source in ("jsonl", "minillm"), "data.source jsonl or minillm"),
         "n_train": Uses(lambda c, s, r: s.source == "synthetic", "data.source synthetic"),
+        # a folder of split files is taken as it is: no generated or split-by-seed sets
+        **{k: Uses(lambda c, s, r: not (s.source in ("jsonl", "minillm") and Path(s.path).is_dir()),
+                   "generated data or one file split MiniLLM-style (not a folder of split files)")
+           for k in ("n_valid", "n_test", "data_seed")},
         "n_heldout": Uses(lambda c, s, r: s.source == "synthetic", "data.source synthetic"),
         # the switch is pretrain_source; the block settings describe the corpus it names
         "pretrain_source": Uses(lambda c, s, r: c.train.lm_coef > 0, "train.lm_coef > 0"),
@@ -491,6 +495,9 @@ def validate(cfg: RunConfig, purpose: str = "train") -> RunConfig:
 def _validate_train(cfg: RunConfig) -> None:
     t, d = cfg.train, cfg.data
     _check_section("train", t, "train.")
+    if t.objective in C.DISTILL_OBJECTIVES and t.kd_ratio == 0:
+        raise ConfigError(f"train.kd_ratio: 0 leaves objective '{t.objective}' nothing but CE; "
+                          f"use train.objective: sft, or kd_ratio > 0")
     if t.warmup_steps >= t.max_steps:
         raise ConfigError(f"train.warmup_steps ({t.warmup_steps}) must be below train.max_steps "
                           f"({t.max_steps})")

@@ -551,7 +551,8 @@ def load_records(source: str, path: str | os.PathLike | None = None, seed: int =
         from .synthetic import generate_synthetic
 
         return generate_synthetic(seed=seed, **sizes)
-    split_sizes = {k: sizes[k] for k in ("n_valid", "n_test") if k in sizes}
+    split_sizes = {k: sizes[k] for k in ("n_valid", "n_test", "tokenizer", "min_response_tokens",
+                                         "max_prompt") if k in sizes}
     if source == "dolly_hub":
         return minillm_dolly_split(load_dolly_hub(), seed, **split_sizes)
     if not path:
@@ -573,15 +574,20 @@ def data_hash(records: Any) -> str:
     return hashlib.sha256(blob.encode("ascii")).hexdigest()
 
 
-def load_splits(dcfg) -> dict[str, list[dict]]:
+def load_splits(dcfg, tokenizer=None) -> dict[str, list[dict]]:
     """Records by split for a params file's ``data`` section (config.DataConfig), with
     ``train_slice`` applied to the train split (the builds and the methods train on disjoint
-    slices of one generated set)."""
+    slices of one generated set). Data split MiniLLM-style (Dolly from the hub, one jsonl
+    file) is filtered first as MiniLLM does (``min_response_tokens``, ``max_prompt``, with
+    `tokenizer`), so the valid and test splits hold only kept records (docs/method.md §4)."""
     from .config import parse_slice
 
     sizes = {"n_valid": dcfg.n_valid, "n_test": dcfg.n_test}
     if dcfg.source == "synthetic":
         sizes |= {"n_train": dcfg.n_train, "n_heldout": dcfg.n_heldout}
+    else:
+        sizes |= {"tokenizer": tokenizer, "min_response_tokens": dcfg.min_response_tokens,
+                  "max_prompt": dcfg.max_prompt}
     splits = load_records(dcfg.source, path=dcfg.path or None, seed=dcfg.data_seed, **sizes)
     if dcfg.train_slice:
         part = splits["train"][parse_slice(dcfg.train_slice)]

@@ -834,7 +834,7 @@ def evaluate_model(cfg: Any, model, tokenizer, out_dir: str | os.PathLike, *,
     from .data import load_splits
     from .io import write_json, write_jsonl
 
-    rows, summary = evaluate_splits(model, tokenizer, load_splits(cfg.data), cfg.eval, cfg.data,
+    rows, summary = evaluate_splits(model, tokenizer, load_splits(cfg.data, tokenizer), cfg.eval, cfg.data,
                                     progress=progress)
     out = Path(out_dir)
     write_jsonl(out / "eval.jsonl", rows)

@@ -243,7 +243,7 @@ def step_loss(t, student, teacher, batch, *, pretrain=None, pair=None,
     raw, stats = {}, {}
     with autocast:
         s_logits, labels = response_logits(student, batch)
-        raw["ce"] = losses.sft_loss(s_logits, labels)
+        raw["ce"] = losses.sft_loss(s_logits, labels, chunk_size=t.loss_chunk_size or None)
         if t.objective == "dpkd_seq":
             raw["distill"], stats = sequence_preference(t, student, teacher, pair)
         elif k > 0:
@@ -251,7 +251,7 @@ def step_loss(t, student, teacher, batch, *, pretrain=None, pair=None,
         if pretrain is not None:
             pt_ids, pt_names = pretrain
             pt_logits, pt_labels = full_logits(student, pt_ids)
-            raw["pt_ce"] = losses.sft_loss(pt_logits, pt_labels)
+            raw["pt_ce"] = losses.sft_loss(pt_logits, pt_labels, chunk_size=t.loss_chunk_size or None)
             if k > 0 and t.pretrain_loss == "released":
                 signal = teacher.pretrain(pt_ids, pt_names)
                 if isinstance(signal, TopK):  # top-k plus one bucket for the rest (exact at k = V)

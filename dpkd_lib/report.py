@@ -6,8 +6,10 @@ pre-train blocks) and every model is scored on the same prompts. A difference be
 methods is the mean over seeds and prompts of the per-(seed, prompt) difference; its 95 % CI
 comes from a bootstrap that resamples seeds and prompts; the p-value is the bootstrap's
 two-sided tail. Across the declared primary comparisons the p-values are Holm-corrected, and
-each CI is drawn at the level of its Holm step (1 − α/(m − i) for the i-th smallest p), so a
-CI that excludes 0 is a rejected hypothesis. The words of the answer are generated from these
+each CI is drawn at the level of its Holm step (1 − α/(m − i) for the i-th smallest p). A
+comparison is called when Holm's step-down rejects it: its CI excludes 0 and every comparison
+before it in the step-down was rejected too (the rare interval that excludes 0 after the
+step-down stopped is said as such). The words of the answer are generated from these
 intervals (`answer_text`), never typed.
 """
 from __future__ import annotations
@@ -322,6 +324,9 @@ def comparison_sentence(r: dict) -> str:
         return f"{a} beats {b} on {where}."
     if r["verdict"] == "worse":
         return f"{a} is worse than {b} on {where}."
+    if r["ci_lo"] > 0 or r["ci_hi"] < 0:
+        return (f"{a} and {b} are not told apart on {where}: the interval excludes 0, but Holm's "
+                f"step-down stopped at a comparison with a smaller p.")
     return f"{a} and {b} are not told apart on {where}: the interval includes 0."
 
 

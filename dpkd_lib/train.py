@@ -131,7 +131,7 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         set_seed(t.seed)
         self.tokenizer = build_tokenizer(cfg.tokenizer)
-        self.splits = data_lib.load_splits(cfg.data)
+        self.splits = data_lib.load_splits(cfg.data, self.tokenizer)
         self.data_hash = data_lib.data_hash(self.splits["train"])
         self.teacher_model = None
         samples = t.objective == "seqkd" or t.train_on == "teacher_samples"
