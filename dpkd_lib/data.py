@@ -4,7 +4,7 @@ A **record** is a dict ``{"id", "instruction", "context", "response", "category"
 synthetic set adds ``template``; MiniLLM eval files may add ``references``, a list). Every
 source is mapped to records first, so the rest of the pipeline has one input format.
 
-Prompts follow MiniLLM exactly (its ``process_data_dolly.py``, Alpaca style; method.md §4),
+Prompts follow MiniLLM exactly (its ``process_data_dolly.py``, Alpaca style; docs/method.md §4),
 because ROUGE-L numbers are only comparable under the same template. Prompt and response
 are tokenized separately and concatenated, so ``prompt_len`` is exact and the loss mask can
 never leak into the prompt. Labels follow the Hugging Face convention (unshifted, same
@@ -285,7 +285,7 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, e
     """Batches of indices whose members have similar lengths, in a random batch order.
 
     Why: random batches pad every row to the longest one (~160 tokens against ~90 on the
-    synthetic set, design.md §3 cost notes). We shuffle all indices (seeded by seed and
+    synthetic set, docs/design.md §3 cost notes). We shuffle all indices (seeded by seed and
     epoch), cut them into mega-batches of ``mega_batches`` batches, sort each mega-batch by
     length, cut it into batches, and shuffle the batch order. Sorting only inside
     mega-batches keeps the data order random at the scale of an epoch.
@@ -506,7 +506,7 @@ def minillm_dolly_split(records: Sequence[Mapping[str, Any]], seed: int, n_valid
     """MiniLLM's Dolly processing as a split: {"train", "valid", "test"}.
 
     With a tokenizer, records are first filtered as in MiniLLM (response >= 11 tokens,
-    prompt <= 256 tokens, method.md §4) so the split sizes are the published ones; without
+    prompt <= 256 tokens, docs/method.md §4) so the split sizes are the published ones; without
     one, that filtering is left to ``build_sft_dataset``. A seeded shuffle then takes
     ``n_test`` for DollyEval, ``n_valid`` for validation and the rest for training.
     """

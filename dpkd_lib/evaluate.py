@@ -45,7 +45,7 @@ What this module reproduces and why (see docs/method.md §3-§5 and docs/design.
   -> same samples (on the same device type and library versions), different seeds ->
   different samples.
 
-* **Reward-hacking checks** (method.md §5): response length (tokens and words), distinct-n,
+* **Reward-hacking checks** (docs/method.md §5): response length (tokens and words), distinct-n,
   within-response repetition, the share of empty and truncated (no EOS) responses, and
   teacher-forced NLL / token accuracy on the reference responses.
 """
@@ -212,7 +212,7 @@ def repetition_rate(texts: Sequence[str], n: int = 4) -> float:
     response, averaged over responses with at least one n-gram (0.0 if none).
 
     Equal to ``1 - distinct_n(texts, n, mode="mean")``; named separately because "the
-    student loops" is the reward-hacking symptom method.md §5 asks us to watch. Note that
+    student loops" is the reward-hacking symptom docs/method.md §5 asks us to watch. Note that
     with ``no_repeat_ngram_size=k`` sampling, repetition of n-grams with n >= k is
     impossible by construction, so watch n < k (default 4 < MiniLLM's 6).
     """
@@ -551,7 +551,7 @@ def teacher_forced_metrics(model, batches: Iterable[Mapping[str, torch.Tensor]],
     **unshifted** labels (-100 on prompt and padding): position t's logits are scored
     against label t+1 here. The NLL is computed in fp32 over response positions only and
     averaged over all tokens of all batches (token-weighted, like the training loss). It is
-    the reward-hacking canary of method.md §5: a DPKD student whose preference margin grows
+    the reward-hacking canary of docs/method.md §5: a DPKD student whose preference margin grows
     while this NLL rises is gaming the objective. Returns ``nll``, ``perplexity``
     (exp(nll)), ``token_accuracy``, ``n_tokens`` and, when the batches carry ``ids``,
     ``per_example``: {id, nll_sum, correct, n_tokens} per example (what a bootstrap over

@@ -1,7 +1,7 @@
 """Losses of the DPKD study: SFT, word-level KD divergences, the token-level DPKD loss of the
 released code, and the DPO-family sequence-level preference loss of the paper.
 
-Conventions (design.md §5; every function here follows them):
+Conventions (docs/design.md §5; every function here follows them):
 
 * ``logits`` are ``[B, T, V]`` (any leading shape ``[..., V]`` works, with ``labels`` of
   shape ``[...]``) and already aligned: ``logits[..., i, :]`` scores ``labels[..., i]``.
@@ -15,7 +15,7 @@ Conventions (design.md §5; every function here follows them):
 * Inputs may be fp32 or bf16 (or fp16); the maths runs in fp32, or float64 when the input is
   float64 (so ``gradcheck`` works). All log-probabilities come from ``log_softmax`` /
   ``logsumexp`` and all sigmoids from ``logsigmoid``: finite for logits of ±1e4.
-* Notation: p = teacher, q = student (as in method.md). Teacher logits are always detached:
+* Notation: p = teacher, q = student (as in docs/method.md). Teacher logits are always detached:
   no loss sends gradient into the teacher.
 
 Memory-light ("lean") variants. Every token loss takes ``chunk_size=None``. With ``None`` the
@@ -510,7 +510,7 @@ def sequence_logps(logits: Tensor, labels: Tensor, average: bool = False,
 
 
 # ----------------------------------------------------------------------------------------
-# DPKD token level (method.md §2)
+# DPKD token level (docs/method.md §2)
 # ----------------------------------------------------------------------------------------
 class TokenPreferenceLogps(NamedTuple):
     """The four DPKD log-probabilities at each unmasked position ([N] each, flat order).
@@ -610,7 +610,7 @@ def dpkd_token_loss(
     chunk_size: Optional[int] = None,
     **settings,
 ) -> Tensor:
-    """Token-level DPKD loss of the released code (method.md §2), flat mean over positions.
+    """Token-level DPKD loss of the released code (docs/method.md §2), flat mean over positions.
 
     At each unmasked position: t = argmax p, s = argmax q (not differentiated),
         Δ = [log q(t) − log q(s)] − [log p(t) − log p(s)]   (teacher bracket dropped if

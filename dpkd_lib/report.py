@@ -34,7 +34,7 @@ METRIC_LABELS = {"rouge_l": "ROUGE-L", "exact_match": "EM", "nll": "NLL", "token
                  "sample_rouge_l": "ROUGE-L (T=1)", "sample_exact_match": "EM (T=1)",
                  "valid_nll": "valid NLL", "wall_time_s": "wall s"}
 LOWER_IS_BETTER = {"nll", "valid_nll", "repetition_rate"}
-# method.md §5 (ROUGE-L). The baselines appear to be MiniLLM's published 5-seed means; DPKD
+# docs/method.md §5 (ROUGE-L). The baselines appear to be MiniLLM's published 5-seed means; DPKD
 # is one seed. S-NI SeqKD: 16.4 in the paper's Table 1 (the released code's table has 16.0).
 PAPER_NUMBERS = {
     ("gpt2-120M", "DollyEval"): {"teacher": 27.6, "sft": 23.3, "kd": 22.8, "seqkd": 22.7,
@@ -714,7 +714,7 @@ def tables_dir(results_root: str | Path) -> Path:
 
 
 def paper_table():
-    """method.md §5 as a DataFrame (rows: set; columns: methods), for the paper profile."""
+    """docs/method.md §5 as a DataFrame (rows: set; columns: methods), for the paper profile."""
     import pandas as pd
     return pd.DataFrame([{"student ← teacher": k[0], "set": k[1], **{label(m): v for m, v in vals.items()}}
                          for k, vals in PAPER_NUMBERS.items()])

@@ -1,4 +1,4 @@
-"""The offline, seeded, Dolly-format instruction set of the default profile (design.md §4).
+"""The offline, seeded, Dolly-format instruction set of the default profile (docs/design.md §4).
 
 Why it exists: databricks-dolly-15k has no offline copy, and a CPU study needs a task where
 a pretrained teacher clearly beats a pruned student. So we generate records with Dolly's

@@ -117,7 +117,7 @@ def ref_token_mean(per_pos, s, t, labels, temperature=1.0):
 
 
 def ref_dpkd_pos(zs, zt, beta, loss_type, eps, reference_free, dpop_lambda=50.0, gamma=0.0):
-    """One position of method.md §2, by hand (zs, zt already divided by the temperature)."""
+    """One position of docs/method.md §2, by hand (zs, zt already divided by the temperature)."""
     ti, si = py_argmax(zt), py_argmax(zs)
     lq, lp = hand_log_softmax(zs), hand_log_softmax(zt)
     lq_t, lq_s = lq[ti], lq[si]
