@@ -238,9 +238,11 @@ def run_study(profile: str, *, force: bool = False, only: str | None = None,
         for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
             os.environ[key] = "1"
 
+    from .rundir import machine
     status = read_status(out_dir)
     status.setdefault("notebooks", {})
     status["profile"] = profile
+    status["machine"] = machine()
     executed = {name: entry.get("token") for name, entry in status["notebooks"].items()}
     order = [p.stem for p in all_nbs]
     timings = []
