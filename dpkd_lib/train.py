@@ -12,6 +12,7 @@ loses at most the steps since the last checkpoint; the same command then resumes
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import random
@@ -176,9 +177,14 @@ class Trainer:
                                           min_response_tokens=d.min_response_tokens,
                                           bad_data=d.bad_data)
 
+    @functools.cached_property
     def teacher_identity(self) -> dict:
-        """What makes the teacher's signals what they are: its params and its weights."""
-        return {"teacher": to_dict(self.cfg.teacher), "weights": model_lib.weights_fingerprint(self.cfg.teacher),
+        """What makes the teacher's signals what they are: its settings and its weights (a
+        saved teacher is named by a hash of its files, not by where it lies)."""
+        teacher = to_dict(self.cfg.teacher)
+        if teacher["source"] == "saved":
+            teacher.pop("name_or_path")
+        return {"teacher": teacher, "weights": model_lib.weights_fingerprint(self.cfg.teacher),
                 "tokenizer": to_dict(self.cfg.tokenizer), "vocab": len(self.tokenizer)}
 
     def teacher_signals(self) -> obj_lib.CachedTeacher:
@@ -194,7 +200,7 @@ class Trainer:
 
         if not self.is_main:  # the main process builds the cache; the others then read it
             self.accelerator.wait_for_everyone()
-        ident, fmt, k = self.teacher_identity(), t.cache_format, t.cache_topk
+        ident, fmt, k = self.teacher_identity, t.cache_format, t.cache_topk
         meta = ident | {"k": k, "format": fmt}
         kw = dict(meta=meta, fmt=fmt, batch_size=cfg.eval.batch_size, device=self.accelerator.device,
                   progress=self.progress)
@@ -216,7 +222,7 @@ class Trainer:
         chosen side), sampled once per (teacher, data, seed, length) into the cache folder
         and shared by every run that needs them."""
         t, e = self.cfg.train, self.cfg.eval
-        key = tc.cache_key(**self.teacher_identity(), data=data_lib.data_hash(records),
+        key = tc.cache_key(**self.teacher_identity, data=data_lib.data_hash(records),
                            seed=t.seed, max_new_tokens=t.seq_max_new_tokens)
 
         def sample(recs):
@@ -236,7 +242,7 @@ class Trainer:
         chosen, _ = self.tokenize(self.teacher_responses(records))
         self.chosen = {ex["id"]: ex for ex in chosen}
         self.filter_report["chosen_is_reference"] = sum(ex["id"] not in self.chosen for ex in self.train_set)
-        key = tc.cache_key(**self.teacher_identity(), data=data_lib.data_hash(chosen),
+        key = tc.cache_key(**self.teacher_identity, data=data_lib.data_hash(chosen),
                            average=t.length_normalize)
         self.ref_chosen = tc.load_or_score(
             tc.scores_path(self.cfg.cache_dir, key),
@@ -338,7 +344,10 @@ class Trainer:
             "step": step, "optimizer": self.optimizer.state_dict(),
             "model": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                    "torch": torch.get_rng_state()}})
+                    "torch": torch.get_rng_state()},
+            # DPKD-seq's samples drawn for the coming steps (rejected_every > 1): a resumed run
+            # must not redraw them from a student that has moved on
+            "rejected": getattr(self, "rejected", {})})
 
     def load_checkpoint(self) -> int:
         """The step of the newest readable checkpoint (0: none), with its state restored."""
@@ -354,6 +363,7 @@ class Trainer:
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
         torch.set_rng_state(state["rng"]["torch"])
+        self.rejected = state.get("rejected", {})
         return state["step"]
 
     def weights_finite(self) -> bool:

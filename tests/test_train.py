@@ -328,3 +328,28 @@ def test_every_setting_is_used_or_refused(tmp_path, objective):
             assert after != pytest.approx(before, rel=1e-7, abs=1e-9), f"{objective}: {name} accepted but ignored"
         else:
             assert after == before, f"{objective}: {name} refused but it changes the loss"
+
+
+def test_dpkd_seq_resumes_mid_block_to_the_same_weights(tmp_path):
+    """With rejected_every = 3 the samples for steps 4-6 are drawn at step 4 (block start 3):
+    a run resumed from the step-4 checkpoint reuses them (they travel in the checkpoint)
+    instead of redrawing them from a student that has moved on."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+    common = [f"cache_dir={tmp_path / 'cache'}", "train.objective=dpkd_seq", "train.seq_max_new_tokens=6",
+              "train.max_steps=5", "train.rejected_every=3", "train.save_every=2", "eval.splits=[]"]
+    train(load_config(SMOKE, [f"output_dir={tmp_path / 'a'}", *common]), progress=False)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    b = tmp_path / "b"
+    shutil.rmtree(b / "model")
+    (b / "summary.json").unlink()
+    manifest = json.loads((b / "manifest.json").read_text())
+    (b / "manifest.json").write_text(json.dumps(dict(manifest, status="interrupted")))
+    assert torch.load(b / "checkpoints" / "last.pt", weights_only=False)["step"] == 4
+    train(load_config(SMOKE, [f"output_dir={b}", *common]), progress=False)
+    wa, wb = load_file(str(tmp_path / "a" / "model" / "model.safetensors")), load_file(str(b / "model" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert read_jsonl(tmp_path / "a" / "metrics.jsonl") != [] and \
+        [r["loss"] for r in read_jsonl(b / "metrics.jsonl")] == [r["loss"] for r in read_jsonl(tmp_path / "a" / "metrics.jsonl")]
