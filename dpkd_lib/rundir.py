@@ -41,6 +41,24 @@ def run_id(params: dict, length: int = 10) -> str:
     return hashlib.sha256(blob).hexdigest()[:length]
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _check_state(state) -> dict:
+    """A training checkpoint's state (what `train.Trainer.save_checkpoint` writes), or ValueError."""
+    missing = [k for k in ("step", "model", "optimizer", "rng") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"not a training checkpoint (missing {', '.join(missing)})")
+    return state
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -88,6 +106,7 @@ class RunDir:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._lock_fd: int | None = None
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -109,27 +128,25 @@ class RunDir:
             return None
 
     def prepare(self, params: dict, force: bool = False) -> str:
-        """Decide what to do with this folder: 'fresh', 'resume' or 'finished'.
+        """Decide what to do with this folder: 'fresh', 'resume' or 'finished'. Call it
+        holding the folder's lock (`lock()`), so that nothing is written while another
+        process owns the folder (without it, the lock is taken for the move below only).
 
         A folder holding a run with different params is never overwritten silently. A run
-        that failed before its first checkpoint holds nothing worth keeping: the same
-        command with corrected params replaces it. Any other needs ``force``, and its files
-        are moved aside (never deleted) into ``<dir>.replaced-<time>``.
+        that stopped (failed or interrupted) before its first checkpoint holds no progress:
+        the same command with corrected params replaces it. Any other needs ``force``. A
+        replaced run's files are moved aside (never deleted) into ``<dir>.replaced-<time>``.
         """
         old = self.stored_params()
         if old is not None:
             differ = [k for k in diff_keys(old, params) if k not in ("output_dir", "cache_dir")]
-            no_progress = self.manifest.get("status") == "failed" and not self.has_checkpoint()
-            if differ and not (force or no_progress):
+            if differ and not (force or self.no_progress()):
                 raise ConfigError(
                     f"{self.path} holds a run with different params ({', '.join(differ[:8])}"
                     f"{' …' if len(differ) > 8 else ''}); use another output_dir or --force "
                     f"(FORCE=1) to replace it (the old files are moved aside)")
             if differ or force:
-                with self.lock():  # never move a folder another process is writing
-                    pass
-                aside = self.path.with_name(f"{self.path.name}.replaced-{int(time.time())}")
-                self.path.rename(aside)
+                self._move_aside()
                 old = None
         if old is not None and self.is_finished():
             return "finished"
@@ -138,24 +155,68 @@ class RunDir:
         write_yaml(self.file("params.yaml"), params)
         return status
 
-    @contextlib.contextmanager
-    def lock(self):
-        """Hold the folder's lock: a second process gets a one-line RunBusy naming the holder.
-        An OS lock (fcntl), so a process that dies releases it: no stale lock to clear."""
+    def no_progress(self) -> bool:
+        """A run that stopped (failed, interrupted) before its first checkpoint."""
+        return self.manifest.get("status") in ("failed", "interrupted") and not self.has_checkpoint()
+
+    def _move_aside(self) -> None:
+        aside = self.path.with_name(f"{self.path.name}.replaced-{int(time.time())}")
+        n = 1
+        while aside.exists():
+            aside = self.path.with_name(f"{self.path.name}.replaced-{int(time.time())}-{n}")
+            n += 1
+        if self._lock_fd is None:  # never move a folder another process is writing
+            with self.lock():
+                self.path.rename(aside)
+            return
+        # We hold the lock: the old .lock travels with the folder. Lock the new folder before
+        # letting go of the old lock, so that no other process can slip in between.
+        self.path.rename(aside)
+        old_fd = self._lock_fd
+        self._lock_fd = self._acquire()
+        os.close(old_fd)
+
+    def _acquire(self) -> int:
+        """Open and lock the folder's .lock (created if need be; nothing else is written
+        when the lock is taken: RunBusy names the holder's pid)."""
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.file(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-                raise RunBusy(f"{self.path} is in use by another process (pid {holder}); wait for it "
-                              f"to finish or stop it, then rerun") from None
+                raise RunBusy(f"{self.path} is in use by another process (pid {self._holder(fd)}); "
+                              f"wait for it to finish or stop it, then rerun") from None
+            except OSError:  # a file system without flock (some network or FUSE mounts)
+                holder = self._holder(fd)
+                if holder.isdigit() and int(holder) != os.getpid() and _alive(int(holder)):
+                    raise RunBusy(f"{self.path} is in use by another process (pid {holder}); wait "
+                                  f"for it to finish or stop it, then rerun") from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
-            yield
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        return os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the folder's lock for the block: a second process gets a one-line RunBusy
+        naming the holder's pid. An OS lock (fcntl.flock), so a process that dies releases
+        it and the next one takes over its stale .lock file. (On a file system without
+        flock the pid in .lock decides: a dead holder's lock is taken over.)"""
+        if self._lock_fd is not None:
+            raise RuntimeError(f"{self.path}: this RunDir already holds its lock")
+        self._lock_fd = self._acquire()
+        try:
+            yield self
         finally:
-            os.close(fd)  # closing releases the lock
+            os.close(self._lock_fd)  # closing releases the lock
+            self._lock_fd = None
 
     # -- manifest and logs
     def write_manifest(self, **fields) -> None:
@@ -192,29 +253,38 @@ class RunDir:
 
     def save_checkpoint(self, state: dict) -> None:
         """Write the new checkpoint next to the last one, check that it reads back, then
-        rotate: last → previous, new → last. A kill at any point leaves a readable one."""
+        rotate: last → previous, new → last. A kill at any point leaves a readable one; a
+        write that fails (a full disk) raises OSError and leaves the old ones as they were."""
         last, previous = (self.file(n) for n in CHECKPOINTS)
         last.parent.mkdir(parents=True, exist_ok=True)
         tmp = last.with_suffix(".tmp")
-        torch.save(state, tmp)
-        torch.load(tmp, weights_only=False, map_location="cpu")  # verify before it replaces anything
+        try:
+            torch.save(state, tmp)
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            _check_state(torch.load(tmp, weights_only=False, map_location="cpu"))  # before it replaces anything
+        except Exception as exc:  # noqa: BLE001 - a full disk, a failing device: one line, old ones kept
+            tmp.unlink(missing_ok=True)
+            raise OSError(f"checkpoint {tmp} could not be written and read back ({type(exc).__name__}: "
+                          f"{str(exc)[:160]}); the previous checkpoints are kept") from None
         if last.exists():
             os.replace(last, previous)
         os.replace(tmp, last)
 
     def load_checkpoint(self) -> dict | None:
-        """The newest checkpoint that reads back, or None. An unreadable one (a truncated
-        file) is skipped with a one-line warning and moved aside."""
-        for name in CHECKPOINTS:
-            path = self.file(name)
-            if not path.exists():
-                continue
+        """The newest checkpoint that reads back whole, or None. An unreadable one (a
+        truncated file) is moved aside (``*.corrupt``) with a one-line warning, and the one
+        before it is tried; with none left the run starts over."""
+        found = [self.file(n) for n in CHECKPOINTS if self.file(n).exists()]
+        for i, path in enumerate(found):
             try:
-                return torch.load(path, weights_only=False, map_location="cpu")
+                return _check_state(torch.load(path, weights_only=False, map_location="cpu"))
             except Exception as exc:  # noqa: BLE001 - any damage: fall back, never a traceback
                 os.replace(path, path.with_suffix(".corrupt"))
-                log.warning("warning: checkpoint %s is unreadable (%s); falling back to the one "
-                            "before it", path, type(exc).__name__)
+                then = (f"falling back to {found[i + 1].relative_to(self.path)}" if i + 1 < len(found)
+                        else "starting over from step 0")
+                log.warning("warning: checkpoint %s is unreadable (%s), moved aside to %s; %s",
+                            path, type(exc).__name__, path.with_suffix(".corrupt").name, then)
         return None
 
     def checkpoint_note(self) -> str:

@@ -5,9 +5,13 @@ the data in a deterministic length-grouped order, the pre-train blocks, the teac
 or from its cache), DPKD-seq's pairs; then AdamW, the schedule, clipping, checkpoints, the
 per-step log and the final evaluation.
 
-Read `train()` top to bottom: set-up, then the loop, then the final save and evaluation.
-Interrupting it (Ctrl-C, SIGTERM) saves a checkpoint and says how to resume; killing it
-loses at most the steps since the last checkpoint; the same command then resumes.
+Read `train()` and `_train()` top to bottom: the run folder's lock, set-up, then the loop,
+then the final save and evaluation. Interrupting it (Ctrl-C, SIGTERM) during the loop
+saves a checkpoint at the end of the step and says how to resume (during set-up or the final
+evaluation it stops at once; the last checkpoint stays); killing it loses at most the steps
+since the last checkpoint; the same command then resumes. A non-finite loss stops the run,
+or with ``train.nan_policy=skip`` skips the batch, up to ``train.max_skipped_share`` of the
+steps and never with non-finite weights: a finished run has finite weights and metrics.
 """
 from __future__ import annotations
 
@@ -83,16 +87,27 @@ def batch_schedule(lengths, batch_size: int, n_batches: int, seed: int) -> list[
     return schedule[:n_batches]
 
 
+class StoppedAtStep(KeyboardInterrupt):
+    """The loop's own stop at the end of a step, after a checkpoint (its message says which)."""
+
+
 @contextlib.contextmanager
 def stop_requests():
-    """SIGINT / SIGTERM ask the loop to stop at the end of the current step (a second Ctrl-C
-    stops at once). Yields a dict whose "signal" is set when asked; handlers are restored."""
-    asked: dict = {"signal": None}
+    """SIGINT / SIGTERM, for the whole of a run. Yields a dict: while ``asked["defer"]`` is
+    true (the training loop) a signal only sets ``asked["signal"]`` and the loop stops at
+    the end of the current step, after a checkpoint; otherwise (set-up, final evaluation),
+    and on a second signal, it raises KeyboardInterrupt at once. While ``asked["closing"]``
+    (the interrupted run's manifest is being written) signals are ignored. The previous
+    handlers are restored on exit."""
+    asked: dict = {"signal": None, "defer": False, "closing": False}
 
     def handler(signum, frame):
-        if asked["signal"] is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        if asked["closing"]:
+            return
+        first = asked["signal"] is None
         asked["signal"] = signal.Signals(signum).name
+        if not (asked["defer"] and first):
+            raise KeyboardInterrupt(f"interrupted ({asked['signal']}); rerun the same command to resume")
 
     old = {}
     try:
@@ -114,16 +129,29 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, *, force: bool = False, progress: bool = True):
         from accelerate import Accelerator
-        self.cfg, self.progress = cfg, progress
+        self.cfg, self.progress, self.force = cfg, progress, force
         self.params = to_dict(cfg)
         self.run = RunDir(cfg.output_dir)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.is_main = self.accelerator.is_main_process
-        self.state = self.run.prepare(self.params, force=force) if self.is_main else "fresh"
-        self.accelerator.wait_for_everyone()
-        if not self.is_main:
-            self.state = "finished" if self.run.is_finished() else (
-                "resume" if self.run.has_checkpoint() else "fresh")
+        self.state = None  # fresh | resume | finished, once claim() has looked at the folder
+        self.step, self.saved_step, self.skipped = 0, None, 0
+        self.phase = "set-up"  # set-up | training | the final evaluation (for messages)
+
+    @contextlib.contextmanager
+    def claim(self):
+        """Own the run folder for the block: the main process takes its lock before anything
+        is written (a second process fails at once, writing nothing), then decides what to do
+        with it (`RunDir.prepare`). Other processes (ranks of `accelerate launch`) take no
+        lock: they follow the main process's decision."""
+        with self.run.lock() if self.is_main else contextlib.nullcontext():
+            if self.is_main:
+                self.state = self.run.prepare(self.params, force=self.force)
+            self.accelerator.wait_for_everyone()
+            if not self.is_main:
+                self.state = "finished" if self.run.is_finished() else (
+                    "resume" if self.run.has_checkpoint() else "fresh")
+            yield self
 
     # -- set-up
     def setup(self) -> None:
@@ -337,17 +365,21 @@ class Trainer:
 
     # -- checkpoints
     def save_checkpoint(self, step: int) -> None:
-        if not self.is_main:
-            return
-        model = self.accelerator.unwrap_model(self.student)
-        self.run.save_checkpoint({
-            "step": step, "optimizer": self.optimizer.state_dict(),
-            "model": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                    "torch": torch.get_rng_state()},
-            # DPKD-seq's samples drawn for the coming steps (rejected_every > 1): a resumed run
-            # must not redraw them from a student that has moved on
-            "rejected": getattr(self, "rejected", {})})
+        """A checkpoint of `step` (main process), only of finite weights: a non-finite one
+        stops the run (TrainingFault) and the last good checkpoint stays."""
+        if not self.weights_finite():
+            self.fault(f"the weights are not finite after step {step}")
+        if self.is_main:
+            model = self.accelerator.unwrap_model(self.student)
+            self.run.save_checkpoint({
+                "step": step, "skipped": self.skipped, "optimizer": self.optimizer.state_dict(),
+                "model": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+                "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                        "torch": torch.get_rng_state()},
+                # DPKD-seq's samples drawn for the coming steps (rejected_every > 1): a resumed run
+                # must not redraw them from a student that has moved on
+                "rejected": getattr(self, "rejected", {})})
+        self.saved_step = step
 
     def load_checkpoint(self) -> int:
         """The step of the newest readable checkpoint (0: none), with its state restored."""
@@ -364,10 +396,34 @@ class Trainer:
         np.random.set_state(state["rng"]["numpy"])
         torch.set_rng_state(state["rng"]["torch"])
         self.rejected = state.get("rejected", {})
+        self.skipped = state.get("skipped", 0)
+        self.saved_step = state["step"]
         return state["step"]
+
+    def fault(self, what: str, detail: str = "") -> None:
+        """Stop on a numerical fault: the manifest says failed, the last good checkpoint stays."""
+        if self.is_main:
+            self.run.fail(what)
+        raise TrainingFault(f"{what}{detail}; {self.run.checkpoint_note()}")
 
     def weights_finite(self) -> bool:
         return all(torch.isfinite(p).all() for p in self.student.parameters() if p.requires_grad)
+
+    def interrupted_message(self, asked: dict) -> str:
+        """One line for a stop outside a step's end (set-up, the final evaluation)."""
+        resume = (f"from step {self.saved_step}" if self.saved_step is not None else
+                  "from its last checkpoint" if self.run.has_checkpoint() else "from step 0")
+        where = self.phase if self.phase == "set-up" else f"{self.phase} after step {self.step}"
+        return (f"interrupted ({asked['signal'] or 'KeyboardInterrupt'}) during {where}; rerun the same "
+                f"command to resume ({resume})")
+
+    def stop_asked(self, asked: dict) -> bool:
+        """Whether a signal asked to stop, on any process (they must stop at the same step)."""
+        if self.accelerator.num_processes == 1:
+            return asked["signal"] is not None
+        if asked["signal"] is not None:
+            self.accelerator.set_trigger()
+        return self.accelerator.check_trigger()
 
     # -- evaluation
     def valid_metrics(self) -> dict:
@@ -385,107 +441,123 @@ class Trainer:
 
 
 def train(cfg: RunConfig, *, force: bool = False, progress: bool = True) -> dict:
-    """Run (or resume, or reuse) one training run; returns its summary."""
-    tr = Trainer(cfg, force=force, progress=progress)
-    if tr.state == "finished":
-        return read_json(tr.run.file("summary.json"))
-    t, started = cfg.train, time.time()
-    with tr.run.lock() if tr.is_main else contextlib.nullcontext():
-        try:
-            tr.setup()
-        except BaseException as err:
-            if tr.is_main:
-                tr.run.write_manifest(status="failed", error=f"{type(err).__name__}: {str(err)[:300]}")
-            raise
-        if tr.is_main:
-            tr.run.start_manifest(tr.params, seed=t.seed, device=str(tr.accelerator.device),
-                                  data_hash=tr.data_hash)
-            tr.run.write_manifest(filter_report=tr.filter_report, num_processes=tr.accelerator.num_processes)
-        step = tr.load_checkpoint() if tr.state == "resume" else 0
-        if tr.is_main:
-            tr.run.truncate_metrics(step)
-        skipped = 0
-        bar = tqdm(total=t.max_steps, initial=step, desc=t.objective,
-                   disable=not (progress and tr.is_main), dynamic_ncols=True)
-        tr.student.train()
-        with stop_requests() as asked:
-            while step < t.max_steps:
-                tick = time.time()
-                lr = lr_at(step, t)
-                for group in tr.optimizer.param_groups:
-                    group["lr"] = lr
-                logs, ids, bad = [], [], None
-                probe = t.grad_probe_every and (step + 1) % t.grad_probe_every == 0
-                for micro in range(t.grad_accum):
-                    out, batch_ids = tr.step_loss(step * t.grad_accum + micro)
-                    ids += list(batch_ids)
-                    parts = out.parts | out.stats
-                    if not torch.isfinite(out.total):
-                        bad = parts
-                        break
-                    if probe and micro == 0:  # where the update comes from (extra backward passes)
-                        parts |= obj_lib.gradient_split(out.terms, tr.student.parameters())
-                    tr.accelerator.backward(out.total / t.grad_accum)
-                    logs.append(parts | {"loss": out.total.item()})
-                if bad is not None:
-                    tr.optimizer.zero_grad(set_to_none=True)
-                    if t.nan_policy == "stop":
-                        tr.run.fail(f"non-finite loss at step {step}")
-                        raise TrainingFault(f"non-finite loss at step {step}: parts {bad}, batch ids "
-                                            f"{ids[:16]}; {tr.run.checkpoint_note()} "
-                                            f"(train.nan_policy=skip skips such batches)")
-                    skipped += 1
-                    step += 1
-                    bar.update(1)
-                    if skipped > t.max_skipped_share * t.max_steps:
-                        tr.run.fail(f"{skipped} of {step} steps skipped (non-finite loss)")
-                        raise TrainingFault(f"{skipped} of {step} steps had a non-finite loss, over "
-                                            f"train.max_skipped_share={t.max_skipped_share}; "
-                                            f"{tr.run.checkpoint_note()}")
-                    continue
-                grad_norm = tr.accelerator.clip_grad_norm_(tr.student.parameters(), t.clip_grad) \
-                    if t.clip_grad > 0 else torch.tensor(float("nan"))
-                tr.optimizer.step()
-                tr.optimizer.zero_grad(set_to_none=True)
-                step += 1
-                row = {"step": step, "lr": lr, "grad_norm": float(grad_norm), "time_s": time.time() - tick}
-                for key in dict.fromkeys(k for p in logs for k in p):
-                    row[key] = float(np.mean([p[key] for p in logs if key in p]))
-                if t.objective != "seqkd" and t.train_on == "dataset":  # else CE is on teacher samples
-                    row["student_nll_ref"] = row.get("ce")
-                if t.eval_every and step % t.eval_every == 0:
-                    row |= tr.valid_metrics()
-                if tr.is_main and (step % t.log_every == 0 or step == t.max_steps):
-                    tr.run.append_metrics(row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}")
-                bar.update(1)
-                if asked["signal"] and step < t.max_steps:
-                    tr.save_checkpoint(step)
-                    tr.run.write_manifest(status="interrupted", interrupted_at=step)
-                    bar.close()
-                    raise KeyboardInterrupt(f"interrupted ({asked['signal']}) at step {step}; "
-                                            f"rerun the same command to resume")
-                if t.save_every and step % t.save_every == 0 and step < t.max_steps:
-                    tr.save_checkpoint(step)
-        bar.close()
-        tr.accelerator.wait_for_everyone()
-        if not tr.weights_finite():
-            tr.run.fail("non-finite weights after training")
-            raise TrainingFault(f"the weights are not finite after {step} steps ({skipped} skipped); "
-                                f"{tr.run.checkpoint_note()}")
-        summary = {"objective": t.objective, "steps": step, "skipped_batches": skipped,
-                   "seed": t.seed, "run_id": run_id(tr.params)}
-        summary |= tr.valid_metrics()
-        if tr.is_main:
-            model = tr.accelerator.unwrap_model(tr.student)
-            if cfg.student.lora and cfg.student.merge_lora_on_save:
-                model = model_lib.merge_lora(model)
-            model_lib.save_model(model, tr.run.file("model"), tokenizer=tr.tokenizer)
-            if cfg.eval.splits:
-                summary |= tr.final_eval()
-            summary["wall_time_s"] = time.time() - started
-            write_json(tr.run.file("summary.json"), summary)
-            tr.run.write_manifest(status="finished", wall_time_s=summary["wall_time_s"],
-                                  finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        tr.accelerator.wait_for_everyone()
+    """Run (or resume, or reuse) one training run; returns its summary.
+
+    The run folder is locked first (`Trainer.claim`). A stop is always recorded in the
+    manifest: ``interrupted`` (SIGINT / SIGTERM: KeyboardInterrupt with a one-line message
+    saying how to resume), ``failed`` (a numerical fault, TrainingFault, or any other error)."""
+    with stop_requests() as asked:
+        tr = Trainer(cfg, force=force, progress=progress)
+        with tr.claim():
+            if tr.state == "finished":
+                return read_json(tr.run.file("summary.json"))
+            try:
+                return _train(tr, asked)
+            except KeyboardInterrupt as err:
+                asked["closing"] = True
+                message = str(err) if isinstance(err, StoppedAtStep) else tr.interrupted_message(asked)
+                if tr.is_main:
+                    tr.run.write_manifest(status="interrupted", interrupted_at=tr.step)
+                raise KeyboardInterrupt(message) from None
+            except TrainingFault:
+                raise  # the manifest already says failed
+            except Exception as err:
+                if tr.is_main:
+                    tr.run.fail(f"{type(err).__name__}: {str(err)[:300]}")
+                raise
+
+
+def _train(tr: Trainer, asked: dict) -> dict:
+    cfg, t, started = tr.cfg, tr.cfg.train, time.time()
+    tr.setup()
+    if tr.is_main:
+        tr.run.start_manifest(tr.params, seed=t.seed, device=str(tr.accelerator.device),
+                              data_hash=tr.data_hash)
+        tr.run.write_manifest(filter_report=tr.filter_report, num_processes=tr.accelerator.num_processes)
+    step = tr.step = tr.load_checkpoint() if tr.state == "resume" else 0
+    if tr.is_main:
+        tr.run.truncate_metrics(step)
+    bar = tqdm(total=t.max_steps, initial=step, desc=t.objective,
+               disable=not (tr.progress and tr.is_main), dynamic_ncols=True)
+    tr.student.train()
+    asked["defer"], tr.phase = True, "training"  # from here a signal stops the loop at the end of a step
+    while step < t.max_steps:
+        tick = time.time()
+        lr = lr_at(step, t)
+        for group in tr.optimizer.param_groups:
+            group["lr"] = lr
+        logs, ids, bad = [], [], None
+        probe = t.grad_probe_every and (step + 1) % t.grad_probe_every == 0
+        for micro in range(t.grad_accum):
+            out, batch_ids = tr.step_loss(step * t.grad_accum + micro)
+            ids += list(batch_ids)
+            parts = out.parts | out.stats
+            if not torch.isfinite(out.total):
+                bad = parts
+                break
+            if probe and micro == 0:  # where the update comes from (extra backward passes)
+                parts |= obj_lib.gradient_split(out.terms, tr.student.parameters())
+            tr.accelerator.backward(out.total / t.grad_accum)
+            logs.append(parts | {"loss": out.total.item()})
+        if bad is not None:  # a non-finite loss: stop, or skip the batch (up to a share of the run)
+            tr.optimizer.zero_grad(set_to_none=True)
+            if t.nan_policy == "stop":
+                tr.fault(f"non-finite loss at step {step}",
+                         f": parts {bad}, batch ids {ids[:16]} (train.nan_policy=skip skips such batches)")
+            if not tr.weights_finite():
+                tr.fault(f"the weights are not finite at step {step} ({tr.skipped} steps skipped before)",
+                         ": skipping batches cannot recover from that")
+            tr.skipped += 1
+            if tr.skipped > t.max_skipped_share * t.max_steps:
+                tr.fault(f"{tr.skipped} of {step + 1} steps had a non-finite loss, over "
+                         f"train.max_skipped_share={t.max_skipped_share} of {t.max_steps}")
+            row = None
+        else:
+            grad_norm = tr.accelerator.clip_grad_norm_(tr.student.parameters(), t.clip_grad) \
+                if t.clip_grad > 0 else torch.tensor(float("nan"))
+            tr.optimizer.step()
+            tr.optimizer.zero_grad(set_to_none=True)
+            row = {"step": step + 1, "lr": lr, "grad_norm": float(grad_norm), "time_s": time.time() - tick}
+            for key in dict.fromkeys(k for p in logs for k in p):
+                row[key] = float(np.mean([p[key] for p in logs if key in p]))
+            if t.objective != "seqkd" and t.train_on == "dataset":  # else CE is on teacher samples
+                row["student_nll_ref"] = row.get("ce")
+        step = tr.step = step + 1
+        if row is not None:
+            if t.eval_every and step % t.eval_every == 0:
+                row |= tr.valid_metrics()
+            if tr.is_main and (step % t.log_every == 0 or step == t.max_steps):
+                tr.run.append_metrics(row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
+        bar.update(1)
+        if tr.stop_asked(asked):
+            tr.save_checkpoint(step)
+            bar.close()
+            raise StoppedAtStep(f"interrupted ({asked['signal'] or 'a signal to another process'}) "
+                                f"at step {step}; rerun the same command to resume")
+        if t.save_every and step % t.save_every == 0 and step < t.max_steps:
+            tr.save_checkpoint(step)
+    # the final evaluation stops at once on a signal; a rerun resumes from the last checkpoint
+    asked["defer"], tr.phase = False, "the final evaluation"
+    bar.close()
+    tr.accelerator.wait_for_everyone()
+    if not tr.weights_finite():
+        tr.fault(f"the weights are not finite after {step} steps ({tr.skipped} skipped)")
+    summary = {"objective": t.objective, "steps": step, "skipped_batches": tr.skipped,
+               "seed": t.seed, "run_id": run_id(tr.params)}
+    summary |= tr.valid_metrics()
+    if not math.isfinite(summary["valid_nll"] if summary["valid_nll"] is not None else 0.0):
+        tr.fault(f"the validation NLL is not finite after {step} steps ({tr.skipped} skipped)")
+    if tr.is_main:
+        model = tr.accelerator.unwrap_model(tr.student)
+        if cfg.student.lora and cfg.student.merge_lora_on_save:
+            model = model_lib.merge_lora(model)
+        model_lib.save_model(model, tr.run.file("model"), tokenizer=tr.tokenizer)
+        if cfg.eval.splits:
+            summary |= tr.final_eval()
+        summary["wall_time_s"] = time.time() - started
+        write_json(tr.run.file("summary.json"), summary)
+        tr.run.write_manifest(status="finished", wall_time_s=summary["wall_time_s"],
+                              finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    tr.accelerator.wait_for_everyone()
     return summary
