@@ -370,11 +370,32 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[t
 # --------------------------------------------------------------------------- pre-training corpus
 
 
-def pydoc_corpus() -> list[str]:
-    """Offline English prose for the pre-training term L_PT: the help topics shipped with
-    CPython (``pydoc_data.topics``), ~460k characters, in sorted-key order (deterministic)."""
-    from pydoc_data.topics import topics
+PYDOC_ASSET = "pydoc_topics.json.gz"
+# sha256 of the asset's uncompressed JSON: CPython 3.11.7's pydoc_data.topics
+PYDOC_SHA256 = "b32b93153c281b2f92d482f0907dcca305fcef61740739b0d7d66619af59a221"
 
+
+def pydoc_topics() -> dict[str, str]:
+    """CPython's help topics (``pydoc_data.topics``) as shipped in ``dpkd_lib/assets``: the
+    text of Python 3.11.7, whatever Python runs. (``pydoc_data`` is regenerated at every
+    CPython release, 17 of its 79 topics differ between 3.11.2 and 3.11.7; read from the running
+    Python, it made the local tokenizer and the pre-train corpus, so every result, depend on
+    the patch version.) Checked against PYDOC_SHA256 on every read."""
+    import gzip
+    from importlib import resources
+
+    path = resources.files("dpkd_lib") / "assets" / PYDOC_ASSET
+    raw = gzip.decompress(path.read_bytes())
+    if hashlib.sha256(raw).hexdigest() != PYDOC_SHA256:
+        raise DataError(f"{path}: the pydoc corpus asset is damaged (sha256 differs from "
+                        f"data.PYDOC_SHA256); restore it from git")
+    return json.loads(raw)["topics"]
+
+
+def pydoc_corpus() -> list[str]:
+    """Offline English prose for the pre-training term L_PT and the local BPE tokenizer:
+    the CPython help topics of `pydoc_topics`, ~460k characters, in sorted-key order."""
+    topics = pydoc_topics()
     texts = [topics[key].strip() for key in sorted(topics)]
     return [t for t in texts if t]
 

@@ -30,7 +30,8 @@ SMOLLM2_EOS = "<|im_end|>"
 
 
 def default_corpus_texts(n_synthetic: int = 2000, seed: int = 0) -> list[str]:
-    """Text to train the local BPE on: CPython's help topics (English prose, offline) plus
+    """Text to train the local BPE on: CPython's help topics (English prose, offline; the copy
+    frozen in dpkd_lib/assets, so the tokenizer does not change with the Python version) plus
     the formatted prompts and responses of the synthetic train split, so the tokenizer
     covers both the pre-train corpus and the task (held-out and test text is not used)."""
     from .data import format_prompt, pydoc_corpus
