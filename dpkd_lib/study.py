@@ -343,6 +343,10 @@ def main(argv=None) -> int:
     except StudyError as err:  # a notebook failed: its copy with the traceback is kept
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("stopped: interrupted; rerun the same command to go on (finished notebooks are reused)",
+              file=sys.stderr)
+        return 130
     return 0
 
 
