@@ -51,6 +51,8 @@ TOKENIZER_KINDS = ("bpe_local", "gpt2", "smollm2", "pretrained")
 MODEL_SOURCES = ("tiny", "pretrained", "smollm2", "saved")
 #: architectures of the tiny random models
 TINY_ARCHS = ("llama", "gpt2")
+#: positions of a tiny model (a tiny gpt2's learned position table ends there)
+TINY_MAX_POSITIONS = 512
 #: instruction data: the seeded synthetic set, local JSON lines, Dolly-15k from the hub,
 #: MiniLLM's processed files
 DATA_SOURCES = ("synthetic", "jsonl", "dolly_hub", "minillm")

@@ -473,6 +473,8 @@ def validate(cfg: RunConfig, purpose: str = "train") -> RunConfig:
         if m is None:
             continue
         _check_section("model", m, f"{role}.")
+        if m.source == "tiny":
+            _check_tiny(cfg, role, m, purpose)
         if m.source in ("pretrained", "saved") and not m.name_or_path:
             raise ConfigError(f"{role}.name_or_path: source '{m.source}' needs a hub id or path")
         if m.source == "saved" and not Path(m.name_or_path).exists():
@@ -490,6 +492,28 @@ def validate(cfg: RunConfig, purpose: str = "train") -> RunConfig:
         raise ConfigError(f"{key}={value!r} is not used by this run ({run}): it applies to {where}; "
                           f"remove it or change the setting it depends on{more}")
     return cfg
+
+
+def _check_tiny(cfg: RunConfig, role: str, m: ModelConfig, purpose: str) -> None:
+    """What a tiny model's shape allows, checked before the tokenizer is even trained."""
+    if m.n_embd % m.n_head:
+        raise ConfigError(f"{role}.n_embd ({m.n_embd}) must be divisible by {role}.n_head ({m.n_head})")
+    if m.prune_to > m.n_layer:
+        raise ConfigError(f"{role}.prune_to ({m.prune_to}) must be at most {role}.n_layer ({m.n_layer})")
+    if m.arch != "gpt2":  # llama's rotary positions have no table to run off
+        return
+    d, e, t = cfg.data, cfg.eval, cfg.train
+    need = {"data.max_length": d.max_length}
+    if role == "student" and (e.greedy or e.sample_seeds):  # the student generates in the evaluation
+        need["data.max_prompt + eval.max_new_tokens"] = d.max_prompt + e.max_new_tokens
+    if purpose == "train" and t.lm_coef > 0:
+        need["data.pretrain_block_size"] = d.pretrain_block_size
+    if purpose == "train" and (t.objective in C.SAMPLING_OBJECTIVES or t.train_on == "teacher_samples"):
+        need["data.max_prompt + train.seq_max_new_tokens"] = d.max_prompt + t.seq_max_new_tokens
+    for what, length in need.items():
+        if length > C.TINY_MAX_POSITIONS:
+            raise ConfigError(f"{what} ({length}) exceeds the {C.TINY_MAX_POSITIONS} positions of the tiny "
+                              f"gpt2 {role}; shorten it or use {role}.arch llama")
 
 
 def _validate_train(cfg: RunConfig) -> None:

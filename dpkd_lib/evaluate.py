@@ -863,7 +863,13 @@ def evaluate_saved(cfg: Any, model_dir: str | os.PathLike, out_dir: str | os.Pat
     if (model_dir / "tokenizer_config.json").exists() or (model_dir / "tokenizer.json").exists():
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        from .errors import ModelLoadError
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        except Exception as exc:  # noqa: BLE001 - a damaged tokenizer file: one line naming the folder
+            raise ModelLoadError(f"{model_dir}: the saved tokenizer (tokenizer.json, tokenizer_config.json) "
+                                 f"cannot be read ({type(exc).__name__}: {str(exc)[:120]}): it is "
+                                 f"incomplete or corrupt; rerun the run that wrote it") from None
     else:
         tokenizer = build_tokenizer(cfg.tokenizer)
     summary = evaluate_model(cfg, model, tokenizer, out_dir, progress=progress)

@@ -22,11 +22,14 @@ import json
 import math
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from torch import nn
+
+from .choices import TINY_MAX_POSITIONS
 
 from .errors import ModelLoadError
 from .hub import OFFLINE_HINT, unavailable_reason
@@ -97,7 +100,7 @@ def tiny_model(
     n_layer: int = 2,
     n_embd: int = 64,
     n_head: int = 4,
-    max_positions: int = 512,
+    max_positions: int = TINY_MAX_POSITIONS,
     seed: int = 0,
     pad_token_id: int | None = None,
     eos_token_id: int | None = None,
@@ -199,7 +202,8 @@ def load_pretrained(
 
     Offline with a hub id that is neither a local path nor in the hub cache, this fails at
     once with :class:`ModelLoadError` instead of letting transformers retry; any
-    OSError from transformers is re-raised as that error with the same advice.
+    OSError from transformers is re-raised as that error (with the same advice for a hub
+    id; for a local path, what is wrong with the folder).
     """
     from transformers import AutoModelForCausalLM
 
@@ -234,9 +238,11 @@ def load_pretrained(
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except OSError as err:
-        where = "local path" if is_local else "hub id"
+        if is_local:  # a damaged local folder: the network has nothing to do with it
+            raise ModelLoadError(f"cannot load model from local path {name!r}: "
+                                 f"{' '.join(str(err).split())[:300]}") from err
         raise ModelLoadError(
-            f"cannot load model {name!r} ({where}): {err}. " + OFFLINE_HINT
+            f"cannot load model {name!r} (hub id): {err}. " + OFFLINE_HINT
         ) from err
     return model.eval()
 
@@ -368,11 +374,9 @@ def _set_source(model: nn.Module, source: str) -> None:
 
 
 def _is_peft(model: nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(model, PeftModel)
+    # a PeftModel exists only once peft is imported: do not import it (seconds) to find out
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def _base(model: nn.Module) -> nn.Module:
