@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import ModelLoadError
-from .hub import unavailable_reason
+from .hub import substitute, unavailable_reason
 
 EOS_TOKEN = "<|endoftext|>"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -172,5 +172,7 @@ def build_tokenizer(tcfg):
         return gpt2_tokenizer()
     if tcfg.kind == "smollm2":
         return smollm2_tokenizer()
+    if substitute() is not None:  # standins.use_standins: an offline tokenizer that fits
+        return substitute().tokenizer(tcfg.path)
     return pretrained_tokenizer(tcfg.path)
 

@@ -112,9 +112,15 @@ def stop_requests():
 class Trainer:
     """Holds what the loop needs; `train()` below is the loop itself."""
 
-    def __init__(self, cfg: RunConfig, *, force: bool = False, progress: bool = True):
+    def __init__(self, cfg: RunConfig, *, force: bool = False, progress: bool = True,
+                 on_phase=None):
         from accelerate import Accelerator
         self.cfg, self.progress = cfg, progress
+        # on_phase(name, trainer) is called as each phase starts (the GPU check measures
+        # peak memory and time per phase with it): "teacher", "teacher_cache", "student",
+        # then per micro-batch "forward", "backward", per step "optimizer", then "valid",
+        # "save", "eval" and "end"
+        self.on_phase = on_phase or (lambda name, trainer: None)
         self.params = to_dict(cfg)
         self.run = RunDir(cfg.output_dir)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -137,6 +143,7 @@ class Trainer:
         self.teacher_model = None
         samples = t.objective == "seqkd" or t.train_on == "teacher_samples"
         if samples or t.objective == "dpkd_seq" or (t.objective in TOKEN_OBJECTIVES and t.teacher_mode == "online"):
+            self.on_phase("teacher", self)
             self.teacher_model = model_lib.build_model(cfg.teacher, self.tokenizer, trainable=False)
         train_records = self.splits["train"]
         if samples:  # SeqKD, or the released runner's data variant: the teacher's own responses
@@ -158,6 +165,7 @@ class Trainer:
             self.teacher = obj_lib.OnlineTeacher(self.teacher_model)
         else:
             self.teacher = None
+        self.on_phase("student", self)
         self.student = model_lib.build_model(cfg.student, self.tokenizer, trainable=True)
         if self.teacher_model is not None:
             model_lib.check_same_vocab(self.tokenizer, self.tokenizer, self.teacher_model, self.student)
@@ -192,6 +200,7 @@ class Trainer:
         (teacher, tokenizer, data, format), shared by every method and seed that uses them."""
         cfg, t = self.cfg, self.cfg.train
         built = {}
+        self.on_phase("teacher_cache", self)
 
         def get_teacher():
             if "model" not in built:
@@ -384,9 +393,10 @@ class Trainer:
         return summary
 
 
-def train(cfg: RunConfig, *, force: bool = False, progress: bool = True) -> dict:
-    """Run (or resume, or reuse) one training run; returns its summary."""
-    tr = Trainer(cfg, force=force, progress=progress)
+def train(cfg: RunConfig, *, force: bool = False, progress: bool = True, on_phase=None) -> dict:
+    """Run (or resume, or reuse) one training run; returns its summary. ``on_phase``: see
+    `Trainer` (the GPU check's probe; None: nothing is called)."""
+    tr = Trainer(cfg, force=force, progress=progress, on_phase=on_phase)
     if tr.state == "finished":
         return read_json(tr.run.file("summary.json"))
     t, started = cfg.train, time.time()
@@ -417,6 +427,7 @@ def train(cfg: RunConfig, *, force: bool = False, progress: bool = True) -> dict
                 logs, ids, bad = [], [], None
                 probe = t.grad_probe_every and (step + 1) % t.grad_probe_every == 0
                 for micro in range(t.grad_accum):
+                    tr.on_phase("forward", tr)
                     out, batch_ids = tr.step_loss(step * t.grad_accum + micro)
                     ids += list(batch_ids)
                     parts = out.parts | out.stats
@@ -425,6 +436,7 @@ def train(cfg: RunConfig, *, force: bool = False, progress: bool = True) -> dict
                         break
                     if probe and micro == 0:  # where the update comes from (extra backward passes)
                         parts |= obj_lib.gradient_split(out.terms, tr.student.parameters())
+                    tr.on_phase("backward", tr)
                     tr.accelerator.backward(out.total / t.grad_accum)
                     logs.append(parts | {"loss": out.total.item()})
                 if bad is not None:
@@ -443,6 +455,7 @@ def train(cfg: RunConfig, *, force: bool = False, progress: bool = True) -> dict
                                             f"train.max_skipped_share={t.max_skipped_share}; "
                                             f"{tr.run.checkpoint_note()}")
                     continue
+                tr.on_phase("optimizer", tr)
                 grad_norm = tr.accelerator.clip_grad_norm_(tr.student.parameters(), t.clip_grad) \
                     if t.clip_grad > 0 else torch.tensor(float("nan"))
                 tr.optimizer.step()
@@ -475,14 +488,18 @@ def train(cfg: RunConfig, *, force: bool = False, progress: bool = True) -> dict
                                 f"{tr.run.checkpoint_note()}")
         summary = {"objective": t.objective, "steps": step, "skipped_batches": skipped,
                    "seed": t.seed, "run_id": run_id(tr.params)}
+        tr.on_phase("valid", tr)
         summary |= tr.valid_metrics()
         if tr.is_main:
+            tr.on_phase("save", tr)
             model = tr.accelerator.unwrap_model(tr.student)
             if cfg.student.lora and cfg.student.merge_lora_on_save:
                 model = model_lib.merge_lora(model)
             model_lib.save_model(model, tr.run.file("model"), tokenizer=tr.tokenizer)
             if cfg.eval.splits:
+                tr.on_phase("eval", tr)
                 summary |= tr.final_eval()
+            tr.on_phase("end", tr)
             summary["wall_time_s"] = time.time() - started
             write_json(tr.run.file("summary.json"), summary)
             tr.run.write_manifest(status="finished", wall_time_s=summary["wall_time_s"],
