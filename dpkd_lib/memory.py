@@ -607,6 +607,15 @@ def _plan_from_dict(d: Mapping) -> MemoryPlan:
 
 # ----------------------------------------------------------------------------- fixes
 
+#: How much a change alters the run, for picking the first one to make (lowest first):
+#: 0 memory for time only (exact), 1 an approximation of the teacher's signal, 2 the batch
+#: or the teacher's precision, 3 the method itself (what is trained, on what).
+RANKS = {"train.teacher_mode": 0, "train.loss_chunk_size": 0, "student.gradient_checkpointing": 0,
+         "train.cache_format": 1, "train.batch_size": 2, "eval.batch_size": 0,
+         "teacher.quantization": 2, "student.lora": 3, "student.quantization": 3,
+         "train.lm_coef": 3, "data.max_length": 3, "(code)": 0}
+
+
 def _trials(plan: MemoryPlan, budget_bytes: Optional[float]) -> list[tuple[str, str, MemoryPlan]]:
     """(description, params setting, changed plan) for each single change that may help."""
     trials: list[tuple[str, str, MemoryPlan]] = []
@@ -668,25 +677,32 @@ def suggest_fixes(plan: MemoryPlan, budget_bytes: Optional[float] = None) -> lis
         if total < base:
             out.append({"change": f"{label} ({key})", "key": key, "saving": base - total,
                         "total": total, "fits": None if budget_bytes is None else total <= budget_bytes,
-                        "plan": cand})
+                        "rank": RANKS[key.split("=")[0]], "plan": cand})
     return sorted(out, key=lambda d: -d["saving"])
 
 
 def fix_path(plan: MemoryPlan, budget_bytes: float, max_changes: int = 4) -> list[str]:
-    """The params settings to change, in order, to make ``plan`` fit ``budget_bytes``: the
-    first change that is enough on its own (largest saving first), else the largest saving
-    and so on. [] when it fits already; the list is cut when nothing more helps."""
+    """The params settings to change, in order, to make ``plan`` fit ``budget_bytes``: of the
+    changes enough on their own, the one that alters the run least (:data:`RANKS`; then the
+    largest saving); when none is enough, the largest saving, and so on. [] when it fits
+    already; the list is cut when nothing more helps."""
+    return _fix(plan, budget_bytes, max_changes)[0]
+
+
+def _fix(plan: MemoryPlan, budget_bytes: float, max_changes: int = 4) -> tuple[list[str], MemoryPlan]:
+    """:func:`fix_path`'s changes and the plan they lead to."""
     path: list[str] = []
     for _ in range(max_changes):
         if estimate(plan)["total"] <= budget_bytes:
-            return path
+            break
         fixes = suggest_fixes(plan, budget_bytes)
         if not fixes:
             break
-        best = next((f for f in fixes if f["fits"]), fixes[0])
+        enough = [f for f in fixes if f["fits"]]
+        best = min(enough, key=lambda f: (f["rank"], -f["saving"])) if enough else fixes[0]
         path.append(best["key"])
         plan = best["plan"]
-    return path
+    return path, plan
 
 
 def check_fits(est: Mapping, budget_bytes: float) -> Mapping:
@@ -936,14 +952,21 @@ def card_verdict(cfg, card: Card) -> dict:
         ({plan.teacher_compute_dtype} if plan.teacher is not None else set())
     compute = "bf16" if "bfloat16" in dtypes else ("fp16" if "float16" in dtypes else "fp32")
     out = {"dtype": compute, "train": train, "build": build, "changes": [], "why": ""}
+    changes = []
     if "bfloat16" in dtypes and tuple(card.capability) < precision.BF16_CAPABILITY:
-        out.update(fits=False, why="no bf16 on this card", changes=["dtypes: auto"])
-        return out
-    changes = fix_path(plan, card.bytes)
-    if build_plan is not None and build["total"] > card.bytes:
-        changes += [c for c in fix_path(build_plan, card.bytes) if c not in changes]
-    fits = train["total"] <= card.bytes and (build is None or build["total"] <= card.bytes)
-    out.update(fits=fits, changes=changes, why="" if fits else "out of memory")
+        named = [("teacher.dtype", cfg.teacher.dtype if cfg.teacher is not None else None),
+                 ("student.dtype", cfg.student.dtype), ("train.autocast_dtype", cfg.train.autocast_dtype)]
+        changes = [f"{key}=auto" for key, value in named if value == "bfloat16"]
+        out["why"] = "no bf16 on this card"
+    train_changes, fixed = _fix(plan, card.bytes)
+    changes += train_changes
+    # the cache build of the run as changed (a top-k cache builds with the teacher's logits)
+    fixed_build = teacher_cache_plan(fixed, batch_size=cfg.eval.batch_size)
+    if fixed_build is not None:
+        changes += [c for c in fix_path(fixed_build, card.bytes) if c not in changes]
+    fits = not changes
+    out.update(fits=fits, changes=changes,
+               why=out["why"] or ("" if fits else "out of memory"))
     return out
 
 

@@ -58,21 +58,21 @@ class Spec:
 
 _HF = "https://huggingface.co/{}/blob/main/config.json"
 
-#: The checkpoints the profiles name. Numbers from each repository's config.json; the
-#: parameter counts are the published ones (model cards; for GPT-2 the count transformers
-#: gives for OpenAI's checkpoints: 124M, 355M, 774M, 1.56B).
+#: The checkpoints the profiles name. Architecture numbers from each repository's
+#: config.json; ``published_params`` is the size the model's publisher gives (OpenAI's GPT-2
+#: release names its checkpoints 124M / 355M / 774M / 1558M; the others' model cards).
+_GPT2 = "; OpenAI's release (github.com/openai/gpt-2, download_model.py): {}"
 SPECS: dict[str, Spec] = {s.name: s for s in (
-    Spec("gpt2", "gpt2", 12, 768, 3072, 12, 12, 50257, True, 1024, 124.44e6,
-         _HF.format("openai-community/gpt2") + "; 124,439,808 parameters (GPT2LMHeadModel)",
-         norm_eps=1e-5),
-    Spec("gpt2-medium", "gpt2", 24, 1024, 4096, 16, 16, 50257, True, 1024, 354.82e6,
-         _HF.format("openai-community/gpt2-medium") + "; 354,823,168 parameters"),
-    Spec("gpt2-large", "gpt2", 36, 1280, 5120, 20, 20, 50257, True, 1024, 774.03e6,
-         _HF.format("openai-community/gpt2-large") + "; 774,030,080 parameters"),
-    Spec("gpt2-xl", "gpt2", 48, 1600, 6400, 25, 25, 50257, True, 1024, 1557.6e6,
-         _HF.format("openai-community/gpt2-xl") + "; 1,557,611,200 parameters (model card: 1.5B)"),
+    Spec("gpt2", "gpt2", 12, 768, 3072, 12, 12, 50257, True, 1024, 124e6,
+         _HF.format("openai-community/gpt2") + _GPT2.format("124M")),
+    Spec("gpt2-medium", "gpt2", 24, 1024, 4096, 16, 16, 50257, True, 1024, 355e6,
+         _HF.format("openai-community/gpt2-medium") + _GPT2.format("355M")),
+    Spec("gpt2-large", "gpt2", 36, 1280, 5120, 20, 20, 50257, True, 1024, 774e6,
+         _HF.format("openai-community/gpt2-large") + _GPT2.format("774M")),
+    Spec("gpt2-xl", "gpt2", 48, 1600, 6400, 25, 25, 50257, True, 1024, 1558e6,
+         _HF.format("openai-community/gpt2-xl") + _GPT2.format("1558M")),
     Spec("HuggingFaceTB/SmolLM2-135M-Instruct", "llama", 30, 576, 1536, 9, 3, 49152, True, 8192,
-         134.5e6, _HF.format("HuggingFaceTB/SmolLM2-135M-Instruct") + "; model card: 135M",
+         135e6, _HF.format("HuggingFaceTB/SmolLM2-135M-Instruct") + "; model card: 135M",
          rope_theta=100000.0),
     Spec("Qwen/Qwen2.5-1.5B-Instruct", "qwen2", 28, 1536, 8960, 12, 2, 151936, True, 32768,
          1.54e9, _HF.format("Qwen/Qwen2.5-1.5B-Instruct") + "; model card: 1.54B parameters",
@@ -84,10 +84,10 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
          14.7e9, _HF.format("Qwen/Qwen2.5-14B-Instruct") + "; model card: 14.7B parameters",
          rope_theta=1e6, norm_eps=1e-5),
     Spec("meta-llama/Llama-2-7b-hf", "llama", 32, 4096, 11008, 32, 32, 32000, False, 4096,
-         6.74e9, _HF.format("meta-llama/Llama-2-7b-hf") + "; model card: 6.74B parameters",
+         6.74e9, _HF.format("meta-llama/Llama-2-7b-hf") + "; hub model page: 6.74B parameters",
          norm_eps=1e-5),
     Spec("meta-llama/Llama-2-13b-hf", "llama", 40, 5120, 13824, 40, 40, 32000, False, 4096,
-         13.0e9, _HF.format("meta-llama/Llama-2-13b-hf") + "; model card: 13.0B parameters",
+         13.0e9, _HF.format("meta-llama/Llama-2-13b-hf") + "; Llama 2 paper and model card: 13B",
          norm_eps=1e-5),
 )}
 

@@ -261,7 +261,7 @@ def measure_workload(spec: Mapping, timeout: float = 900,
     if mmap_threshold:
         env["MALLOC_MMAP_THRESHOLD_"] = str(int(mmap_threshold))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=str(Path(__file__).resolve().parent.parent))
+                          cwd=str(Path(__file__).resolve().parents[2]))
     if proc.returncode != 0:
         raise RuntimeError(f"workload {s.get('name', '')} failed:\n{proc.stderr[-3000:]}")
     res = json.loads(proc.stdout.strip().splitlines()[-1])
