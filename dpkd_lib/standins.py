@@ -252,7 +252,7 @@ def offline_tokenizer(vocab: int):
     if vocab >= 50257:
         return tok_lib.gpt2_tokenizer()
     if vocab >= 49152:
-        return tok_lib.smollm2_tokenizer()
+        return tok_lib.smollm2_tokenizer(tok_lib.SMOLLM2_TOKENIZER_CACHE)
     return tok_lib.train_bpe_tokenizer(tok_lib.default_corpus_texts(), vocab_size=min(vocab, 2048))
 
 
