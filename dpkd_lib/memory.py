@@ -1073,7 +1073,9 @@ def _main(argv=None) -> int:
             if build is not None:
                 print("\n" + format_plan(estimate(build), budget))
             if card:
-                print(f"\n{card.name}: " + (", then ".join(fix_path(plan, budget)) or "fits"))
+                verdict = card_verdict(cfg, card)
+                print(f"\n{card.name}: " + ("fits" if verdict["fits"] else
+                                              f"{verdict['why']}; change " + ", then ".join(verdict["changes"])))
             return 0
     except (ConfigError, MemoryPlanError) as err:
         print(f"error: {err}", file=sys.stderr)
