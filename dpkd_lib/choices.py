@@ -56,9 +56,7 @@ TINY_ARCHS = ("llama", "gpt2")
 DATA_SOURCES = ("synthetic", "jsonl", "dolly_hub", "minillm")
 #: pre-train corpus D_p: none, the English of Python's pydoc topics, local JSON lines
 PRETRAIN_SOURCES = ("none", "pydoc", "jsonl")
-#: weight and autocast dtypes; "auto": bf16 on a CUDA card of capability >= 8.0, fp16 below (T4, P100), float32 on CPU,
-#: resolved where the dtype is used (precision.py): model dtypes, the 4-bit compute dtype,
-#: train.autocast_dtype, the memory planner
+#: weight and autocast dtypes ("auto": fp16 below CUDA capability 8.0, bf16 from it, float32 on CPU)
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 #: weight quantisation through bitsandbytes (4bit = nf4)
 QUANTIZATIONS = ("none", "4bit", "8bit")
