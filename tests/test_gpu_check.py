@@ -47,3 +47,16 @@ def test_cpu_scaled_check_runs_every_profile_and_writes_every_key(tmp_path, caps
     for run in report["runs"]:
         assert md.count(f"| {run['label']} |") == 2  # the phase table and the card table
     assert "plumbing only" in md
+
+
+def test_a_run_the_time_budget_cannot_hold_is_skipped_and_says_so(tmp_path, monkeypatch):
+    def fake_run(label, path, overrides, **kw):  # a finished run that took 5 s
+        return dict({k: 1 for k in gpu_check.RUN_KEYS}, label=label, status="ok", wall_time_s=5.0,
+                    phases={}, fits={})
+
+    monkeypatch.setattr(gpu_check, "check_run", fake_run)
+    report = gpu_check.run_check(tmp_path, budget_s=3.0, cpu_scale=(24, 64))
+    assert [r["status"] for r in report["runs"]] == \
+        ["ok"] + ["skipped: time budget (3 s) spent"] * (len(gpu_check.RUN_ORDER) - 1)
+    assert all(set(gpu_check.RUN_KEYS) <= set(r) for r in report["runs"])
+    assert (tmp_path / "cpu-scaled-d24w64.md").exists()

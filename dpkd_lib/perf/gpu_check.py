@@ -296,8 +296,9 @@ def run_check(out_dir: Path = OUT_DIR, *, steps: int = 3, budget_s: float = 420.
                               "budget_s": budget_s, "runs": []}
     for label in order:
         path, overrides = runs[label]
-        left = budget_s - (time.perf_counter() - started)
-        if left < 0.2 * budget_s / len(order):
+        spent = time.perf_counter() - started
+        longest = max([r["wall_time_s"] or 0.0 for r in report["runs"]], default=0.0)
+        if report["runs"] and spent + longest > budget_s:  # the next run would likely overrun
             rec = {k: None for k in RUN_KEYS}
             rec.update(label=label, params=path, overrides=list(overrides), phases={}, fits={},
                        status=f"skipped: time budget ({budget_s:.0f} s) spent")
@@ -382,7 +383,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(OUT_DIR))
     parser.add_argument("--steps", type=int, default=3, help="training steps per run (default 3)")
     parser.add_argument("--budget-s", type=float, default=420.0,
-                        help="skip the runs left once this many seconds are spent (default 420)")
+                        help="skip a run that would likely end past this many seconds, judged by "
+                             "the longest run so far (default 420)")
     parser.add_argument("--only", action="append", default=None, metavar="LABEL",
                         help="run only this run (repeatable; labels as in memory.PROFILE_RUNS)")
     parser.add_argument("--cpu-scale", default=None, metavar="DEPTH,WIDTH",
