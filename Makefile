@@ -22,10 +22,10 @@ export TOKENIZERS_PARALLELISM := false
 # spinning threads made a 2-thread step up to 5x slower than a 1-thread one (bench notes).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup lock test reproduce lab bench clean help
+.PHONY: setup lock test reproduce lab bench gpu-check clean help
 
 help:
-	@echo "make setup | lock | test | reproduce [PROFILE=cpu|smoke|paper|colab] [FORCE=1] | lab | bench [BENCH=quick] | clean"
+	@echo "make setup | lock | test | reproduce [PROFILE=cpu|smoke|paper|colab] [FORCE=1] | lab | bench [BENCH=quick] | gpu-check | clean"
 
 # The venv is installed from requirements.lock (every package, exact version), with --no-deps
 # so nothing resolves differently later. pip's and torch's lines go first: torch==2.13.0 then
@@ -66,7 +66,15 @@ lab: setup
 	LAB_PYTHON=$(PY) sh tools/lab.sh $(LAB_ARGS)
 
 bench: setup
-	$(PY) -m dpkd_lib.bench --mode $(BENCH)
+	$(PY) -m dpkd_lib.perf.bench --mode $(BENCH)
+
+# Each GPU profile's code path on full-size stand-ins, measured against the memory planner
+# (dpkd_lib/perf/gpu_check.py; results/gpu_check/<card>.{json,md}). Needs a CUDA torch, so it
+# runs the Python that has one: .venv's when it exists (refuses on a CPU build), else python3
+# (Colab, Kaggle): make gpu-check [GPU_PYTHON=python3]. No network.
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:
+	$(GPU_PYTHON) -m dpkd_lib.perf.gpu_check
 
 clean:
 	rm -rf results/smoke .pytest_cache .cache build *.egg-info

@@ -58,8 +58,8 @@ TINY_MAX_POSITIONS = 512
 DATA_SOURCES = ("synthetic", "jsonl", "dolly_hub", "minillm")
 #: pre-train corpus D_p: none, the English of Python's pydoc topics, local JSON lines
 PRETRAIN_SOURCES = ("none", "pydoc", "jsonl")
-#: weight and autocast dtypes
-DTYPES = ("float32", "bfloat16", "float16")
+#: weight and autocast dtypes ("auto": fp16 below CUDA capability 8.0, bf16 from it, float32 on CPU)
+DTYPES = ("float32", "bfloat16", "float16", "auto")
 #: weight quantisation through bitsandbytes (4bit = nf4)
 QUANTIZATIONS = ("none", "4bit", "8bit")
 #: the teacher model run at every step, or its signals read from a cache built once

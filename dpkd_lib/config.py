@@ -49,7 +49,7 @@ class ModelConfig:
     n_head: int = 4  # tiny only
     seed: int = 0  # tiny only: init seed
     prune_to: int = 0  # >0: keep only the first k decoder layers (depth-pruned student)
-    dtype: str = "float32"  # dtype the weights are loaded in (compute dtype of a 4-bit/8-bit model)
+    dtype: str = "float32"  # dtype the weights are loaded in (compute dtype of a 4-bit/8-bit model); auto: by the card
     quantization: str = "none"  # none | 4bit (nf4) | 8bit, through bitsandbytes
     lora: bool = False  # student only
     lora_r: int = 16  # LoRA rank
@@ -116,7 +116,7 @@ class TrainConfig:
     cache_format: str = "hidden"  # cache: hidden = exact (final hidden states + head); topk = compact
     cache_topk: int = 32  # cache_format topk only
     loss_chunk_size: int = 0  # >0: memory-lean loss over chunks of response positions
-    autocast_dtype: str = "float32"  # bfloat16 autocast is faster on some CPUs; fp32 default
+    autocast_dtype: str = "float32"  # bfloat16 autocast is faster on some CPUs; fp32 default; auto: by the card
     log_every: int = 1  # write a metrics.jsonl row every N steps
     eval_every: int = 0  # teacher-forced NLL on the validation split every N steps (0 = end only)
     save_every: int = 0  # checkpoint every N steps (0 = end only)

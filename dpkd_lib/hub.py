@@ -59,3 +59,22 @@ def unavailable_reason(name: str, filename: str = "config.json") -> str:
     if os.path.exists(name) or not offline() or in_cache(name, filename):
         return ""
     return "it is not a local path and not in the hub cache. " + OFFLINE_HINT
+
+
+# ----------------------------------------------------------------------------- stand-ins
+
+_SUBSTITUTE = None
+
+
+def substitute():
+    """The provider that serves hub ids as stand-ins (random models of the same architecture,
+    offline tokenizers), or None: set only inside ``standins.use_standins()``. models.py and
+    tokenization.py ask here before they would load a hub id."""
+    return _SUBSTITUTE
+
+
+def set_substitute(provider):
+    """Install ``provider`` (None: none) and return the previous one (for restoring)."""
+    global _SUBSTITUTE
+    previous, _SUBSTITUTE = _SUBSTITUTE, provider
+    return previous

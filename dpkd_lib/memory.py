@@ -10,11 +10,19 @@ and refused with a list of changes that would make it fit.
 Use::
 
     cfg = load_config("params/colab/qlora_train.yaml", ["train.teacher_mode=cache"])
-    plan = plan_from_config(cfg)                 # or MemoryPlan(...), preset_plan(...)
+    plan = plan_from_config(cfg, device="cuda", capability=(7, 5))   # a T4: dtype auto = fp16
     est = estimate(plan)
-    print(format_plan(est, 15 * GiB))
+    print(format_plan(est, CARDS[0].bytes))
     check_fits(est, 15 * GiB)        # raises MemoryPlanError naming the fixes, best first
     plan_from_config(cfg, device_budget=15 * GiB)   # the same, plus the cache build's plan
+
+``python -m dpkd_lib.memory --readme`` regenerates the README's table of every GPU profile's
+plan on every card (:data:`PROFILE_RUNS` × :data:`CARDS`); ``--params FILE [--set k=v]
+[--card T4]`` prints one plan.
+
+Model shapes come from :mod:`dpkd_lib.standins` (the checkpoints' config numbers, the same
+ones the GPU check builds its stand-ins from), a local folder's config.json, or a tiny
+model's params.
 
 Model of the peak (bytes; each term is one row of the breakdown, and the rows sum to the
 total). A training step has three phases whose transients are never alive together; the
@@ -32,18 +40,24 @@ persistent terms count in all of them and the peak is the largest phase:
   152k-token embeddings are untied). ``optimizer_states``: AdamW's two fp32 moments per
   trainable parameter, plus an fp32 master copy for 16-bit weights trained in full with
   ``master_weights``; LoRA trains r·(in + out) fp32 parameters per adapted linear. An online
-  teacher's weights; a cached teacher is not resident, only its top-k (int32 id + fp32
-  log-prob per response position of the data set).
+  teacher's weights.
 * forward: ``student_activations`` (below), the student's [N, V] fp32 logits and the loss's
   forward intermediates (N = response positions when ``response_only``, as
-  ``train.response_logits`` computes them), and the online teacher's forward (the hidden
-  states ``output_hidden_states`` keeps, one MLP's intermediates) and its logits.
+  ``objectives.response_logits`` computes them), and the teacher's signal: an online
+  teacher's forward (the hidden states ``output_hidden_states`` keeps, one MLP's
+  intermediates) and its logits; a cached teacher's rows — for the exact ``hidden`` cache
+  format its output head copied to the device in fp32, the rows' hidden states and the
+  logits they give (``teacher_cache.TeacherCache.teacher_logits``), for ``topk`` the ids and
+  log-probs.
 * backward: activations, the loss's backward intermediates and the gradients.
   :data:`LOGIT_COPIES` counts the [N, V] tensors alive, measured with a tensor-lifetime
-  tracker on train.py's loss (CE + DPKD + reward statistics).
+  tracker on the step loss (CE + DPKD + reward statistics).
 * step: gradients and AdamW's foreach temporaries.
 * CPU only, ``allocator_overhead``: glibc's heap fragmentation, a fitted share of the
   phase's transient bytes (:data:`CPU_ALLOCATOR_OVERHEAD`).
+* host (not in a GPU total): a teacher cache lives in CPU memory — per response position of
+  the data set the teacher's hidden state in fp32 (``hidden``) or k ids and log-probs
+  (``topk``), plus the head. On a CPU plan it is part of the total.
 
 ``student_activations`` are what autograd keeps for the backward pass, counted tensor by
 tensor for a Llama block (RMSNorm, SDPA attention, gated MLP): the block input, the two
@@ -57,56 +71,44 @@ ungated MLP (2·intermediate); eager attention adds the [heads, T] probabilities
 gradient checkpointing only each block's input is kept, plus one block's activations while
 it is recomputed. Sequences count at the padded length ``seq_len``.
 
-Calibration (``python -m dpkd_lib.bench`` runs it): every configuration that runs here
-(tiny models, the 6-layer SmolLM2 student full / LoRA at several batch and sequence sizes,
-the 30-layer teacher fp32 and 4-bit inference) is run in a fresh subprocess by
-:func:`measure_workload` and its peak compared with :func:`estimate` of the matching
-:func:`plan_for_workload`; ``memory_planner_max_rel_error`` in ``results/bench/summary.json``
-is the worst relative error.
+``dtype: auto`` (model dtypes, the 4-bit compute dtype, ``train.autocast_dtype``) is
+resolved per card: bf16 from compute capability 8.0, fp16 below (T4, P100), float32 on CPU
+(:mod:`dpkd_lib.precision`); a plan records what it chose.
+
+Calibration (``python -m dpkd_lib.perf.bench`` runs it, ``dpkd_lib/perf/calibrate.py``):
+configurations that run on a CPU are run in a fresh subprocess and their peak compared with
+:func:`estimate`; ``memory_planner_max_rel_error`` in ``results/bench/summary.json`` is the
+worst relative error. ``python -m dpkd_lib.perf.gpu_check`` compares the phases with CUDA
+peaks of the GPU profiles' own runs.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import os
-import subprocess
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
+
+from . import precision, standins
+from .choices import TEACHER_MODES as RUN_TEACHER_MODES, TOKEN_OBJECTIVES, CACHE_FORMATS
+from .errors import ConfigError, MemoryPlanError
 
 __all__ = [
-    "GiB",
-    "MiB",
-    "MemoryPlanError",
-    "ModelShape",
-    "MemoryPlan",
-    "KNOWN_SHAPES",
-    "PRESETS",
-    "smollm2_shape",
-    "known_shape",
-    "preset_plan",
-    "estimate",
-    "format_plan",
-    "check_fits",
-    "suggest_fixes",
-    "plan_from_config",
-    "teacher_cache_plan",
-    "plan_for_workload",
-    "run_workload",
-    "measure_workload",
-    "cpu_baseline_bytes",
+    "GiB", "MiB", "MemoryPlanError", "ModelShape", "MemoryPlan", "Card", "CARDS",
+    "PROFILE_RUNS", "estimate", "format_plan", "check_fits", "suggest_fixes", "fix_path",
+    "plan_from_config", "teacher_cache_plan", "profile_plans", "card_table", "update_readme",
 ]
 
 GiB = 1024 ** 3
 MiB = 1024 ** 2
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 #: CUDA context + cuBLAS workspace, resident on the GPU but outside torch's allocator.
 CUDA_CONTEXT_BYTES = int(0.5 * GiB)
 #: RSS of `python -c "import torch, transformers, peft, accelerate"` on the reference box
 #: (torch 2.13 CPU, transformers 5.24, peft 0.21): 449 MiB; torch + transformers alone is
-#: 291 MiB. :func:`cpu_baseline_bytes` measures it on the current machine.
+#: 291 MiB. The calibration harness measures it per run (``framework_bytes``).
 CPU_BASELINE_BYTES = 450 * MiB
 
 #: Multiplier on the counted per-token activation bytes (see the module docstring); fitted
@@ -114,14 +116,14 @@ CPU_BASELINE_BYTES = 450 * MiB
 ACT_CALIBRATION = 1.0
 
 #: [N, V] fp32 tensors alive in a training step's loss (CE + DPKD + reward stats, as
-#: train.step_loss computes them), measured with a tensor-lifetime tracker on response
+#: objectives.step_loss computes them), measured with a tensor-lifetime tracker on response
 #: rows: forward = the logits + 3 (saved log-softmax, the stats' transient log-softmaxes);
 #: backward = the logits + 4 (the CE's logsumexp backward dominates, so the lean DPKD path,
 #: whose gathered copy and index backward cost as much as they save on rows that are all
 #: response, does not lower it). Cached teacher: the same.
 LOGIT_COPIES = {"forward": 4.0, "backward": 5.0}
-#: [N, V] fp32 tensors of an online teacher alive during the student's forward loss: its
-#: logits and the log-softmax the loss builds from them.
+#: [N, V] fp32 tensors of the teacher's signal alive during the student's forward loss: its
+#: logits and the log-softmax the loss builds from them (online, or from a `hidden` cache).
 TEACHER_LOGIT_COPIES = 2.0
 #: AdamW (foreach) temporaries during optimizer.step, in units of the trainable fp32 bytes.
 FOREACH_TEMPS = 2.0
@@ -136,16 +138,13 @@ CPU_ALLOCATOR_OVERHEAD = 0.2
 #: the tempered copy and its log-softmax.
 INFERENCE_LOGIT_COPIES = 3.0
 
-DTYPE_BYTES = {"float32": 4.0, "fp32": 4.0, "bfloat16": 2.0, "bf16": 2.0, "float16": 2.0,
-               "fp16": 2.0}
+DTYPE_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0}
 #: bytes per quantised weight: nf4 + 8-bit absmax per block of 64 + fp32 per 256 blocks
 NF4_BYTES = 0.5 + 1.0 / 64 + 4.0 / (64 * 256)
 INT8_BYTES = 1.0
-
-
-class MemoryPlanError(ValueError):
-    """A plan that does not fit its budget; the message lists the changes that would help,
-    largest saving first, and marks those that are enough on their own."""
+#: records of databricks-dolly-15k (the data of the hub-data profiles): a cache holds at
+#: most (records - valid - test) × max_length × response share positions
+DOLLY_RECORDS = 15011
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -155,7 +154,8 @@ class ModelShape:
     """The numbers of a decoder-only LM that decide its memory (no weights needed).
 
     ``arch`` is "llama" for every gated-MLP family (Llama, Qwen2, Mistral, SmolLM2) and
-    "gpt2" for GPT-2 (ungated MLP, learned positions, biases).
+    "gpt2" for GPT-2 (ungated MLP, learned positions, biases). ``attn_bias``: q/k/v biases
+    (Qwen2).
     """
 
     n_layer: int
@@ -167,6 +167,7 @@ class ModelShape:
     tied: bool = True
     arch: str = "llama"
     max_positions: int = 0  # gpt2 learned position embeddings
+    attn_bias: bool = False
     name: str = ""
 
     @property
@@ -199,6 +200,8 @@ class ModelShape:
             n += self.n_layer * (4 * h + 3 * h + h + self.intermediate + h)  # 2 LN, 4 biases
         else:
             n += self.n_layer * 2 * h  # two RMSNorms per block
+            if self.attn_bias:
+                n += self.n_layer * (h + 2 * self.kv_hidden)
         return n
 
     def n_params(self) -> int:
@@ -225,83 +228,29 @@ class ModelShape:
         return cls(n_layer=int(get("num_hidden_layers")), hidden=int(get("hidden_size")),
                    intermediate=int(get("intermediate_size")), n_head=n_head,
                    n_kv_head=int(get("num_key_value_heads") or n_head), vocab=int(get("vocab_size")),
-                   tied=bool(get("tie_word_embeddings", False)), arch="llama", name=name)
+                   tied=bool(get("tie_word_embeddings", False)), arch="llama",
+                   attn_bias=model_type == "qwen2", name=name)
 
     @classmethod
-    def from_params(cls, n_params: float, vocab: int = 32000, tied: bool = False,
-                    name: str = "") -> "ModelShape":
-        """A Llama-like shape with about ``n_params`` parameters, for when only the size is
-        known: 12·L·h² + V·h(1 + untied) = N with L = h / 128 (the 7B/13B/70B aspect ratio),
-        intermediate = 8/3·h rounded to 256, 128-dim heads, no GQA."""
-        emb = vocab * (1 if tied else 2)
-        h = 256
-        while 12 * (h / 128) * h * h + emb * h < n_params:
-            h += 128
-        n_layer = max(1, round(h / 128))
-        inter = int(math.ceil(8 * h / 3 / 256) * 256)
-        return cls(n_layer=n_layer, hidden=h, intermediate=inter, n_head=max(1, h // 128),
-                   n_kv_head=max(1, h // 128), vocab=vocab, tied=tied, name=name or f"~{n_params:.3g}")
+    def of(cls, name: str, depth: int = 1, width: int = 1) -> Optional["ModelShape"]:
+        """The shape of a checkpoint the study knows (standins.SPECS, by hub id or alias),
+        scaled like its stand-in; None when unknown."""
+        spec = standins.find(name)
+        if spec is None:
+            return None
+        spec = standins.scaled(spec, depth, width)
+        label = spec.name.split("/")[-1] + (f" /{depth}×/{width}" if (depth, width) != (1, 1) else "")
+        return cls.from_hf_config(standins.config_dict(spec), name=label)
 
     def pruned(self, k: int) -> "ModelShape":
         """The first ``k`` layers (``models.prune_layers``): embeddings and head kept."""
         return replace(self, n_layer=int(k), name=f"{self.name}[:{k}]" if self.name else "")
 
 
-def _llama(name, L, h, i, heads, kv, V, tied):
-    return ModelShape(n_layer=L, hidden=h, intermediate=i, n_head=heads, n_kv_head=kv, vocab=V,
-                      tied=tied, name=name)
-
-
-def _gpt2(name, L, h, heads):
-    return ModelShape(n_layer=L, hidden=h, intermediate=4 * h, n_head=heads, n_kv_head=heads,
-                      vocab=50257, tied=True, arch="gpt2", max_positions=1024, name=name)
-
-
-#: Published configs of the models the profiles name (so a plan needs no download).
-KNOWN_SHAPES: dict[str, ModelShape] = {
-    "HuggingFaceTB/SmolLM2-135M-Instruct": _llama("SmolLM2-135M", 30, 576, 1536, 9, 3, 49152, True),
-    "Qwen/Qwen2.5-14B-Instruct": _llama("Qwen2.5-14B", 48, 5120, 13824, 40, 8, 152064, False),
-    "Qwen/Qwen2.5-7B-Instruct": _llama("Qwen2.5-7B", 28, 3584, 18944, 28, 4, 152064, False),
-    "Qwen/Qwen2.5-1.5B-Instruct": _llama("Qwen2.5-1.5B", 28, 1536, 8960, 12, 2, 151936, True),
-    "meta-llama/Llama-2-13b-hf": _llama("Llama-2-13B", 40, 5120, 13824, 40, 40, 32000, False),
-    "meta-llama/Llama-2-7b-hf": _llama("Llama-2-7B", 32, 4096, 11008, 32, 32, 32000, False),
-    "gpt2": _gpt2("gpt2", 12, 768, 12),
-    "gpt2-medium": _gpt2("gpt2-medium", 24, 1024, 16),
-    "gpt2-large": _gpt2("gpt2-large", 36, 1280, 20),
-    "gpt2-xl": _gpt2("gpt2-xl", 48, 1600, 25),
-}
-_ALIASES = {"meta-llama/Llama-2-13b-chat-hf": "meta-llama/Llama-2-13b-hf",
-            "meta-llama/Llama-2-7b-chat-hf": "meta-llama/Llama-2-7b-hf",
-            "HuggingFaceTB/SmolLM2-135M": "HuggingFaceTB/SmolLM2-135M-Instruct",
-            "openai-community/gpt2": "gpt2", "openai-community/gpt2-medium": "gpt2-medium",
-            "openai-community/gpt2-large": "gpt2-large", "openai-community/gpt2-xl": "gpt2-xl",
-            "Qwen/Qwen2.5-14B": "Qwen/Qwen2.5-14B-Instruct", "Qwen/Qwen2.5-7B": "Qwen/Qwen2.5-7B-Instruct",
-            # MiniLLM's released GPT-2 checkpoints (the paper and colab profiles' pair)
-            "MiniLLM/teacher-gpt2-1.5B": "gpt2-xl", "MiniLLM/init-gpt2-120M": "gpt2",
-            "MiniLLM/init-gpt2-340M": "gpt2-medium", "MiniLLM/init-gpt2-760M": "gpt2-large",
-            "MiniLLM/SFT-gpt2-120M": "gpt2", "MiniLLM/SFT-gpt2-340M": "gpt2-medium",
-            "MiniLLM/SFT-gpt2-760M": "gpt2-large"}
-
-
-def known_shape(name: str) -> Optional[ModelShape]:
-    """The shape of a model the study knows by hub id (case-insensitive), else None."""
-    name = _ALIASES.get(name, name)
-    for key, shape in KNOWN_SHAPES.items():
-        if key.lower() == str(name).lower():
-            return shape
-    return None
-
-
-def smollm2_shape(n_layer: int = 30) -> ModelShape:
-    """SmolLM2-135M-Instruct (the cpu profile's teacher), or its first ``n_layer`` layers."""
-    return KNOWN_SHAPES["HuggingFaceTB/SmolLM2-135M-Instruct"].pruned(n_layer) if n_layer != 30 \
-        else KNOWN_SHAPES["HuggingFaceTB/SmolLM2-135M-Instruct"]
-
-
 # ----------------------------------------------------------------------------- the plan
 
 STUDENT_MODES = ("full", "lora", "qlora")
-TEACHER_MODES = ("online", "cached", "none")
+TEACHER_MODES = RUN_TEACHER_MODES + ("none",)
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16", "8bit", "4bit")
 TASKS = ("train", "teacher_inference")
 
@@ -313,7 +262,9 @@ class MemoryPlan:
     ``task="train"``: a student training step (with the teacher online, cached or absent).
     ``task="teacher_inference"``: the teacher alone, no gradients (building the teacher
     cache, or teacher generation); student fields are then ignored.
-    Sizes are per process and per micro-batch; ``seq_len`` is the padded length.
+    Sizes are per process and per micro-batch; ``seq_len`` is the padded length. Dtypes are
+    resolved names (``auto`` is resolved by :func:`plan_from_config`; ``auto_dtype`` says what
+    it became).
     """
 
     student: Optional[ModelShape] = None
@@ -329,16 +280,17 @@ class MemoryPlan:
     master_weights: bool = True  # fp32 master copy when 16-bit weights are trained in full
     autocast_dtype: str = "float32"  # activation dtype under autocast (float32 = off)
     # teacher
-    teacher_mode: str = "online"  # online | cached | none
+    teacher_mode: str = "online"  # online | cache | none
     teacher_dtype: str = "float32"  # float32 | bfloat16 | float16 | 8bit | 4bit
     teacher_compute_dtype: str = "float32"  # dtype of a quantised teacher's matmuls
+    cache_format: str = "hidden"  # hidden (exact) | topk
     cache_topk: int = 32
     cache_positions: int = 0  # response positions of the data set held by a teacher cache
     # data
     batch_size: int = 8
     seq_len: int = 512
     response_fraction: float = 0.2
-    response_only: bool = True  # logits only at response positions (train.response_logits)
+    response_only: bool = True  # logits only at response positions (objectives.response_logits)
     pretrain_batch: int = 0  # pre-train term blocks per step (0 = no pre-train term)
     pretrain_seq_len: int = 0
     loss: str = "plain"  # plain | lean (train.loss_chunk_size > 0)
@@ -346,6 +298,7 @@ class MemoryPlan:
     keep_hidden_states: bool = True  # output_hidden_states=True, as response_logits calls it
     framework_bytes: Optional[int] = None  # measured baseline (default: see estimate)
     cpu_allocator_overhead: Optional[float] = None  # None: CPU_ALLOCATOR_OVERHEAD
+    auto_dtype: str = ""  # what dtype "auto" resolved to ("" when no dtype was auto)
     label: str = ""
 
     def validate(self) -> "MemoryPlan":
@@ -360,6 +313,7 @@ class MemoryPlan:
         one_of("student_dtype", self.student_dtype, WEIGHT_DTYPES[:3])
         one_of("teacher_compute_dtype", self.teacher_compute_dtype, WEIGHT_DTYPES[:3])
         one_of("autocast_dtype", self.autocast_dtype, WEIGHT_DTYPES[:3])
+        one_of("cache_format", self.cache_format, CACHE_FORMATS)
         one_of("loss", self.loss, ("plain", "lean"))
         one_of("attn_impl", self.attn_impl, ("sdpa", "eager"))
         if self.task == "train" and self.student is None:
@@ -367,7 +321,7 @@ class MemoryPlan:
         if self.task == "teacher_inference" and self.teacher is None:
             raise ValueError("MemoryPlan: task 'teacher_inference' needs a teacher shape")
         if self.task == "train" and self.teacher_mode != "none" and self.teacher is None:
-            raise ValueError("MemoryPlan: teacher_mode online/cached needs a teacher shape "
+            raise ValueError("MemoryPlan: teacher_mode online/cache needs a teacher shape "
                              "(or teacher_mode='none')")
         if not 0.0 < self.response_fraction <= 1.0:
             raise ValueError("MemoryPlan.response_fraction must be in (0, 1]")
@@ -440,17 +394,20 @@ def _teacher_compute_bytes(plan: MemoryPlan) -> float:
 
 def estimate(plan: MemoryPlan) -> dict:
     """Peak memory of ``plan``: {"components": {name: bytes}, "total": bytes, "phase": the
-    phase of the step that peaks, "phases": {phase: total}, "plan": dict, "notes": [...]}.
+    phase of the step that peaks, "phases": {phase: total}, "host": {name: bytes} (CPU memory
+    a CUDA plan also needs: the teacher cache), "plan": dict, "notes": [...]}.
 
     The components sum to the total. A training step is split in three phases whose
     transient terms are never alive together: "forward" (student activations, its logits
-    and the loss's forward intermediates, the online teacher's forward and logits),
+    and the loss's forward intermediates, the teacher's signal: online forward and logits,
+    or a cache's rows),
     "backward" (activations, the loss's backward intermediates, gradients) and "step"
     (gradients and AdamW's foreach temporaries); persistent terms (framework, weights,
     optimizer states, teacher cache) count in all three. The peak is the largest phase.
     """
     plan.validate()
     persistent: dict[str, float] = {"framework": _framework(plan)}
+    host: dict[str, float] = {}
     notes: list[str] = []
     B, T = plan.batch_size, plan.seq_len
     tokens = B * T
@@ -463,8 +420,11 @@ def estimate(plan: MemoryPlan) -> dict:
         cb = _teacher_compute_bytes(plan)
         n_logit = n_resp if plan.response_only else tokens
         persistent["teacher_weights"] = _weights(t, plan.teacher_dtype, plan.teacher_compute_dtype)
-        fwd = {"teacher_activations": _inference_activations(t, tokens, cb, plan.keep_hidden_states),
-               "teacher_logits": n_logit * t.vocab * 4.0 * INFERENCE_LOGIT_COPIES}
+        fwd = {"teacher_activations": _inference_activations(t, tokens, cb, plan.keep_hidden_states)}
+        if plan.cache_format == "topk":  # logits at response rows, then their top-k
+            fwd["teacher_logits"] = n_logit * t.vocab * 4.0 * INFERENCE_LOGIT_COPIES
+        else:  # the `hidden` cache keeps the final hidden states (an fp32 copy), no logits
+            fwd["teacher_logits"] = n_logit * t.hidden * 4.0
         if plan.teacher_dtype in ("4bit", "8bit"):
             fwd["quant_workspace"] = _largest_linear(t) * cb
         return _finish(plan, persistent, {"forward": fwd}, notes)
@@ -527,13 +487,26 @@ def estimate(plan: MemoryPlan) -> dict:
         fwd["teacher_logits"] = t_logits
         if plan.teacher_dtype in ("4bit", "8bit"):
             fwd["quant_workspace"] = max(fwd.get("quant_workspace", 0.0), _largest_linear(t) * cb)
-    elif plan.teacher_mode == "cached":
+    elif plan.teacher_mode == "cache":
+        t = plan.teacher
         positions = plan.cache_positions or n_resp
-        persistent["teacher_cache"] = positions * plan.cache_topk * 8.0 \
-            + (n_resp + pt_tokens) * plan.cache_topk * 12.0
+        signal_rows = rows + pt_tokens
+        if plan.cache_format == "hidden":  # fp32 hidden states + the head, logits on the fly
+            stored = positions * t.hidden * 4.0 + t.vocab * t.hidden * 4.0
+            # TeacherCache.teacher_logits copies the head to the device at each call; on a
+            # CPU it is the cache's own tensor (already counted in the host bytes)
+            head = t.vocab * t.hidden * 4.0 if plan.device == "cuda" else 0.0
+            fwd["teacher_signal"] = head + signal_rows * (t.hidden * 4.0
+                                                          + t.vocab * 4.0 * TEACHER_LOGIT_COPIES)
+        else:  # top-k ids (int32 stored, int64 gathered) and fp32 log-probs
+            stored = positions * plan.cache_topk * 8.0
+            fwd["teacher_signal"] = signal_rows * plan.cache_topk * 12.0
         if plan.device == "cuda":
-            notes.append("teacher_cache is host (CPU) memory except the per-batch rows")
-    return _finish(plan, persistent, {"forward": fwd, "backward": bwd, "step": step}, notes)
+            host["teacher_cache"] = stored
+            notes.append(f"the teacher cache takes {_gib(stored)} GiB of host (CPU) memory")
+        else:
+            persistent["teacher_cache"] = stored
+    return _finish(plan, persistent, {"forward": fwd, "backward": bwd, "step": step}, notes, host)
 
 
 def _largest_linear(shape: ModelShape) -> int:
@@ -548,7 +521,8 @@ def _inference_activations(shape: ModelShape, tokens: int, cb: float, keep_hidde
     return tokens * (kept + live) * cb
 
 
-def _finish(plan: MemoryPlan, persistent: dict, phases: dict, notes: list) -> dict:
+def _finish(plan: MemoryPlan, persistent: dict, phases: dict, notes: list,
+            host: Optional[dict] = None) -> dict:
     base = sum(persistent.values())
     totals = {name: base + sum(p.values()) for name, p in phases.items()}
     peak_phase = max(totals, key=totals.get)
@@ -562,6 +536,7 @@ def _finish(plan: MemoryPlan, persistent: dict, phases: dict, notes: list) -> di
             comps["allocator_overhead"] = int(round(dynamic * share))
     return {"components": comps, "total": int(sum(comps.values())), "phase": peak_phase,
             "phases": {k: int(round(v)) for k, v in totals.items()},
+            "host": {k: int(round(v)) for k, v in (host or {}).items()},
             "plan": _plan_dict(plan), "notes": notes}
 
 
@@ -585,26 +560,32 @@ def _describe(plan: Mapping) -> str:
             return "-"
         return s.get("name") or f"{s['n_layer']}L×{s['hidden']}"
 
+    auto = f" (dtype auto = {plan['auto_dtype']})" if plan.get("auto_dtype") else ""
     if plan["task"] == "teacher_inference":
         return (f"teacher inference: {shape_name(plan['teacher'])} {plan['teacher_dtype']}, "
-                f"batch {plan['batch_size']} × seq {plan['seq_len']}, {plan['device']}")
-    teacher = "no teacher" if plan["teacher_mode"] == "none" or not plan["teacher"] else \
-        f"teacher {shape_name(plan['teacher'])} {plan['teacher_dtype']} {plan['teacher_mode']}"
+                f"batch {plan['batch_size']} × seq {plan['seq_len']}, {plan['device']}{auto}")
+    if plan["teacher_mode"] == "none" or not plan["teacher"]:
+        teacher = "no teacher"
+    else:
+        how = f"cache ({plan['cache_format']})" if plan["teacher_mode"] == "cache" else "online"
+        teacher = f"teacher {shape_name(plan['teacher'])} {plan['teacher_dtype']} {how}"
     gc = ", grad ckpt" if plan["gradient_checkpointing"] else ""
     return (f"student {shape_name(plan['student'])} {plan['student_mode']} {plan['student_dtype']}"
             f"{gc}; {teacher}; batch {plan['batch_size']} × seq {plan['seq_len']}, "
-            f"response {plan['response_fraction']:.0%}, {plan['loss']} loss, {plan['device']}")
+            f"response {plan['response_fraction']:.0%}, {plan['loss']} loss, {plan['device']}{auto}")
 
 
 def format_plan(est: Mapping, budget_bytes: Optional[float] = None) -> str:
     """A Markdown table of the breakdown (GiB and share), the total and, with a budget,
-    whether it fits: what notebook 3 prints before loading anything."""
+    whether it fits: what notebook 02 prints before loading anything."""
     comps, total = est["components"], est["total"]
     lines = [_describe(est["plan"]), "", "| component | GiB | share |", "|---|---:|---:|"]
     for name, value in sorted(comps.items(), key=lambda kv: -kv[1]):
         share = value / total if total else 0.0
         lines.append(f"| {name} | {_gib(value)} | {share:.0%} |")
-    lines.append(f"| **total (peak)** | **{_gib(total)}** | 100% |")
+    lines.append(f"| **total (peak, {est['phase']})** | **{_gib(total)}** | 100% |")
+    for name, value in est.get("host", {}).items():
+        lines.append(f"| host memory: {name} | {_gib(value)} | — |")
     if budget_bytes:
         verdict = "fits" if total <= budget_bytes else "DOES NOT FIT"
         lines += ["", f"budget {_gib(budget_bytes)} GiB: {verdict} "
@@ -624,59 +605,104 @@ def _plan_from_dict(d: Mapping) -> MemoryPlan:
     return MemoryPlan(**d)
 
 
-def suggest_fixes(plan: MemoryPlan, budget_bytes: Optional[float] = None) -> list[dict]:
-    """Single changes to ``plan`` that lower its peak, largest saving first.
+# ----------------------------------------------------------------------------- fixes
 
-    Each entry: {"change": what to do (with the params key), "saving": bytes, "total":
-    bytes after the change, "fits": bool or None}. Batch and sequence length are lowered by
-    halving until the plan fits (or to 1 / 64).
-    """
-    base = estimate(plan)["total"]
-    trials: list[tuple[str, MemoryPlan]] = []
+#: How much a change alters the run, for picking the first one to make (lowest first):
+#: 0 memory for time only (exact), 1 an approximation of the teacher's signal, 2 the batch
+#: or the teacher's precision, 3 the method itself (what is trained, on what).
+RANKS = {"train.teacher_mode": 0, "train.loss_chunk_size": 0, "student.gradient_checkpointing": 0,
+         "train.cache_format": 1, "train.batch_size": 2, "eval.batch_size": 0,
+         "teacher.quantization": 2, "student.lora": 3, "student.quantization": 3,
+         "train.lm_coef": 3, "data.max_length": 3, "(code)": 0}
+
+
+def _trials(plan: MemoryPlan, budget_bytes: Optional[float]) -> list[tuple[str, str, MemoryPlan]]:
+    """(description, params setting, changed plan) for each single change that may help."""
+    trials: list[tuple[str, str, MemoryPlan]] = []
     is_train = plan.task == "train"
+    compute = plan.auto_dtype or ("bfloat16" if plan.device == "cuda" else "float32")
     if is_train and plan.teacher_mode == "online":
-        trials.append(("cache the teacher (train.teacher_mode=cache)", replace(plan, teacher_mode="cached")))
+        trials.append(("cache the teacher", "train.teacher_mode=cache",
+                       replace(plan, teacher_mode="cache")))
+    if is_train and plan.teacher_mode == "cache" and plan.cache_format == "hidden":
+        trials.append(("compact teacher cache", "train.cache_format=topk",
+                       replace(plan, cache_format="topk")))
     if plan.teacher is not None and plan.teacher_dtype != "4bit" and \
             (plan.task == "teacher_inference" or plan.teacher_mode == "online"):
-        trials.append(("use teacher 4bit (teacher.quantization=4bit)",
-                       replace(plan, teacher_dtype="4bit",
-                               teacher_compute_dtype="bfloat16" if plan.device == "cuda" else "float32")))
+        trials.append(("use teacher 4bit", "teacher.quantization=4bit",
+                       replace(plan, teacher_dtype="4bit", teacher_compute_dtype=compute)))
     if is_train and not plan.gradient_checkpointing:
-        trials.append(("gradient checkpointing (student.gradient_checkpointing=true)",
+        trials.append(("gradient checkpointing", "student.gradient_checkpointing=true",
                        replace(plan, gradient_checkpointing=True)))
     if is_train and plan.student_mode == "full":
-        trials.append(("LoRA student (student.lora=true)", replace(plan, student_mode="lora")))
-        trials.append(("QLoRA student (student.lora=true, student.quantization=4bit)",
+        trials.append(("LoRA student", "student.lora=true", replace(plan, student_mode="lora")))
+        trials.append(("QLoRA student", "student.lora=true, student.quantization=4bit",
                        replace(plan, student_mode="qlora",
-                               student_dtype="bfloat16" if plan.device == "cuda" else plan.student_dtype)))
+                               student_dtype=compute if plan.device == "cuda" else plan.student_dtype)))
     elif is_train and plan.student_mode == "lora":
-        trials.append(("QLoRA student (student.quantization=4bit)", replace(plan, student_mode="qlora")))
+        trials.append(("QLoRA student", "student.quantization=4bit", replace(plan, student_mode="qlora")))
     if is_train and plan.loss == "plain":
-        trials.append(("lean loss (train.loss_chunk_size=256)", replace(plan, loss="lean")))
+        trials.append(("lean loss", "train.loss_chunk_size=256", replace(plan, loss="lean")))
     if not plan.response_only:
-        trials.append(("logits at response positions only", replace(plan, response_only=True)))
+        trials.append(("logits at response positions only", "(code)", replace(plan, response_only=True)))
     if is_train and plan.pretrain_batch:
-        trials.append(("no pre-train term (train.lm_coef=0)", replace(plan, pretrain_batch=0,
-                                                                      pretrain_seq_len=0)))
+        trials.append(("no pre-train term", "train.lm_coef=0",
+                       replace(plan, pretrain_batch=0, pretrain_seq_len=0)))
     # halving batch / sequence until it fits
-    batch_key = "train.batch_size" if is_train else "eval.batch_size (the cache build's batch)"
+    batch_key = "train.batch_size" if is_train else "eval.batch_size"
     for attr, floor, key in (("batch_size", 1, batch_key), ("seq_len", 64, "data.max_length")):
         value = getattr(plan, attr)
         while value > floor:
             value = max(floor, value // 2)
             cand = replace(plan, **{attr: value})
             if budget_bytes is None or estimate(cand)["total"] <= budget_bytes or value == floor:
-                label = f"batch {value} ({key}={value})" if attr == "batch_size" else \
-                    f"sequence length {value} ({key}={value})"
-                trials.append((label, cand))
+                what = ("batch" if attr == "batch_size" else "sequence length") + \
+                    (" (the cache build's batch)" if not is_train and attr == "batch_size" else "")
+                trials.append((f"{what} {value}", f"{key}={value}", cand))
                 break
+    return trials
+
+
+def suggest_fixes(plan: MemoryPlan, budget_bytes: Optional[float] = None) -> list[dict]:
+    """Single changes to ``plan`` that lower its peak, largest saving first.
+
+    Each entry: {"change": what to do (with the params key), "key": the params setting,
+    "saving": bytes, "total": bytes after the change, "fits": bool or None}. Batch and
+    sequence length are lowered by halving until the plan fits (or to 1 / 64).
+    """
+    base = estimate(plan)["total"]
     out = []
-    for label, cand in trials:
+    for label, key, cand in _trials(plan, budget_bytes):
         total = estimate(cand)["total"]
         if total < base:
-            out.append({"change": label, "saving": base - total, "total": total,
-                        "fits": None if budget_bytes is None else total <= budget_bytes})
+            out.append({"change": f"{label} ({key})", "key": key, "saving": base - total,
+                        "total": total, "fits": None if budget_bytes is None else total <= budget_bytes,
+                        "rank": RANKS[key.split("=")[0]], "plan": cand})
     return sorted(out, key=lambda d: -d["saving"])
+
+
+def fix_path(plan: MemoryPlan, budget_bytes: float, max_changes: int = 4) -> list[str]:
+    """The params settings to change, in order, to make ``plan`` fit ``budget_bytes``: of the
+    changes enough on their own, the one that alters the run least (:data:`RANKS`; then the
+    largest saving); when none is enough, the largest saving, and so on. [] when it fits
+    already; the list is cut when nothing more helps."""
+    return _fix(plan, budget_bytes, max_changes)[0]
+
+
+def _fix(plan: MemoryPlan, budget_bytes: float, max_changes: int = 4) -> tuple[list[str], MemoryPlan]:
+    """:func:`fix_path`'s changes and the plan they lead to."""
+    path: list[str] = []
+    for _ in range(max_changes):
+        if estimate(plan)["total"] <= budget_bytes:
+            break
+        fixes = suggest_fixes(plan, budget_bytes)
+        if not fixes:
+            break
+        enough = [f for f in fixes if f["fits"]]
+        best = min(enough, key=lambda f: (f["rank"], -f["saving"])) if enough else fixes[0]
+        path.append(best["key"])
+        plan = best["plan"]
+    return path, plan
 
 
 def check_fits(est: Mapping, budget_bytes: float) -> Mapping:
@@ -701,46 +727,19 @@ def check_fits(est: Mapping, budget_bytes: float) -> Mapping:
     raise MemoryPlanError("\n".join(lines))
 
 
-# ----------------------------------------------------------------------------- presets
-
-#: The colab pairs: a 4-bit teacher and a QLoRA student on one 16 GB GPU (T4: fp16).
-PRESETS: dict[str, dict] = {
-    "colab-qwen2.5-14b-7b": dict(
-        teacher="Qwen/Qwen2.5-14B-Instruct", student="Qwen/Qwen2.5-7B-Instruct",
-        teacher_dtype="4bit", teacher_compute_dtype="float16", student_mode="qlora",
-        student_dtype="float16", teacher_mode="cached", gradient_checkpointing=True,
-        batch_size=4, seq_len=512, response_fraction=0.5, loss="lean", device="cuda",
-        lora_r=16),
-    "colab-llama2-13b-7b": dict(
-        teacher="meta-llama/Llama-2-13b-hf", student="meta-llama/Llama-2-7b-hf",
-        teacher_dtype="4bit", teacher_compute_dtype="float16", student_mode="qlora",
-        student_dtype="float16", teacher_mode="cached", gradient_checkpointing=True,
-        batch_size=4, seq_len=512, response_fraction=0.5, loss="lean", device="cuda",
-        lora_r=16),
-}
-
-
-def preset_plan(name: str, **overrides) -> MemoryPlan:
-    """A :data:`PRESETS` plan with field overrides, e.g.
-    ``preset_plan("colab-qwen2.5-14b-7b", teacher_mode="online")``."""
-    if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
-    fields = dict(PRESETS[name], **overrides)
-    fields["teacher"] = known_shape(fields["teacher"]) if isinstance(fields["teacher"], str) else fields["teacher"]
-    fields["student"] = known_shape(fields["student"]) if isinstance(fields["student"], str) else fields["student"]
-    fields.setdefault("label", name)
-    return MemoryPlan(**fields).validate()
-
-
 # ----------------------------------------------------------------------------- from params
 
 _TOKENIZER_VOCAB = {"smollm2": 49152, "gpt2": 50257}
+_SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def _vocab_of(run_config) -> Optional[int]:
     tok = run_config.tokenizer
     if tok.kind == "bpe_local":
         return int(tok.vocab_size)
+    if tok.kind == "pretrained":
+        spec = standins.find(tok.path)
+        return spec.vocab if spec else None
     return _TOKENIZER_VOCAB.get(tok.kind)
 
 
@@ -748,9 +747,7 @@ def _read_local_config(path: Path) -> Optional[ModelShape]:
     """config.json of a saved model (or of the base of a saved LoRA adapter)."""
     for cand in (path / "config.json", path / "base" / "config.json"):
         if cand.is_file():
-            from transformers import AutoConfig
-            return ModelShape.from_hf_config(AutoConfig.from_pretrained(str(cand.parent)),
-                                             name=path.name)
+            return ModelShape.from_hf_config(json.loads(cand.read_text()), name=path.name)
     adapter = path / "adapter_config.json"
     if adapter.is_file():
         base = json.loads(adapter.read_text()).get("base_model_name_or_path", "")
@@ -763,7 +760,7 @@ def _shape_of_name(name: str) -> Optional[ModelShape]:
     path = Path(name)
     if path.exists():
         return _read_local_config(path)
-    shape = known_shape(name)
+    shape = ModelShape.of(name)
     if shape is not None:
         return shape
     try:  # a hub id already in the local cache: config only, never weights, never network
@@ -779,40 +776,52 @@ def _shape_of_model(mcfg, vocab: Optional[int], role: str) -> ModelShape:
         if vocab is None:
             raise MemoryPlanError(f"{role}: a tiny model needs a known vocabulary size")
         h = mcfg.n_embd
-        if mcfg.arch == "gpt2":
-            shape = ModelShape(n_layer=mcfg.n_layer, hidden=h, intermediate=4 * h, n_head=mcfg.n_head,
-                               n_kv_head=mcfg.n_head, vocab=vocab, tied=True, arch="gpt2",
-                               max_positions=512, name=f"tiny-gpt2 {mcfg.n_layer}L×{h}")
-        else:
-            shape = ModelShape(n_layer=mcfg.n_layer, hidden=h, intermediate=4 * h, n_head=mcfg.n_head,
-                               n_kv_head=mcfg.n_head, vocab=vocab, tied=True,
-                               name=f"tiny-llama {mcfg.n_layer}L×{h}")
+        gpt2 = mcfg.arch == "gpt2"
+        shape = ModelShape(n_layer=mcfg.n_layer, hidden=h, intermediate=4 * h, n_head=mcfg.n_head,
+                           n_kv_head=mcfg.n_head, vocab=vocab, tied=True,
+                           arch="gpt2" if gpt2 else "llama", max_positions=512 if gpt2 else 0,
+                           name=f"tiny-{mcfg.arch} {mcfg.n_layer}L×{h}")
     elif mcfg.source == "smollm2":
-        shape = smollm2_shape()
+        shape = ModelShape.of(_SMOLLM2)
     else:
         shape = _shape_of_name(mcfg.name_or_path)
         if shape is None:
             raise MemoryPlanError(
                 f"{role}.name_or_path: cannot read the shape of {mcfg.name_or_path!r} without "
                 f"downloading it (not a local folder with config.json, not in the hub cache, not "
-                f"in memory.KNOWN_SHAPES); pass shapes={{'{role}': ModelShape(...)}} or "
-                f"ModelShape.from_params(...)")
+                f"in standins.SPECS); pass shapes={{'{role}': ModelShape(...)}} or add its "
+                f"config numbers to dpkd_lib/standins.py")
     if mcfg.prune_to:
         shape = shape.pruned(mcfg.prune_to)
     return shape
 
 
+def _train_records(data) -> int:
+    """Records of the train split (upper bound for hub data: before the filters)."""
+    if data.source == "synthetic":
+        n = data.n_train
+        if data.train_slice:
+            from .config import parse_slice
+            n = len(range(n)[parse_slice(data.train_slice)])
+        return n
+    return max(0, DOLLY_RECORDS - data.n_valid - data.n_test)
+
+
 def plan_from_config(run_config, device_budget: Optional[float] = None, *, device: Optional[str] = None,
-                     seq_len: Optional[int] = None, response_fraction: Optional[float] = None,
+                     capability: Optional[Sequence[int]] = None, seq_len: Optional[int] = None,
+                     response_fraction: Optional[float] = None,
                      shapes: Optional[Mapping[str, ModelShape]] = None) -> MemoryPlan:
     """A :class:`MemoryPlan` for a :class:`dpkd_lib.config.RunConfig`, without loading weights.
 
-    Shapes come from ``shapes`` (override), tiny-model params, SmolLM2's known config, a
-    local folder's config.json, :data:`KNOWN_SHAPES`, or a config already in the hub cache.
-    The sequence length defaults to ``data.max_length`` (a batch pads to its longest row, so
-    this is the worst case) and the response fraction to 0.5 (≈ 0.2 on the synthetic set; a
-    Dolly response is often half the sequence). With ``device_budget`` (bytes) the plan is
-    also checked and :class:`MemoryPlanError` raised when it does not fit.
+    Shapes come from ``shapes`` (override), tiny-model params, a local folder's config.json,
+    :data:`dpkd_lib.standins.SPECS`, or a config already in the hub cache. ``device``: "cpu" or
+    "cuda" (default: what this machine has); ``capability``: the CUDA card's (major, minor),
+    which resolves ``dtype: auto`` (default: this machine's card; on a machine with none,
+    8.0). The sequence length defaults to ``data.max_length`` (a batch pads to its longest
+    row, so this is the worst case) and the response fraction to 0.5 (≈ 0.2 on the synthetic
+    set; a Dolly response is often half the sequence). With ``device_budget`` (bytes) the
+    plan, and its cache build's, are checked and :class:`MemoryPlanError` raised when either
+    does not fit.
     """
     shapes = dict(shapes or {})
     t = run_config.train
@@ -820,17 +829,20 @@ def plan_from_config(run_config, device_budget: Optional[float] = None, *, devic
     student = shapes.get("student") or _shape_of_model(run_config.student, vocab, "student")
     if vocab is None:
         vocab = student.vocab
-    uses_teacher = run_config.teacher is not None and t.objective != "sft"
     teacher = None
-    if uses_teacher:
+    if run_config.teacher is not None:
         teacher = shapes.get("teacher") or _shape_of_model(run_config.teacher, vocab, "teacher")
-    if device is None:
-        try:
-            import torch
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        except ImportError:  # pragma: no cover
-            device = "cpu"
+    device = device or precision.default_device()
+    if device == "cuda" and capability is None:
+        import torch
+        capability = torch.cuda.get_device_capability() if torch.cuda.is_available() \
+            else precision.BF16_CAPABILITY
+
+    def dt(name: str) -> str:
+        return precision.resolve(name, device, capability)
+
     s = run_config.student
+    named = [s.dtype, t.autocast_dtype] + ([run_config.teacher.dtype] if teacher else [])
     quantized = s.quantization in ("4bit", "8bit")
     mode = "qlora" if (s.lora and quantized) else ("lora" if s.lora else "full")
     T = int(seq_len or run_config.data.max_length)
@@ -838,21 +850,30 @@ def plan_from_config(run_config, device_budget: Optional[float] = None, *, devic
     pretrain = t.lm_coef > 0 and run_config.data.pretrain_source != "none"
     fields: dict[str, Any] = dict(
         student=student, teacher=teacher, device=device, student_mode=mode,
-        student_dtype=s.dtype, lora_r=s.lora_r, lora_dropout=s.lora_dropout,
+        student_dtype=dt(s.dtype), lora_r=s.lora_r, lora_dropout=s.lora_dropout,
         gradient_checkpointing=s.gradient_checkpointing,
-        autocast_dtype=t.autocast_dtype, batch_size=t.batch_size, seq_len=T,
+        autocast_dtype=dt(t.autocast_dtype), batch_size=t.batch_size, seq_len=T,
         response_fraction=frac, loss="lean" if t.loss_chunk_size > 0 else "plain",
         pretrain_batch=t.batch_size if pretrain else 0,
         pretrain_seq_len=run_config.data.pretrain_block_size if pretrain else 0,
-        cache_topk=t.cache_topk, label=run_config.output_dir)
+        auto_dtype=precision.auto_dtype(device, capability) if "auto" in named else "",
+        label=run_config.output_dir)
     if teacher is None:
         fields["teacher_mode"] = "none"
     else:
         tq = run_config.teacher.quantization
-        fields["teacher_mode"] = "cached" if t.teacher_mode == "cache" else "online"
-        fields["teacher_dtype"] = tq if tq in ("4bit", "8bit") else run_config.teacher.dtype
-        fields["teacher_compute_dtype"] = run_config.teacher.dtype
-        fields["cache_positions"] = int(run_config.data.n_train * T * frac)
+        cached = t.teacher_mode == "cache" and t.objective in TOKEN_OBJECTIVES
+        fields["teacher_mode"] = "cache" if cached else "online"
+        fields["teacher_dtype"] = tq if tq in ("4bit", "8bit") else dt(run_config.teacher.dtype)
+        fields["teacher_compute_dtype"] = dt(run_config.teacher.dtype)
+        if cached:
+            fields["cache_format"] = t.cache_format
+            fields["cache_topk"] = t.cache_topk
+            positions = _train_records(run_config.data) * T * frac
+            if pretrain:  # the pre-train blocks are cached too, every position
+                d = run_config.data
+                positions += d.pretrain_max_blocks * (d.pretrain_block_size - 1)
+            fields["cache_positions"] = int(positions)
     plan = MemoryPlan(**fields).validate()
     if device_budget is not None:
         check_fits(estimate(plan), device_budget)
@@ -866,290 +887,199 @@ def teacher_cache_plan(plan: MemoryPlan, batch_size: Optional[int] = None) -> Op
     """The plan of building the teacher cache for a cached-teacher training ``plan``: the
     teacher alone, no gradients, at ``batch_size`` (train.py builds it at eval.batch_size).
     None when the plan has no cached teacher. A cached plan fits only if both fit."""
-    if plan.task != "train" or plan.teacher_mode != "cached" or plan.teacher is None:
+    if plan.task != "train" or plan.teacher_mode != "cache" or plan.teacher is None:
         return None
     return replace(plan, task="teacher_inference", teacher_mode="online",
                    batch_size=batch_size or plan.batch_size, label=f"{plan.label} (cache build)")
 
 
-# ----------------------------------------------------------------------------- measuring
+# ----------------------------------------------------------------------------- cards, profiles
 
-def cpu_baseline_bytes(modules=("torch", "transformers", "peft", "accelerate")) -> int:
-    """Peak RSS of a fresh interpreter that only imports ``modules`` (the CPU framework
-    overhead of a plan on this machine)."""
-    code = ("import resource, " + ", ".join(modules) +
-            "; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env=_child_env())
-    return int(out.stdout.strip().splitlines()[-1]) * 1024
+@dataclass(frozen=True)
+class Card:
+    """A GPU: its memory as nvidia-smi reports it, and its CUDA compute capability."""
 
+    name: str
+    memory_mib: int
+    capability: tuple
 
-def _child_env() -> dict:
-    env = dict(os.environ)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TRANSFORMERS_OFFLINE", "1")
-    env["TQDM_DISABLE"] = "1"
-    env["TOKENIZERS_PARALLELISM"] = "false"
-    return env
+    @property
+    def bytes(self) -> int:
+        return self.memory_mib * MiB
 
 
-#: Defaults of a workload spec (a JSON-able dict that maps 1:1 to a MemoryPlan and to code
-#: that runs it): model "tiny" (llama, the sizes below) or "smollm2" (n_layer of 30).
-WORKLOAD_DEFAULTS = dict(task="train", model="tiny", n_layer=2, hidden=64, n_head=4, vocab=1024,
-                         mode="full", teacher=None, teacher_n_layer=30, teacher_dtype="float32",
-                         batch=8, seq=128, response_fraction=0.2, loss="plain", steps=2,
-                         threads=1, lora_r=16, lora_dropout=0.05, gradient_checkpointing=False)
+#: The cards the README's memory table covers (Colab: T4, L4, A100; Kaggle: P100, T4).
+CARDS: tuple[Card, ...] = (
+    Card("T4 16 GB", 15360, (7, 5)),
+    Card("P100 16 GB", 16280, (6, 0)),
+    Card("L4 24 GB", 23034, (8, 9)),
+    Card("A100 40 GB", 40960, (8, 0)),
+    Card("A100/H100 80 GB", 81559, (8, 0)),
+)
+
+_CACHED = ("train.objective=dpkd_token", "train.teacher_mode=cache")
+#: The GPU profiles' runs the README table and the GPU check cover: (label, base params
+#: file, overrides). DPKD-token is the notebooks' main distillation run; the token-level
+#: objectives run with the teacher cached, DPKD-seq and SeqKD with the teacher online (its
+#: plan: the same step with the teacher in memory; DPKD-seq's extra forward passes over the
+#: sampled pair are not modelled).
+PROFILE_RUNS: tuple[tuple[str, str, tuple], ...] = (
+    ("paper: GPT-2 XL → base, teacher cached", "params/paper/base_train.yaml", _CACHED),
+    ("paper: GPT-2 XL → base, teacher online", "params/paper/base_train.yaml",
+     ("train.objective=dpkd_token",)),
+    ("colab: GPT-2 XL → base, teacher cached", "params/colab/base_train.yaml", _CACHED),
+    ("colab: GPT-2 XL → base, teacher online", "params/colab/base_train.yaml",
+     ("train.objective=dpkd_token",)),
+    ("colab: Qwen2.5 14B → 7B QLoRA, teacher cached", "params/colab/qlora_train.yaml", _CACHED),
+    ("colab: Llama-2 13B → 7B QLoRA, teacher cached", "params/colab/qlora_llama2_train.yaml", _CACHED),
+)
 
 
-def _spec(spec: Mapping) -> dict:
-    unknown = set(spec) - set(WORKLOAD_DEFAULTS) - {"name"}
-    if unknown:
-        raise ValueError(f"unknown workload keys {sorted(unknown)}")
-    return dict(WORKLOAD_DEFAULTS, **spec)
+def profile_config(path: str, overrides: Sequence[str], root: Path = REPO_ROOT):
+    from .config import load_config
+    return load_config(Path(root) / path, list(overrides))
 
 
-def _workload_shape(spec: Mapping, which: str) -> ModelShape:
-    if which == "teacher":
-        return smollm2_shape(spec["teacher_n_layer"])
-    if spec["model"] == "smollm2":
-        return smollm2_shape(spec["n_layer"])
-    h = spec["hidden"]
-    return ModelShape(n_layer=spec["n_layer"], hidden=h, intermediate=4 * h, n_head=spec["n_head"],
-                      n_kv_head=spec["n_head"], vocab=spec["vocab"], tied=True,
-                      name=f"tiny {spec['n_layer']}L×{h}")
+def card_verdict(cfg, card: Card) -> dict:
+    """Does run config ``cfg`` fit ``card``? {"fits", "dtype", "train", "build" (estimates;
+    build None when the teacher is not cached), "changes": params settings that make it
+    fit, "why"}."""
+    plan = plan_from_config(cfg, device="cuda", capability=card.capability)
+    train = estimate(plan)
+    build_plan = teacher_cache_plan(plan, batch_size=cfg.eval.batch_size)
+    build = estimate(build_plan) if build_plan is not None else None
+    dtypes = {plan.student_dtype, plan.autocast_dtype} | \
+        ({plan.teacher_compute_dtype} if plan.teacher is not None else set())
+    compute = "bf16" if "bfloat16" in dtypes else ("fp16" if "float16" in dtypes else "fp32")
+    out = {"dtype": compute, "train": train, "build": build, "changes": [], "why": ""}
+    changes = []
+    if "bfloat16" in dtypes and tuple(card.capability) < precision.BF16_CAPABILITY:
+        named = [("teacher.dtype", cfg.teacher.dtype if cfg.teacher is not None else None),
+                 ("student.dtype", cfg.student.dtype), ("train.autocast_dtype", cfg.train.autocast_dtype)]
+        changes = [f"{key}=auto" for key, value in named if value == "bfloat16"]
+        out["why"] = "no bf16 on this card"
+    train_changes, fixed = _fix(plan, card.bytes)
+    changes += train_changes
+    # the cache build of the run as changed (a top-k cache builds with the teacher's logits)
+    fixed_build = teacher_cache_plan(fixed, batch_size=cfg.eval.batch_size)
+    if fixed_build is not None:
+        changes += [c for c in fix_path(fixed_build, card.bytes) if c not in changes]
+    fits = not changes
+    out.update(fits=fits, changes=changes,
+               why=out["why"] or ("" if fits else "out of memory"))
+    return out
 
 
-def plan_for_workload(spec: Mapping, framework_bytes: Optional[int] = None,
-                      device: str = "cpu") -> MemoryPlan:
-    """The :class:`MemoryPlan` that :func:`run_workload` runs for ``spec``."""
-    s = _spec(spec)
-    if s["task"] == "teacher_inference":
-        return MemoryPlan(teacher=_workload_shape(s, "teacher"), task="teacher_inference",
-                          teacher_dtype=s["teacher_dtype"], teacher_compute_dtype="float32",
-                          batch_size=s["batch"], seq_len=s["seq"], device=device,
-                          response_fraction=s["response_fraction"], framework_bytes=framework_bytes,
-                          label=s.get("name", "")).validate()
-    teacher = _workload_shape(s, "teacher") if s["teacher"] else None
-    return MemoryPlan(student=_workload_shape(s, "student"), teacher=teacher,
-                      teacher_mode=s["teacher"] or "none", teacher_dtype=s["teacher_dtype"],
-                      student_mode=s["mode"], lora_r=s["lora_r"], lora_dropout=s["lora_dropout"],
-                      gradient_checkpointing=s["gradient_checkpointing"], batch_size=s["batch"],
-                      seq_len=s["seq"], response_fraction=s["response_fraction"], loss=s["loss"],
-                      device=device, framework_bytes=framework_bytes,
-                      label=s.get("name", "")).validate()
+def profile_plans(cards: Sequence[Card] = CARDS, root: Path = REPO_ROOT) -> list[dict]:
+    """Every :data:`PROFILE_RUNS` entry's plan on every card: [{"label", "params",
+    "overrides", "cards": {card name: card_verdict}}]."""
+    rows = []
+    for label, path, overrides in PROFILE_RUNS:
+        cfg = profile_config(path, overrides, root)
+        rows.append({"label": label, "params": path, "overrides": list(overrides),
+                     "cards": {card.name: card_verdict(cfg, card) for card in cards}})
+    return rows
 
 
-def _rss_now() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def card_table(cards: Sequence[Card] = CARDS, root: Path = REPO_ROOT) -> str:
+    """The README's memory table (Markdown), generated from the params files."""
+    head = ["run", "cache build", "forward", "backward", "step", "host RAM"] + [c.name for c in cards]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * 5 + "---|" * len(cards)]
+    for row in profile_plans(cards, root):
+        first = next(iter(row["cards"].values()))
+        train, build = first["train"], first["build"]
+        phases = train["phases"]
+        host = sum(train["host"].values())
+        cells = [row["label"], _gib(build["total"]) if build else "—",
+                 *(_gib(phases[p]) for p in ("forward", "backward", "step")),
+                 f"≤ {_gib(host)}" if host else "—"]
+        for card in cards:
+            v = row["cards"][card.name]
+            if v["fits"]:
+                cells.append(f"fits ({v['dtype']})")
+            else:
+                fix = " + ".join(f"`{c}`" for c in v["changes"]) or "no single setting"
+                cells.append(f"**no**: {fix}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
-def _reset_peak() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) of this process, after releasing freed
-    heap pages, so the peak that follows belongs to the workload, not to model loading."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except Exception:  # noqa: BLE001 - not glibc: RSS may just stay a little higher
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
+README_BEGIN = "<!-- memory-table:begin (python -m dpkd_lib.memory --readme) -->"
+README_END = "<!-- memory-table:end -->"
+
+
+def readme_block(cards: Sequence[Card] = CARDS, root: Path = REPO_ROOT) -> str:
+    """What goes between the README's markers: the table and how to read it."""
+    return "\n".join([
+        README_BEGIN,
+        "Peak GPU memory per phase (GiB; fp16 and bf16 take the same bytes) predicted by",
+        "`dpkd_lib.memory` for each GPU profile's DPKD-token run, and whether it fits each card",
+        "(memory as nvidia-smi reports it, CUDA context included). When it does not, the cell",
+        "names the settings to change, in order. `dtype: auto` picks fp16 below compute",
+        "capability 8.0 (T4, P100), bf16 from it. *Cache build* is the teacher alone",
+        "filling the teacher cache (it is unloaded before the student trains); *host RAM* is",
+        "that cache in CPU memory (an upper bound: every train record at full length, every",
+        "allowed pre-train block).",
+        "",
+        card_table(cards, root),
+        README_END,
+    ])
+
+
+def update_readme(path: Path = REPO_ROOT / "README.md", check: bool = False) -> bool:
+    """Write the table between the README's markers (``check``: only compare). Returns True
+    when the README is (or was already) current."""
+    path = Path(path)
+    text = path.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise ConfigError(f"{path}: no '{README_BEGIN}' ... '{README_END}' markers")
+    start, end = text.index(README_BEGIN), text.index(README_END) + len(README_END)
+    new = text[:start] + readme_block(root=path.parent) + text[end:]
+    if new == text:
         return True
-    except OSError:
-        return False
-
-
-def _vm_hwm() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _synthetic_batch(spec: Mapping, vocab: int, device) -> dict:
-    """B×T random token ids; the last ``response_fraction`` of each row is the response."""
-    import torch
-    g = torch.Generator().manual_seed(0)
-    B, T = spec["batch"], spec["seq"]
-    ids = torch.randint(3, vocab, (B, T), generator=g)
-    labels = ids.clone()
-    n_resp = max(1, round(T * spec["response_fraction"]))
-    labels[:, : T - n_resp] = -100
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-            "labels": labels.to(device), "ids": [str(i) for i in range(B)]}
-
-
-def run_workload(spec: Mapping) -> dict:
-    """Build and run ``spec`` in this process (meant for a fresh subprocess: see
-    :func:`measure_workload`) and return its measured peak.
-
-    CPU: peak RSS (VmHWM) after the models are built and the counter reset, so loading
-    transients (a 30-layer model loaded to cut a 6-layer student out of it) do not count.
-    CUDA: ``torch.cuda.max_memory_allocated`` over the steps. ``import_rss`` is the RSS right
-    after the imports: the plan's CPU framework overhead.
-    """
-    s = _spec(spec)
-    import torch
-    import transformers  # noqa: F401
-    import peft  # noqa: F401
-    import accelerate  # noqa: F401
-    from . import losses, models
-    from .config import TrainConfig
-    from .objectives import OnlineTeacher, TopK, step_loss
-    from .train import param_groups
-    import_rss = _rss_now()
-    torch.set_num_threads(int(s["threads"]))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-    def smollm2(n_layer):
-        cache = models.SMOLLM2_CACHE
-        full = models.load_smollm2(dtype="float32", cache_dir=cache)
-        return full if n_layer == 30 else models.prune_layers(full, n_layer)
-
-    def build_student():
-        if s["model"] == "smollm2":
-            m = smollm2(s["n_layer"])
-        else:
-            m = models.tiny_model("llama", s["vocab"], n_layer=s["n_layer"], n_embd=s["hidden"],
-                                  n_head=s["n_head"], max_positions=max(512, s["seq"]), seed=0)
-        if s["mode"] == "qlora":
-            m = models.quantize_in_memory(m, "4bit", dtype="float32")
-        if s["gradient_checkpointing"]:
-            models.enable_gradient_checkpointing(m)
-        if s["mode"] in ("lora", "qlora"):
-            m = models.apply_lora(m, r=s["lora_r"], alpha=2 * s["lora_r"], dropout=s["lora_dropout"])
-        return m
-
-    def build_teacher():
-        t = smollm2(s["teacher_n_layer"])
-        if s["teacher_dtype"] in ("4bit", "8bit"):
-            t = models.quantize_in_memory(t, s["teacher_dtype"], dtype="float32")
-        return models.freeze(t)
-
-    import gc
-    result: dict[str, Any] = {"import_rss": import_rss, "device": str(device)}
-    vocab = s["vocab"] if s["model"] == "tiny" else 49152
-    if s["task"] == "teacher_inference":
-        vocab = 49152
-        teacher = build_teacher().to(device) if s["teacher_dtype"] not in ("4bit", "8bit") else build_teacher()
-        batch = _synthetic_batch(s, vocab, device)
-        gc.collect()
-        result["loaded_rss"] = _rss_now()
-        result["reset_ok"] = _reset_peak()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        with torch.no_grad():
-            for _ in range(s["steps"]):
-                logits = OnlineTeacher(teacher).response(batch)
-                top = (logits[0].float() / 1.0).log_softmax(-1).topk(32, dim=-1)
-                del logits, top
-    else:
-        teacher = build_teacher() if s["teacher"] == "online" else None
-        student = build_student().to(device)
-        if teacher is not None and s["teacher_dtype"] not in ("4bit", "8bit"):
-            teacher = teacher.to(device)
-        student.train()
-        opt = torch.optim.AdamW(param_groups(student, 0.01), lr=1e-5)
-        batch = _synthetic_batch(s, vocab, device)
-        chunk = 256 if s["loss"] == "lean" else None
-        topk = None
-        if s["teacher"] == "cached":
-            with torch.no_grad():
-                g = torch.Generator().manual_seed(1)
-                n = int((batch["labels"][:, 1:] != -100).sum())
-                topk = (torch.randint(0, vocab, (1, n, 32), generator=g).to(device),
-                        torch.randn(1, n, 32, generator=g).log_softmax(-1).to(device))
-        gc.collect()
-        result["loaded_rss"] = _rss_now()
-        result["reset_ok"] = _reset_peak()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        # the training step itself (objectives.step_loss, no pre-train term), released mix
-        tcfg = TrainConfig(objective="dpkd_token", lm_coef=0.0, loss_chunk_size=chunk or 0,
-                           teacher_mode="online" if teacher is not None else "cache",
-                           cache_format="topk" if topk is not None else "hidden")
-
-        class _TopK:  # a cache stand-in: the same top-k signal at every step
-            def response(self, batch):
-                return TopK(*topk)
-
-        signal = OnlineTeacher(teacher) if teacher is not None else (_TopK() if topk is not None else None)
-        if signal is None:
-            tcfg = TrainConfig(objective="sft", lm_coef=0.0, loss_chunk_size=chunk or 0)
-        for _ in range(s["steps"]):
-            loss = step_loss(tcfg, student, signal, batch).total
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            del loss
-    if device.type == "cuda":
-        result["peak"] = int(torch.cuda.max_memory_allocated())
-        result["peak_kind"] = "cuda_max_memory_allocated"
-    else:
-        result["peak"] = _vm_hwm()
-        result["peak_kind"] = "cpu_vm_hwm_after_load" if result["reset_ok"] else "cpu_ru_maxrss"
-    return result
-
-
-def measure_workload(spec: Mapping, timeout: float = 900,
-                     mmap_threshold: Optional[int] = None) -> dict:
-    """Run ``spec`` in a fresh interpreter; return {"measured": peak bytes, "predicted":
-    plan total, "rel_error": (pred − meas)/meas, "components": ..., "spec": ...}.
-
-    On CPU the prediction uses the subprocess's own import-time RSS as the framework term;
-    on CUDA the CUDA context is left out of both sides (max_memory_allocated does not see it).
-    ``mmap_threshold`` (bytes) runs the child with glibc's MALLOC_MMAP_THRESHOLD_ fixed, which
-    removes heap fragmentation; the prediction then has no allocator-overhead term.
-    """
-    s = _spec(spec)
-    cmd = [sys.executable, "-m", "dpkd_lib.memory", "--run-workload", json.dumps(s)]
-    env = _child_env()
-    if mmap_threshold:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(int(mmap_threshold))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=str(Path(__file__).resolve().parent.parent))
-    if proc.returncode != 0:
-        raise RuntimeError(f"workload {s.get('name', '')} failed:\n{proc.stderr[-3000:]}")
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
-    cuda = res["peak_kind"].startswith("cuda")
-    plan = plan_for_workload(s, framework_bytes=0 if cuda else res["import_rss"],
-                             device="cuda" if cuda else "cpu")
-    if mmap_threshold:
-        plan.cpu_allocator_overhead = 0.0
-    est = estimate(plan)
-    return {"name": s.get("name", ""), "spec": s, "measured": res["peak"],
-            "predicted": est["total"], "rel_error": (est["total"] - res["peak"]) / res["peak"],
-            "components": est["components"], "peak_kind": res["peak_kind"],
-            "import_rss": res["import_rss"], "loaded_rss": res["loaded_rss"],
-            "mmap_threshold": mmap_threshold}
+    if not check:
+        from .io import atomic_write_text
+        atomic_write_text(path, new)
+    return False
 
 
 def _main(argv=None) -> int:
     import argparse
     parser = argparse.ArgumentParser(prog="python -m dpkd_lib.memory",
-                                     description="memory planner: print a preset's plan, or run "
-                                                 "one calibration workload (internal)")
-    parser.add_argument("--preset", choices=sorted(PRESETS))
-    parser.add_argument("--budget-gib", type=float, default=None)
-    parser.add_argument("--run-workload", default=None, help=argparse.SUPPRESS)
+                                     description="memory planner: print a run's plan, or regenerate "
+                                                 "the README's table of every GPU profile on every card")
+    parser.add_argument("--readme", action="store_true", help="rewrite the README's memory table")
+    parser.add_argument("--check", action="store_true", help="with --readme: exit 1 if it is stale")
+    parser.add_argument("--params", help="a params file to plan")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--card", choices=[c.name.split()[0] for c in CARDS], default=None,
+                        help="plan for this card (default: this machine)")
     args = parser.parse_args(argv)
-    if args.run_workload:
-        print(json.dumps(run_workload(json.loads(args.run_workload))))
-        return 0
-    if args.preset:
-        est = estimate(preset_plan(args.preset))
-        budget = args.budget_gib * GiB if args.budget_gib else None
-        print(format_plan(est, budget))
-        if budget:
-            try:
-                check_fits(est, budget)
-            except MemoryPlanError as err:
-                print(err)
-                return 1
-        return 0
+    try:
+        if args.readme:
+            current = update_readme(check=args.check)
+            print("README memory table is current" if current else
+                  ("README memory table is stale: run python -m dpkd_lib.memory --readme"
+                   if args.check else "README memory table updated"))
+            return 0 if current or not args.check else 1
+        if args.params:
+            cfg = profile_config(args.params, args.set, Path.cwd())
+            card = next((c for c in CARDS if c.name.split()[0] == args.card), None)
+            plan = plan_from_config(cfg, device="cuda" if card else None,
+                                    capability=card.capability if card else None)
+            budget = card.bytes if card else None
+            print(format_plan(estimate(plan), budget))
+            build = teacher_cache_plan(plan, batch_size=cfg.eval.batch_size)
+            if build is not None:
+                print("\n" + format_plan(estimate(build), budget))
+            if card:
+                verdict = card_verdict(cfg, card)
+                print(f"\n{card.name}: " + ("fits" if verdict["fits"] else
+                                              f"{verdict['why']}; change " + ", then ".join(verdict["changes"])))
+            return 0
+    except (ConfigError, MemoryPlanError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     parser.print_help()
     return 0
 

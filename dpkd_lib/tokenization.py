@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import ModelLoadError
-from .hub import unavailable_reason
+from .hub import substitute, unavailable_reason
 
 EOS_TOKEN = "<|endoftext|>"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_EOS = "<|im_end|>"
+#: the SmolLM2 tokenizer converted from the GGUF once (reading the GGUF takes ~18 s a process)
+SMOLLM2_TOKENIZER_CACHE = os.environ.get("DPKD_SMOLLM2_TOKENIZER_CACHE", ".cache/smollm2-tokenizer")
 
 
 # --------------------------------------------------------------------------- local BPE
@@ -138,8 +140,14 @@ def smollm2_tokenizer(cache_dir: str | None = None):
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         except ImportError as exc:
             raise ModelLoadError(f"reading the SmolLM2 GGUF needs gguf and accelerate: {exc}") from None
-        if saved is not None:
-            tok.save_pretrained(str(saved))
+        if saved is not None:  # written aside, then renamed: a reader never sees half of it
+            tmp = saved.with_name(f"{saved.name}.tmp-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tok.save_pretrained(str(tmp))
+            try:
+                os.replace(tmp, saved)
+            except OSError:  # another process saved it first
+                shutil.rmtree(tmp, ignore_errors=True)
     tok.eos_token = SMOLLM2_EOS
     tok.pad_token = SMOLLM2_EOS
     return tok
@@ -172,6 +180,8 @@ def build_tokenizer(tcfg):
     if tcfg.kind == "gpt2":
         return gpt2_tokenizer()
     if tcfg.kind == "smollm2":
-        return smollm2_tokenizer()
+        return smollm2_tokenizer(SMOLLM2_TOKENIZER_CACHE)
+    if substitute() is not None:  # standins.use_standins: an offline tokenizer that fits
+        return substitute().tokenizer(tcfg.path)
     return pretrained_tokenizer(tcfg.path)
 

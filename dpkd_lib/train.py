@@ -127,9 +127,15 @@ def stop_requests():
 class Trainer:
     """Holds what the loop needs; `train()` below is the loop itself."""
 
-    def __init__(self, cfg: RunConfig, *, force: bool = False, progress: bool = True):
+    def __init__(self, cfg: RunConfig, *, force: bool = False, progress: bool = True,
+                 on_phase=None):
         from accelerate import Accelerator
         self.cfg, self.progress, self.force = cfg, progress, force
+        # on_phase(name, trainer) is called as each phase starts (the GPU check measures
+        # peak memory and time per phase with it): "teacher", "teacher_cache", "student",
+        # then per micro-batch "forward", "backward", per step "optimizer", then "valid",
+        # "save", "eval" and "end"
+        self.on_phase = on_phase or (lambda name, trainer: None)
         self.params = to_dict(cfg)
         self.run = RunDir(cfg.output_dir)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -165,6 +171,7 @@ class Trainer:
         self.teacher_model = None
         samples = t.objective == "seqkd" or t.train_on == "teacher_samples"
         if samples or t.objective == "dpkd_seq" or (t.objective in TOKEN_OBJECTIVES and t.teacher_mode == "online"):
+            self.on_phase("teacher", self)
             self.teacher_model = model_lib.build_model(cfg.teacher, self.tokenizer, trainable=False)
         train_records = self.splits["train"]
         if samples:  # SeqKD, or the released runner's data variant: the teacher's own responses
@@ -186,6 +193,7 @@ class Trainer:
             self.teacher = obj_lib.OnlineTeacher(self.teacher_model)
         else:
             self.teacher = None
+        self.on_phase("student", self)
         self.student = model_lib.build_model(cfg.student, self.tokenizer, trainable=True)
         if self.teacher_model is not None:
             model_lib.check_same_vocab(self.tokenizer, self.tokenizer, self.teacher_model, self.student)
@@ -220,6 +228,7 @@ class Trainer:
         (teacher, tokenizer, data, format), shared by every method and seed that uses them."""
         cfg, t = self.cfg, self.cfg.train
         built = {}
+        self.on_phase("teacher_cache", self)
 
         def get_teacher():
             if "model" not in built:
@@ -440,14 +449,15 @@ class Trainer:
         return summary
 
 
-def train(cfg: RunConfig, *, force: bool = False, progress: bool = True) -> dict:
-    """Run (or resume, or reuse) one training run; returns its summary.
+def train(cfg: RunConfig, *, force: bool = False, progress: bool = True, on_phase=None) -> dict:
+    """Run (or resume, or reuse) one training run; returns its summary. ``on_phase``: see
+    `Trainer` (the GPU check's probe; None: nothing is called).
 
     The run folder is locked first (`Trainer.claim`). A stop is always recorded in the
     manifest: ``interrupted`` (SIGINT / SIGTERM: KeyboardInterrupt with a one-line message
     saying how to resume), ``failed`` (a numerical fault, TrainingFault, or any other error)."""
     with stop_requests() as asked:
-        tr = Trainer(cfg, force=force, progress=progress)
+        tr = Trainer(cfg, force=force, progress=progress, on_phase=on_phase)
         with tr.claim():
             if tr.state == "finished":
                 return read_json(tr.run.file("summary.json"))
@@ -489,6 +499,7 @@ def _train(tr: Trainer, asked: dict) -> dict:
         logs, ids, bad = [], [], None
         probe = t.grad_probe_every and (step + 1) % t.grad_probe_every == 0
         for micro in range(t.grad_accum):
+            tr.on_phase("forward", tr)
             out, batch_ids = tr.step_loss(step * t.grad_accum + micro)
             ids += list(batch_ids)
             parts = out.parts | out.stats
@@ -497,6 +508,7 @@ def _train(tr: Trainer, asked: dict) -> dict:
                 break
             if probe and micro == 0:  # where the update comes from (extra backward passes)
                 parts |= obj_lib.gradient_split(out.terms, tr.student.parameters())
+            tr.on_phase("backward", tr)
             tr.accelerator.backward(out.total / t.grad_accum)
             logs.append(parts | {"loss": out.total.item()})
         if bad is not None:  # a non-finite loss: stop, or skip the batch (up to a share of the run)
@@ -513,6 +525,7 @@ def _train(tr: Trainer, asked: dict) -> dict:
                          f"train.max_skipped_share={t.max_skipped_share} of {t.max_steps}")
             row = None
         else:
+            tr.on_phase("optimizer", tr)
             grad_norm = tr.accelerator.clip_grad_norm_(tr.student.parameters(), t.clip_grad) \
                 if t.clip_grad > 0 else torch.tensor(float("nan"))
             tr.optimizer.step()
@@ -545,16 +558,20 @@ def _train(tr: Trainer, asked: dict) -> dict:
         tr.fault(f"the weights are not finite after {step} steps ({tr.skipped} skipped)")
     summary = {"objective": t.objective, "steps": step, "skipped_batches": tr.skipped,
                "seed": t.seed, "run_id": run_id(tr.params)}
+    tr.on_phase("valid", tr)
     summary |= tr.valid_metrics()
     if not math.isfinite(summary["valid_nll"] if summary["valid_nll"] is not None else 0.0):
         tr.fault(f"the validation NLL is not finite after {step} steps ({tr.skipped} skipped)")
     if tr.is_main:
+        tr.on_phase("save", tr)
         model = tr.accelerator.unwrap_model(tr.student)
         if cfg.student.lora and cfg.student.merge_lora_on_save:
             model = model_lib.merge_lora(model)
         model_lib.save_model(model, tr.run.file("model"), tokenizer=tr.tokenizer)
         if cfg.eval.splits:
+            tr.on_phase("eval", tr)
             summary |= tr.final_eval()
+        tr.on_phase("end", tr)
         summary["wall_time_s"] = time.time() - started
         write_json(tr.run.file("summary.json"), summary)
         tr.run.write_manifest(status="finished", wall_time_s=summary["wall_time_s"],

@@ -1,6 +1,7 @@
 """`make bench` plumbing on tiny sizes (seconds): every key present and finite, the Markdown
-table lists every key, the tensor-lifetime tracker counts what it should. Nothing is timed
-here: speed figures are the bench's job, not the tests'."""
+table lists every key, the tensor-lifetime tracker counts what it should, the DPKD-seq stage
+runs train.train with rejected_every 1 and 4. Nothing is timed here: speed figures are the
+bench's job, not the tests'."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,8 @@ import math
 
 import torch
 
-from dpkd_lib import bench, losses
+from dpkd_lib import losses
+from dpkd_lib.perf import bench
 
 
 def test_live_tensor_peak_counts_new_storages_not_inputs():
@@ -44,7 +46,7 @@ def test_tiny_mode_summary_has_every_key(tmp_path, monkeypatch):
         row = {"name": "stub", "measured": 100, "predicted": 110, "rel_error": 0.1}
         return {"workloads": [row], "fixed_mmap_threshold": [], "max_rel_error": 0.1, "worst": "stub"}
 
-    monkeypatch.setattr(bench, "bench_planner", fake_planner)
+    monkeypatch.setattr(bench, "calibrate", fake_planner)
     summary = bench.run("tiny", tmp_path, progress=False, threads=1)
     for key in bench.KEYS:
         assert key in summary and math.isfinite(summary[key]), key
@@ -52,6 +54,12 @@ def test_tiny_mode_summary_has_every_key(tmp_path, monkeypatch):
     assert set(bench.KEYS) <= set(stored)
     assert {"cpu_model", "torch_threads", "torch_version", "device"} <= set(stored["machine"])
     assert set(stored["teacher_cache_rel_error_by_k"]) == {str(k) for k in bench.K_VALUES}
+    cache = stored["details"]["teacher_cache"]
+    assert cache["speedup_cap"] == stored["teacher_cache_speedup_cap"] > 1
+    assert cache["speedup_cap"] == 1 + cache["teacher_forward_s"] / cache["hidden_step_s"]
+    seq = stored["details"]["dpkd_seq"]  # train.train's own per-step times, one per step
+    assert len(seq["k1"]["times_s"]) == len(seq["k4"]["times_s"]) == bench.MODES["tiny"]["seq_steps"]
+    assert stored["dpkd_seq_step_s"] == seq["k1"]["step_s"]
     md = (tmp_path / "summary.md").read_text()
     for key in bench.KEYS:
         assert f"`{key}`" in md

@@ -1,6 +1,6 @@
 """`make bench`: side-by-side measurements of the study's performance work (issue 4).
 
-``python -m dpkd_lib.bench --mode full|quick [--out results/bench]`` writes
+``python -m dpkd_lib.perf.bench --mode full|quick [--out results/bench]`` writes
 ``summary.json`` (every figure, the raw per-size numbers and the machine's facts) and
 ``summary.md`` (figure, value, target, met?).
 
@@ -25,7 +25,9 @@ Figures (keys of summary.json):
   set, the cpu profile's step (train.py's code: response logits, 0.5·CE + 0.5·DPKD with the
   reward statistics, the pre-train term on 8 pydoc blocks of 64 tokens with the teacher's
   full logits or its cached top-k, clipping, AdamW). The one-off cache build is timed
-  separately (``teacher_cache_build_s``).
+  separately (``teacher_cache_build_s``). ``teacher_cache_speedup_cap`` = 1 + (the teacher's
+  forward for the step's batch and pre-train blocks) / (the cached student step), measured
+  in the same interleaved loop: no cache can beat it, since the student's step remains.
 * ``teacher_cache_loss_rel_error``: worst per-batch |cached − exact| / exact DPKD loss at
   k = 32, with the cache built by ``teacher_cache.compute_signals``; per k in
   {1, 4, 8, 32, 128} in ``teacher_cache_rel_error_by_k``, with how often the student's
@@ -39,14 +41,17 @@ Figures (keys of summary.json):
   1024-2048 squares, same threads). Model FLOPs = 6·(non-embedding params)·(padded tokens)
   + 6·hidden·vocab·(response tokens): the head runs on response positions only. The plain
   6·N·tokens figure is ``mfu_6N``.
+* ``dpkd_seq_step_s`` / ``dpkd_seq_step_s_k4``: mean DPKD-seq training step (the
+  student's sampling and the teacher's scoring of its samples included) through
+  ``train.train`` on the same pair, with the student's samples drawn every step
+  (``train.rejected_every`` 1) or every 4 steps in one batch (4).
 * ``memory_planner_max_rel_error``: worst |predicted − measured| / measured peak over the
-  planner's calibration workloads (fresh subprocess each; see dpkd_lib.memory).
+  planner's calibration workloads (fresh subprocess each; see dpkd_lib/perf/calibrate.py).
 """
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import platform
@@ -61,26 +66,31 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 # (forward 2.0 s vs 0.43 s, AdamW step 3.0 s vs 0.3 s, load average ~3). Passive waiting
 # removes that pathology for both sides of every comparison. It is read when the OpenMP
 # runtime loads (at `import torch`), so it only takes effect under `python -m
-# dpkd_lib.bench`; an explicit setting wins. Recorded in the machine facts.
+# dpkd_lib.perf.bench`; an explicit setting wins. Recorded in the machine facts.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from . import losses
-from .data import left_pad
-from .io import atomic_write_text, write_json
+from .. import losses
+from ..data import left_pad
+from ..io import atomic_write_text, read_jsonl, write_json
+from .calibrate import calibrate
 
 OUT_DIR = Path("results/bench")
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 #: key -> (target text, predicate on the value); keys without a target have predicate None.
 TARGETS: dict[str, tuple[str, Optional[Callable[[float], bool]]]] = {
     "dpkd_loss_peak_mem_ratio": ("≤ 0.5", lambda v: v <= 0.5),
     "dpkd_loss_speed_ratio": ("≥ 1.2", lambda v: v >= 1.2),
     "teacher_cache_speedup": ("≥ 2", lambda v: v >= 2.0),
+    "teacher_cache_speedup_cap": ("—", None),
     "teacher_cache_loss_rel_error": ("≤ 1e-3", lambda v: v <= 1e-3),
     "generation_batched_speedup": ("≥ 5", lambda v: v >= 5.0),
     "train_tokens_per_s": ("—", None),
     "mfu": ("—", None),
+    "dpkd_seq_step_s": ("—", None),
+    "dpkd_seq_step_s_k4": ("—", None),
     "memory_planner_max_rel_error": ("≤ 0.2", lambda v: v <= 0.2),
 }
 KEYS = tuple(TARGETS)
@@ -92,14 +102,15 @@ MODES: dict[str, dict[str, Any]] = {
     "quick": dict(vocabs=(1000, 32000, 50000), loss_BT=(8, 512), loss_repeats=3,
                   cache_batches=3, step_repeats=3, gen_prompts=16, gen_new_tokens=(64,),
                   gen_repeats=1, matmul_sizes=(1024, 2048), matmul_repeats=3, planner="quick",
-                  pair="cpu"),
+                  pair="cpu", seq_steps=4, seq_new_tokens=32),
     "full": dict(vocabs=(1000, 32000, 50000), loss_BT=(8, 512), loss_repeats=7,
                  cache_batches=12, step_repeats=8, gen_prompts=32, gen_new_tokens=(32, 128),
                  gen_repeats=2, matmul_sizes=(1024, 1536, 2048), matmul_repeats=7,
-                 planner="full", pair="cpu"),
+                 planner="full", pair="cpu", seq_steps=8, seq_new_tokens=64),
     "tiny": dict(vocabs=(64, 256), loss_BT=(2, 32), loss_repeats=1, cache_batches=2,
                  step_repeats=1, gen_prompts=4, gen_new_tokens=(4,), gen_repeats=1,
-                 matmul_sizes=(64, 128), matmul_repeats=1, planner="tiny", pair="tiny"),
+                 matmul_sizes=(64, 128), matmul_repeats=1, planner="tiny", pair="tiny",
+                 seq_steps=4, seq_new_tokens=4),
 }
 K_VALUES = (1, 4, 8, 32, 128)
 
@@ -366,16 +377,14 @@ def load_cpu_pair(n_student_layers: int = 6, use_profile_models: bool = True):
     SmolLM2-135M-Instruct (30 layers) and its first ``n_student_layers`` layers. Both have the
     same cost; the loss-deviation figure depends on how close student and teacher are, so
     the summary records which pair ran. Returns (teacher, student, tokenizer, description)."""
-    from . import models, tokenization
-    from . import train as train_mod
+    from .. import models, tokenization
     tokenizer = tokenization.smollm2_tokenizer()
     if use_profile_models and (PROFILE_TEACHER / "config.json").exists() and PROFILE_STUDENT.exists():
         teacher = models.freeze(models.load_saved(str(PROFILE_TEACHER), dtype="float32"))
         student = models.load_saved(str(PROFILE_STUDENT), dtype="float32")
         student.requires_grad_(True)
         return teacher, student, tokenizer, f"profile pair: {PROFILE_TEACHER} -> {PROFILE_STUDENT}"
-    cache = getattr(train_mod, "SMOLLM2_CACHE", os.environ.get("DPKD_SMOLLM2_CACHE", ".cache/smollm2"))
-    teacher = models.load_smollm2(dtype="float32", cache_dir=cache)
+    teacher = models.load_smollm2(dtype="float32", cache_dir=models.SMOLLM2_CACHE)
     student = models.prune_layers(teacher, n_student_layers)
     models.freeze(teacher)
     return teacher, student, tokenizer, (f"raw SmolLM2-135M-Instruct (30 layers) -> its first "
@@ -385,7 +394,7 @@ def load_cpu_pair(n_student_layers: int = 6, use_profile_models: bool = True):
 def load_tiny_pair():
     """A tiny random Llama teacher (2 layers) and its first layer, with a small local BPE
     tokenizer: the same code paths as the cpu pair, in milliseconds (tests)."""
-    from . import models, tokenization
+    from .. import models, tokenization
     tokenizer = tokenization.train_bpe_tokenizer(tokenization.default_corpus_texts(), vocab_size=384)
     teacher = models.tiny_model("llama", len(tokenizer), n_layer=2, n_embd=64, n_head=4, seed=1,
                                 pad_token_id=tokenizer.pad_token_id,
@@ -398,7 +407,7 @@ def load_tiny_pair():
 def synthetic_examples(tokenizer, n: int, seed: int = 0, max_length: int = 384,
                        max_prompt: int = 256, split: str = "train") -> list[dict]:
     """Tokenised examples of the synthetic instruction set (the cpu profile's data)."""
-    from . import data as data_lib
+    from .. import data as data_lib
     sizes = {"n_train": 0, "n_valid": 0, "n_test": 0, "n_heldout": 0}
     sizes[f"n_{split}"] = n
     records = data_lib.load_records("synthetic", seed=seed, **sizes)[split]
@@ -410,7 +419,7 @@ def synthetic_examples(tokenizer, n: int, seed: int = 0, max_length: int = 384,
 def make_batches(examples: Sequence[dict], batch_size: int, n_batches: int, pad_id: int,
                  seed: int = 40) -> list[dict]:
     """Length-grouped batches, as train.py draws them."""
-    from . import data as data_lib
+    from .. import data as data_lib
     order = data_lib.length_grouped_batches([len(e["input_ids"]) for e in examples], batch_size,
                                             seed=seed, drop_last=True)
     return [data_lib.collate_sft([examples[i] for i in idx], pad_id) for idx in order[:n_batches]]
@@ -431,10 +440,10 @@ def bench_teacher_cache(teacher, student, batches: Sequence[dict], pad_id: int, 
     mixing: 0.5·CE + 0.5·DPKD on the response, and, with ``pretrain`` blocks ([n, L] token
     ids, the cpu profile's lm_coef term), 0.5·[0.5·CE + 0.5·H(p, q)] on ``batch_size`` blocks
     (online: the teacher's full logits; cached: its top-k, as train.py does)."""
-    from . import objectives as obj_lib
-    from . import teacher_cache as tc
-    from . import train as train_mod
-    from .config import TrainConfig
+    from .. import objectives as obj_lib
+    from .. import teacher_cache as tc
+    from .. import train as train_mod
+    from ..config import TrainConfig
     device = device or _device()
     teacher.to(device)
     student.to(device)
@@ -504,7 +513,8 @@ def bench_teacher_cache(teacher, student, batches: Sequence[dict], pad_id: int, 
                 missed[str(k)].append(float((ids[..., :k] != s_id).all(-1).float().mean()))
             del s_logits, t_logits
 
-    # step timing: train.py's step for dpkd_token, online vs cached, interleaved
+    # step timing: train.py's step for dpkd_token, online vs cached (both formats), and the
+    # teacher's forward alone (the cap on the speed-up), interleaved
     opt = torch.optim.AdamW(train_mod.param_groups(student, tcfg.weight_decay), lr=1e-6)
     student.train()
     state = {"i": 0}
@@ -529,6 +539,13 @@ def bench_teacher_cache(teacher, student, batches: Sequence[dict], pad_id: int, 
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    def teacher_forward():  # what the online step adds: the teacher's signals for the batch
+        batch = _to(batches[state["i"] % len(batches)], device)
+        teachers["online"].response(batch)
+        if pretrain is not None:
+            rows = [(state["i"] * bs + j) % len(pretrain) for j in range(bs)]
+            teachers["online"].pretrain(pretrain[rows].to(device), None)
+
     def advance(mode):
         def fn():
             step(mode)
@@ -537,8 +554,8 @@ def bench_teacher_cache(teacher, student, batches: Sequence[dict], pad_id: int, 
         return fn
 
     n_rep = max(repeats, 1)
-    timing = interleaved_medians({"online": advance("online"), "cached": advance("cached"),
-                                  "hidden": advance("hidden")},
+    timing = interleaved_medians({"online": advance("online"), "topk": advance("topk"),
+                                  "teacher_forward": teacher_forward, "hidden": advance("hidden")},
                                  repeats=n_rep, warmup=1, device=device)
     # throughput of the cached step over the batches it ran on
     used = [batches[i % len(batches)] for i in range(1, n_rep + 1)]
@@ -549,20 +566,23 @@ def bench_teacher_cache(teacher, student, batches: Sequence[dict], pad_id: int, 
         pt_tokens = bs * pretrain.shape[1]
         real_tokens, padded_tokens = real_tokens + pt_tokens, padded_tokens + pt_tokens
         resp_tokens += bs * (pretrain.shape[1] - 1)
-    online_s, cached_s = timing["online"]["median_s"], timing["cached"]["median_s"]
+    online_s, cached_s = timing["online"]["median_s"], timing["topk"]["median_s"]
     per_batch_build = (build_s + pt_build_s) / len(batches)
     epochs = 30  # the released runner's epoch count
     hidden_s = timing["hidden"]["median_s"]
+    teacher_s = timing["teacher_forward"]["median_s"]
     return {
         # headline figures: the default `hidden` format (exact); top-k figures beside them
         "speedup": online_s / hidden_s,
+        # a cached step still runs the student's step: online / cached <= 1 + teacher / student
+        "speedup_cap": 1 + teacher_s / hidden_s, "teacher_forward_s": teacher_s,
         "rel_error": max(hidden_errors),
         "format": "hidden",
         "hidden_step_s": hidden_s, "hidden_build_s": hidden_build_s,
         "topk_speedup": online_s / cached_s,
-        "speedup_of_minima": timing["online"]["min_s"] / timing["cached"]["min_s"],
+        "speedup_of_minima": timing["online"]["min_s"] / timing["topk"]["min_s"],
         "online_step_s": online_s, "cached_step_s": cached_s,
-        "online_times_s": timing["online"]["times_s"], "cached_times_s": timing["cached"]["times_s"],
+        "online_times_s": timing["online"]["times_s"], "cached_times_s": timing["topk"]["times_s"],
         "build_s": build_s, "build_s_per_batch": per_batch_build, "cache_k": kmax,
         "pretrain_build_s": pt_build_s, "pretrain_blocks": 0 if pretrain is None else len(pretrain),
         "speedup_30_epochs_incl_build": (epochs * online_s) / (epochs * cached_s + per_batch_build),
@@ -584,7 +604,7 @@ def bench_teacher_cache(teacher, student, batches: Sequence[dict], pad_id: int, 
 def model_flops_per_step(student, padded_tokens: float, response_tokens: float) -> dict:
     """6·(non-embedding params)·padded tokens + 6·hidden·vocab·response tokens (the head
     runs on response positions only, the embedding lookup is free); and the plain 6·N·T."""
-    from .models import count_parameters
+    from ..models import count_parameters
     n_total = count_parameters(student)
     emb = student.get_input_embeddings().weight
     vocab, hidden = emb.shape
@@ -642,61 +662,6 @@ def bench_generation(model, tokenizer, prompts: Sequence[str], *, max_new_tokens
             "batched_s": timing["batched"]["median_s"], "single_s": timing["single"]["median_s"],
             "n_prompts": len(prompts), "max_new_tokens": max_new_tokens, "batch_size": batch_size,
             "prompt_tokens_mean": statistics.mean(len(e) for e in encoded)}
-
-
-# ----------------------------------------------------------------------------- 5. planner
-
-def planner_workloads(mode: str) -> list[dict]:
-    """Configurations that run here (tiny models, the 6-layer SmolLM2 student full and LoRA
-    at several sizes, the 30-layer teacher fp32 and 4-bit inference)."""
-    quick = [
-        dict(name="tiny 4L×256 V8k full b8×256", model="tiny", n_layer=4, hidden=256, vocab=8192,
-             batch=8, seq=256, teacher="cached"),
-        dict(name="SmolLM2[:6] full b8×128 cached", model="smollm2", n_layer=6, batch=8, seq=128,
-             teacher="cached"),
-        dict(name="SmolLM2[:6] LoRA b8×128 cached", model="smollm2", n_layer=6, mode="lora",
-             batch=8, seq=128, teacher="cached"),
-        dict(name="SmolLM2 30L fp32 inference b8×256", task="teacher_inference", batch=8, seq=256),
-    ]
-    if mode == "tiny":
-        return [dict(name="tiny 2L×128 V4k full b4×128", model="tiny", n_layer=2, hidden=128,
-                     vocab=4096, batch=4, seq=128, teacher="cached")]
-    if mode == "quick":
-        return quick
-    return quick + [
-        dict(name="tiny 2L×128 V4k full b4×128", model="tiny", n_layer=2, hidden=128, vocab=4096,
-             batch=4, seq=128, teacher="cached"),
-        dict(name="SmolLM2[:6] full b8×256 cached", model="smollm2", n_layer=6, batch=8, seq=256,
-             teacher="cached"),
-        dict(name="SmolLM2[:6] full b4×256 cached", model="smollm2", n_layer=6, batch=4, seq=256,
-             teacher="cached"),
-        dict(name="SmolLM2[:6] full b8×256 grad-ckpt", model="smollm2", n_layer=6, batch=8, seq=256,
-             teacher="cached", gradient_checkpointing=True),
-        dict(name="SmolLM2[:6] LoRA b8×256 cached", model="smollm2", n_layer=6, mode="lora",
-             batch=8, seq=256, teacher="cached"),
-        dict(name="SmolLM2[:6] full b8×128 online fp32 teacher", model="smollm2", n_layer=6,
-             batch=8, seq=128, teacher="online"),
-        dict(name="SmolLM2 30L fp32 inference b16×128", task="teacher_inference", batch=16, seq=128),
-        dict(name="SmolLM2 30L 4-bit inference b8×256", task="teacher_inference",
-             teacher_dtype="4bit", batch=8, seq=256),
-    ]
-
-
-def bench_planner(mode: str = "quick", threads: int = 1, progress: bool = True) -> dict:
-    """Predicted vs measured peak for each workload (fresh subprocess each)."""
-    from . import memory
-    rows = []
-    for spec in _progress(planner_workloads(mode), "planner", progress):
-        rows.append(memory.measure_workload(dict(spec, threads=threads)))
-    extra = []
-    if mode == "full":  # the allocator's share, shown on one workload
-        for spec in planner_workloads(mode):
-            if spec["name"].startswith("SmolLM2[:6] LoRA b8×256"):
-                extra.append(memory.measure_workload(dict(spec, threads=threads),
-                                                     mmap_threshold=1 << 20))
-    worst = max(rows, key=lambda r: abs(r["rel_error"]))
-    return {"workloads": rows, "fixed_mmap_threshold": extra,
-            "max_rel_error": abs(worst["rel_error"]), "worst": worst["name"]}
 
 
 # ----------------------------------------------------------------------------- run + report
@@ -798,8 +763,9 @@ def explain(summary: Mapping) -> list[str]:
         notes.append(
             f"teacher-cache steps: online {cache['online_step_s']:.2f} s vs hidden-cache "
             f"{cache['hidden_step_s']:.2f} s vs top-k cache {cache['cached_step_s']:.2f} s (medians); "
-            f"the speed-up is bounded by 1 + (teacher forward) / (student step). "
-            f"Step = {cache['step_includes']}.")
+            f"the speed-up is bounded by 1 + (teacher forward) / (student step) = "
+            f"1 + {cache['teacher_forward_s']:.2f} / {cache['hidden_step_s']:.2f} = "
+            f"{cache['speedup_cap']:.2f} here. Step = {cache['step_includes']}.")
     gen = d.get("generation", {})
     if gen:
         notes.append(
@@ -807,6 +773,13 @@ def explain(summary: Mapping) -> list[str]:
             f"{gen['max_new_tokens']} new tokens: {gen['single_tokens_per_s']:.0f} tok/s one at a time, "
             f"{gen['batched_tokens_per_s']:.0f} tok/s at batch {gen['batch_size']} (ratio of the "
             f"fastest repeats {gen.get('speedup_of_minima', float('nan')):.2f}).")
+    seq = d.get("dpkd_seq", {})
+    if seq:
+        notes.append(
+            f"DPKD-seq ({seq['pair']} pair, batch {seq['batch_size']}, {seq['seq_max_new_tokens']} "
+            f"sampled tokens, {seq['steps']} steps of train.train): {seq['k1']['step_s']:.2f} s per "
+            f"step sampling every step, {seq['k4']['step_s']:.2f} s sampling every 4 steps in one "
+            f"batch ({seq['speedup_k4']:.2f}×).")
     planner = d.get("planner", {})
     if planner.get("workloads"):
         notes.append(f"planner: worst workload {planner['worst']}.")
@@ -822,85 +795,132 @@ def write_outputs(summary: Mapping, out_dir: Path = OUT_DIR) -> tuple[Path, Path
     return js, md
 
 
+def bench_dpkd_seq(pair: str, steps: int, new_tokens: int, threads: int) -> dict:
+    """DPKD-seq's training step, sampling included, through ``train.train`` itself: the cpu
+    pair (SmolLM2 teacher, its first 6 layers as the student, the cpu profile's params) or
+    tiny models (the smoke profile's), ``steps`` steps of batch 8, once with the student's
+    samples drawn every step (``train.rejected_every`` 1) and once every 4 steps in one batch
+    ("batch on-policy", k = 4). Times are the run's own per-step ``time_s`` (metrics.jsonl);
+    the two runs follow each other (not interleaved) and share the teacher's samples."""
+    import tempfile
+
+    from .. import config as config_lib
+    from .. import train as train_mod
+    base = "params/cpu/base_train.yaml" if pair == "cpu" else "params/smoke/base_train.yaml"
+    teacher = {"source": "smollm2"} if pair == "cpu" else {"source": "tiny", "arch": "gpt2", "seed": 1}
+    batch = 8 if pair == "cpu" else 4
+    out: dict[str, Any] = {"pair": pair, "params": base, "steps": steps, "batch_size": batch,
+                           "seq_max_new_tokens": new_tokens}
+    with tempfile.TemporaryDirectory(prefix="dpkd-bench-seq-") as tmp:
+        for k in (1, 4):
+            data = config_lib.merge(config_lib.load_yaml(REPO_ROOT / base), {
+                "output_dir": f"{tmp}/k{k}", "cache_dir": f"{tmp}/cache", "threads": threads,
+                "teacher": teacher,
+                "data": {"n_train": steps * batch, "n_valid": 8, "n_test": 0, "n_heldout": 0},
+                "train": {"objective": "dpkd_seq", "max_steps": steps, "batch_size": batch,
+                          "rejected_every": k, "seq_max_new_tokens": new_tokens},
+                "eval": {"splits": []}})
+            train_mod.train(config_lib.from_dict(data), progress=False)
+            times = [row["time_s"] for row in read_jsonl(Path(tmp) / f"k{k}" / "metrics.jsonl")]
+            out[f"k{k}"] = {"step_s": statistics.mean(times), "times_s": times}
+    out["speedup_k4"] = out["k1"]["step_s"] / out["k4"]["step_s"]
+    return out
+
+
 def run(mode: str = "quick", out_dir: Path = OUT_DIR, progress: bool = True,
         threads: Optional[int] = None) -> dict:
-    """Every benchmark of ``mode``; writes and returns the summary."""
+    """Every benchmark of ``mode``, in order; writes the summary after each stage (partial
+    results survive a crash) and returns it."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
+    from .. import data as data_lib
     cfg = MODES[mode]
     threads = int(threads or os.cpu_count() or 1)
     torch.set_num_threads(threads)
     device = _device()
     started = time.time()
     summary: dict[str, Any] = {"mode": mode, "machine": machine_facts(threads), "details": {},
-                               "notes": []}
-    stages = ["loss", "matmul", "pair", "cache", "generation", "planner"]
-    bar = _progress(stages, f"bench {mode}", progress)
-    for stage in bar:
-        if stage == "loss":
-            B, T = cfg["loss_BT"]
-            res = bench_loss(cfg["vocabs"], B=B, T=T, repeats=cfg["loss_repeats"], progress=progress,
-                             device=device)
-            summary["details"]["loss"] = res
-            summary["dpkd_loss_peak_mem_ratio"] = res["peak_mem_ratio"]
-            summary["dpkd_loss_speed_ratio"] = res["speed_ratio"]
-            summary["dpkd_loss_peak_mem_ratio_by_vocab"] = {v: r["peak_mem_ratio"] for v, r in res["per_vocab"].items()}
-            summary["dpkd_loss_speed_ratio_by_vocab"] = {v: r["speed_ratio"] for v, r in res["per_vocab"].items()}
-        elif stage == "matmul":
-            res = matmul_flops(cfg["matmul_sizes"], repeats=cfg["matmul_repeats"], device=device)
-            summary["details"]["matmul"] = res
-            summary["matmul_peak_flops"] = res["peak_flops"]
-        elif stage == "pair":
-            teacher, student, tokenizer, pair_desc = load_cpu_pair() if cfg["pair"] == "cpu" \
-                else load_tiny_pair()
-            summary["cpu_pair"] = pair_desc
-            pad = tokenizer.pad_token_id
-            examples = synthetic_examples(tokenizer, 400 if cfg["pair"] == "cpu" else 40)
-            from . import data as data_lib
-            pretrain = data_lib.pretrain_blocks(data_lib.pydoc_corpus(), tokenizer, 64,
-                                                max_blocks=8 * cfg["cache_batches"])
-            batches = make_batches(examples, 8, cfg["cache_batches"], pad)
-        elif stage == "cache":
-            res = bench_teacher_cache(teacher, student, batches, pad, pretrain=pretrain,
-                                      repeats=cfg["step_repeats"], progress=progress, device=device)
-            summary["details"]["teacher_cache"] = res
-            summary["teacher_cache_speedup"] = res["speedup"]
-            summary["teacher_cache_loss_rel_error"] = res["rel_error"]
-            summary["teacher_cache_rel_error_by_k"] = res["rel_error_by_k"]
-            summary["teacher_cache_build_s"] = res["build_s"]
-            summary["train_tokens_per_s"] = res["train_tokens_per_s"]
-            fl = model_flops_per_step(student, res["padded_tokens_per_step"],
-                                      res["response_tokens_per_step"])
-            summary["details"]["flops"] = fl
-            summary["mfu"] = fl["flops"] / res["cached_step_s"] / summary["matmul_peak_flops"]
-            summary["mfu_6N"] = (6 * fl["n_params"] * res["tokens_per_step"] / res["cached_step_s"]
-                                 / summary["matmul_peak_flops"])
-            del teacher
-            gc.collect()
-        elif stage == "generation":
-            from . import data as data_lib
-            sizes = {"n_train": 0, "n_valid": 0, "n_test": cfg["gen_prompts"], "n_heldout": 0}
-            records = data_lib.load_records("synthetic", seed=1, **sizes)["test"]
-            prompts = [data_lib.format_prompt(r) for r in records][: cfg["gen_prompts"]]
-            # the key is the longest length: the cpu profile evaluates with 128 new tokens, and
-            # the shared prefill weighs less the longer the answers
-            by_len = {}
-            for n_new in cfg["gen_new_tokens"]:
-                by_len[str(n_new)] = bench_generation(student, tokenizer, prompts, max_new_tokens=n_new,
-                                                      repeats=cfg["gen_repeats"], progress=progress,
-                                                      device=device)
-            res = dict(by_len[str(max(cfg["gen_new_tokens"]))], by_new_tokens=by_len)
-            summary["details"]["generation"] = res
-            summary["generation_batched_speedup"] = res["speedup"]
-            summary["generation_batched_speedup_by_new_tokens"] = {k: v["speedup"] for k, v in by_len.items()}
-            del student
-            gc.collect()
-        elif stage == "planner":
-            res = bench_planner(cfg["planner"], threads=threads, progress=progress)
-            summary["details"]["planner"] = res
-            summary["memory_planner_max_rel_error"] = res["max_rel_error"]
-        summary.setdefault("load_average_after_stage", {})[stage] = _loadavg()
-        write_outputs(dict(summary, wall_time_s=time.time() - started), out_dir)  # partial results
+                               "notes": [], "load_average_after_stage": {}}
+
+    def stage_done(name: str) -> None:
+        summary["load_average_after_stage"][name] = _loadavg()
+        write_outputs(dict(summary, wall_time_s=time.time() - started), out_dir)
+        if progress:
+            print(f"[bench {mode}] {name} done at {time.time() - started:.0f} s", file=sys.stderr)
+
+    # 1. the DPKD loss, lean vs plain
+    B, T = cfg["loss_BT"]
+    res = bench_loss(cfg["vocabs"], B=B, T=T, repeats=cfg["loss_repeats"], progress=progress,
+                     device=device)
+    summary["details"]["loss"] = res
+    summary["dpkd_loss_peak_mem_ratio"] = res["peak_mem_ratio"]
+    summary["dpkd_loss_speed_ratio"] = res["speed_ratio"]
+    summary["dpkd_loss_peak_mem_ratio_by_vocab"] = {v: r["peak_mem_ratio"] for v, r in res["per_vocab"].items()}
+    summary["dpkd_loss_speed_ratio_by_vocab"] = {v: r["speed_ratio"] for v, r in res["per_vocab"].items()}
+    stage_done("loss")
+
+    # 2. the machine's matmul peak (the MFU denominator)
+    res = matmul_flops(cfg["matmul_sizes"], repeats=cfg["matmul_repeats"], device=device)
+    summary["details"]["matmul"] = res
+    summary["matmul_peak_flops"] = res["peak_flops"]
+    stage_done("matmul")
+
+    # 3. the teacher cache: online vs cached steps, the cap, loss deviation by k, throughput
+    teacher, student, tokenizer, pair_desc = load_cpu_pair() if cfg["pair"] == "cpu" else load_tiny_pair()
+    summary["cpu_pair"] = pair_desc
+    pad = tokenizer.pad_token_id
+    examples = synthetic_examples(tokenizer, 400 if cfg["pair"] == "cpu" else 40)
+    pretrain = data_lib.pretrain_blocks(data_lib.pydoc_corpus(), tokenizer, 64,
+                                        max_blocks=8 * cfg["cache_batches"])
+    batches = make_batches(examples, 8, cfg["cache_batches"], pad)
+    res = bench_teacher_cache(teacher, student, batches, pad, pretrain=pretrain,
+                              repeats=cfg["step_repeats"], progress=progress, device=device)
+    summary["details"]["teacher_cache"] = res
+    summary["teacher_cache_speedup"] = res["speedup"]
+    summary["teacher_cache_speedup_cap"] = res["speedup_cap"]
+    summary["teacher_cache_loss_rel_error"] = res["rel_error"]
+    summary["teacher_cache_rel_error_by_k"] = res["rel_error_by_k"]
+    summary["teacher_cache_build_s"] = res["build_s"]
+    summary["train_tokens_per_s"] = res["train_tokens_per_s"]
+    fl = model_flops_per_step(student, res["padded_tokens_per_step"], res["response_tokens_per_step"])
+    summary["details"]["flops"] = fl
+    summary["mfu"] = fl["flops"] / res["cached_step_s"] / summary["matmul_peak_flops"]
+    summary["mfu_6N"] = (6 * fl["n_params"] * res["tokens_per_step"] / res["cached_step_s"]
+                         / summary["matmul_peak_flops"])
+    del teacher
+    gc.collect()
+    stage_done("cache")
+
+    # 4. batched vs one-at-a-time generation (the student); the key is the longest length:
+    # the cpu profile evaluates with 128 new tokens, and the shared prefill weighs less the
+    # longer the answers
+    sizes = {"n_train": 0, "n_valid": 0, "n_test": cfg["gen_prompts"], "n_heldout": 0}
+    records = data_lib.load_records("synthetic", seed=1, **sizes)["test"]
+    prompts = [data_lib.format_prompt(r) for r in records][: cfg["gen_prompts"]]
+    by_len = {str(n): bench_generation(student, tokenizer, prompts, max_new_tokens=n,
+                                       repeats=cfg["gen_repeats"], progress=progress, device=device)
+              for n in cfg["gen_new_tokens"]}
+    res = dict(by_len[str(max(cfg["gen_new_tokens"]))], by_new_tokens=by_len)
+    summary["details"]["generation"] = res
+    summary["generation_batched_speedup"] = res["speedup"]
+    summary["generation_batched_speedup_by_new_tokens"] = {k: v["speedup"] for k, v in by_len.items()}
+    del student
+    gc.collect()
+    stage_done("generation")
+
+    # 5. DPKD-seq's step (sampling included): rejected_every 1 vs 4
+    res = bench_dpkd_seq(cfg["pair"], cfg["seq_steps"], cfg["seq_new_tokens"], threads)
+    summary["details"]["dpkd_seq"] = res
+    summary["dpkd_seq_step_s"] = res["k1"]["step_s"]
+    summary["dpkd_seq_step_s_k4"] = res["k4"]["step_s"]
+    stage_done("dpkd_seq")
+
+    # 6. the memory planner against measured peaks (fresh subprocess per workload)
+    res = calibrate(cfg["planner"], threads=threads, progress=progress)
+    summary["details"]["planner"] = res
+    summary["memory_planner_max_rel_error"] = res["max_rel_error"]
+    stage_done("planner")
+
     summary["wall_time_s"] = time.time() - started
     summary["notes"] = explain(summary)
     summary["targets"] = {k: {"target": TARGETS[k][0],
@@ -911,7 +931,7 @@ def run(mode: str = "quick", out_dir: Path = OUT_DIR, progress: bool = True,
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dpkd_lib.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m dpkd_lib.perf.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=sorted(MODES), default="full")
     parser.add_argument("--out", default=str(OUT_DIR))
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
