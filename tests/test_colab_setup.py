@@ -1,4 +1,4 @@
-"""notebooks/colab_setup.py, the notebooks' first cell on Colab / Kaggle, run on a CPU against
+"""tools/colab_setup.py, the notebooks' first cell on Colab / Kaggle, run on a CPU against
 local copies of this repository: Colab is simulated with COLAB_RELEASE_TAG in a temporary
 working directory, and pip with DPKD_SETUP_DRY_RUN (the commands are printed, not run)."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "notebooks" / "colab_setup.py"
+SCRIPT = ROOT / "tools" / "colab_setup.py"
 
 
 def run_cell(workdir: Path, **env) -> subprocess.CompletedProcess:

@@ -1,9 +1,9 @@
 """The notebooks' first cell on Colab / Kaggle: fetch this repository and install it without
 replacing the GPU build of torch that the runtime already has. Elsewhere it does nothing.
 
-It runs before the repository is installed, so it is standalone (standard library only) and
-meant to be pasted into the first cell, or fetched and ``exec``-ed there. Where the code comes
-from, first match wins:
+It runs before the repository is installed, so it is standalone (standard library only): it
+*is* the first cell of every notebook, collapsed (tests/test_notebooks.py checks they are the
+same text). Where the code comes from, first match wins:
 
 1. a ``dpkd-study`` folder already in the working directory (a re-run of the cell);
 2. ``DPKD_REPO_URL``: a git URL to clone (``os.environ["DPKD_REPO_URL"] = "https://..."`` in a
