@@ -598,15 +598,16 @@ def data_hash(records: Any) -> str:
 def load_splits(dcfg, tokenizer=None) -> dict[str, list[dict]]:
     """Records by split for a params file's ``data`` section (config.DataConfig), with
     ``train_slice`` applied to the train split (the builds and the methods train on disjoint
-    slices of one generated set). Data split MiniLLM-style (Dolly from the hub, one jsonl
-    file) is filtered first as MiniLLM does (``min_response_tokens``, ``max_prompt``, with
-    `tokenizer`), so the valid and test splits hold only kept records (docs/method.md §4)."""
+    slices of one generated set). Dolly from the hub and MiniLLM's files are filtered first as
+    MiniLLM processes them (``min_response_tokens``, ``max_prompt``, with `tokenizer`), so
+    the valid and test splits hold only kept records (docs/method.md §4); any other data is
+    filtered after the split, where every drop is counted in the run's manifest."""
     from .config import parse_slice
 
     sizes = {"n_valid": dcfg.n_valid, "n_test": dcfg.n_test}
     if dcfg.source == "synthetic":
         sizes |= {"n_train": dcfg.n_train, "n_heldout": dcfg.n_heldout}
-    else:
+    elif dcfg.source in ("dolly_hub", "minillm"):
         sizes |= {"tokenizer": tokenizer, "min_response_tokens": dcfg.min_response_tokens,
                   "max_prompt": dcfg.max_prompt}
     splits = load_records(dcfg.source, path=dcfg.path or None, seed=dcfg.data_seed, **sizes)

@@ -190,7 +190,7 @@ def test_figures_notebook_wrote_the_answer_from_the_runs(smoke):
     assert "grad weight" in ablations
     split = pd.read_csv(tables / "update_split.csv")
     sums = split.groupby("method")["share"].sum()
-    assert ((sums - 1).abs() < 1e-6).all(), "each method's update shares sum to one"
+    assert ((sums - 1).abs() < 1e-4).all(), "each method's update shares sum to one (fp32 norms)"
 
 
 def test_every_run_is_finished_and_labelled(smoke):
