@@ -15,6 +15,7 @@ built once (`CachedTeacher`, see teacher_cache.py).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -243,8 +244,11 @@ def step_loss(t, student, teacher, batch, *, pretrain=None, pair=None,
     autocast = torch.autocast(device, dtype=getattr(torch, amp), enabled=amp != "float32")
     raw, stats = {}, {}
     with autocast:
-        s_logits, labels = response_logits(student, batch)
-        raw["ce"] = losses.sft_loss(s_logits, labels, chunk_size=t.loss_chunk_size or None)
+        # DPKD-seq with k = 1 gives the dataset CE no weight: it is logged (the reference-NLL
+        # monitor), not differentiated, which saves a backward pass through the batch
+        with torch.no_grad() if t.objective == "dpkd_seq" and k == 1 else contextlib.nullcontext():
+            s_logits, labels = response_logits(student, batch)
+            raw["ce"] = losses.sft_loss(s_logits, labels, chunk_size=t.loss_chunk_size or None)
         if t.objective == "dpkd_seq":
             raw["distill"], stats = sequence_preference(t, student, teacher, pair)
         elif k > 0:

@@ -47,7 +47,7 @@ import yaml
 from .errors import ConfigError, StudyError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-OFFLINE_PROFILES = ("smoke", "cpu")
+OFFLINE_PROFILES = ("smoke", "cpu", "cpu_full")
 INJECTED = ("profile", "results_root", "force")
 STATUS_FILE = "status.json"
 
