@@ -24,7 +24,8 @@ BASES = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "params").glob("*
                if not p.name.startswith("0"))
 #: the teacher a profile's notebooks build when its base params have none (runs.build_pair
 #: saves it; the same source stands in for the saved folder here)
-BUILT_TEACHER = {"smoke": {"source": "tiny", "arch": "gpt2", "seed": 1}, "cpu": {"source": "smollm2"}}
+BUILT_TEACHER = {"smoke": {"source": "tiny", "arch": "gpt2", "seed": 1}, "cpu": {"source": "smollm2"},
+                 "cpu_full": {"source": "smollm2"}}
 
 
 def variants():
