@@ -246,7 +246,20 @@ def load_pretrained(
         raise ModelLoadError(
             f"cannot load model {name!r} (hub id): {err}. " + OFFLINE_HINT
         ) from err
+    if qconfig is not None:
+        _generic_cpu_kernel_for_odd_rows(model)
     return model.eval()
+
+
+def _generic_cpu_kernel_for_odd_rows(model: nn.Module) -> None:
+    """bitsandbytes' CPU inference kernel (used on CPUs with avx512_bf16) packs 4-bit weights
+    in blocks of 32 output rows and asserts on any other row count. Real checkpoints never
+    have one; scaled stand-ins do, so those layers take the generic 4-bit path that every
+    other CPU takes (same values)."""
+    import bitsandbytes as bnb
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and module.out_features % 32:
+            module.support_avx512bf16_for_cpu = False
 
 
 def quantize_in_memory(
@@ -333,6 +346,7 @@ def quantize_in_memory(
     model.tie_weights()
     model.hf_quantizer = quantizer
     quantizer.postprocess_model(model)
+    _generic_cpu_kernel_for_odd_rows(model)
     model.config.dtype = torch_dtype
     _set_source(model, "")  # quantized in memory: no folder holds these weights
     return model.eval()

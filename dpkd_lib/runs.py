@@ -11,6 +11,7 @@ results root (``results/<profile>``)::
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -25,6 +26,17 @@ WEIGHT_KEYS = ("source", "name_or_path", "arch", "n_layer", "n_embd", "n_head", 
 DISPLAY = {"sft": "SFT", "kd": "KD", "rkl": "RKL", "jsd": "JSD", "skl": "SKL", "srkl": "SRKL",
            "seqkd": "SeqKD", "dpkd_token": "DPKD-token", "dpkd_seq": "DPKD-seq",
            "teacher": "teacher", "student_init": "student (start)"}
+
+
+#: Path checks only: dotted overrides in this environment variable (``;``-separated) are
+#: applied to every run config after everything else. tests/test_notebooks.py shrinks the GPU
+#: profiles' notebooks to CPU-sized runs with it; `study.notebook_setup` prints it when set,
+#: and every run's params.yaml records the result.
+CHECK_OVERRIDES_ENV = "DPKD_CHECK_OVERRIDES"
+
+
+def check_overrides() -> list[str]:
+    return [o.strip() for o in os.environ.get(CHECK_OVERRIDES_ENV, "").split(";") if o.strip()]
 
 
 def _override(key: str, value: Any) -> str:
@@ -91,6 +103,7 @@ def run_config(base_params: str | Path, name: str, overrides: Sequence[str], res
             data[role] = merge(kept, section)
     if not uses_teacher:  # the base's or the pair's teacher goes only to the runs that use one
         data["teacher"] = None
+    data = apply_overrides(data, check_overrides())
     try:
         return from_dict(data)
     except ConfigError as err:

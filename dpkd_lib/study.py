@@ -90,12 +90,32 @@ def notebook_setup(profile: str, stem: str, results_root: str | None = None) -> 
         import tqdm.auto
         import tqdm.std
         tqdm.auto.tqdm = tqdm.std.tqdm
+    _path_check_switches()
     params = load_params(Path("params"), profile, stem)
     if "skip" in params:
         raise SystemExit(f"profile {profile!r} skips this notebook: {params['skip']}")
     params["results_root"] = results_root or f"results/{profile}"
     print(f"profile {profile!r}: params/{profile}/{stem}.yaml, results in {params['results_root']}")
     return params
+
+
+def _path_check_switches() -> None:
+    """Two environment switches for checking a GPU profile's notebooks on a CPU with no
+    network (tests/test_notebooks.py): ``DPKD_STANDINS="depth,width"`` builds every hub id as
+    a random stand-in of its architecture scaled down by those factors (dpkd_lib/standins.py),
+    and ``DPKD_CHECK_OVERRIDES`` shrinks every run (runs.py). Both are announced."""
+    from .runs import CHECK_OVERRIDES_ENV, check_overrides
+    scale = os.environ.get("DPKD_STANDINS")
+    if scale:
+        from . import hub, standins
+        try:
+            depth, width = (int(x) for x in scale.split(","))
+        except ValueError:
+            raise StudyError(f"DPKD_STANDINS={scale!r}: give two integers, depth,width (e.g. 24,64)") from None
+        hub.set_substitute(standins.StandIns(depth, width, device="cpu"))
+        print(f"DPKD_STANDINS={scale}: hub ids are random stand-ins (depth / {depth}, width / {width})")
+    if check_overrides():
+        print(f"{CHECK_OVERRIDES_ENV}: every run also gets {' '.join(check_overrides())}")
 
 
 def in_colab_or_kaggle() -> str | None:

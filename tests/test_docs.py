@@ -16,7 +16,7 @@ DOCS = ROOT / "docs"
 # "docs/method.md §2", "method.md §3-§5", "design.md §7" (the docs/ prefix is optional)
 CITATION = re.compile(r"(?:docs/)?\b(method|design|params)\.md\s*§\s*(\d+)(?:\s*[-–]\s*§?\s*(\d+))?")
 CITING = [*sorted((ROOT / "dpkd_lib").rglob("*.py")), *sorted((ROOT / "params").rglob("*.yaml")),
-          ROOT / "notebooks" / "make_notebooks.py", *sorted(DOCS.glob("*.md"))]
+          *sorted((ROOT / "notebooks").glob("*.ipynb")), ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
 
 
 def test_params_md_is_current():

@@ -237,3 +237,51 @@ def test_notebook_run_by_hand_takes_its_profiles_params(tmp_path):
     text = _outputs_text(out)
     assert "profile 'smoke': params/smoke/00_theory.yaml" in text
     assert (tmp_path / "res" / "figures" / "theory_kl_modes.png").exists()
+
+
+# ----------------------------------------------------------------------------- GPU profiles on CPU
+
+#: every run of a GPU profile shrunk to a CPU-sized path check: synthetic data (Dolly needs the
+#: network), two steps, two prompts; everything else (pairs from hub ids, 4-bit, LoRA, caches,
+#: sampling seeds, the notebooks' own overrides) is the profile's
+GPU_PROFILE_SHRINK = (
+    "data.source=synthetic", "data.n_train=16", "data.n_valid=2", "data.n_test=2", "data.n_heldout=2",
+    "data.min_response_tokens=0", "data.pretrain_max_blocks=4", "train.max_steps=2",
+    "train.t_max_steps=0", "train.batch_size=2", "train.save_every=0", "train.eval_every=0",
+    "eval.max_examples=2", "eval.batch_size=2", "eval.max_new_tokens=8", "train.grad_probe_every=1")
+#: colab's 00 is cpu's; its 01 and 03 are paper's on colab's base, which on a CPU differs from
+#: paper's only in sizes (dtype auto is fp32 there): its own paths are 01's pair and 02's QLoRA
+GPU_PROFILE_NOTEBOOKS = {"paper": STEMS, "colab": ["01_gpt2_120m", "02_lora_4bit", "04_figures"]}
+
+
+@pytest.mark.parametrize("profile", ("paper", "colab"))
+def test_gpu_profile_notebooks_execute_on_cpu_with_standins(profile, monkeypatch):
+    """The paper and colab notebooks under papermill as `make reproduce` runs them, with hub
+    ids built as scaled-down random stand-ins (DPKD_STANDINS) and every run shrunk
+    (DPKD_CHECK_OVERRIDES): a notebook step those profiles need cannot rot unseen."""
+    from dpkd_lib import runs
+    monkeypatch.setenv("DPKD_STANDINS", "24,64")
+    monkeypatch.setenv(runs.CHECK_OVERRIDES_ENV, ";".join(GPU_PROFILE_SHRINK))
+    root = ROOT / "results" / f".test-{profile}-{uuid.uuid4().hex[:8]}"
+    stems = GPU_PROFILE_NOTEBOOKS[profile]
+    try:
+        for stem in stems:
+            status = study.run_study(profile, only=stem, results_root=root, log_output=False)
+        assert {s: e["status"] for s, e in status["notebooks"].items()} == {s: "finished" for s in stems}
+        assert "DPKD_STANDINS=24,64" in _outputs_text(root / "notebooks" / "01_gpt2_120m.ipynb")
+        run_dirs = [p for p in (root / "runs").iterdir() if (p / "params.yaml").exists()]
+        assert len(run_dirs) >= 15
+        for run_dir in run_dirs:
+            manifest = json.loads((run_dir / "manifest.json").read_text())
+            assert manifest["status"] == "finished", run_dir.name
+        for table in ("main_released", "main_alone", "comparisons", "update_split", "lora_4bit"):
+            assert len(pd.read_csv(root / "tables" / f"{table}.csv")), table
+        if "03_ablations_implicit_reward" in stems:
+            assert len(pd.read_csv(root / "tables" / "ablations.csv"))
+        assert (root / "tables" / "answer.md").read_text().strip()
+        lora = pd.read_csv(root / "tables" / "lora_4bit.csv")
+        assert len(lora) >= 2      # SFT and DPKD-token with the 4-bit teacher and a LoRA student
+        # the teacher signals came from stand-ins, never from a download
+        assert any("standin:" in p.read_text() for p in (root / "teacher_cache").rglob("*.json"))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
