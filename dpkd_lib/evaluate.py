@@ -510,33 +510,11 @@ def generate_ids(
     return out  # type: ignore[return-value]
 
 
-def generate(
-    model,
-    tokenizer,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int = 256,
-    batch_size: int = 16,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    no_repeat_ngram_size: int = 0,
-    do_sample: bool = True,
-    seed: int = 0,
-    keys: Sequence[Any] | None = None,
-    rng: str = "per_example",
-    add_special_tokens: bool = True,
-    progress: bool = True,
-) -> list[str]:
-    """``generate_ids`` decoded: new tokens only, special tokens skipped, whitespace stripped
-    (as MiniLLM does before scoring). Defaults are MiniLLM's sampling protocol except
-    ``no_repeat_ngram_size`` (pass 6 for MiniLLM's setting)."""
-    ids = generate_ids(
-        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        temperature=temperature, top_k=top_k, top_p=top_p,
-        no_repeat_ngram_size=no_repeat_ngram_size, do_sample=do_sample, seed=seed, keys=keys,
-        rng=rng, add_special_tokens=add_special_tokens, progress=progress,
-    )
+def generate(model, tokenizer, prompts: Sequence[str], **options) -> list[str]:
+    """``generate_ids`` (same options) decoded: new tokens only, special tokens skipped,
+    whitespace stripped (as MiniLLM does before scoring). Defaults are MiniLLM's sampling
+    protocol except ``no_repeat_ngram_size`` (pass 6 for MiniLLM's setting)."""
+    ids = generate_ids(model, tokenizer, prompts, **options)
     return [tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
 
 
