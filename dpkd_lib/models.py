@@ -247,19 +247,9 @@ def load_pretrained(
             f"cannot load model {name!r} (hub id): {err}. " + OFFLINE_HINT
         ) from err
     if qconfig is not None:
-        _generic_cpu_kernel_for_odd_rows(model)
+        _unpack_cpu_4bit(model)
     return model.eval()
 
-
-def _generic_cpu_kernel_for_odd_rows(model: nn.Module) -> None:
-    """bitsandbytes' CPU inference kernel (used on CPUs with avx512_bf16) packs 4-bit weights
-    in blocks of 32 output rows and asserts on any other row count. Real checkpoints never
-    have one; scaled stand-ins do, so those layers take the generic 4-bit path that every
-    other CPU takes (same values)."""
-    import bitsandbytes as bnb
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit) and module.out_features % 32:
-            module.support_avx512bf16_for_cpu = False
 
 
 def quantize_in_memory(
@@ -346,7 +336,7 @@ def quantize_in_memory(
     model.tie_weights()
     model.hf_quantizer = quantizer
     quantizer.postprocess_model(model)
-    _generic_cpu_kernel_for_odd_rows(model)
+    _unpack_cpu_4bit(model)
     model.config.dtype = torch_dtype
     _set_source(model, "")  # quantized in memory: no folder holds these weights
     return model.eval()
@@ -559,17 +549,17 @@ def _linear_names(model: nn.Module) -> list[str]:
 
 
 def _unpack_cpu_4bit(model: nn.Module) -> None:
-    """Stop bitsandbytes from repacking 4-bit weights for CPU inference.
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference; every 4-bit model
+    built or loaded here gets this.
 
     On CPUs with AVX512-BF16, a bnb ``Linear4bit`` in eval mode that sees an input without
-    grad repacks its weight in place into a CPU-only layout; from then on it runs a kernel
-    that has no autograd, so a backward pass silently gives no gradients to anything
-    upstream. Harmless for a frozen teacher (it is faster), fatal for a QLoRA student that
-    is evaluated under ``no_grad`` between training steps. Undo any packing and switch it off.
-
-    The packing is lossy (block scales stored as bf16, double quantization redone on the
-    way back), so a model that already ran packed differs slightly from a fresh load:
-    apply LoRA before the first evaluation to reproduce a fresh load exactly.
+    grad repacks its weight in place into a CPU-only layout. From then on it runs a kernel
+    that (1) has no autograd, so a backward pass silently gives no gradients upstream (fatal
+    for a QLoRA student evaluated under ``no_grad`` between steps), (2) is lossy (block
+    scales in bf16), so the same weights give other logits than on any other CPU, and (3)
+    fails on layers whose rows are not a multiple of 32 or whose inputs are not whole
+    quantisation blocks (scaled stand-ins). The generic path gives the same numbers on
+    every CPU. Undo any packing and switch it off.
     """
     try:
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse

@@ -411,6 +411,7 @@ def test_an_interrupt_outside_the_loop_stops_at_once_and_is_recorded(tmp_path, m
         monkeypatch.setattr(train_mod.Trainer, name, method)
 
     args = ["train.save_every=4", "eval.max_examples=2", "eval.max_new_tokens=4"]
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN when the suite runs in the background
     kill_then("setup", signal.SIGINT)
     started = time.time()
     with pytest.raises(KeyboardInterrupt, match=r"^interrupted \(SIGINT\) during set-up; rerun the same "
@@ -424,7 +425,7 @@ def test_an_interrupt_outside_the_loop_stops_at_once_and_is_recorded(tmp_path, m
                                                 r"step 8; rerun the same command to resume \(from step 4\)$"):
         train(_cfg(tmp_path, "run", *args), progress=False)
     assert read_json(tmp_path / "run" / "manifest.json")["status"] == "interrupted"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "handlers restored"
+    assert signal.getsignal(signal.SIGINT) == before, "handlers restored"
     monkeypatch.undo()
     assert train(_cfg(tmp_path, "run", *args), progress=False)["steps"] == 8
     assert read_json(tmp_path / "run" / "manifest.json")["status"] == "finished"
