@@ -246,10 +246,9 @@ def load_pretrained(
         raise ModelLoadError(
             f"cannot load model {name!r} (hub id): {err}. " + OFFLINE_HINT
         ) from err
-    if qconfig is not None:
+    if _is_bnb_quantized(model):  # quantized here or saved quantized
         _unpack_cpu_4bit(model)
     return model.eval()
-
 
 
 def quantize_in_memory(
@@ -887,11 +886,9 @@ def _load_saved(out: Path, *, dtype, quantization, device_map, is_trainable) -> 
         base_source = json.loads(adapter_cfg.read_text()).get("base_model_name_or_path")
         if not base_source:
             raise ModelLoadError(f"{out} holds an adapter without a base model reference")
-    base = load_pretrained(
+    base = load_pretrained(  # a 4-bit base comes unpacked (load_pretrained)
         base_source, dtype=dtype, quantization=quantization, device_map=device_map
     )
-    if quantization is not None and is_trainable:
-        _unpack_cpu_4bit(base)
     model = PeftModel.from_pretrained(base, out, is_trainable=is_trainable)
     return model if is_trainable else model.eval()
 

@@ -114,8 +114,9 @@ def _path_check_switches() -> None:
             raise StudyError(f"DPKD_STANDINS={scale!r}: give two integers, depth,width (e.g. 24,64)") from None
         hub.set_substitute(standins.StandIns(depth, width, device="cpu"))
         print(f"DPKD_STANDINS={scale}: hub ids are random stand-ins (depth / {depth}, width / {width})")
-    if check_overrides():
-        print(f"{CHECK_OVERRIDES_ENV}: every run also gets {' '.join(check_overrides())}")
+    shrink = check_overrides()
+    if shrink:
+        print(f"{CHECK_OVERRIDES_ENV}: every run also gets {' '.join(shrink)}")
 
 
 def in_colab_or_kaggle() -> str | None:
