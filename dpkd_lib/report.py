@@ -295,17 +295,20 @@ def compare(ex, pairs: Sequence[Sequence[str]], splits: Sequence[str], *, metric
 
 
 def gap_closed(ex, methods: Sequence[str], split: str, *, start: str = "student_init",
-               teacher: str = "teacher", n_boot: int = 4000, level: float = 0.95) -> list[dict]:
+               teacher: str = "teacher", n_boot: int = 4000, level: float = 0.95,
+               labels: dict | None = None) -> list[dict]:
     """How far each method moved the starting student toward the teacher on `split`:
     moved = method − start, and the share of the gap, moved / (teacher − start), each with
-    a bootstrap CI (prompts and seeds resampled as in `bootstrap_difference`)."""
+    a bootstrap CI (prompts and seeds resampled as in `bootstrap_difference`). ``labels``
+    names the methods in the answer (an arm's "KD alone"); default `label`."""
     out = []
     gap = bootstrap_difference(ex, teacher, start, split, n_boot=n_boot, seed=99, levels=(level,))
     for k, method in enumerate(methods):
         moved = bootstrap_difference(ex, method, start, split, n_boot=n_boot, seed=99, levels=(level,))
         if not moved.get("n_prompts"):
             continue
-        out.append({"method": method, "split": split, "moved": moved["delta"],
+        out.append({"method": method, "label": (labels or {}).get(method) or label(method),
+                    "split": split, "moved": moved["delta"],
                     "moved_ci": moved[f"ci_{level:g}"], "gap": gap["delta"],
                     "share": moved["delta"] / gap["delta"] if gap["delta"] else float("nan")})
     return out
@@ -338,7 +341,7 @@ def answer_text(comparisons: Sequence[dict], moved: Sequence[dict] = ()) -> str:
         sel = [m for m in moved if m["split"] == split]
         gap = sel[0]["gap"]
         share = (lambda m: f" ({100 * m['share']:.0f} % of the gap)") if gap > 0 else (lambda m: "")
-        listing = "; ".join(f"{label(m['method'])} {m['moved']:+.1f} [{m['moved_ci'][0]:+.1f}, "
+        listing = "; ".join(f"{m.get('label') or label(m['method'])} {m['moved']:+.1f} [{m['moved_ci'][0]:+.1f}, "
                             f"{m['moved_ci'][1]:+.1f}]{share(m)}" for m in sel)
         where = (f"the teacher is {gap:+.1f} above the starting student" if gap > 0 else
                  f"the teacher is not above the starting student ({gap:+.1f}): there is no gap to close")

@@ -41,6 +41,10 @@ from .tokenization import build_tokenizer
 
 log = logging.getLogger("dpkd_lib")
 
+#: the sampling seed of the teacher's responses (SeqKD data, DPKD-seq's chosen side): one set
+#: for every training seed, as MiniLLM generates its SeqKD data once (docs/design.md §6)
+TEACHER_SAMPLE_SEED = 0
+
 
 # ----------------------------------------------------------------------------- building blocks
 
@@ -256,17 +260,19 @@ class Trainer:
 
     def teacher_responses(self, records):
         """Teacher-sampled responses to the prompts of `records` (SeqKD's data, DPKD-seq's
-        chosen side), sampled once per (teacher, data, seed, length) into the cache folder
-        and shared by every run that needs them."""
+        chosen side), sampled once per (teacher, data, length) into the cache folder and
+        shared by every run that needs them, whatever its training seed: like MiniLLM's
+        SeqKD data, one set drawn once (TEACHER_SAMPLE_SEED), so a seed's cost is its training."""
         t, e = self.cfg.train, self.cfg.eval
         key = tc.cache_key(**self.teacher_identity, data=data_lib.data_hash(records),
-                           seed=t.seed, max_new_tokens=t.seq_max_new_tokens)
+                           seed=TEACHER_SAMPLE_SEED, max_new_tokens=t.seq_max_new_tokens)
 
         def sample(recs):
             return eval_lib.generate(self.teacher_model, self.tokenizer,
                                      [data_lib.format_prompt(r) for r in recs],
                                      max_new_tokens=t.seq_max_new_tokens, batch_size=e.batch_size,
-                                     seed=t.seed, keys=[r["id"] for r in recs], progress=self.progress)
+                                     seed=TEACHER_SAMPLE_SEED, keys=[r["id"] for r in recs],
+                                     progress=self.progress)
         return tc.load_or_sample(tc.responses_path(self.cfg.cache_dir, key), records, sample,
                                  write=self.is_main)
 
@@ -328,8 +334,9 @@ class Trainer:
             rows.append({"id": self.train_set[i]["id"], "input_ids": p + new,
                          "labels": [-100] * len(p) + new, "prompt_len": len(p)})
         teacher = obj_lib.OnlineTeacher(self.teacher_model)
-        scores = tc.score_rows(rows, lambda b: teacher.sequence_logps(self.to_device(b), t.length_normalize),
-                               pad, batch_size=self.cfg.eval.batch_size)
+        # length-sorted batches of score_rows' default 16, not eval's (150 on cpu): one padded
+        # batch of 64 samples cost the cpu teacher 27.5 s, batches of 16 cost 14.2 s
+        scores = tc.score_rows(rows, lambda b: teacher.sequence_logps(self.to_device(b), t.length_normalize), pad)
         self.rejected = {}
         for (j, _), row, score in zip(wanted, rows, scores):
             self.rejected.setdefault(j, []).append((row, score))

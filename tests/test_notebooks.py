@@ -182,7 +182,10 @@ def test_figures_notebook_wrote_the_answer_from_the_runs(smoke):
     ex = report.per_example(df[df["group"].isin(["pair", *arms])], metric=primary["metric"],
                             decoding=primary["decoding"])
     comps = report.compare(ex, primary["comparisons"], primary["splits"], metric=primary["metric"])
-    moved = [m for s in primary["splits"] for m in report.gap_closed(ex, list(arms["released"]["methods"]), s)]
+    every_method = [arm.get("prefix", "") + m for arm in arms.values() for m in arm["methods"]]
+    labels = dict(zip(df["method"], df["label"]))
+    moved = [m for s in primary["splits"] for m in report.gap_closed(ex, every_method, s, labels=labels)]
+    assert {m["method"] for m in moved} >= {"alone_sft", "sft"} and "SFT (alone)" in report.answer_text([], moved)
     assert (tables / "answer.md").read_text().strip() == report.answer_text(comps, moved)
     assert len(pd.read_csv(tables / "comparisons.csv")) == len(primary["comparisons"]) * len(primary["splits"])
     ablations = pd.read_csv(tables / "ablations.csv")

@@ -92,7 +92,7 @@ def test_every_notebook_run_of_every_profile_resolves(profile, tmp_path):
 def test_the_offline_design(profile, tmp_path):
     """Issue 13's design, as params: methods train on examples the builds never saw, every
     method of an arm trains the same steps, arm (b) has nothing mixed in, Algorithm 1 is there
-    (the 2-hour cpu profile holds arm (a)'s token-level methods; cpu_full the whole design)."""
+    (the 2-hour cpu profile holds both arms' token-level methods; cpu_full the whole design)."""
     main, out = notebook_runs(profile, tmp_path)
     span = lambda c: (parse_slice(c.data.train_slice).start, parse_slice(c.data.train_slice).stop)  # noqa: E731
     method_slices = {span(c) for c in out["arms"].values()}
@@ -112,11 +112,18 @@ def test_the_offline_design(profile, tmp_path):
         assert all(c.train.grad_probe_every > 0 for c in out["arms"].values())
         assert {c.eval.max_examples for c in out["arms"].values()} == {150}       # every model, 150 + 150
         assert all(c.data.n_test >= 150 and c.data.n_heldout >= 150 for c in out["arms"].values())
+    alone = {n: c for n, c in out["arms"].items() if out["labels"][n]["group"] == "alone"}
+    token = [c.train for c in alone.values() if c.train.objective != "dpkd_seq"]
+    assert sorted(t.objective for t in token) == ["dpkd_token", "dpkd_token", "kd", "sft"]
+    assert sorted(t.beta for t in token if t.objective == "dpkd_token") == [0.1, 1.0]
+    for c in alone.values():
+        if c.train.pretrain_loss != "ce":   # nothing mixed in (Algorithm 1 is checked below)
+            assert c.train.lm_coef == 0.0 and (c.train.objective == "sft" or c.train.kd_ratio == 1.0)
     if profile == "cpu":
-        assert set(main["arms"]) == {"released"}
+        assert set(main["arms"]) == {"released", "alone"}
+        assert all(c.train.objective != "dpkd_seq" for c in out["arms"].values()), "cpu_full holds DPKD-seq"
         return
     assert len(seeds["dpkd_seq"]) >= 2
-    alone = {n: c for n, c in out["arms"].items() if out["labels"][n]["group"] == "alone"}
     alg1 = [c for c in alone.values() if c.train.pretrain_loss == "ce"]
     assert len(alg1) == 1 and alg1[0].train.objective == "dpkd_seq" and alg1[0].train.kd_ratio == 1.0
     for c in alone.values():

@@ -237,22 +237,24 @@ def test_dpkd_seq_batch_on_policy_samples_every_k_steps(tmp_path, monkeypatch):
     assert len(rows) == 5 and all(math.isfinite(r["loss"]) and r["rejected_len"] >= 1 for r in rows)
 
 
-def test_teacher_responses_are_sampled_once_per_seed_and_shared(tmp_path, monkeypatch):
-    """SeqKD and DPKD-seq of one seed read the same teacher samples; another seed samples anew."""
+def test_teacher_responses_are_sampled_once_and_shared_by_every_seed(tmp_path, monkeypatch):
+    """SeqKD and DPKD-seq, of any training seed, read one set of teacher samples (drawn once,
+    with TEACHER_SAMPLE_SEED); another sample length draws a new set."""
     import dpkd_lib.train as train_mod
     calls = []
     original = train_mod.eval_lib.generate
     monkeypatch.setattr(train_mod.eval_lib, "generate",
                         lambda *a, **k: calls.append(k["seed"]) or original(*a, **k))
-    common = ["train.seq_max_new_tokens=8", f"cache_dir={tmp_path / 'cache'}"]
     responses = {}
-    for name, objective, seed in (("a", "dpkd_seq", 1), ("b", "seqkd", 1), ("c", "dpkd_seq", 2)):
+    for name, objective, seed, length in (("a", "dpkd_seq", 1, 8), ("b", "seqkd", 1, 8), ("c", "dpkd_seq", 2, 8),
+                                          ("d", "seqkd", 2, 6)):
         tr = Trainer(load_config(SMOKE, [f"output_dir={tmp_path / name}", f"train.objective={objective}",
-                                         f"train.seed={seed}", *common]), progress=False)
+                                         f"train.seed={seed}", f"train.seq_max_new_tokens={length}",
+                                         f"cache_dir={tmp_path / 'cache'}"]), progress=False)
         tr.setup()
         responses[name] = [r["response"] for r in tr.teacher_responses(tr.splits["train"])]
-    assert calls == [1, 2]
-    assert responses["a"] == responses["b"] and responses["a"] != responses["c"]
+    assert calls == [train_mod.TEACHER_SAMPLE_SEED] * 2     # drawn for length 8 once, then for 6
+    assert responses["a"] == responses["b"] == responses["c"] != responses["d"]
     assert len(list((tmp_path / "cache" / "responses").glob("*.jsonl"))) == 2
 
 
