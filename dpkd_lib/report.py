@@ -341,7 +341,7 @@ def answer_text(comparisons: Sequence[dict], moved: Sequence[dict] = ()) -> str:
         sel = [m for m in moved if m["split"] == split]
         gap = sel[0]["gap"]
         share = (lambda m: f" ({100 * m['share']:.0f} % of the gap)") if gap > 0 else (lambda m: "")
-        listing = "; ".join(f"{m.get('label') or label(m['method'])} {m['moved']:+.1f} [{m['moved_ci'][0]:+.1f}, "
+        listing = "; ".join(f"{m['label']} {m['moved']:+.1f} [{m['moved_ci'][0]:+.1f}, "
                             f"{m['moved_ci'][1]:+.1f}]{share(m)}" for m in sel)
         where = (f"the teacher is {gap:+.1f} above the starting student" if gap > 0 else
                  f"the teacher is not above the starting student ({gap:+.1f}): there is no gap to close")
