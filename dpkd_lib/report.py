@@ -314,6 +314,29 @@ def gap_closed(ex, methods: Sequence[str], split: str, *, start: str = "student_
     return out
 
 
+def arm_methods(arms: dict) -> list[str]:
+    """The method of every run of every arm of notebook 01's params (``prefix`` + key), in
+    the params' order: what `study_answer` reports the moves of."""
+    return [arm.get("prefix", "") + method for arm in arms.values() for method in arm["methods"]]
+
+
+def study_answer(df, arms: dict, primary: dict, splits: Sequence[str] | None = None,
+                 *, n_boot: int = 4000) -> tuple[list[dict], list[dict], str]:
+    """The study's answer from collected runs (notebook 01 shows it, notebook 04 writes it):
+    the declared comparisons (`compare`, Holm-corrected), how far every method of every arm
+    moved the start (`gap_closed`, named by the arms' labels) and the text (`answer_text`).
+    ``splits`` default to the primary ones."""
+    splits = list(splits or primary["splits"])
+    ex = per_example(df[df["group"].isin(["pair", *arms])], metric=primary["metric"],
+                     decoding=primary["decoding"])
+    comparisons = compare(ex, primary["comparisons"], splits, metric=primary["metric"],
+                          alpha=primary["alpha"], n_boot=n_boot)
+    labels = dict(zip(df["method"], df["label"]))
+    moved = [m for split in splits for m in gap_closed(ex, arm_methods(arms), split, n_boot=n_boot,
+                                                       labels=labels)]
+    return comparisons, moved, answer_text(comparisons, moved)
+
+
 def _ci(r: dict, digits: int = 1) -> str:
     return f"{r['delta']:+.{digits}f} [{r['ci_lo']:+.{digits}f}, {r['ci_hi']:+.{digits}f}]"
 

@@ -414,6 +414,26 @@ def test_teacher_forced_nll_matches_hf_loss(llama):
     assert out["n_tokens"] == 10
 
 
+def test_reference_metrics_per_example_in_record_order_and_equal_to_each_alone(llama, tokenizer):
+    # reference_metrics batches the references by length and scores only response positions:
+    # each example's row must still be its own (records' order), equal to HF's loss on it alone
+    records = [{"id": f"r{i}", "instruction": instr, "context": "", "response": resp}
+               for i, (instr, resp) in enumerate([("Name a colour.", "the cat sat on the mat " * 3),
+                                                  ("the cat", "Red"),
+                                                  ("a quick brown fox", "jumps over the lazy dog"),
+                                                  ("the dog", "Paris is the capital of France.")])]
+    cfg = SimpleNamespace(max_length=256, max_prompt=128)
+    out = ev.reference_metrics(llama, tokenizer, records, cfg, batch_size=3)
+    from dpkd_lib.data import build_sft_dataset
+    dataset, _ = build_sft_dataset(records, tokenizer, max_length=256, max_prompt=128)
+    assert [r["id"] for r in out["per_example"]] == [ex["id"] for ex in dataset] == ["r0", "r1", "r2", "r3"]
+    for row, ex in zip(out["per_example"], dataset):
+        ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor([ex["labels"]])
+        alone = llama(input_ids=ids, labels=labels).loss.item()
+        assert row["nll_sum"] / row["n_tokens"] == pytest.approx(alone, rel=1e-4)
+    assert out["n_tokens"] == sum(r["n_tokens"] for r in out["per_example"])
+
+
 # ----------------------------------------------------------------------------- end to end
 
 

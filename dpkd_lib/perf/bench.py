@@ -87,6 +87,7 @@ TARGETS: dict[str, tuple[str, Optional[Callable[[float], bool]]]] = {
     "teacher_cache_speedup_cap": ("—", None),
     "teacher_cache_loss_rel_error": ("≤ 1e-3", lambda v: v <= 1e-3),
     "generation_batched_speedup": ("≥ 5", lambda v: v >= 5.0),
+    "reference_nll_speedup": ("—", None),
     "train_tokens_per_s": ("—", None),
     "mfu": ("—", None),
     "dpkd_seq_step_s": ("—", None),
@@ -102,15 +103,15 @@ MODES: dict[str, dict[str, Any]] = {
     "quick": dict(vocabs=(1000, 32000, 50000), loss_BT=(8, 512), loss_repeats=3,
                   cache_batches=3, step_repeats=3, gen_prompts=16, gen_new_tokens=(64,),
                   gen_repeats=1, matmul_sizes=(1024, 2048), matmul_repeats=3, planner="quick",
-                  pair="cpu", seq_steps=4, seq_new_tokens=32),
+                  pair="cpu", seq_steps=4, seq_new_tokens=32, nll_examples=64),
     "full": dict(vocabs=(1000, 32000, 50000), loss_BT=(8, 512), loss_repeats=7,
                  cache_batches=12, step_repeats=8, gen_prompts=32, gen_new_tokens=(32, 128),
                  gen_repeats=2, matmul_sizes=(1024, 1536, 2048), matmul_repeats=7,
-                 planner="full", pair="cpu", seq_steps=8, seq_new_tokens=64),
+                 planner="full", pair="cpu", seq_steps=8, seq_new_tokens=64, nll_examples=200),
     "tiny": dict(vocabs=(64, 256), loss_BT=(2, 32), loss_repeats=1, cache_batches=2,
                  step_repeats=1, gen_prompts=4, gen_new_tokens=(4,), gen_repeats=1,
                  matmul_sizes=(64, 128), matmul_repeats=1, planner="tiny", pair="tiny",
-                 seq_steps=4, seq_new_tokens=4),
+                 seq_steps=4, seq_new_tokens=4, nll_examples=8),
 }
 K_VALUES = (1, 4, 8, 32, 128)
 
@@ -664,6 +665,46 @@ def bench_generation(model, tokenizer, prompts: Sequence[str], *, max_new_tokens
             "prompt_tokens_mean": statistics.mean(len(e) for e in encoded)}
 
 
+class _FullLogits(torch.nn.Module):
+    """A model seen without its vocabulary head, so that `evaluate.teacher_forced_metrics`
+    takes its generic path: logits at every position, prompt and padding included (what every
+    model took before the head was applied to response positions only)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **kwargs):
+        return self.model(**kwargs)
+
+
+def bench_reference_nll(model, examples: Sequence[dict], pad_id: int, *, repeats: int = 1,
+                        batch_size: int = 16, device: Optional[torch.device] = None) -> dict:
+    """The teacher-forced NLL every run computes on its valid, test and held-out references
+    (`evaluate.reference_metrics`): now, length-sorted batches with the vocabulary head on
+    response positions only, against before, batches in the examples' order with logits at
+    every position. Same examples, same batch size, interleaved."""
+    from .. import data as data_lib
+    from .. import evaluate as ev
+    device = device or _device()
+    model.to(device).eval()
+
+    def batches(order):
+        return [_to(data_lib.collate_sft([examples[i] for i in order[b:b + batch_size]], pad_id), device)
+                for b in range(0, len(order), batch_size)]
+    as_given = batches(list(range(len(examples))))
+    by_length = batches(sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"])))
+    out = {}
+    timing = interleaved_medians({
+        "before": lambda: out.__setitem__("before", ev.teacher_forced_metrics(_FullLogits(model), as_given)),
+        "now": lambda: out.__setitem__("now", ev.teacher_forced_metrics(model, by_length))},
+        repeats=repeats, device=device)
+    return {"speedup": timing["before"]["median_s"] / timing["now"]["median_s"],
+            "before_s": timing["before"]["median_s"], "now_s": timing["now"]["median_s"],
+            "nll_abs_diff": abs(out["before"]["nll"] - out["now"]["nll"]),
+            "n_examples": len(examples), "n_tokens": out["now"]["n_tokens"], "batch_size": batch_size}
+
+
 # ----------------------------------------------------------------------------- run + report
 
 def _finite(x) -> bool:
@@ -773,6 +814,13 @@ def explain(summary: Mapping) -> list[str]:
             f"{gen['max_new_tokens']} new tokens: {gen['single_tokens_per_s']:.0f} tok/s one at a time, "
             f"{gen['batched_tokens_per_s']:.0f} tok/s at batch {gen['batch_size']} (ratio of the "
             f"fastest repeats {gen.get('speedup_of_minima', float('nan')):.2f}).")
+    nll = d.get("reference_nll", {})
+    if nll:
+        notes.append(
+            f"reference NLL: {nll['n_examples']} valid references ({nll['n_tokens']} response tokens), "
+            f"batch {nll['batch_size']}: {nll['before_s']:.2f} s with logits at every position in "
+            f"the examples' order, {nll['now_s']:.2f} s length-sorted with the head on response "
+            f"positions only (|ΔNLL| {nll['nll_abs_diff']:.1e}).")
     seq = d.get("dpkd_seq", {})
     if seq:
         notes.append(
@@ -904,18 +952,25 @@ def run(mode: str = "quick", out_dir: Path = OUT_DIR, progress: bool = True,
     summary["details"]["generation"] = res
     summary["generation_batched_speedup"] = res["speedup"]
     summary["generation_batched_speedup_by_new_tokens"] = {k: v["speedup"] for k, v in by_len.items()}
-    del student
-    gc.collect()
     stage_done("generation")
 
-    # 5. DPKD-seq's step (sampling included): rejected_every 1 vs 4
+    # 5. the teacher-forced NLL of the references (every run's valid/test/held-out metric)
+    res = bench_reference_nll(student, synthetic_examples(tokenizer, cfg["nll_examples"], split="valid"),
+                              pad, repeats=cfg["gen_repeats"], device=device)
+    summary["details"]["reference_nll"] = res
+    summary["reference_nll_speedup"] = res["speedup"]
+    del student
+    gc.collect()
+    stage_done("reference_nll")
+
+    # 6. DPKD-seq's step (sampling included): rejected_every 1 vs 4
     res = bench_dpkd_seq(cfg["pair"], cfg["seq_steps"], cfg["seq_new_tokens"], threads)
     summary["details"]["dpkd_seq"] = res
     summary["dpkd_seq_step_s"] = res["k1"]["step_s"]
     summary["dpkd_seq_step_s_k4"] = res["k4"]["step_s"]
     stage_done("dpkd_seq")
 
-    # 6. the memory planner against measured peaks (fresh subprocess per workload)
+    # 7. the memory planner against measured peaks (fresh subprocess per workload)
     res = calibrate(cfg["planner"], threads=threads, progress=progress)
     summary["details"]["planner"] = res
     summary["memory_planner_max_rel_error"] = res["max_rel_error"]
