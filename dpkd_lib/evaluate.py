@@ -522,6 +522,15 @@ def generate(model, tokenizer, prompts: Sequence[str], **options) -> list[str]:
 # ----------------------------------------------------------------------------- teacher forcing
 
 
+def _plain_head(model) -> bool:
+    """Whether the model's logits are its output embedding applied to its last hidden
+    state, and nothing after it (Gemma-2's soft-capping and Cohere's logit scale are)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return False
+    return getattr(model, "get_output_embeddings", lambda: None)() is not None
+
+
 def teacher_forced_metrics(model, batches: Iterable[Mapping[str, torch.Tensor]], *,
                            max_batches: int | None = None) -> dict[str, float]:
     """Mean NLL per response token and argmax token accuracy on reference responses.
@@ -555,10 +564,10 @@ def teacher_forced_metrics(model, batches: Iterable[Mapping[str, torch.Tensor]],
                     attention_mask = attention_mask.to(device)
                 target = labels[:, 1:]
                 mask = target != -100
-                if getattr(model, "get_output_embeddings", lambda: None)() is not None:
+                if _plain_head(model):
                     # a transformers model: its vocabulary head on the response positions only
-                    # (objectives.response_logits), not on prompt and padding as well; on the
-                    # cpu student that made the NLL of 550 references ~4x cheaper
+                    # (objectives.response_logits), not on prompt and padding as well (with
+                    # length-sorted batches, 2.95x cheaper on the cpu student: make bench)
                     selected, y = response_logits(model, {"input_ids": input_ids, "labels": labels,
                                                           "attention_mask": attention_mask})
                     selected, y = selected[0].float(), y[0]
@@ -751,7 +760,7 @@ def reference_metrics(model, tokenizer, records, data_cfg, *, batch_size: int = 
                 collate_sft([dataset[i] for i in order[b:b + batch_size]], pad).items()}
                for b in range(0, len(order), batch_size))
     m = teacher_forced_metrics(model, batches)
-    per_example = [None] * len(order)  # one row per example, in batch order
+    per_example = [None] * len(order)  # rows came in batch order: back to the dataset's
     for row, i in zip(m["per_example"], order):
         per_example[i] = row
     return {"nll": m["nll"], "token_acc": m["token_accuracy"], "n_tokens": m["n_tokens"],

@@ -325,8 +325,8 @@ def study_answer(df, arms: dict, primary: dict, splits: Sequence[str] | None = N
     """The study's answer from collected runs (notebook 01 shows it, notebook 04 writes it):
     the declared comparisons (`compare`, Holm-corrected), how far every method of every arm
     moved the start (`gap_closed`, named by the arms' labels) and the text (`answer_text`).
-    ``splits`` default to the primary ones."""
-    splits = list(splits or primary["splits"])
+    ``splits`` default to the primary ones; none gives ``([], [], "")``."""
+    splits = list(primary["splits"] if splits is None else splits)  # [] (no eval split yet): nothing
     ex = per_example(df[df["group"].isin(["pair", *arms])], metric=primary["metric"],
                      decoding=primary["decoding"])
     comparisons = compare(ex, primary["comparisons"], splits, metric=primary["metric"],

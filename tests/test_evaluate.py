@@ -414,6 +414,18 @@ def test_teacher_forced_nll_matches_hf_loss(llama):
     assert out["n_tokens"] == 10
 
 
+def test_head_only_nll_only_where_the_head_gives_the_logits(llama):
+    # Gemma-2's soft-capping or a logit scale after the head: the NLL takes the full logits
+    assert ev._plain_head(llama) and not ev._plain_head(_FixedLogits())
+    for attr in ("final_logit_softcapping", "logit_scale"):
+        setattr(llama.config, attr, 30.0)
+        try:
+            assert not ev._plain_head(llama)
+        finally:
+            delattr(llama.config, attr)
+    assert ev._plain_head(llama)
+
+
 def test_reference_metrics_per_example_in_record_order_and_equal_to_each_alone(llama, tokenizer):
     # reference_metrics batches the references by length and scores only response positions:
     # each example's row must still be its own (records' order), equal to HF's loss on it alone

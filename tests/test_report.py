@@ -188,6 +188,35 @@ def test_gap_closed_and_its_words():
     assert "no gap to close" in report.answer_text([], report.gap_closed(flat, ["sft"], "test", n_boot=50))
 
 
+def test_study_answer_covers_every_arm_and_nothing_without_a_split(tmp_path):
+    g = np.random.default_rng(5)
+    scores = {"teacher": [0.9] * 12, "student_init": [0.1] * 12}
+    for name, (method, group, seed) in {"sft_s1": ("sft", "released", 1), "sft_s2": ("sft", "released", 2),
+                                        "dpkd_token_s1": ("dpkd_token", "released", 1),
+                                        "dpkd_token_s2": ("dpkd_token", "released", 2),
+                                        "alone_kd_s1": ("alone_kd", "alone", 1)}.items():
+        scores[name] = list(g.uniform(0.1, 0.5, size=12))
+        fake_run(tmp_path, name, method=method, seed=seed, test_rl=0.0, group=group,
+                 label="KD alone" if group == "alone" else None, eval_rows=greedy_rows(scores[name]))
+    for name in ("teacher", "student_init"):
+        fake_run(tmp_path, name, method=name, seed=40, test_rl=0.0, group="pair",
+                 eval_rows=greedy_rows(scores[name]))
+    df = report.collect(tmp_path)
+    arms = {"released": {"methods": {"sft": {}, "dpkd_token": {}}},
+            "alone": {"prefix": "alone_", "methods": {"kd": {}}}}
+    primary = {"metric": "rouge_l", "decoding": "greedy", "splits": ["test"], "alpha": 0.05,
+               "comparisons": [["dpkd_token", "sft"]]}
+    assert report.arm_methods(arms) == ["sft", "dpkd_token", "alone_kd"]
+    comps, moved, text = report.study_answer(df, arms, primary, n_boot=200)
+    assert [(r["a"], r["b"], r["split"]) for r in comps] == [("dpkd_token", "sft", "test")]
+    assert [m["method"] for m in moved] == ["sft", "dpkd_token", "alone_kd"]
+    assert moved[2]["label"] == "KD alone" and "KD alone" in text
+    start = np.mean(scores["student_init"]) * 100
+    assert moved[0]["moved"] == pytest.approx(np.mean(scores["sft_s1"] + scores["sft_s2"]) * 100 - start)
+    assert text == report.answer_text(comps, moved)
+    assert report.study_answer(df, arms, primary, splits=[], n_boot=200) == ([], [], "")
+
+
 def test_per_example_reads_greedy_rows_and_teacher_forced_sums(tmp_path):
     rows = greedy_rows([0.5, 1.0]) + [
         {"id": "p0", "split": "test", "decoding": "teacher_forced", "nll_sum": 6.0, "correct": 2, "n_tokens": 4},
