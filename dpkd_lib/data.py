@@ -280,6 +280,15 @@ def collate_sft(examples: Sequence[Mapping[str, Any]], pad_id: int) -> dict[str,
             "ids": [ex.get("id", "") for ex in examples]}
 
 
+def sorted_batches(examples: Sequence[Mapping[str, Any]], batch_size: int) -> list[list[int]]:
+    """Indices of tokenised ``examples`` in batches of ``batch_size``, shortest first (a
+    stable sort on len(input_ids)): the least padding for a pass where order does not matter
+    (scoring, caching, evaluation). A caller that needs the rows back in their own order maps
+    its results through these indices."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    return [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+
+
 def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int = 0,
                            drop_last: bool = False, mega_batches: int = 50) -> list[list[int]]:
     """Batches of indices whose members have similar lengths, in a random batch order.

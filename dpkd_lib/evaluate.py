@@ -745,7 +745,7 @@ def reference_metrics(model, tokenizer, records, data_cfg, *, batch_size: int = 
     """Teacher-forced NLL and token accuracy on the references of `records`, tokenised as
     training tokenises them (``data_cfg``: max_length, max_prompt), with ``per_example``
     rows. Without a reference that fits (every example too long) only ``note`` says why."""
-    from .data import DataError, build_sft_dataset, collate_sft, pad_id_of
+    from .data import DataError, build_sft_dataset, collate_sft, pad_id_of, sorted_batches
 
     try:
         dataset, _ = build_sft_dataset(records, tokenizer, max_length=data_cfg.max_length,
@@ -754,14 +754,12 @@ def reference_metrics(model, tokenizer, records, data_cfg, *, batch_size: int = 
         return {"note": str(err)[:200]}
     pad = pad_id_of(tokenizer)
     device = _model_device(model)
-    # length-sorted batches pad less; the per-example rows go back to the records' order
-    order = sorted(range(len(dataset)), key=lambda i: len(dataset[i]["input_ids"]))
+    groups = sorted_batches(dataset, batch_size)  # pad less; the rows go back to the dataset's order
     batches = ({k: (v.to(device) if torch.is_tensor(v) else v) for k, v in
-                collate_sft([dataset[i] for i in order[b:b + batch_size]], pad).items()}
-               for b in range(0, len(order), batch_size))
+                collate_sft([dataset[i] for i in idx], pad).items()} for idx in groups)
     m = teacher_forced_metrics(model, batches)
-    per_example = [None] * len(order)  # rows came in batch order: back to the dataset's
-    for row, i in zip(m["per_example"], order):
+    per_example = [None] * len(dataset)
+    for row, i in zip(m["per_example"], (i for idx in groups for i in idx)):
         per_example[i] = row
     return {"nll": m["nll"], "token_acc": m["token_accuracy"], "n_tokens": m["n_tokens"],
             "n_examples": len(dataset), "per_example": per_example}

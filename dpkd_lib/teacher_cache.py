@@ -143,11 +143,11 @@ def compute_signals(teacher, examples, pad_id: int, k: int = 32, *, fmt: str = "
         raise ValueError(f"unknown cache format '{fmt}'; valid: {', '.join(CACHE_FORMATS)}")
     device = device or next(teacher.parameters()).device
     head = teacher.get_output_embeddings()
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     parts: dict[str, list] = {"hidden": [], "topk_ids": [], "topk_logps": []}
     index, start = {}, 0
-    for b in tqdm(range(0, len(order), batch_size), desc=f"teacher cache ({fmt})", disable=not progress):
-        chunk = [examples[i] for i in order[b:b + batch_size]]
+    for idx in tqdm(data_lib.sorted_batches(examples, batch_size), desc=f"teacher cache ({fmt})",
+                    disable=not progress):
+        chunk = [examples[i] for i in idx]
         batch = data_lib.collate_sft(chunk, pad_id)
         batch = {key: (v.to(device) if torch.is_tensor(v) else v) for key, v in batch.items()}
         hidden, _ = response_hidden(teacher, batch)
@@ -230,10 +230,8 @@ def load_or_sample(path: Path, records, sample, *, write: bool = True) -> list[d
 def score_rows(rows, score, pad_id: int, *, batch_size: int = 16) -> list[float]:
     """`score(collated batch) -> [B] tensor` over tokenised rows, in length-sorted batches;
     returns one float per row, in the rows' order."""
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
     out = [0.0] * len(rows)
-    for b in range(0, len(order), batch_size):
-        idx = order[b:b + batch_size]
+    for idx in data_lib.sorted_batches(rows, batch_size):
         values = score(data_lib.collate_sft([rows[i] for i in idx], pad_id))
         for i, v in zip(idx, values.tolist()):
             out[i] = float(v)

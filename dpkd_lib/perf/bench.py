@@ -689,11 +689,10 @@ def bench_reference_nll(model, examples: Sequence[dict], pad_id: int, *, repeats
     device = device or _device()
     model.to(device).eval()
 
-    def batches(order):
-        return [_to(data_lib.collate_sft([examples[i] for i in order[b:b + batch_size]], pad_id), device)
-                for b in range(0, len(order), batch_size)]
-    as_given = batches(list(range(len(examples))))
-    by_length = batches(sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"])))
+    def batches(groups):
+        return [_to(data_lib.collate_sft([examples[i] for i in idx], pad_id), device) for idx in groups]
+    as_given = batches([range(b, min(b + batch_size, len(examples))) for b in range(0, len(examples), batch_size)])
+    by_length = batches(data_lib.sorted_batches(examples, batch_size))
     out = {}
     timing = interleaved_medians({
         "before": lambda: out.__setitem__("before", ev.teacher_forced_metrics(_FullLogits(model), as_given)),
