@@ -92,7 +92,8 @@ def test_every_notebook_run_of_every_profile_resolves(profile, tmp_path):
 def test_the_offline_design(profile, tmp_path):
     """Issue 13's design, as params: methods train on examples the builds never saw, every
     method of an arm trains the same steps, arm (b) has nothing mixed in, Algorithm 1 is there
-    (the 2-hour cpu profile holds both arms' token-level methods; cpu_full the whole design)."""
+    (the 2-hour cpu profile holds both arms, DPKD-seq and Algorithm 1 included; cpu_full adds
+    RKL / JSD / SeqKD)."""
     main, out = notebook_runs(profile, tmp_path)
     span = lambda c: (parse_slice(c.data.train_slice).start, parse_slice(c.data.train_slice).stop)  # noqa: E731
     method_slices = {span(c) for c in out["arms"].values()}
@@ -121,8 +122,11 @@ def test_the_offline_design(profile, tmp_path):
             assert c.train.lm_coef == 0.0 and (c.train.objective == "sft" or c.train.kd_ratio == 1.0)
     if profile == "cpu":
         assert set(main["arms"]) == {"released", "alone"}
-        assert all(c.train.objective != "dpkd_seq" for c in out["arms"].values()), "cpu_full holds DPKD-seq"
-        return
+        assert set(seeds) == {"sft", "kd", "dpkd_token", "dpkd_seq"}, "RKL / JSD / SeqKD: cpu_full only"
+    if profile == "cpu_full":
+        assert {"rkl", "jsd", "seqkd"} <= set(seeds)
+    if profile in ("cpu", "cpu_full"):
+        assert [["dpkd_seq", "sft"], ["dpkd_seq", "kd"]] == main["primary"]["comparisons"][2:]
     assert len(seeds["dpkd_seq"]) >= 2
     alg1 = [c for c in alone.values() if c.train.pretrain_loss == "ce"]
     assert len(alg1) == 1 and alg1[0].train.objective == "dpkd_seq" and alg1[0].train.kd_ratio == 1.0
