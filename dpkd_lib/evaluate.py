@@ -293,7 +293,9 @@ def bucket_table(
         df["seed"] = 0
     rows = []
     for group, gdf in df.groupby(by, sort=False, dropna=False):
-        per_seed = gdf.groupby("seed")[["rouge_l", "exact_match", "response_tokens"]].mean()
+        # dropna=False: greedy rows carry seed None (evaluate_splits), one decoding, not a
+        # missing value to drop
+        per_seed = gdf.groupby("seed", dropna=False)[["rouge_l", "exact_match", "response_tokens"]].mean()
         rl_mean, rl_sd, _ = mean_sd(100.0 * per_seed["rouge_l"])
         em_mean, em_sd, _ = mean_sd(100.0 * per_seed["exact_match"])
         rows.append(

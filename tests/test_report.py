@@ -277,3 +277,23 @@ def test_paper_numbers():
     assert t.loc["DollyEval", "DPKD-token"] == 24.6 and t.loc["DollyEval", "SFT"] == 23.3
     assert t.loc["S-NI", "SeqKD"] == 16.4      # the paper's Table 1 (the released code's table says 16.0)
     assert "5-seed" in report.PAPER_NOTE and "one seed" in report.PAPER_NOTE
+
+
+def test_buckets_from_greedy_rows_mean_sd_over_training_seeds(tmp_path):
+    # greedy rows carry seed None (evaluate_splits): they are one decoding, not missing values.
+    # Two prompts per run, bucket [0,5) (ROUGE-L a) and [10,20) (ROUGE-L b).
+    def rows(a, b):
+        return [{"id": "p0", "split": "test", "decoding": "greedy", "seed": None, "rouge_l": a,
+                 "exact_match": 1.0, "response_tokens": 3, "reference_tokens": 4, "bucket": "[0,5)"},
+                {"id": "p1", "split": "test", "decoding": "greedy", "seed": None, "rouge_l": b,
+                 "exact_match": 0.0, "response_tokens": 9, "reference_tokens": 12, "bucket": "[10,20)"},
+                {"id": "p0", "split": "test", "decoding": "sample", "seed": 1, "rouge_l": 0.0,
+                 "exact_match": 0.0, "response_tokens": 3, "reference_tokens": 4, "bucket": "[0,5)"}]
+    fake_run(tmp_path, "sft_s1", method="sft", seed=1, test_rl=0.0, eval_rows=rows(0.2, 0.5))
+    fake_run(tmp_path, "sft_s2", method="sft", seed=2, test_rl=0.0, eval_rows=rows(0.4, 0.1))
+    table = report.buckets(report.collect(tmp_path), split="test", methods=["sft"]).set_index("bucket")
+    assert list(table.index) == ["[0,5)", "[10,20)"] and list(table["n_seeds"]) == [2, 2]
+    assert table.loc["[0,5)", "rouge_l"] == pytest.approx(30.0)          # (20 + 40) / 2; sample row not read
+    assert table.loc["[0,5)", "rouge_l_sd"] == pytest.approx(math.sqrt(200.0))
+    assert table.loc["[10,20)", "rouge_l"] == pytest.approx(30.0)        # (50 + 10) / 2
+    assert table.loc["[0,5)", "exact_match"] == pytest.approx(100.0)
