@@ -88,8 +88,12 @@ def cache_key(**identity) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _gib(n: float) -> str:
-    return f"{n / 1024 ** 3:.2f} GiB"
+def size_text(n: float) -> str:
+    """Bytes for a message: 1.23 GiB, 45.6 MiB, 7.8 KiB."""
+    for unit, scale in (("GiB", 1024 ** 3), ("MiB", 1024 ** 2), ("KiB", 1024)):
+        if n >= scale:
+            return f"{n / scale:.{2 if unit == 'GiB' else 1}f} {unit}"
+    return f"{int(n)} bytes"
 
 
 # ----------------------------------------------------------------------------- the file
@@ -260,7 +264,8 @@ class TeacherCache:
 
     def _take(self, name: str, ranges) -> torch.Tensor:
         if isinstance(self.store, dict):
-            return torch.cat([self.store[name][a:b] for a, b in ranges])
+            whole = self.store[name]
+            return torch.cat([whole[a:b] for a, b in ranges]) if ranges else whole[:0].clone()
         return self.store.rows(name, ranges)
 
     def ranges(self, example_ids, counts=None) -> list[tuple[int, int]]:
@@ -475,10 +480,10 @@ def _open_complete(folder: Path, fmt: str, examples, warn: bool = True) -> Optio
 def _disk_full(exc: OSError, folder: Path, needed: Optional[int]) -> OSError:
     """One line for a full disk: what could not be written, what it needed, what is free."""
     try:
-        free = _gib(shutil.disk_usage(folder.parent).free)
+        free = size_text(shutil.disk_usage(folder.parent).free)
     except OSError:
         free = "unknown"
-    need = f"needs {_gib(needed)}" if needed else "size unknown"
+    need = f"needs {size_text(needed)}" if needed else "size unknown"
     return OSError(exc.errno, f"no space left for the teacher cache {folder / SIGNALS} ({need}, "
                               f"{free} free on its disk; nothing was kept): free space or point "
                               f"cache_dir at a larger disk, then rerun")

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import os
 import platform
@@ -705,6 +706,234 @@ def bench_reference_nll(model, examples: Sequence[dict], pad_id: int, *, repeats
 
 
 # ----------------------------------------------------------------------------- run + report
+
+# ----------------------------------------------------------------------------- the cache on disk
+
+class WideTeacher(torch.nn.Module):
+    """A stand-in teacher for the disk-cache stage: its final hidden state is a fixed random
+    embedding of each token (tanh), its head a random [V, H] matrix. What the stage measures
+    is bytes per position, not the teacher: H = 2560 fp32 is 10 KB per position, what a
+    13-14B teacher's fp16 hidden state (5120 × 2 bytes) takes."""
+
+    def __init__(self, vocab: int, hidden: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.head = torch.nn.Linear(hidden, vocab, bias=False)
+        with torch.no_grad():
+            self.embed.weight.copy_(torch.randn(vocab, hidden, generator=g))
+            self.head.weight.copy_(torch.randn(vocab, hidden, generator=g) / hidden ** 0.5)
+
+    def forward(self, input_ids, attention_mask=None, **kw):
+        from types import SimpleNamespace
+        return SimpleNamespace(hidden_states=(torch.tanh(self.embed(input_ids)),), logits=None)
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+def wide_examples(n_rows: int, *, vocab: int, prompt: int = 24, response: int = 128,
+                  seed: int = 0) -> list[dict]:
+    """Tokenised examples holding about ``n_rows`` response positions (lengths vary ±25 %)."""
+    g = torch.Generator().manual_seed(seed)
+    out, rows, i = [], 0, 0
+    while rows < n_rows:
+        r = int(response * (0.75 + 0.5 * torch.rand((), generator=g).item()))
+        ids = torch.randint(3, vocab, (prompt + r,), generator=g).tolist()
+        out.append({"id": f"w{i}", "input_ids": ids, "labels": [-100] * prompt + ids[prompt:],
+                    "prompt_len": prompt})
+        rows, i = rows + r - (1 if prompt == 0 else 0), i + 1
+    return out
+
+
+def _tiny_student(vocab: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=2,
+                                        num_key_value_heads=2, tie_word_embeddings=True))
+
+
+def _vm() -> dict:
+    """This process's VmSize / VmPeak / VmHWM (peak RSS) in bytes, from /proc."""
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmSize", "VmPeak", "VmHWM", "VmRSS"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def cache_child(spec: Mapping) -> dict:
+    """One side of the disk-cache stage, in a fresh process (see `bench_cache_disk`):
+    ``build`` the cache (``spec["folder"]``) and/or ``train`` ``steps`` DPKD-token steps
+    (lean loss) of a tiny student from it, read by rows (``form: disk``) or loaded whole
+    (``form: memory``, the cache before issue 26), optionally under an address-space limit
+    of the process's size + ``headroom`` bytes (RLIMIT_AS, as ``prlimit --as``). Returns
+    the limit, peak RSS (VmHWM), the cache's size, the steps done, or the error."""
+    import resource
+    from safetensors.torch import load_file
+
+    from .. import objectives as obj_lib
+    from .. import teacher_cache as tc
+    from ..config import TrainConfig
+    from ..data import collate_sft
+    torch.set_num_threads(1)
+    V, H = spec["vocab"], spec["hidden"]
+    teacher, student = WideTeacher(V, H), _tiny_student(V)
+    examples = wide_examples(spec["rows"], vocab=V)
+    folder = Path(spec["folder"])
+    out: dict[str, Any] = {"form": spec["form"], "rows": spec["rows"]}
+    if spec.get("headroom"):
+        limit = _vm()["VmSize"] + int(spec["headroom"])
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        out["limit"] = limit
+    out["rss_before"] = _vm()["VmHWM"]
+    try:
+        if "build" in spec["actions"]:
+            t0 = time.perf_counter()
+            tc.build(folder, teacher, examples, 0, 0, meta={}, fmt="hidden", batch_size=8,
+                     progress=False)
+            out["build_s"] = time.perf_counter() - t0
+            out["rss_after_build"] = _vm()["VmHWM"]
+        out["cache_bytes"] = (folder / tc.SIGNALS).stat().st_size
+        if "train" in spec["actions"]:
+            if spec["form"] == "disk":
+                cache = tc.TeacherCache.load(folder)
+            else:  # the old form: every tensor in memory, as a build left it (load_file maps
+                # the file; the copy makes it resident, as the old build's own tensors were)
+                info = json.loads((folder / tc.INDEX).read_text())
+                tensors = {k: v.clone() for k, v in load_file(str(folder / tc.SIGNALS)).items()}
+                cache = tc.TeacherCache(tensors, {k: tuple(v) for k, v in info["index"].items()}, "hidden")
+            t = TrainConfig(objective="dpkd_token", teacher_mode="cache", loss_chunk_size=256)
+            teacher_sig = obj_lib.CachedTeacher(cache)
+            opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+            g = torch.Generator().manual_seed(1)
+            done = 0
+            for _ in range(spec["steps"]):  # batches drawn over the whole cache
+                idx = torch.randint(0, len(examples), (spec.get("batch", 8),), generator=g).tolist()
+                batch = collate_sft([examples[i] for i in idx], 0)
+                loss = obj_lib.step_loss(t, student, teacher_sig, batch).total
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                done += 1
+            out["steps"] = done
+            out["loss"] = float(loss)
+    except (MemoryError, RuntimeError, OSError) as exc:  # what a memory limit raises
+        out["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    out["peak_rss"] = _vm()["VmHWM"]
+    out["vm_peak"] = _vm()["VmPeak"]
+    return out
+
+
+def run_cache_child(spec: Mapping, timeout: float = 900) -> dict:
+    """`cache_child` in a fresh interpreter (its own peak RSS and its own limits)."""
+    import json as json_lib
+    import subprocess
+    code = ("import json, sys; from dpkd_lib.perf import bench; "
+            "print(json.dumps(bench.cache_child(json.loads(sys.argv[1]))))")
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-c", code, json_lib.dumps(dict(spec))], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=REPO_ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"cache child failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+    return json_lib.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _drop_page_cache(path: Path) -> None:
+    """Ask the kernel to forget the file's cached pages (clean pages: no root needed), so the
+    next read comes from the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def bench_cache_disk(rows: int, *, vocab: int = 1024, hidden: int = 2560, steps: int = 8,
+                     repeats: int = 20, memory_rss: bool = True, workdir: Optional[Path] = None,
+                     progress: bool = True) -> dict:
+    """The exact teacher cache on disk (issue 26) against the in-memory cache it replaced.
+
+    * Read cost per step: the teacher signal of one training batch (8 examples, ~1000
+      positions of 10 KB), `TeacherCache.teacher_hidden`, from the file by rows (page cache
+      warm, and cold: the file's pages dropped before each read) and from the whole cache in
+      memory, interleaved in this process on the same batches.
+    * Peak RSS of DPKD-token training (``steps`` steps of a tiny student, batches over the
+      whole cache) from caches of ``rows`` and 4 × ``rows`` positions, each in a fresh
+      process: read by rows, and (``memory_rss``) loaded whole.
+    * A build and training under a memory limit (RLIMIT_AS = the process's size after its
+      imports + 256 MiB) of the 4× cache, which is larger than the limit; and the in-memory
+      form under the same limit.
+    """
+    import tempfile
+
+    from .. import teacher_cache as tc
+    from ..data import collate_sft
+    out: dict[str, Any] = {"rows": rows, "hidden": hidden, "vocab": vocab, "steps": steps,
+                           "bytes_per_position": hidden * 4}
+    with tempfile.TemporaryDirectory(prefix="dpkd-bench-cache-", dir=workdir) as tmp:
+        folders = {"1x": Path(tmp) / "c1", "4x": Path(tmp) / "c4"}
+        sizes = {"1x": rows, "4x": 4 * rows}
+        base = {"vocab": vocab, "hidden": hidden, "steps": steps}
+        # the 4x cache built under the limit, then the 1x one without
+        limited = run_cache_child(dict(base, form="disk", rows=sizes["4x"], folder=str(folders["4x"]),
+                                       actions=["build", "train"], headroom=256 * 2 ** 20))
+        out["limited_build_and_train"] = limited
+        run_cache_child(dict(base, form="disk", rows=sizes["1x"], folder=str(folders["1x"]),
+                             actions=["build"], steps=0))
+        if memory_rss:  # the old form under the same limit
+            out["limited_memory_form"] = run_cache_child(dict(
+                base, form="memory", rows=sizes["4x"], folder=str(folders["4x"]), actions=["train"],
+                headroom=256 * 2 ** 20))
+        rss = {}
+        for form in ("disk", "memory") if memory_rss else ("disk",):
+            for size in ("1x", "4x"):
+                res = run_cache_child(dict(base, form=form, rows=sizes[size], folder=str(folders[size]),
+                                           actions=["train"]))
+                rss[f"{form}_{size}"] = res
+                if progress:
+                    print(f"[bench cache] {form} {size}: peak RSS {res['peak_rss'] / 2**20:.0f} MiB",
+                          file=sys.stderr)
+        out["train_rss"] = rss
+        out["cache_bytes"] = {size: (folders[size] / tc.SIGNALS).stat().st_size for size in folders}
+        # read cost per step, disk (warm / cold) vs memory, interleaved, on the 4x cache
+        from safetensors.torch import load_file
+        disk = tc.TeacherCache.load(folders["4x"])
+        memory = tc.TeacherCache({k: v.clone() for k, v in load_file(str(folders["4x"] / tc.SIGNALS)).items()},
+                                 disk.index, "hidden")
+        examples = wide_examples(sizes["4x"], vocab=vocab)
+        g = torch.Generator().manual_seed(2)
+        batches = [collate_sft([examples[i] for i in torch.randint(0, len(examples), (8,), generator=g).tolist()], 0)
+                   for _ in range(repeats + 1)]
+        state = {"i": 0}
+
+        def read(cache, cold=False):
+            def fn():
+                b = batches[state["i"] % len(batches)]
+                if cold:
+                    _drop_page_cache(folders["4x"] / tc.SIGNALS)
+                cache.teacher_hidden(b["ids"], (b["labels"][:, 1:] != -100).sum(1).tolist())
+            return fn
+
+        def advance():
+            state["i"] += 1
+        timing = interleaved_medians({"memory": read(memory), "disk_warm": read(disk),
+                                      "disk_cold": read(disk, cold=True), "next": advance},
+                                     repeats=repeats, warmup=1, device=torch.device("cpu"))
+        positions = statistics.mean(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        disk.close()
+        del memory
+    out["read_s_per_step"] = {k: timing[k]["median_s"] for k in ("memory", "disk_warm", "disk_cold")}
+    out["positions_per_step"] = positions
+    out["bytes_per_step"] = positions * hidden * 4
+    d1, d4 = rss["disk_1x"]["peak_rss"], rss["disk_4x"]["peak_rss"]
+    out["peak_rss_ratio_4x"] = d4 / d1
+    out["peak_rss_mib"] = {k: v["peak_rss"] / 2 ** 20 for k, v in rss.items()}
+    return out
+
 
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
