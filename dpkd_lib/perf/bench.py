@@ -47,6 +47,16 @@ Figures (keys of summary.json):
   (``train.rejected_every`` 1) or every 4 steps in one batch (4).
 * ``memory_planner_max_rel_error``: worst |predicted − measured| / measured peak over the
   planner's calibration workloads (fresh subprocess each; see dpkd_lib/perf/calibrate.py).
+* The exact teacher cache on disk (issue 26; ``--only cache_disk`` runs this stage alone
+  into ``cache_disk.{json,md}``), 10 KB per position as a 13-14B teacher's fp16 hidden
+  state: ``teacher_cache_read_ms_per_step`` (one batch's rows read from the file, page cache
+  warm; cold reads in the details) against ``teacher_cache_read_ms_per_step_in_memory`` (the
+  same rows from the cache held in memory, as before), interleaved;
+  ``teacher_cache_peak_rss_ratio_4x``: peak RSS of DPKD-token training from a cache 4× larger
+  over that from the smaller one, each in a fresh process (the in-memory form's beside it);
+  ``teacher_cache_size_over_memory_limit``: the 4× cache's size over the address-space limit
+  (RLIMIT_AS) under which it was built and trained from (> 1: larger than the limit; NaN if
+  it failed). See :func:`bench_cache_disk`.
 """
 from __future__ import annotations
 
@@ -94,6 +104,10 @@ TARGETS: dict[str, tuple[str, Optional[Callable[[float], bool]]]] = {
     "dpkd_seq_step_s": ("—", None),
     "dpkd_seq_step_s_k4": ("—", None),
     "memory_planner_max_rel_error": ("≤ 0.2", lambda v: v <= 0.2),
+    "teacher_cache_read_ms_per_step": ("—", None),
+    "teacher_cache_read_ms_per_step_in_memory": ("—", None),
+    "teacher_cache_peak_rss_ratio_4x": ("≤ 1.05", lambda v: v <= 1.05),
+    "teacher_cache_size_over_memory_limit": ("> 1", lambda v: v > 1.0),
 }
 KEYS = tuple(TARGETS)
 
@@ -104,15 +118,18 @@ MODES: dict[str, dict[str, Any]] = {
     "quick": dict(vocabs=(1000, 32000, 50000), loss_BT=(8, 512), loss_repeats=3,
                   cache_batches=3, step_repeats=3, gen_prompts=16, gen_new_tokens=(64,),
                   gen_repeats=1, matmul_sizes=(1024, 2048), matmul_repeats=3, planner="quick",
-                  pair="cpu", seq_steps=4, seq_new_tokens=32, nll_examples=64),
+                  pair="cpu", seq_steps=4, seq_new_tokens=32, nll_examples=64,
+                  cache_rows=30_000, cache_steps=8, cache_repeats=20, cache_memory_rss=True),
     "full": dict(vocabs=(1000, 32000, 50000), loss_BT=(8, 512), loss_repeats=7,
                  cache_batches=12, step_repeats=8, gen_prompts=32, gen_new_tokens=(32, 128),
                  gen_repeats=2, matmul_sizes=(1024, 1536, 2048), matmul_repeats=7,
-                 planner="full", pair="cpu", seq_steps=8, seq_new_tokens=64, nll_examples=200),
+                 planner="full", pair="cpu", seq_steps=8, seq_new_tokens=64, nll_examples=200,
+                 cache_rows=50_000, cache_steps=16, cache_repeats=40, cache_memory_rss=True),
     "tiny": dict(vocabs=(64, 256), loss_BT=(2, 32), loss_repeats=1, cache_batches=2,
                  step_repeats=1, gen_prompts=4, gen_new_tokens=(4,), gen_repeats=1,
                  matmul_sizes=(64, 128), matmul_repeats=1, planner="tiny", pair="tiny",
-                 seq_steps=4, seq_new_tokens=4, nll_examples=8),
+                 seq_steps=4, seq_new_tokens=4, nll_examples=8,
+                 cache_rows=2_000, cache_steps=2, cache_repeats=3, cache_memory_rss=False),
 }
 K_VALUES = (1, 4, 8, 32, 128)
 
@@ -882,8 +899,8 @@ def bench_cache_disk(rows: int, *, vocab: int = 1024, hidden: int = 2560, steps:
         limited = run_cache_child(dict(base, form="disk", rows=sizes["4x"], folder=str(folders["4x"]),
                                        actions=["build", "train"], headroom=256 * 2 ** 20))
         out["limited_build_and_train"] = limited
-        run_cache_child(dict(base, form="disk", rows=sizes["1x"], folder=str(folders["1x"]),
-                             actions=["build"], steps=0))
+        tc.build(folders["1x"], WideTeacher(vocab, hidden), wide_examples(sizes["1x"], vocab=vocab), 0, 0,
+                 meta={}, fmt="hidden", batch_size=8, progress=False)
         if memory_rss:  # the old form under the same limit
             out["limited_memory_form"] = run_cache_child(dict(
                 base, form="memory", rows=sizes["4x"], folder=str(folders["4x"]), actions=["train"],
@@ -932,6 +949,62 @@ def bench_cache_disk(rows: int, *, vocab: int = 1024, hidden: int = 2560, steps:
     d1, d4 = rss["disk_1x"]["peak_rss"], rss["disk_4x"]["peak_rss"]
     out["peak_rss_ratio_4x"] = d4 / d1
     out["peak_rss_mib"] = {k: v["peak_rss"] / 2 ** 20 for k, v in rss.items()}
+    ok = "error" not in limited and limited.get("steps") == steps
+    out["size_over_limit"] = limited["cache_bytes"] / limited["limit"] if ok else float("nan")
+    return out
+
+
+def cache_disk_figures(res: Mapping) -> dict:
+    """The disk-cache stage's summary keys."""
+    return {"teacher_cache_read_ms_per_step": 1e3 * res["read_s_per_step"]["disk_warm"],
+            "teacher_cache_read_ms_per_step_in_memory": 1e3 * res["read_s_per_step"]["memory"],
+            "teacher_cache_peak_rss_ratio_4x": res["peak_rss_ratio_4x"],
+            "teacher_cache_size_over_memory_limit": res["size_over_limit"]}
+
+
+def cache_disk_markdown(res: Mapping) -> list[str]:
+    """The stage's table: read cost per step and peak RSS by cache size, side by side."""
+    if not res:
+        return []
+    rs, mib = res["read_s_per_step"], res["peak_rss_mib"]
+    size = res["cache_bytes"]
+    lines = ["", f"Teacher cache on disk (exact `hidden` format, {res['bytes_per_position'] / 1024:.0f} KB "
+                 f"per position as a 13-14B teacher's fp16 hidden state; batch of 8 examples, "
+                 f"{res['positions_per_step']:.0f} positions, {res['bytes_per_step'] / 2**20:.1f} MiB per step):", "",
+             "| read per step | in memory (before) | file, page cache warm | file, cold (pages dropped) |",
+             "|---|---:|---:|---:|",
+             f"| ms | {1e3 * rs['memory']:.2f} | {1e3 * rs['disk_warm']:.2f} | {1e3 * rs['disk_cold']:.2f} |", "",
+             f"| peak RSS of {res['steps']} DPKD-token steps (MiB) | cache {size['1x'] / 2**20:.0f} MiB | "
+             f"cache {size['4x'] / 2**20:.0f} MiB |", "|---|---:|---:|"]
+    for form in ("disk", "memory"):
+        if f"{form}_1x" in mib:
+            lines.append(f"| {'read by rows' if form == 'disk' else 'in memory (before)'} | "
+                         f"{mib[form + '_1x']:.0f} | {mib[form + '_4x']:.0f} |")
+    lim = res["limited_build_and_train"]
+    lines += ["", f"Under RLIMIT_AS = {lim.get('limit', 0) / 2**20:.0f} MiB the {size['4x'] / 2**20:.0f} MiB "
+                  f"cache was built and trained from: "
+                  + (f"{lim['steps']} steps, peak RSS {lim['peak_rss'] / 2**20:.0f} MiB" if "steps" in lim
+                     else f"failed ({lim.get('error')})")]
+    old = res.get("limited_memory_form")
+    if old:
+        lines[-1] += f"; the in-memory form under the same limit: {old.get('error') or 'ran'}."
+    return lines
+
+
+def run_cache_disk(mode: str = "quick", out_dir: Path = OUT_DIR, progress: bool = True) -> dict:
+    """The disk-cache stage alone (``--only cache_disk``): results/bench/cache_disk.{json,md}."""
+    cfg = MODES[mode]
+    res = bench_cache_disk(cfg["cache_rows"], steps=cfg["cache_steps"], repeats=cfg["cache_repeats"],
+                           memory_rss=cfg["cache_memory_rss"], progress=progress)
+    out = {"mode": mode, "machine": machine_facts(1), "details": {"teacher_cache_disk": res},
+           **cache_disk_figures(res)}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "cache_disk.json", out)
+    atomic_write_text(out_dir / "cache_disk.md", "\n".join(
+        [f"# `make bench`: the teacher cache on disk ({mode} mode)", ""]
+        + [f"- `{k}`: {out[k]:.3g} (target {TARGETS[k][0]})" for k in cache_disk_figures(res)]
+        + cache_disk_markdown(res)) + "\n")
     return out
 
 
@@ -972,6 +1045,7 @@ def format_markdown(summary: Mapping) -> str:
             lines.append(f"| {v} | {r['plain_peak_bytes'] / 2**20:.0f} | {r['lean_peak_bytes'] / 2**20:.0f}"
                          f" | {r['peak_mem_ratio']:.3f} | {r['plain_s']:.3f} | {r['lean_s']:.3f}"
                          f" | {r['speed_ratio']:.2f} |")
+    lines += cache_disk_markdown(summary.get("details", {}).get("teacher_cache_disk", {}))
     cache = summary.get("details", {}).get("teacher_cache", {})
     if cache.get("rel_error_by_k"):
         ks = sorted(cache["rel_error_by_k"], key=int)
@@ -1198,7 +1272,15 @@ def run(mode: str = "quick", out_dir: Path = OUT_DIR, progress: bool = True,
     summary["dpkd_seq_step_s_k4"] = res["k4"]["step_s"]
     stage_done("dpkd_seq")
 
-    # 7. the memory planner against measured peaks (fresh subprocess per workload)
+    # 7. the exact teacher cache on disk: read cost per step, peak RSS by cache size, a build
+    # under a memory limit smaller than the cache (fresh subprocesses)
+    res = bench_cache_disk(cfg["cache_rows"], steps=cfg["cache_steps"], repeats=cfg["cache_repeats"],
+                           memory_rss=cfg["cache_memory_rss"], progress=progress)
+    summary["details"]["teacher_cache_disk"] = res
+    summary.update(cache_disk_figures(res))
+    stage_done("teacher_cache_disk")
+
+    # 8. the memory planner against measured peaks (fresh subprocess per workload)
     res = calibrate(cfg["planner"], threads=threads, progress=progress)
     summary["details"]["planner"] = res
     summary["memory_planner_max_rel_error"] = res["max_rel_error"]
@@ -1219,9 +1301,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(OUT_DIR))
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--only", choices=["cache_disk"], default=None,
+                        help="run one stage alone (cache_disk: results/bench/cache_disk.{json,md})")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if args.only == "cache_disk":
+        out = run_cache_disk(args.mode, Path(args.out), progress=not args.no_progress)
+        print((Path(args.out) / "cache_disk.md").read_text())
+        return 0 if out else 1
     summary = run(args.mode, Path(args.out), progress=not args.no_progress, threads=args.threads)
     print(format_markdown(summary))
     return 0
