@@ -42,8 +42,10 @@ path, so a rebuilt teacher never meets the signals of the old one. A cache that 
 read (a truncated file, say) is rebuilt with a one-line warning.
 
 The teacher's *sampled responses* (SeqKD's training data, DPKD-seq's chosen side) and its
-log-probs of them are cached the same way, once per (teacher, data, seed, length), and
-shared by every run that uses them; the responses are written as a JSON-lines stream.
+log-probs of them are cached once per (teacher, data, seed, length) and shared by every run
+that uses them. They are not streamed: one response and one float per training record, they
+are the training set itself, which a run holds in memory anyway (the per-position signals
+above are what grows to tens of GB).
 """
 from __future__ import annotations
 
@@ -551,12 +553,14 @@ def load_or_build(folder: Path, build_teacher, examples, pad_id: int, k: int, *,
     one folder are serialised (`build_lock`): a run that waited reads the other's cache.
     Stale temp folders of dead builds are removed first."""
     folder = Path(folder)
+    if folder.parent.is_dir():
+        for tmp in clean_stale(folder.parent):
+            log.warning("removed %s, left by a teacher-cache build that was killed", tmp)
     cache = _open_complete(folder, fmt, examples)
     if cache is not None:
         return cache
     folder.parent.mkdir(parents=True, exist_ok=True)
     with build_lock(folder):
-        clean_stale(folder.parent)
         if (folder / INDEX).exists():  # another process finished it while we waited
             cache = _open_complete(folder, fmt, examples, warn=False)
             if cache is not None:

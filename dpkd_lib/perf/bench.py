@@ -789,7 +789,6 @@ def cache_child(spec: Mapping) -> dict:
     of the process's size + ``headroom`` bytes (RLIMIT_AS, as ``prlimit --as``). Returns
     the limit, peak RSS (VmHWM), the cache's size, the steps done, or the error."""
     import resource
-    from safetensors.torch import load_file
 
     from .. import objectives as obj_lib
     from .. import teacher_cache as tc
@@ -817,11 +816,8 @@ def cache_child(spec: Mapping) -> dict:
         if "train" in spec["actions"]:
             if spec["form"] == "disk":
                 cache = tc.TeacherCache.load(folder)
-            else:  # the old form: every tensor in memory, as a build left it (load_file maps
-                # the file; the copy makes it resident, as the old build's own tensors were)
-                info = json.loads((folder / tc.INDEX).read_text())
-                tensors = {k: v.clone() for k, v in load_file(str(folder / tc.SIGNALS)).items()}
-                cache = tc.TeacherCache(tensors, {k: tuple(v) for k, v in info["index"].items()}, "hidden")
+            else:
+                cache = _in_memory(folder)
             t = TrainConfig(objective="dpkd_token", teacher_mode="cache", loss_chunk_size=256)
             teacher_sig = obj_lib.CachedTeacher(cache)
             opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
@@ -842,6 +838,17 @@ def cache_child(spec: Mapping) -> dict:
     out["peak_rss"] = _vm()["VmHWM"]
     out["vm_peak"] = _vm()["VmPeak"]
     return out
+
+
+def _in_memory(folder: Path):
+    """The cache as it was before issue 26: every tensor read into (heap) memory, as the
+    in-process build left it and `safetensors.load_file` gave it back."""
+    from .. import teacher_cache as tc
+    info = json.loads((Path(folder) / tc.INDEX).read_text())
+    f = tc.SignalFile(Path(folder) / tc.SIGNALS)
+    tensors = {name: f.read(name) for name in f.where}
+    f.close()
+    return tc.TeacherCache(tensors, {k: tuple(v) for k, v in info["index"].items()}, info["format"])
 
 
 def run_cache_child(spec: Mapping, timeout: float = 900) -> dict:
@@ -917,10 +924,8 @@ def bench_cache_disk(rows: int, *, vocab: int = 1024, hidden: int = 2560, steps:
         out["train_rss"] = rss
         out["cache_bytes"] = {size: (folders[size] / tc.SIGNALS).stat().st_size for size in folders}
         # read cost per step, disk (warm / cold) vs memory, interleaved, on the 4x cache
-        from safetensors.torch import load_file
         disk = tc.TeacherCache.load(folders["4x"])
-        memory = tc.TeacherCache({k: v.clone() for k, v in load_file(str(folders["4x"] / tc.SIGNALS)).items()},
-                                 disk.index, "hidden")
+        memory = _in_memory(folders["4x"])
         examples = wide_examples(sizes["4x"], vocab=vocab)
         g = torch.Generator().manual_seed(2)
         batches = [collate_sft([examples[i] for i in torch.randint(0, len(examples), (8,), generator=g).tolist()], 0)
@@ -937,8 +942,9 @@ def bench_cache_disk(rows: int, *, vocab: int = 1024, hidden: int = 2560, steps:
 
         def advance():
             state["i"] += 1
-        timing = interleaved_medians({"memory": read(memory), "disk_warm": read(disk),
-                                      "disk_cold": read(disk, cold=True), "next": advance},
+        # cold first (the file's pages dropped), then the same rows again from the page cache
+        timing = interleaved_medians({"memory": read(memory), "disk_cold": read(disk, cold=True),
+                                      "disk_warm": read(disk), "next": advance},
                                      repeats=repeats, warmup=1, device=torch.device("cpu"))
         positions = statistics.mean(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         disk.close()
