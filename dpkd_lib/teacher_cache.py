@@ -128,12 +128,16 @@ class SignalWriter:
         self.base, self.size = len(header), len(header) + data
         self.filled = {name: 0 for name in specs}  # bytes written, per tensor
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:  # reserve the whole file now: a disk too small fails before the teacher pass
-            os.posix_fallocate(self.fd, 0, self.size)
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                raise  # ENOSPC among them; a file system that cannot reserve: the writes tell
-        self._write(memoryview(header), 0)
+        try:
+            try:  # reserve the whole file now: a disk too small fails before the teacher pass
+                os.posix_fallocate(self.fd, 0, self.size)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise  # ENOSPC among them; a file system that cannot reserve: the writes tell
+            self._write(memoryview(header), 0)
+        except BaseException:
+            self.abort()
+            raise
 
     def _write(self, view: memoryview, offset: int) -> None:
         while view.nbytes:
