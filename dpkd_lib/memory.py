@@ -657,7 +657,7 @@ def _trials(plan: MemoryPlan, budget_bytes: Optional[float]) -> list[tuple[str, 
         trials.append(("cache the teacher", "train.teacher_mode=cache",
                        replace(plan, teacher_mode="cache")))
     if is_train and plan.teacher_mode == "cache" and plan.cache_format == "hidden":
-        trials.append(("compact teacher cache", "train.cache_format=topk",
+        trials.append(("compact teacher cache (top-k: biased, not exact)", "train.cache_format=topk",
                        replace(plan, cache_format="topk")))
     if plan.teacher is not None and plan.teacher_dtype != "4bit" and \
             (plan.task == "teacher_inference" or plan.teacher_mode == "online"):
