@@ -113,7 +113,7 @@ class TrainConfig:
     seq_max_new_tokens: int = 64  # seqkd / dpkd_seq / train_on teacher_samples: sampled response length
     rejected_every: int = 1  # dpkd_seq: draw the student's samples for this many steps at once
     teacher_mode: str = "online"  # online | cache (token-level objectives: signals precomputed once)
-    cache_format: str = "hidden"  # cache: hidden = exact (final hidden states + head); topk = compact
+    cache_format: str = "hidden"  # cache: hidden = exact (final hidden states + head, on disk); topk = compact, biased (log p outside the top k only bounded)
     cache_topk: int = 32  # cache_format topk only
     loss_chunk_size: int = 0  # >0: memory-lean loss over chunks of response positions
     autocast_dtype: str = "float32"  # bfloat16 autocast is faster on some CPUs; fp32 default; auto: by the card

@@ -55,6 +55,7 @@ __all__ = [
     "IGNORE_INDEX",
     "LOSS_TYPES",
     "TokenPreferenceLogps",
+    "TeacherHidden",
     "sft_loss",
     "forward_kl",
     "reverse_kl",
@@ -120,6 +121,37 @@ def _check_shapes(student_logits: Tensor, labels: Tensor, *others: Tuple[str, Te
 def _check_chunk(chunk_size: Optional[int]) -> None:
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+
+
+class TeacherHidden:
+    """A teacher's signal as its final hidden states [..., H] and output head (weight [V, H],
+    bias [V] or None), which every token loss accepts in place of ``teacher_logits``. The
+    logits are ``F.linear(hidden, weight, bias)`` in the head's dtype, then fp32: what the
+    online teacher's head computes. The lean losses (``chunk_size``) compute them chunk by
+    chunk, so the teacher's [N, V] logits never exist at once (teacher_cache.py's exact
+    cache); the plain ones compute them whole."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = None):
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.hidden.shape[:-1], self.weight.shape[0]))
+
+    def logits(self) -> Tensor:
+        return F.linear(self.hidden.to(self.weight.dtype), self.weight, self.bias).float()
+
+    def detach(self) -> "TeacherHidden":
+        return TeacherHidden(self.hidden.detach(), self.weight.detach(),
+                             None if self.bias is None else self.bias.detach())
+
+    def __getitem__(self, index) -> "TeacherHidden":  # rows: a mask or a slice of positions
+        return TeacherHidden(self.hidden[index], self.weight, self.bias)
+
+
+def _logits(teacher) -> Tensor:
+    """Teacher logits of a chunk: the tensor itself, or computed from `TeacherHidden`."""
+    return teacher.logits() if isinstance(teacher, TeacherHidden) else teacher
 
 
 def _kl_terms(w: Tensor, logw: Tensor, logm: Tensor) -> Tensor:
@@ -292,7 +324,22 @@ def _teacher_loss(row_fn, student_logits, teacher_logits, labels, chunk_size, **
         )
     _check_temperature(kw.get("temperature", 1.0))
     fn = functools.partial(row_fn, **kw)
-    (vals,), _ = _per_position(fn, labels, (student_logits, teacher_logits.detach()), chunk_size)
+    teacher = teacher_logits.detach()
+    if isinstance(teacher, TeacherHidden):
+        if chunk_size is None:
+            teacher = teacher.logits()
+        else:  # the teacher's logits per chunk, inside the chunk's checkpoint (no gradient)
+            _check_chunk(chunk_size)
+            mask = labels != IGNORE_INDEX
+            head = (teacher.weight, teacher.bias)
+
+            def fn(s, h, _fn=fn):
+                with torch.no_grad():
+                    t = TeacherHidden(h, *head).logits()
+                return _fn(s, t)
+            (vals,) = _chunked(fn, [_rows(student_logits, mask), teacher.hidden[mask]], chunk_size)
+            return _mean(vals)
+    (vals,), _ = _per_position(fn, labels, (student_logits, teacher), chunk_size)
     return _mean(vals)
 
 
@@ -564,7 +611,7 @@ def _dpkd_lean(student_logits, teacher_logits, labels, temperature, chunk_size):
     n = s_rows.shape[0]
     with torch.no_grad():
         t_rows = teacher_logits[mask]
-        parts = [_dpkd_teacher_side(s_rows[i:i + chunk_size], t_rows[i:i + chunk_size],
+        parts = [_dpkd_teacher_side(s_rows[i:i + chunk_size], _logits(t_rows[i:i + chunk_size]),
                                     temperature) for i in range(0, n, chunk_size)]
         del t_rows
     if parts:
@@ -593,7 +640,7 @@ def dpkd_token_logps(student_logits: Tensor, teacher_logits: Tensor, labels: Ten
     _check_chunk(chunk_size)
     if chunk_size is None:
         fn = functools.partial(_dpkd_rows_plain, temperature=temperature)
-        outs, _ = _per_position(fn, labels, (student_logits, teacher_logits.detach()), None)
+        outs, _ = _per_position(fn, labels, (student_logits, _logits(teacher_logits.detach())), None)
     else:
         outs = _dpkd_lean(student_logits, teacher_logits.detach(), labels, temperature,
                           chunk_size)

@@ -16,8 +16,8 @@ Use::
     check_fits(est, 15 * GiB)        # raises MemoryPlanError naming the fixes, best first
     plan_from_config(cfg, device_budget=15 * GiB)   # the same, plus the cache build's plan
 
-``python -m dpkd_lib.memory --readme`` regenerates the README's table of every GPU profile's
-plan on every card (:data:`PROFILE_RUNS` × :data:`CARDS`); ``--params FILE [--set k=v]
+``python -m dpkd_lib.memory --doc`` regenerates docs/gpu_memory.md, the table of every GPU
+profile's plan on every card (:data:`PROFILE_RUNS` × :data:`CARDS`); ``--params FILE [--set k=v]
 [--card T4]`` prints one plan.
 
 Model shapes come from :mod:`dpkd_lib.standins` (the checkpoints' config numbers, the same
@@ -46,18 +46,24 @@ persistent terms count in all of them and the peak is the largest phase:
   ``objectives.response_logits`` computes them), and the teacher's signal: an online
   teacher's forward (the hidden states ``output_hidden_states`` keeps, one MLP's
   intermediates) and its logits; a cached teacher's rows — for the exact ``hidden`` cache
-  format its output head copied to the device in fp32, the rows' hidden states and the
-  logits they give (``teacher_cache.TeacherCache.teacher_logits``), for ``topk`` the ids and
-  log-probs.
+  format the batch's hidden states and the logits they give, whole for the plain loss, one
+  chunk of ``loss_chunk_size`` positions at a time for the lean one
+  (``losses.TeacherHidden``), for ``topk`` the ids and log-probs. The ``hidden`` cache's
+  head (in the teacher's dtype) is read once onto the device and stays: persistent
+  ``teacher_head``.
 * backward: activations, the loss's backward intermediates and the gradients.
   :data:`LOGIT_COPIES` counts the [N, V] tensors alive, measured with a tensor-lifetime
   tracker on the step loss (CE + DPKD + reward statistics).
 * step: gradients and AdamW's foreach temporaries.
 * CPU only, ``allocator_overhead``: glibc's heap fragmentation, a fitted share of the
   phase's transient bytes (:data:`CPU_ALLOCATOR_OVERHEAD`).
-* host (not in a GPU total): a teacher cache lives in CPU memory — per response position of
-  the data set the teacher's hidden state in fp32 (``hidden``) or k ids and log-probs
-  (``topk``), plus the head. On a CPU plan it is part of the total.
+* host (not in a GPU total): what a teacher cache really holds in CPU memory — the current
+  batch's rows, read from the file by rows (``teacher_cache.SignalFile``), and the 64 MiB
+  blocks the head is read onto the device in; during the build, one batch's rows on their
+  way to the file. On a CPU plan the rows are part of the total.
+* disk: the cache's file — per response position of the data set the teacher's hidden state
+  in the teacher's dtype (``hidden``, plus the head) or k ids and log-probs (``topk``).
+  Compared with the disk a Colab or Kaggle runtime offers (:data:`DISKS`).
 
 ``student_activations`` are what autograd keeps for the backward pass, counted tensor by
 tensor for a Llama block (RMSNorm, SDPA attention, gated MLP): the block input, the two
@@ -97,7 +103,7 @@ from .errors import ConfigError, MemoryPlanError
 __all__ = [
     "GiB", "MiB", "MemoryPlanError", "ModelShape", "MemoryPlan", "Card", "CARDS",
     "PROFILE_RUNS", "estimate", "format_plan", "check_fits", "suggest_fixes", "fix_path",
-    "plan_from_config", "teacher_cache_plan", "profile_plans", "card_table", "update_readme",
+    "plan_from_config", "teacher_cache_plan", "profile_plans", "card_table", "update_doc",
 ]
 
 GiB = 1024 ** 3
@@ -286,6 +292,7 @@ class MemoryPlan:
     cache_format: str = "hidden"  # hidden (exact) | topk
     cache_topk: int = 32
     cache_positions: int = 0  # response positions of the data set held by a teacher cache
+    loss_chunk_size: int = 256  # positions per chunk of the lean loss (train.loss_chunk_size)
     # data
     batch_size: int = 8
     seq_len: int = 512
@@ -423,11 +430,16 @@ def estimate(plan: MemoryPlan) -> dict:
         fwd = {"teacher_activations": _inference_activations(t, tokens, cb, plan.keep_hidden_states)}
         if plan.cache_format == "topk":  # logits at response rows, then their top-k
             fwd["teacher_logits"] = n_logit * t.vocab * 4.0 * INFERENCE_LOGIT_COPIES
-        else:  # the `hidden` cache keeps the final hidden states (an fp32 copy), no logits
-            fwd["teacher_logits"] = n_logit * t.hidden * 4.0
+            row_bytes = plan.cache_topk * 8.0
+        else:  # the `hidden` cache keeps the final hidden states (in the teacher's dtype), no logits
+            fwd["teacher_logits"] = n_logit * t.hidden * cb
+            row_bytes = t.hidden * cb
         if plan.teacher_dtype in ("4bit", "8bit"):
             fwd["quant_workspace"] = _largest_linear(t) * cb
-        return _finish(plan, persistent, {"forward": fwd}, notes)
+        # the build streams each batch's rows to the file: one batch on the host
+        host = {"teacher_cache_rows": n_logit * row_bytes} if plan.device == "cuda" else {}
+        disk = {"teacher_cache": _cache_disk_bytes(plan)} if plan.cache_positions else {}
+        return _finish(plan, persistent, {"forward": fwd}, notes, host, disk)
 
     s = plan.student
     mode = plan.student_mode
@@ -489,24 +501,41 @@ def estimate(plan: MemoryPlan) -> dict:
             fwd["quant_workspace"] = max(fwd.get("quant_workspace", 0.0), _largest_linear(t) * cb)
     elif plan.teacher_mode == "cache":
         t = plan.teacher
-        positions = plan.cache_positions or n_resp
+        cb = _teacher_compute_bytes(plan)  # the cache stores the teacher's own dtype
         signal_rows = rows + pt_tokens
-        if plan.cache_format == "hidden":  # fp32 hidden states + the head, logits on the fly
-            stored = positions * t.hidden * 4.0 + t.vocab * t.hidden * 4.0
-            # TeacherCache.teacher_logits copies the head to the device at each call; on a
-            # CPU it is the cache's own tensor (already counted in the host bytes)
-            head = t.vocab * t.hidden * 4.0 if plan.device == "cuda" else 0.0
-            fwd["teacher_signal"] = head + signal_rows * (t.hidden * 4.0
-                                                          + t.vocab * 4.0 * TEACHER_LOGIT_COPIES)
+        if plan.cache_format == "hidden":  # hidden rows + the head, logits on the fly
+            persistent["teacher_head"] = t.vocab * t.hidden * cb  # read once, kept
+            read = signal_rows * t.hidden * cb
+            # the lean loss computes the response rows' teacher logits one chunk at a time; the
+            # plain loss, and the pre-train term (always plain), all at once
+            logit_rows = (min(rows, plan.loss_chunk_size) if plan.loss == "lean" else rows) + pt_tokens
+            fwd["teacher_signal"] = read + logit_rows * t.vocab * 4.0 * TEACHER_LOGIT_COPIES
+            staging = min(64 * MiB, t.vocab * t.hidden * cb)  # the head's read blocks
         else:  # top-k ids (int32 stored, int64 gathered) and fp32 log-probs
-            stored = positions * plan.cache_topk * 8.0
+            read = signal_rows * plan.cache_topk * 8.0
             fwd["teacher_signal"] = signal_rows * plan.cache_topk * 12.0
-        if plan.device == "cuda":
-            host["teacher_cache"] = stored
-            notes.append(f"the teacher cache takes {_gib(stored)} GiB of host (CPU) memory")
+            staging = 0.0
+        if plan.device == "cuda":  # the batch's rows pass through host memory
+            host["teacher_cache_rows"] = read + staging
         else:
-            persistent["teacher_cache"] = stored
-    return _finish(plan, persistent, {"forward": fwd, "backward": bwd, "step": step}, notes, host)
+            persistent["teacher_cache_rows"] = read
+        stored = _cache_disk_bytes(plan)
+        notes.append(f"the teacher cache takes {_gib(stored)} GiB on disk "
+                     f"({'at most: every train record at full length' if plan.cache_positions else 'this batch'}); "
+                     f"{_gib(read)} GiB of it is read into host memory per step")
+    disk = {"teacher_cache": _cache_disk_bytes(plan)} if plan.teacher_mode == "cache" else {}
+    return _finish(plan, persistent, {"forward": fwd, "backward": bwd, "step": step}, notes, host, disk)
+
+
+def _cache_disk_bytes(plan: MemoryPlan) -> float:
+    """The teacher cache's file: per position of the data set the hidden state in the
+    teacher's dtype and the head once (``hidden``), or k int32 ids and fp32 log-probs."""
+    t = plan.teacher
+    positions = plan.cache_positions or max(1, round(plan.batch_size * plan.seq_len * plan.response_fraction))
+    if plan.cache_format == "hidden":
+        cb = _teacher_compute_bytes(plan)
+        return positions * t.hidden * cb + t.vocab * t.hidden * cb
+    return positions * plan.cache_topk * 8.0
 
 
 def _largest_linear(shape: ModelShape) -> int:
@@ -522,7 +551,7 @@ def _inference_activations(shape: ModelShape, tokens: int, cb: float, keep_hidde
 
 
 def _finish(plan: MemoryPlan, persistent: dict, phases: dict, notes: list,
-            host: Optional[dict] = None) -> dict:
+            host: Optional[dict] = None, disk: Optional[dict] = None) -> dict:
     base = sum(persistent.values())
     totals = {name: base + sum(p.values()) for name, p in phases.items()}
     peak_phase = max(totals, key=totals.get)
@@ -537,6 +566,7 @@ def _finish(plan: MemoryPlan, persistent: dict, phases: dict, notes: list,
     return {"components": comps, "total": int(sum(comps.values())), "phase": peak_phase,
             "phases": {k: int(round(v)) for k, v in totals.items()},
             "host": {k: int(round(v)) for k, v in (host or {}).items()},
+            "disk": {k: int(round(v)) for k, v in (disk or {}).items()},
             "plan": _plan_dict(plan), "notes": notes}
 
 
@@ -586,6 +616,8 @@ def format_plan(est: Mapping, budget_bytes: Optional[float] = None) -> str:
     lines.append(f"| **total (peak, {est['phase']})** | **{_gib(total)}** | 100% |")
     for name, value in est.get("host", {}).items():
         lines.append(f"| host memory: {name} | {_gib(value)} | — |")
+    for name, value in est.get("disk", {}).items():
+        lines.append(f"| disk: {name} | {_gib(value)} | — |")
     if budget_bytes:
         verdict = "fits" if total <= budget_bytes else "DOES NOT FIT"
         lines += ["", f"budget {_gib(budget_bytes)} GiB: {verdict} "
@@ -625,7 +657,7 @@ def _trials(plan: MemoryPlan, budget_bytes: Optional[float]) -> list[tuple[str, 
         trials.append(("cache the teacher", "train.teacher_mode=cache",
                        replace(plan, teacher_mode="cache")))
     if is_train and plan.teacher_mode == "cache" and plan.cache_format == "hidden":
-        trials.append(("compact teacher cache", "train.cache_format=topk",
+        trials.append(("compact teacher cache (top-k: biased, not exact)", "train.cache_format=topk",
                        replace(plan, cache_format="topk")))
     if plan.teacher is not None and plan.teacher_dtype != "4bit" and \
             (plan.task == "teacher_inference" or plan.teacher_mode == "online"):
@@ -854,6 +886,7 @@ def plan_from_config(run_config, device_budget: Optional[float] = None, *, devic
         gradient_checkpointing=s.gradient_checkpointing,
         autocast_dtype=dt(t.autocast_dtype), batch_size=t.batch_size, seq_len=T,
         response_fraction=frac, loss="lean" if t.loss_chunk_size > 0 else "plain",
+        loss_chunk_size=t.loss_chunk_size or 256,
         pretrain_batch=t.batch_size if pretrain else 0,
         pretrain_seq_len=run_config.data.pretrain_block_size if pretrain else 0,
         auto_dtype=precision.auto_dtype(device, capability) if "auto" in named else "",
@@ -908,7 +941,7 @@ class Card:
         return self.memory_mib * MiB
 
 
-#: The cards the README's memory table covers (Colab: T4, L4, A100; Kaggle: P100, T4).
+#: The cards docs/gpu_memory.md covers (Colab: T4, L4, A100; Kaggle: P100, T4).
 CARDS: tuple[Card, ...] = (
     Card("T4 16 GB", 15360, (7, 5)),
     Card("P100 16 GB", 16280, (6, 0)),
@@ -918,7 +951,7 @@ CARDS: tuple[Card, ...] = (
 )
 
 _CACHED = ("train.objective=dpkd_token", "train.teacher_mode=cache")
-#: The GPU profiles' runs the README table and the GPU check cover: (label, base params
+#: The GPU profiles' runs docs/gpu_memory.md and the GPU check cover: (label, base params
 #: file, overrides). DPKD-token is the notebooks' main distillation run; the token-level
 #: objectives run with the teacher cached, DPKD-seq and SeqKD with the teacher online (its
 #: plan: the same step with the teacher in memory; DPKD-seq's extra forward passes over the
@@ -981,18 +1014,34 @@ def profile_plans(cards: Sequence[Card] = CARDS, root: Path = REPO_ROOT) -> list
     return rows
 
 
-def card_table(cards: Sequence[Card] = CARDS, root: Path = REPO_ROOT) -> str:
-    """The README's memory table (Markdown), generated from the params files."""
-    head = ["run", "cache build", "forward", "backward", "step", "host RAM"] + [c.name for c in cards]
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * 5 + "---|" * len(cards)]
-    for row in profile_plans(cards, root):
+#: Disk a notebook runtime offers for the teacher cache (bytes, decimal GB as the services
+#: state them; check with `df -h` on the runtime: it varies). Colab: the VM disk left free
+#: on a GPU runtime; Kaggle: /kaggle/working, the 20 GB a notebook can write and keep.
+DISKS: tuple[tuple[str, int], ...] = (("Colab (~78 GB free)", 78 * 10 ** 9),
+                                      ("Kaggle /kaggle/working (20 GB)", 20 * 10 ** 9))
+
+
+def _host_and_disk(first: Mapping) -> tuple[float, float]:
+    """(host bytes the run really holds for its teacher signal, training or build, whichever
+    is larger; the cache's size on disk) of one card verdict."""
+    train, build = first["train"], first["build"]
+    host = max(sum(train["host"].values()), sum(build["host"].values()) if build else 0)
+    return host, sum(train.get("disk", {}).values())
+
+
+def card_table(cards: Sequence[Card] = CARDS, root: Path = REPO_ROOT, rows=None) -> str:
+    """The per-card memory table (Markdown), generated from the params files."""
+    head = ["run", "cache build", "forward", "backward", "step", "host RAM", "cache on disk"] + \
+        [c.name for c in cards]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * 6 + "---|" * len(cards)]
+    for row in rows or profile_plans(cards, root):
         first = next(iter(row["cards"].values()))
         train, build = first["train"], first["build"]
         phases = train["phases"]
-        host = sum(train["host"].values())
+        host, disk = _host_and_disk(first)
         cells = [row["label"], _gib(build["total"]) if build else "—",
                  *(_gib(phases[p]) for p in ("forward", "backward", "step")),
-                 f"≤ {_gib(host)}" if host else "—"]
+                 _gib(host) if host else "—", f"≤ {_gib(disk)}" if disk else "—"]
         for card in cards:
             v = row["cards"][card.name]
             if v["fits"]:
@@ -1004,38 +1053,85 @@ def card_table(cards: Sequence[Card] = CARDS, root: Path = REPO_ROOT) -> str:
     return "\n".join(lines)
 
 
-README_BEGIN = "<!-- memory-table:begin (python -m dpkd_lib.memory --readme) -->"
-README_END = "<!-- memory-table:end -->"
+def disk_table(rows) -> str:
+    """Each cached run's teacher cache on disk against the disks of :data:`DISKS`."""
+    lines = ["| run | cache format | cache on disk (GiB, at most) | " + " | ".join(n for n, _ in DISKS) + " |",
+             "|---|---|---:|" + "---|" * len(DISKS)]
+    for row in rows:
+        first = next(iter(row["cards"].values()))
+        _, disk = _host_and_disk(first)
+        if not disk:
+            continue
+        fmt = first["train"]["plan"]["cache_format"]
+        cells = [row["label"], fmt, _gib(disk)] + \
+            ["fits" if disk <= size else f"**no** (use `train.cache_format=topk`, or a larger disk)"
+             for _, size in DISKS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
-def readme_block(cards: Sequence[Card] = CARDS, root: Path = REPO_ROOT) -> str:
-    """What goes between the README's markers: the table and how to read it."""
-    return "\n".join([
-        README_BEGIN,
-        "Peak GPU memory per phase (GiB; fp16 and bf16 take the same bytes) predicted by",
-        "`dpkd_lib.memory` for each GPU profile's DPKD-token run, and whether it fits each card",
-        "(memory as nvidia-smi reports it, CUDA context included). When it does not, the cell",
-        "names the settings to change, in order. `dtype: auto` picks fp16 below compute",
-        "capability 8.0 (T4, P100), bf16 from it. *Cache build* is the teacher alone",
-        "filling the teacher cache (it is unloaded before the student trains); *host RAM* is",
-        "that cache in CPU memory (an upper bound: every train record at full length, every",
-        "allowed pre-train block).",
-        "",
-        card_table(cards, root),
-        README_END,
-    ])
+DOC_PATH = REPO_ROOT / "docs" / "gpu_memory.md"
+DOC_HEADER = "<!-- generated by `python -m dpkd_lib.memory --doc` from the params files: do not edit -->"
 
 
-def update_readme(path: Path = REPO_ROOT / "README.md", check: bool = False) -> bool:
-    """Write the table between the README's markers (``check``: only compare). Returns True
-    when the README is (or was already) current."""
+def _detail(cfg, card: Card) -> str:
+    """One run's plan on one card: training and cache build breakdowns (format_plan)."""
+    plan = plan_from_config(cfg, device="cuda", capability=card.capability)
+    parts = [format_plan(estimate(plan), card.bytes)]
+    build = teacher_cache_plan(plan, batch_size=cfg.eval.batch_size)
+    if build is not None:
+        parts.append("Cache build:\n\n" + format_plan(estimate(build), card.bytes))
+    return "\n\n".join(parts)
+
+
+def doc_page(cards: Sequence[Card] = CARDS, root: Path = REPO_ROOT) -> str:
+    """docs/gpu_memory.md: the per-card table, the caches on disk, and the 4-bit pairs'
+    breakdowns on a T4."""
+    rows = profile_plans(cards, root)
+    t4 = cards[0]
+    out = [DOC_HEADER, "", "# GPU memory per card", "",
+           "Peak GPU memory per phase (GiB; fp16 and bf16 take the same bytes) predicted by",
+           "`dpkd_lib.memory` for each GPU profile's DPKD-token run, and whether it fits each card",
+           "(memory as nvidia-smi reports it, CUDA context included). When it does not, the cell",
+           "names the settings to change, in order. `dtype: auto` picks fp16 below compute",
+           "capability 8.0 (T4, P100), bf16 from it. *Cache build* is the teacher alone",
+           "filling the teacher cache (it is unloaded before the student trains).",
+           "",
+           "*Host RAM* is what the teacher signal really holds in CPU memory: the exact (`hidden`)",
+           "cache is written to disk while the teacher pass goes and read back by rows, so it is",
+           "one batch's rows (plus the 64 MiB blocks the head is read onto the GPU in), whatever",
+           "the cache's size (`dpkd_lib/teacher_cache.py`; measured in `make bench`,",
+           "`teacher_cache_disk`). It leaves out loading the models themselves. *Cache on disk*",
+           "is the cache's file, an upper bound: every train record at full length (Dolly's",
+           "responses are mostly shorter), in the teacher's dtype (fp16 on a T4).",
+           "",
+           card_table(cards, root, rows),
+           "",
+           "## The teacher cache on disk",
+           "",
+           "The disk a runtime offers, as the services state it (check `df -h`: it varies).",
+           "On Kaggle put `cache_dir` outside /kaggle/working if the cache does not fit there",
+           "(it is rebuilt, not kept). `train.cache_format=topk` is the compact option (8·k bytes",
+           "per position) but not exact: DPKD's log p(s) for a student argmax outside the",
+           "teacher's top k is only bounded, and top-k KD is a biased estimate of KD.",
+           "",
+           disk_table(rows)]
+    for label, path, overrides in PROFILE_RUNS:
+        if "QLoRA" not in label:
+            continue
+        cfg = profile_config(path, overrides, root)
+        out += ["", f"## {label}, on a {t4.name}", "",
+                f"`{path}` with {', '.join(f'`{o}`' for o in overrides)}.", "",
+                _detail(cfg, t4)]
+    return "\n".join(out) + "\n"
+
+
+def update_doc(path: Path = DOC_PATH, check: bool = False) -> bool:
+    """Write docs/gpu_memory.md (``check``: only compare). Returns True when the page is (or
+    was already) current."""
     path = Path(path)
-    text = path.read_text()
-    if README_BEGIN not in text or README_END not in text:
-        raise ConfigError(f"{path}: no '{README_BEGIN}' ... '{README_END}' markers")
-    start, end = text.index(README_BEGIN), text.index(README_END) + len(README_END)
-    new = text[:start] + readme_block(root=path.parent) + text[end:]
-    if new == text:
+    new = doc_page(root=path.parent.parent)
+    if path.exists() and path.read_text() == new:
         return True
     if not check:
         from .io import atomic_write_text
@@ -1047,20 +1143,21 @@ def _main(argv=None) -> int:
     import argparse
     parser = argparse.ArgumentParser(prog="python -m dpkd_lib.memory",
                                      description="memory planner: print a run's plan, or regenerate "
-                                                 "the README's table of every GPU profile on every card")
-    parser.add_argument("--readme", action="store_true", help="rewrite the README's memory table")
-    parser.add_argument("--check", action="store_true", help="with --readme: exit 1 if it is stale")
+                                                 "docs/gpu_memory.md, every GPU profile on every card")
+    parser.add_argument("--doc", action="store_true",
+                        help="rewrite docs/gpu_memory.md, the table of every GPU profile on every card")
+    parser.add_argument("--check", action="store_true", help="with --doc: exit 1 if it is stale")
     parser.add_argument("--params", help="a params file to plan")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--card", choices=[c.name.split()[0] for c in CARDS], default=None,
                         help="plan for this card (default: this machine)")
     args = parser.parse_args(argv)
     try:
-        if args.readme:
-            current = update_readme(check=args.check)
-            print("README memory table is current" if current else
-                  ("README memory table is stale: run python -m dpkd_lib.memory --readme"
-                   if args.check else "README memory table updated"))
+        if args.doc:
+            current = update_doc(check=args.check)
+            print(f"{DOC_PATH} is current" if current else
+                  (f"{DOC_PATH} is stale: run python -m dpkd_lib.memory --doc"
+                   if args.check else f"{DOC_PATH} updated"))
             return 0 if current or not args.check else 1
         if args.params:
             cfg = profile_config(args.params, args.set, Path.cwd())

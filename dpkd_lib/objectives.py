@@ -102,8 +102,10 @@ class OnlineTeacher:
 
 
 class CachedTeacher:
-    """Teacher signals read from caches built once (teacher_cache.TeacherCache): exact teacher
-    logits (`hidden` format) or the teacher's top-k (`topk` format). No teacher model."""
+    """Teacher signals read from caches built once (teacher_cache.TeacherCache): the batch's
+    rows of the teacher's hidden states with its head (`hidden` format: exact logits, which
+    the lean losses compute chunk by chunk, `losses.TeacherHidden`) or the teacher's top-k
+    (`topk` format). No teacher model."""
 
     def __init__(self, cache, pretrain_cache=None, device=None):
         self.cache, self.pretrain_cache, self.device = cache, pretrain_cache, device
@@ -111,7 +113,7 @@ class CachedTeacher:
     def _signal(self, cache, ids, counts):
         if cache.format == "topk":
             return TopK(*cache.gather(ids, counts))
-        return cache.teacher_logits(ids, counts, self.device)
+        return cache.teacher_hidden(ids, counts, self.device)
 
     def response(self, batch):
         return self._signal(self.cache, batch["ids"], response_counts(batch))
@@ -133,7 +135,8 @@ def preference_kwargs(t) -> dict:
 
 def distill_term(t, s_logits, signal, labels) -> tuple[Tensor, dict]:
     """The objective's token-level term on response positions, next to its formula.
-    `signal` is the teacher's logits, or its top-k (`TopK`) from a compact cache."""
+    `signal` is the teacher's logits (or `losses.TeacherHidden`), or its top-k (`TopK`)
+    from a compact cache."""
     obj, chunk = t.objective, (t.loss_chunk_size or None)
     if obj == "dpkd_token":  # released code: teacher argmax chosen, student argmax rejected
         if isinstance(signal, TopK):  # log p(s) bounded where s is outside the top-k

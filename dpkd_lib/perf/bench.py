@@ -47,11 +47,22 @@ Figures (keys of summary.json):
   (``train.rejected_every`` 1) or every 4 steps in one batch (4).
 * ``memory_planner_max_rel_error``: worst |predicted − measured| / measured peak over the
   planner's calibration workloads (fresh subprocess each; see dpkd_lib/perf/calibrate.py).
+* The exact teacher cache on disk (issue 26; ``--only cache_disk`` runs this stage alone
+  into ``cache_disk.{json,md}``), 10 KB per position as a 13-14B teacher's fp16 hidden
+  state: ``teacher_cache_read_ms_per_step`` (one batch's rows read from the file, page cache
+  warm; cold reads in the details) against ``teacher_cache_read_ms_per_step_in_memory`` (the
+  same rows from the cache held in memory, as before), interleaved;
+  ``teacher_cache_peak_rss_ratio_4x``: peak RSS of DPKD-token training from a cache 4× larger
+  over that from the smaller one, each in a fresh process (the in-memory form's beside it);
+  ``teacher_cache_size_over_memory_limit``: the 4× cache's size over the address-space limit
+  (RLIMIT_AS) under which it was built and trained from (> 1: larger than the limit; NaN if
+  it failed). See :func:`bench_cache_disk`.
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import os
 import platform
@@ -93,6 +104,10 @@ TARGETS: dict[str, tuple[str, Optional[Callable[[float], bool]]]] = {
     "dpkd_seq_step_s": ("—", None),
     "dpkd_seq_step_s_k4": ("—", None),
     "memory_planner_max_rel_error": ("≤ 0.2", lambda v: v <= 0.2),
+    "teacher_cache_read_ms_per_step": ("—", None),
+    "teacher_cache_read_ms_per_step_in_memory": ("—", None),
+    "teacher_cache_peak_rss_ratio_4x": ("≤ 1.05", lambda v: v <= 1.05),
+    "teacher_cache_size_over_memory_limit": ("> 1", lambda v: v > 1.0),
 }
 KEYS = tuple(TARGETS)
 
@@ -103,15 +118,18 @@ MODES: dict[str, dict[str, Any]] = {
     "quick": dict(vocabs=(1000, 32000, 50000), loss_BT=(8, 512), loss_repeats=3,
                   cache_batches=3, step_repeats=3, gen_prompts=16, gen_new_tokens=(64,),
                   gen_repeats=1, matmul_sizes=(1024, 2048), matmul_repeats=3, planner="quick",
-                  pair="cpu", seq_steps=4, seq_new_tokens=32, nll_examples=64),
+                  pair="cpu", seq_steps=4, seq_new_tokens=32, nll_examples=64,
+                  cache_rows=30_000, cache_steps=8, cache_repeats=20, cache_memory_rss=True),
     "full": dict(vocabs=(1000, 32000, 50000), loss_BT=(8, 512), loss_repeats=7,
                  cache_batches=12, step_repeats=8, gen_prompts=32, gen_new_tokens=(32, 128),
                  gen_repeats=2, matmul_sizes=(1024, 1536, 2048), matmul_repeats=7,
-                 planner="full", pair="cpu", seq_steps=8, seq_new_tokens=64, nll_examples=200),
+                 planner="full", pair="cpu", seq_steps=8, seq_new_tokens=64, nll_examples=200,
+                 cache_rows=50_000, cache_steps=16, cache_repeats=40, cache_memory_rss=True),
     "tiny": dict(vocabs=(64, 256), loss_BT=(2, 32), loss_repeats=1, cache_batches=2,
                  step_repeats=1, gen_prompts=4, gen_new_tokens=(4,), gen_repeats=1,
                  matmul_sizes=(64, 128), matmul_repeats=1, planner="tiny", pair="tiny",
-                 seq_steps=4, seq_new_tokens=4, nll_examples=8),
+                 seq_steps=4, seq_new_tokens=4, nll_examples=8,
+                 cache_rows=2_000, cache_steps=2, cache_repeats=3, cache_memory_rss=False),
 }
 K_VALUES = (1, 4, 8, 32, 128)
 
@@ -706,6 +724,296 @@ def bench_reference_nll(model, examples: Sequence[dict], pad_id: int, *, repeats
 
 # ----------------------------------------------------------------------------- run + report
 
+# ----------------------------------------------------------------------------- the cache on disk
+
+class WideTeacher(torch.nn.Module):
+    """A stand-in teacher for the disk-cache stage: its final hidden state is a fixed random
+    embedding of each token (tanh), its head a random [V, H] matrix. What the stage measures
+    is bytes per position, not the teacher: H = 2560 fp32 is 10 KB per position, what a
+    13-14B teacher's fp16 hidden state (5120 × 2 bytes) takes."""
+
+    def __init__(self, vocab: int, hidden: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.head = torch.nn.Linear(hidden, vocab, bias=False)
+        with torch.no_grad():
+            self.embed.weight.copy_(torch.randn(vocab, hidden, generator=g))
+            self.head.weight.copy_(torch.randn(vocab, hidden, generator=g) / hidden ** 0.5)
+
+    def forward(self, input_ids, attention_mask=None, **kw):
+        from types import SimpleNamespace
+        return SimpleNamespace(hidden_states=(torch.tanh(self.embed(input_ids)),), logits=None)
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+def wide_examples(n_rows: int, *, vocab: int, prompt: int = 24, response: int = 128,
+                  seed: int = 0) -> list[dict]:
+    """Tokenised examples holding about ``n_rows`` response positions (lengths vary ±25 %)."""
+    g = torch.Generator().manual_seed(seed)
+    out, rows, i = [], 0, 0
+    while rows < n_rows:
+        r = int(response * (0.75 + 0.5 * torch.rand((), generator=g).item()))
+        ids = torch.randint(3, vocab, (prompt + r,), generator=g).tolist()
+        out.append({"id": f"w{i}", "input_ids": ids, "labels": [-100] * prompt + ids[prompt:],
+                    "prompt_len": prompt})
+        rows, i = rows + r - (1 if prompt == 0 else 0), i + 1
+    return out
+
+
+def _tiny_student(vocab: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=2,
+                                        num_key_value_heads=2, tie_word_embeddings=True))
+
+
+def _vm() -> dict:
+    """This process's VmSize / VmPeak / VmHWM (peak RSS) in bytes, from /proc."""
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmSize", "VmPeak", "VmHWM", "VmRSS"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def cache_child(spec: Mapping) -> dict:
+    """One side of the disk-cache stage, in a fresh process (see `bench_cache_disk`):
+    ``build`` the cache (``spec["folder"]``) and/or ``train`` ``steps`` DPKD-token steps
+    (lean loss) of a tiny student from it, read by rows (``form: disk``) or loaded whole
+    (``form: memory``, the cache before issue 26), optionally under an address-space limit
+    of the process's size + ``headroom`` bytes (RLIMIT_AS, as ``prlimit --as``). Returns
+    the limit, peak RSS (VmHWM), the cache's size, the steps done, or the error."""
+    import resource
+
+    from .. import objectives as obj_lib
+    from .. import teacher_cache as tc
+    from ..config import TrainConfig
+    from ..data import collate_sft
+    torch.set_num_threads(1)
+    V, H = spec["vocab"], spec["hidden"]
+    teacher, student = WideTeacher(V, H), _tiny_student(V)
+    examples = wide_examples(spec["rows"], vocab=V)
+    folder = Path(spec["folder"])
+    out: dict[str, Any] = {"form": spec["form"], "rows": spec["rows"]}
+    if spec.get("headroom"):
+        limit = _vm()["VmSize"] + int(spec["headroom"])
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        out["limit"] = limit
+    out["rss_before"] = _vm()["VmHWM"]
+    try:
+        if "build" in spec["actions"]:
+            t0 = time.perf_counter()
+            tc.build(folder, teacher, examples, 0, 0, meta={}, fmt="hidden", batch_size=8,
+                     progress=False)
+            out["build_s"] = time.perf_counter() - t0
+            out["rss_after_build"] = _vm()["VmHWM"]
+        out["cache_bytes"] = (folder / tc.SIGNALS).stat().st_size
+        if "train" in spec["actions"]:
+            if spec["form"] == "disk":
+                cache = tc.TeacherCache.load(folder)
+            else:
+                cache = _in_memory(folder)
+            t = TrainConfig(objective="dpkd_token", teacher_mode="cache", loss_chunk_size=256)
+            teacher_sig = obj_lib.CachedTeacher(cache)
+            opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+            g = torch.Generator().manual_seed(1)
+            done = 0
+            for _ in range(spec["steps"]):  # batches drawn over the whole cache
+                idx = torch.randint(0, len(examples), (spec.get("batch", 8),), generator=g).tolist()
+                batch = collate_sft([examples[i] for i in idx], 0)
+                loss = obj_lib.step_loss(t, student, teacher_sig, batch).total
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                done += 1
+            out["steps"] = done
+            out["loss"] = float(loss)
+    except (MemoryError, RuntimeError, OSError) as exc:  # what a memory limit raises
+        out["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    out["peak_rss"] = _vm()["VmHWM"]
+    out["vm_peak"] = _vm()["VmPeak"]
+    return out
+
+
+def _in_memory(folder: Path):
+    """The cache as it was before issue 26: every tensor read into (heap) memory, as the
+    in-process build left it and `safetensors.load_file` gave it back."""
+    from .. import teacher_cache as tc
+    info = json.loads((Path(folder) / tc.INDEX).read_text())
+    f = tc.SignalFile(Path(folder) / tc.SIGNALS)
+    tensors = {name: f.read(name) for name in f.where}
+    f.close()
+    return tc.TeacherCache(tensors, {k: tuple(v) for k, v in info["index"].items()}, info["format"])
+
+
+def run_cache_child(spec: Mapping, timeout: float = 900) -> dict:
+    """`cache_child` in a fresh interpreter (its own peak RSS and its own limits)."""
+    import json as json_lib
+    import subprocess
+    code = ("import json, sys; from dpkd_lib.perf import bench; "
+            "print(json.dumps(bench.cache_child(json.loads(sys.argv[1]))))")
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-c", code, json_lib.dumps(dict(spec))], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=REPO_ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"cache child failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+    return json_lib.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _drop_page_cache(path: Path) -> None:
+    """Ask the kernel to forget the file's cached pages (clean pages: no root needed), so the
+    next read comes from the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def bench_cache_disk(rows: int, *, vocab: int = 1024, hidden: int = 2560, steps: int = 8,
+                     repeats: int = 20, memory_rss: bool = True, workdir: Optional[Path] = None,
+                     progress: bool = True) -> dict:
+    """The exact teacher cache on disk (issue 26) against the in-memory cache it replaced.
+
+    * Read cost per step: the teacher signal of one training batch (8 examples, ~1000
+      positions of 10 KB), `TeacherCache.teacher_hidden`, from the file by rows (page cache
+      warm, and cold: the file's pages dropped before each read) and from the whole cache in
+      memory, interleaved in this process on the same batches.
+    * Peak RSS of DPKD-token training (``steps`` steps of a tiny student, batches over the
+      whole cache) from caches of ``rows`` and 4 × ``rows`` positions, each in a fresh
+      process: read by rows, and (``memory_rss``) loaded whole.
+    * A build and training under a memory limit (RLIMIT_AS = the process's size after its
+      imports + 256 MiB) of the 4× cache, which is larger than the limit; and the in-memory
+      form under the same limit.
+    """
+    import tempfile
+
+    from .. import teacher_cache as tc
+    from ..data import collate_sft
+    out: dict[str, Any] = {"rows": rows, "hidden": hidden, "vocab": vocab, "steps": steps,
+                           "bytes_per_position": hidden * 4}
+    with tempfile.TemporaryDirectory(prefix="dpkd-bench-cache-", dir=workdir) as tmp:
+        folders = {"1x": Path(tmp) / "c1", "4x": Path(tmp) / "c4"}
+        sizes = {"1x": rows, "4x": 4 * rows}
+        base = {"vocab": vocab, "hidden": hidden, "steps": steps}
+        # the 4x cache built under the limit, then the 1x one without
+        limited = run_cache_child(dict(base, form="disk", rows=sizes["4x"], folder=str(folders["4x"]),
+                                       actions=["build", "train"], headroom=256 * 2 ** 20))
+        out["limited_build_and_train"] = limited
+        tc.build(folders["1x"], WideTeacher(vocab, hidden), wide_examples(sizes["1x"], vocab=vocab), 0, 0,
+                 meta={}, fmt="hidden", batch_size=8, progress=False)
+        if memory_rss:  # the old form under the same limit
+            out["limited_memory_form"] = run_cache_child(dict(
+                base, form="memory", rows=sizes["4x"], folder=str(folders["4x"]), actions=["train"],
+                headroom=256 * 2 ** 20))
+        rss = {}
+        for form in ("disk", "memory") if memory_rss else ("disk",):
+            for size in ("1x", "4x"):
+                res = run_cache_child(dict(base, form=form, rows=sizes[size], folder=str(folders[size]),
+                                           actions=["train"]))
+                rss[f"{form}_{size}"] = res
+                if progress:
+                    print(f"[bench cache] {form} {size}: peak RSS {res['peak_rss'] / 2**20:.0f} MiB",
+                          file=sys.stderr)
+        out["train_rss"] = rss
+        out["cache_bytes"] = {size: (folders[size] / tc.SIGNALS).stat().st_size for size in folders}
+        # read cost per step, disk (warm / cold) vs memory, interleaved, on the 4x cache
+        disk = tc.TeacherCache.load(folders["4x"])
+        memory = _in_memory(folders["4x"])
+        examples = wide_examples(sizes["4x"], vocab=vocab)
+        g = torch.Generator().manual_seed(2)
+        batches = [collate_sft([examples[i] for i in torch.randint(0, len(examples), (8,), generator=g).tolist()], 0)
+                   for _ in range(repeats + 1)]
+        state = {"i": 0}
+
+        def read(cache, cold=False):
+            def fn():
+                b = batches[state["i"] % len(batches)]
+                if cold:
+                    _drop_page_cache(folders["4x"] / tc.SIGNALS)
+                cache.teacher_hidden(b["ids"], (b["labels"][:, 1:] != -100).sum(1).tolist())
+            return fn
+
+        def advance():
+            state["i"] += 1
+        # cold first (the file's pages dropped), then the same rows again from the page cache
+        timing = interleaved_medians({"memory": read(memory), "disk_cold": read(disk, cold=True),
+                                      "disk_warm": read(disk), "next": advance},
+                                     repeats=repeats, warmup=1, device=torch.device("cpu"))
+        positions = statistics.mean(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        disk.close()
+        del memory
+    out["read_s_per_step"] = {k: timing[k]["median_s"] for k in ("memory", "disk_warm", "disk_cold")}
+    out["positions_per_step"] = positions
+    out["bytes_per_step"] = positions * hidden * 4
+    d1, d4 = rss["disk_1x"]["peak_rss"], rss["disk_4x"]["peak_rss"]
+    out["peak_rss_ratio_4x"] = d4 / d1
+    out["peak_rss_mib"] = {k: v["peak_rss"] / 2 ** 20 for k, v in rss.items()}
+    ok = "error" not in limited and limited.get("steps") == steps
+    out["size_over_limit"] = limited["cache_bytes"] / limited["limit"] if ok else float("nan")
+    return out
+
+
+def cache_disk_figures(res: Mapping) -> dict:
+    """The disk-cache stage's summary keys."""
+    return {"teacher_cache_read_ms_per_step": 1e3 * res["read_s_per_step"]["disk_warm"],
+            "teacher_cache_read_ms_per_step_in_memory": 1e3 * res["read_s_per_step"]["memory"],
+            "teacher_cache_peak_rss_ratio_4x": res["peak_rss_ratio_4x"],
+            "teacher_cache_size_over_memory_limit": res["size_over_limit"]}
+
+
+def cache_disk_markdown(res: Mapping) -> list[str]:
+    """The stage's table: read cost per step and peak RSS by cache size, side by side."""
+    if not res:
+        return []
+    rs, mib = res["read_s_per_step"], res["peak_rss_mib"]
+    size = res["cache_bytes"]
+    lines = ["", f"Teacher cache on disk (exact `hidden` format, {res['bytes_per_position'] / 1024:.0f} KB "
+                 f"per position as a 13-14B teacher's fp16 hidden state; batch of 8 examples, "
+                 f"{res['positions_per_step']:.0f} positions, {res['bytes_per_step'] / 2**20:.1f} MiB per step):", "",
+             "| read per step | in memory (before) | file, page cache warm | file, cold (pages dropped) |",
+             "|---|---:|---:|---:|",
+             f"| ms | {1e3 * rs['memory']:.2f} | {1e3 * rs['disk_warm']:.2f} | {1e3 * rs['disk_cold']:.2f} |", "",
+             f"| peak RSS of {res['steps']} DPKD-token steps (MiB) | cache {size['1x'] / 2**20:.0f} MiB | "
+             f"cache {size['4x'] / 2**20:.0f} MiB |", "|---|---:|---:|"]
+    for form in ("disk", "memory"):
+        if f"{form}_1x" in mib:
+            lines.append(f"| {'read by rows' if form == 'disk' else 'in memory (before)'} | "
+                         f"{mib[form + '_1x']:.0f} | {mib[form + '_4x']:.0f} |")
+    lim = res["limited_build_and_train"]
+    lines += ["", f"Under RLIMIT_AS = {lim.get('limit', 0) / 2**20:.0f} MiB the {size['4x'] / 2**20:.0f} MiB "
+                  f"cache was built and trained from: "
+                  + (f"{lim['steps']} steps, peak RSS {lim['peak_rss'] / 2**20:.0f} MiB" if "steps" in lim
+                     else f"failed ({lim.get('error')})")]
+    old = res.get("limited_memory_form")
+    if old:
+        lines[-1] += f"; the in-memory form under the same limit: {old.get('error') or 'ran'}."
+    return lines
+
+
+def run_cache_disk(mode: str = "quick", out_dir: Path = OUT_DIR, progress: bool = True) -> dict:
+    """The disk-cache stage alone (``--only cache_disk``): results/bench/cache_disk.{json,md}."""
+    cfg = MODES[mode]
+    res = bench_cache_disk(cfg["cache_rows"], steps=cfg["cache_steps"], repeats=cfg["cache_repeats"],
+                           memory_rss=cfg["cache_memory_rss"], progress=progress)
+    out = {"mode": mode, "machine": machine_facts(1), "details": {"teacher_cache_disk": res},
+           **cache_disk_figures(res)}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "cache_disk.json", out)
+    atomic_write_text(out_dir / "cache_disk.md", "\n".join(
+        [f"# `make bench`: the teacher cache on disk ({mode} mode)", ""]
+        + [f"- `{k}`: {out[k]:.3g} (target {TARGETS[k][0]})" for k in cache_disk_figures(res)]
+        + cache_disk_markdown(res)) + "\n")
+    return out
+
+
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
@@ -743,6 +1051,7 @@ def format_markdown(summary: Mapping) -> str:
             lines.append(f"| {v} | {r['plain_peak_bytes'] / 2**20:.0f} | {r['lean_peak_bytes'] / 2**20:.0f}"
                          f" | {r['peak_mem_ratio']:.3f} | {r['plain_s']:.3f} | {r['lean_s']:.3f}"
                          f" | {r['speed_ratio']:.2f} |")
+    lines += cache_disk_markdown(summary.get("details", {}).get("teacher_cache_disk", {}))
     cache = summary.get("details", {}).get("teacher_cache", {})
     if cache.get("rel_error_by_k"):
         ks = sorted(cache["rel_error_by_k"], key=int)
@@ -969,7 +1278,15 @@ def run(mode: str = "quick", out_dir: Path = OUT_DIR, progress: bool = True,
     summary["dpkd_seq_step_s_k4"] = res["k4"]["step_s"]
     stage_done("dpkd_seq")
 
-    # 7. the memory planner against measured peaks (fresh subprocess per workload)
+    # 7. the exact teacher cache on disk: read cost per step, peak RSS by cache size, a build
+    # under a memory limit smaller than the cache (fresh subprocesses)
+    res = bench_cache_disk(cfg["cache_rows"], steps=cfg["cache_steps"], repeats=cfg["cache_repeats"],
+                           memory_rss=cfg["cache_memory_rss"], progress=progress)
+    summary["details"]["teacher_cache_disk"] = res
+    summary.update(cache_disk_figures(res))
+    stage_done("teacher_cache_disk")
+
+    # 8. the memory planner against measured peaks (fresh subprocess per workload)
     res = calibrate(cfg["planner"], threads=threads, progress=progress)
     summary["details"]["planner"] = res
     summary["memory_planner_max_rel_error"] = res["max_rel_error"]
@@ -990,9 +1307,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(OUT_DIR))
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--only", choices=["cache_disk"], default=None,
+                        help="run one stage alone (cache_disk: results/bench/cache_disk.{json,md})")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if args.only == "cache_disk":
+        out = run_cache_disk(args.mode, Path(args.out), progress=not args.no_progress)
+        print((Path(args.out) / "cache_disk.md").read_text())
+        return 0 if out else 1
     summary = run(args.mode, Path(args.out), progress=not args.no_progress, threads=args.threads)
     print(format_markdown(summary))
     return 0
