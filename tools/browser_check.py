@@ -73,9 +73,10 @@ class Chromium:
         from_r, from_w = os.pipe()
         args = [*FLAGS, f"--user-data-dir={self.profile}", f"--window-size={width},{height}", "about:blank"]
         with open(log, "wb") as out:
-            # sh puts the two pipe ends on fds 3 and 4, where Chromium looks for them
+            # bash puts the two pipe ends on fds 3 and 4, where Chromium looks for them (dash
+            # takes single-digit fds only)
             self.proc = subprocess.Popen(
-                ["/bin/sh", "-c", f'exec "$0" "$@" 3<&{to_r} 4>&{from_w}', CHROMIUM, *args],
+                ["/bin/bash", "-c", f'exec "$0" "$@" 3<&{to_r} 4>&{from_w}', CHROMIUM, *args],
                 pass_fds=(to_r, from_w), stdin=subprocess.DEVNULL, stdout=out,
                 stderr=subprocess.STDOUT, start_new_session=True)
         os.close(to_r)
@@ -83,8 +84,10 @@ class Chromium:
         self._w = os.fdopen(to_w, "wb", buffering=0)
         self._r = os.fdopen(from_r, "rb", buffering=0)
         self._id = 0
+        self._write_lock = threading.Lock()
         self._replies: dict[int, dict] = {}
         self.exceptions: list[str] = []         # uncaught JavaScript exceptions of the page
+        self.dialogs: list[str] = []            # alert / confirm / leave-page dialogs, accepted
         self._cv = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
         target = self.send("Target.createTarget", url="about:blank")["targetId"]
@@ -105,6 +108,11 @@ class Chromium:
                 with self._cv:
                     if "id" in msg:
                         self._replies[msg["id"]] = msg
+                    elif msg.get("method") == "Page.javascriptDialogOpening":
+                        # e.g. "leave the page?" after a run left the notebook unsaved: accept,
+                        # answering from this thread without waiting for the reply
+                        self.dialogs.append(f"{msg['params']['type']}: {msg['params']['message']}")
+                        self._post("Page.handleJavaScriptDialog", msg.get("sessionId"), accept=True)
                     elif msg.get("method") == "Runtime.exceptionThrown":
                         d = msg["params"]["exceptionDetails"]
                         self.exceptions.append(d.get("exception", {}).get("description") or d.get("text", ""))
@@ -112,11 +120,16 @@ class Chromium:
         with self._cv:
             self._cv.notify_all()
 
+    def _post(self, method: str, session: str | None = None, **params) -> int:
+        with self._write_lock:
+            self._id += 1
+            msg = {"id": self._id, "method": method, "params": params,
+                   **({"sessionId": session} if session else {})}
+            self._w.write(json.dumps(msg).encode() + b"\0")
+            return self._id
+
     def send(self, method: str, session: str | None = None, timeout: float = 60, **params):
-        self._id += 1
-        i = self._id
-        msg = {"id": i, "method": method, "params": params, **({"sessionId": session} if session else {})}
-        self._w.write(json.dumps(msg).encode() + b"\0")
+        i = self._post(method, session, **params)
         with self._cv:
             if not self._cv.wait_for(lambda: i in self._replies or self.proc.poll() is not None, timeout):
                 raise BrowserError(f"Chromium did not answer {method} in {timeout:.0f} s")
@@ -132,6 +145,7 @@ class Chromium:
 
     def goto(self, url: str):
         self.exceptions.clear()
+        self.dialogs.clear()
         self.page("Page.navigate", url=url)
 
     def js(self, expression: str):
@@ -287,15 +301,15 @@ _FINDINGS = """(() => { const p = PANEL; const out = [];
           if (w) out.push(['leaked warning', `${n}: ${w[0].slice(0, 160)}`]);
         }
       });
-      cell.node.querySelectorAll('.jp-OutputArea-output.jp-RenderedText').forEach(o => {
-        const lines = o.innerText.trimEnd().split('\\n').length;
-        if (lines > LOG_LINES) out.push(['log wall', `${n}: a text output of ${lines} lines`]);
-      });
+      // a log wall as the page shows it (a progress bar redrawn in place counts once)
+      const shown = [...cell.node.querySelectorAll('.jp-OutputArea-output.jp-RenderedText')]
+        .reduce((k, o) => k + o.innerText.trimEnd().split('\\n').length, 0);
+      if (shown > LOG_LINES) out.push(['log wall', `${n}: ${shown} lines of text output`]);
       // a widget view must show as a widget, not as its text fallback or an error message
       const views = outputs.filter(o => o.data && o.data['application/vnd.jupyter.widget-view+json']).length;
-      const shown = [...cell.node.querySelectorAll('.jp-OutputArea-output')]
+      const widgets = [...cell.node.querySelectorAll('.jp-OutputArea-output')]
         .filter(w => w.querySelector('.jupyter-widgets') && !/Error displaying widget|Loading widget/.test(w.innerText)).length;
-      if (shown < views) out.push(['widget not rendered', `${n}: ${views - shown} of ${views} widget views show no widget`]);
+      if (widgets < views) out.push(['widget not rendered', `${n}: ${views - widgets} of ${views} widget views show no widget`]);
     }
     cell.node.querySelectorAll('img').forEach(img => {
       if (!img.complete || img.naturalWidth === 0) out.push(['broken image', `${n}: ${(img.getAttribute('src') || '').slice(0, 80)}`]);
@@ -361,6 +375,19 @@ def check(browser: Chromium) -> dict:
     return browser.js(_FINDINGS)
 
 
+def stored_walls(notebook: Path) -> list[list[str]]:
+    """Log walls in the file itself: JupyterLab draws a progress bar's redraws in place, but
+    the file keeps every one, and GitHub or nbviewer may show them all."""
+    cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
+    found = []
+    for i, cell in enumerate(cells):
+        text = "".join("".join(o.get("text", "")) for o in cell.get("outputs", []) if o["output_type"] == "stream")
+        lines = len(re.split(r"\r\n|\r|\n", text.rstrip("\r\n"))) if text else 0
+        if lines > 10 * LOG_LINES:
+            found.append(["log wall", f"cell {i}: {lines} lines and progress-bar redraws stored in the file"])
+    return found
+
+
 def screenshots(browser: Chromium, out: Path, stem: str, max_pages: int = MAX_PAGES) -> list[Path]:
     """The notebook page by page (90 % of a screen each), as a reader scrolls through it."""
     shots, y = [], 0
@@ -377,17 +404,20 @@ def screenshots(browser: Chromium, out: Path, stem: str, max_pages: int = MAX_PA
     return shots
 
 
-def inspect(browser: Chromium, lab: LabServer, notebook: Path, out: Path, run: bool = False,
-            run_timeout: float = 600) -> dict:
-    """Open a notebook in JupyterLab (and run it, when asked), check it, screenshot it."""
+def inspect(browser: Chromium, lab: LabServer, notebook: Path, out: Path, name: str | None = None,
+            run: bool = False, run_timeout: float = 600) -> dict:
+    """Open a notebook in JupyterLab (and run it, when asked), check it, and screenshot it as
+    <out>/<name>-NN.png (name: the notebook's stem)."""
     open_notebook(browser, lab, notebook)
     result = {"notebook": notebook.resolve().relative_to(ROOT).as_posix()}
     if run:
         result["run_s"] = round(run_all(browser, run_timeout), 1)
     result.update(check(browser))
+    if not run:
+        result["findings"] += stored_walls(notebook)
     result["js_exceptions"] = list(browser.exceptions)
     result["screenshots"] = [p.relative_to(ROOT).as_posix() if p.is_relative_to(ROOT) else str(p)
-                             for p in screenshots(browser, out, notebook.stem + ("-run" if run else ""))]
+                             for p in screenshots(browser, out, name or notebook.stem)]
     lab.shut_down_kernels()
     return result
 
@@ -408,7 +438,8 @@ def main(argv=None) -> int:
     browser = None
     try:
         browser = Chromium(args.out / "chromium.log")
-        results = [inspect(browser, lab, nb, args.out, run=args.run) for nb in notebooks]
+        results = [inspect(browser, lab, nb, args.out, name=f"{nb.parent.name}-{nb.stem}", run=args.run)
+                   for nb in notebooks]
     finally:
         if browser:
             browser.close()
