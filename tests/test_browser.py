@@ -7,7 +7,7 @@ there is no Chromium. Screenshots and report.json go to results/browser/ (git-ig
   and figure render (so a clean result is not a blind one);
 - every executed notebook of the study (results/<profile>/notebooks/, DPKD_BROWSER_NOTEBOOKS)
   and the source notebook 00 open with no error output, leaked warning, broken image, widget
-  that does not render, formula that does not typeset, or log wall;
+  that does not render, formula that does not typeset, repeated heading, or log wall;
 - notebook 00 runs to the end on the server's kernel through the Run menu, with the same
   checks on what it draws; the notebook on disk is never written.
 """
@@ -78,7 +78,7 @@ def test_the_checker_finds_each_kind_of_breakage(lab):
     new = nbformat.v4
     cells = [
         new.new_markdown_cell("# Broken on purpose\n\n![a figure](no_such_figure.png)\n\n"
-                              "A formula that cannot typeset: $\\frac{1}$."),
+                              "A formula that cannot typeset: $\\frac{1}$.\n\n## A section"),
         new.new_code_cell("1 / 0", execution_count=1, outputs=[new.new_output(
             "error", ename="ZeroDivisionError", evalue="division by zero",
             traceback=["ZeroDivisionError: division by zero"])]),
@@ -94,13 +94,14 @@ def test_the_checker_finds_each_kind_of_breakage(lab):
             "text/plain": "IntSlider(value=3)"})]),
         new.new_code_cell("fig", execution_count=6, outputs=[new.new_output(
             "display_data", data={"image/png": "bm90IGEgcG5n", "text/plain": "<Figure>"})]),
+        new.new_markdown_cell("## A section\n\npasted twice"),
     ]
     result = inspect(lab, _write(cells, OUT / "broken.ipynb"), "selftest-broken")
     found = sorted((kind, what.split(":")[0]) for kind, what in result["findings"])
     assert found == [("broken image", "cell 0"), ("broken image", "cell 6"),
                      ("error output", "cell 1"), ("formula not typeset", "cell 0"),
                      ("leaked warning", "cell 2"), ("log wall", "cell 3"), ("log wall", "cell 4"),
-                     ("widget not rendered", "cell 5")], problems(result)
+                     ("repeated heading", "cell 7"), ("widget not rendered", "cell 5")], problems(result)
 
 
 def test_a_live_widget_and_figure_render(lab):

@@ -5,7 +5,8 @@ headless Chromium (Debian's `chromium`), driven over the DevTools protocol.
 
 For each notebook it waits until JupyterLab has rendered every cell, then reports each error
 output, leaked warning, broken image, widget that did not render, formula MathJax could not
-typeset, and text output longer than LOG_LINES lines, and saves screenshots of the notebook
+typeset, heading that appears twice, and log wall (more than LOG_LINES lines of text in a
+cell, or ten times that in progress-bar redraws stored in the file), and saves screenshots of the notebook
 page by page (<out>/<stem>-NN.png). `--run` also runs the notebook on the server's kernel
 through the UI (menu Run > Run All Cells) before checking it; a notebook run that way is
 never saved (autosave is off) and tests/test_browser.py runs a copy.
@@ -317,6 +318,13 @@ _FINDINGS = """(() => { const p = PANEL; const out = [];
     cell.node.querySelectorAll('mjx-merror, .MathJax_Error').forEach(e =>
       out.push(['formula not typeset', `${n}: ${e.textContent.slice(0, 120)}`]));
   });
+  // a heading twice: a pasted or duplicated cell a reader would trip over
+  const headings = {};
+  cells.forEach((cell, i) => cell.node.querySelectorAll('.jp-RenderedMarkdown :is(h1, h2, h3, h4)').forEach(h => {
+    const t = h.textContent.replace(/¶$/, '').trim();
+    if (t in headings) out.push(['repeated heading', `cell ${i}: "${t.slice(0, 100)}" (first in cell ${headings[t]})`]);
+    else headings[t] = i;
+  }));
   document.querySelectorAll('.jp-Dialog').forEach(d => out.push(['dialog open', d.innerText.trim().slice(0, 160)]));
   const code = cells.filter(c => c.model.type === 'code'), s = p.sessionContext;
   return {cells: cells.length, code: code.length,
