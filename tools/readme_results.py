@@ -76,7 +76,7 @@ def split_line(tables: Path = TABLES) -> str:
     df = pd.read_csv(tables / "update_split.csv")
     share = "share" if "share" in df.columns else "grad_share"
     rows = df[(df["term"] == "distill") & ~df["method"].str.startswith("alone_")]
-    parts = [f"{r['label']} {int(round(r[share] * 100)):d} %".replace("-", "−") for _, r in rows.iterrows()]
+    parts = [f"{r['label']} {int(round(r[share] * 100)):d} %".replace(" -", " −") for _, r in rows.iterrows()]
     return ("- **Where the update comes from** (released mix, gradient probes): the distillation "
             f"term's share of the gradient is {', '.join(parts)}; the rest is the dataset CE and "
             "the pre-train terms.")
