@@ -108,6 +108,18 @@ def test_every_comparison_and_its_verdict_match_the_table():
     assert seen == len(table)
 
 
+def test_the_answer_counts_the_verdicts():
+    table = pd.read_csv(TABLES / "comparisons.csv")
+    line = next(l for l in block().splitlines() if l.startswith("- **The answer**"))
+    differ = table[table["verdict"].isin(["better", "worse"])]
+    if differ.empty:
+        assert f"none of the {len(table)} declared comparisons shows a difference" in line, line
+    else:
+        assert f"{len(differ)} of the {len(table)} declared comparisons show a difference" in line, line
+        for _, r in differ.iterrows():
+            assert f"{r['a']} {r['verdict']} than {r['b']}" in line, (line, r.to_dict())
+
+
 def test_the_update_split_shares_match_the_table():
     table = pd.read_csv(TABLES / "update_split.csv")
     share = "share" if "share" in table.columns else "grad_share"

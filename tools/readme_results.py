@@ -71,6 +71,22 @@ def comparison_lines(tables: Path = TABLES) -> list[str]:
     return lines
 
 
+def answer_line(tables: Path = TABLES) -> str:
+    """The answer in one sentence, from the verdicts of the declared comparisons."""
+    df = pd.read_csv(tables / "comparisons.csv")
+    shown = df[df["verdict"].isin(["better", "worse"])]
+    n = len(df)
+    pairs = (f"{' and '.join(dict.fromkeys(df['a']))} against {' and '.join(dict.fromkeys(df['b']))}, "
+             f"on {' and '.join(SPLITS.get(x, x) for x in dict.fromkeys(df['split']))}")
+    if shown.empty:
+        return (f"- **The answer**: none of the {n} declared comparisons ({pairs}) shows a "
+                "difference at this budget: no method is shown to beat another, nor to be worse.")
+    found = "; ".join(f"{r['a']} {r['verdict']} than {r['b']} on {SPLITS.get(r['split'], r['split'])}"
+                      for _, r in shown.iterrows())
+    return (f"- **The answer**: {len(shown)} of the {n} declared comparisons ({pairs}) show a "
+            f"difference: {found}; the others show none.")
+
+
 def split_line(tables: Path = TABLES) -> str:
     """The distillation term's share of the update in the released mix, per method."""
     df = pd.read_csv(tables / "update_split.csv")
@@ -97,6 +113,7 @@ def results_block(tables: Path = TABLES) -> str:
         "",
         header, rule, *rows,
         "",
+        answer_line(tables),
         f"- **Scores**: every method of the released mix scores {lo:.1f}–{hi:.1f} on the two "
         f"splits, the start {s.loc['student (start)'].min():.1f}–{s.loc['student (start)'].max():.1f} "
         f"and the teacher {s.loc['teacher'].min():.1f}–{s.loc['teacher'].max():.1f}.",
