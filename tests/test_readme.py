@@ -113,9 +113,9 @@ def test_the_answer_counts_the_verdicts():
     line = next(l for l in block().splitlines() if l.startswith("- **The answer**"))
     differ = table[table["verdict"].isin(["better", "worse"])]
     if differ.empty:
-        assert f"none of the {len(table)} declared comparisons shows a difference" in line, line
+        assert re.search(rf"none of the {len(table)} declared comparisons \(.*\) shows a difference", line), line
     else:
-        assert f"{len(differ)} of the {len(table)} declared comparisons show a difference" in line, line
+        assert re.search(rf"{len(differ)} of the {len(table)} declared comparisons \(.*\) show a difference", line), line
         for _, r in differ.iterrows():
             assert f"{r['a']} {r['verdict']} than {r['b']}" in line, (line, r.to_dict())
 
