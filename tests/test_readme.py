@@ -4,7 +4,8 @@
   (tools/readme_results.py --check);
 - every number the README's results quote is checked here against results/cpu/tables/ read
   directly (main_numeric.csv's raw means, comparisons.csv's deltas, intervals, levels and
-  verdicts, update_split.csv's shares), and each verdict word agrees with its interval;
+  verdicts, update_split.csv's shares); a verdict claims a difference exactly when Holm
+  rejects at the declared α, with the estimate's sign, and the one-line answer counts them;
 - no result number is typed by hand outside the generated block, nor in docs/results.md's
   prose of §2–§6 unless the tables hold it;
 - the README stays short and every relative link of the README and docs/ resolves.
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = ROOT / "results" / "cpu" / "tables"
@@ -29,6 +31,7 @@ _spec.loader.exec_module(rr)
 
 NUMBER = re.compile(r"[−+-]?\d+(?:\.\d+)?")
 SPLIT_OF = {"test": "test", "held-out templates": "heldout"}
+ALPHA = yaml.safe_load((ROOT / "params" / "cpu" / "01_gpt2_120m.yaml").read_text())["primary"]["alpha"]
 
 
 def num(text: str) -> float:
@@ -98,11 +101,11 @@ def test_every_comparison_and_its_verdict_match_the_table():
             assert close(lo, ci_lo) and close(hi, ci_hi), (a, b, split, lo, hi, ci_lo, ci_hi)
             assert close(level, row["ci_level"] * 100), (a, b, split, level)
             assert row["verdict"] in verdict, (a, b, split, verdict, row["verdict"])
-            # the words follow the interval: an interval that excludes 0 is never "no
-            # difference shown", and a difference claimed has the sign of the estimate
-            if not ci_lo <= 0 <= ci_hi:
-                assert row["verdict"] != "no difference shown", row.to_dict()
-            if row["verdict"] in ("better", "worse"):
+            # the words follow the test: a difference is claimed exactly when Holm rejects at
+            # the declared α, with the sign of the estimate
+            claimed = row["verdict"] in ("better", "worse")
+            assert claimed == (row["p_holm"] <= ALPHA), row.to_dict()
+            if claimed:
                 assert (row["delta"] > 0) == (row["verdict"] == "better"), row.to_dict()
             seen += 1
     assert seen == len(table)
