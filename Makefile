@@ -22,10 +22,10 @@ export TOKENIZERS_PARALLELISM := false
 # spinning threads made a 2-thread step up to 5x slower than a 1-thread one (bench notes).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup lock test reproduce lab bench gpu-check clean help
+.PHONY: setup lock test browser-test reproduce lab bench gpu-check clean help
 
 help:
-	@echo "make setup | lock | test | reproduce [PROFILE=cpu|smoke|paper|colab] [FORCE=1] | lab | bench [BENCH=quick] | gpu-check | clean"
+	@echo "make setup | lock | test | browser-test | reproduce [PROFILE=cpu|smoke|paper|colab] [FORCE=1] | lab | bench [BENCH=quick] | gpu-check | clean"
 
 # The venv is installed from requirements.lock (every package, exact version), with --no-deps
 # so nothing resolves differently later. pip's and torch's lines go first: torch==2.13.0 then
@@ -56,6 +56,18 @@ lock:
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# The notebooks in a real browser (tests/test_browser.py): the JupyterLab server of `make lab`
+# in headless Chromium; fails on an error output, leaked warning, broken image, widget that does
+# not render, untypeset formula or log wall; runs notebook 00 on the server's kernel. Debian's
+# chromium is installed when missing (as root; needs the package mirror), nothing else is
+# downloaded. Screenshots: results/browser/. Checks results/$(PROFILE)/notebooks/.
+CHROMIUM ?= /usr/bin/chromium
+browser-test: setup
+	@test -x $(CHROMIUM) || { test "$$(id -u)" = 0 || { echo "make browser-test: $(CHROMIUM) is missing: as root, apt-get install chromium" >&2; exit 2; }; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	DPKD_BROWSER_TEST=1 CHROMIUM=$(CHROMIUM) DPKD_BROWSER_NOTEBOOKS=results/$(PROFILE)/notebooks \
+	  $(PY) -m pytest -q -p no:cacheprovider tests/test_browser.py
 
 reproduce: setup
 	$(PY) -m dpkd_lib.study --profile $(PROFILE) $(if $(filter 1,$(FORCE)),--force,)

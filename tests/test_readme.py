@@ -1,0 +1,182 @@
+"""The README is a front door whose numbers come from the committed tables of the cpu study.
+
+- its results block and docs/results.md's copies of the tables are current
+  (tools/readme_results.py --check);
+- every number the README's results quote is checked here against results/cpu/tables/ read
+  directly (main_numeric.csv's raw means, comparisons.csv's deltas, intervals, levels and
+  verdicts, update_split.csv's shares); a verdict claims a difference exactly when Holm
+  rejects at the declared α, with the estimate's sign, and the one-line answer counts them;
+- no result number is typed by hand outside the generated block, nor in docs/results.md's
+  prose of §2–§6 unless the tables hold it;
+- the README stays short and every relative link of the README and docs/ resolves.
+"""
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLES = ROOT / "results" / "cpu" / "tables"
+README = ROOT / "README.md"
+RESULTS_DOC = ROOT / "docs" / "results.md"
+
+_spec = importlib.util.spec_from_file_location("readme_results", ROOT / "tools" / "readme_results.py")
+rr = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(rr)
+
+NUMBER = re.compile(r"[−+-]?\d+(?:\.\d+)?")
+SPLIT_OF = {"test": "test", "held-out templates": "heldout"}
+ALPHA = yaml.safe_load((ROOT / "params" / "cpu" / "01_gpt2_120m.yaml").read_text())["primary"]["alpha"]
+
+
+def num(text: str) -> float:
+    return float(text.replace("−", "-"))
+
+
+def block() -> str:
+    text = README.read_text(encoding="utf-8")
+    assert rr.BEGIN in text and rr.END in text, "README.md lost its results markers"
+    return text[text.index(rr.BEGIN) + len(rr.BEGIN):text.index(rr.END)]
+
+
+def method_key(label: str) -> str:
+    """The README's column label -> main_numeric.csv's method key."""
+    return {"student (start)": "student_init"}.get(label, label.lower().replace("-", "_"))
+
+
+def close(shown: str, value: float, digits: int = 1) -> bool:
+    return abs(num(shown) - value) <= 0.5 * 10 ** -digits + 1e-9
+
+
+def test_blocks_are_current():
+    assert rr.main(["--check"]) == 0, "python tools/readme_results.py"
+
+
+def test_the_score_table_matches_the_raw_means():
+    lines = [l for l in block().splitlines() if l.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [[c.strip() for c in l.strip("|").split("|")] for l in lines[2:]]
+    raw = pd.read_csv(TABLES / "main_numeric.csv").set_index(["method", "split"])["rouge_l"]
+    assert header[0] == "split" and len(rows) == 2
+    checked = 0
+    for row in rows:
+        split = SPLIT_OF[row[0]]
+        for label, shown in zip(header[1:], row[1:]):
+            value = raw[(method_key(label), split)]
+            assert close(shown, value), f"README {label} {split}: {shown}, table {value:.3f}"
+            checked += 1
+    assert checked == 2 * (len(header) - 1) >= 8
+
+
+def test_the_score_ranges_match_the_raw_means():
+    raw = pd.read_csv(TABLES / "main_numeric.csv")
+    lines = [l for l in block().splitlines() if l.startswith("|")]
+    shown = [method_key(c.strip()) for c in lines[0].strip("|").split("|")[1:]]
+    methods = [m for m in shown if m not in ("teacher", "student_init")]
+    bullet = next(l for l in block().splitlines() if l.startswith("- **Scores**"))
+    ranges = re.findall(r"(\d+\.\d)–(\d+\.\d)", bullet)
+    groups = [raw[raw["method"].isin(methods)], raw[raw["method"] == "student_init"],
+              raw[raw["method"] == "teacher"]]
+    assert len(ranges) == 3 and len(groups[0]) == 2 * len(methods)
+    for (lo, hi), rows in zip(ranges, groups):
+        assert close(lo, rows["rouge_l"].min()) and close(hi, rows["rouge_l"].max()), (lo, hi)
+
+
+def test_every_comparison_and_its_verdict_match_the_table():
+    table = pd.read_csv(TABLES / "comparisons.csv")
+    bullets = re.findall(r"\*\*(.+?) − (.+?)\*\*: (.+?): ([a-z ;:-]+)\.\n", block())
+    assert len(bullets) == table.groupby(["a", "b"]).ngroups >= 4
+    seen = 0
+    for a, b, parts, verdict in bullets:
+        for m in re.finditer(r"(\S+) \[(\S+), (\S+)\] on (test|held-out templates) \((\d+\.\d) %\)", parts):
+            delta, lo, hi, split, level = m.groups()
+            row = table[(table["a"] == a) & (table["b"] == b) & (table["split"] == SPLIT_OF[split])].iloc[0]
+            ci_lo, ci_hi = rr.interval(row)
+            assert close(delta, row["delta"]), (a, b, split, delta, row["delta"])
+            assert close(lo, ci_lo) and close(hi, ci_hi), (a, b, split, lo, hi, ci_lo, ci_hi)
+            assert close(level, row["ci_level"] * 100), (a, b, split, level)
+            assert row["verdict"] in verdict, (a, b, split, verdict, row["verdict"])
+            # the words follow the test: a difference is claimed exactly when Holm rejects at
+            # the declared α, with the sign of the estimate
+            claimed = row["verdict"] in ("better", "worse")
+            assert claimed == (row["p_holm"] <= ALPHA), row.to_dict()
+            if claimed:
+                assert (row["delta"] > 0) == (row["verdict"] == "better"), row.to_dict()
+            seen += 1
+    assert seen == len(table)
+
+
+def test_the_answer_counts_the_verdicts():
+    table = pd.read_csv(TABLES / "comparisons.csv")
+    line = next(l for l in block().splitlines() if l.startswith("- **The answer**"))
+    differ = table[table["verdict"].isin(["better", "worse"])]
+    if differ.empty:
+        assert re.search(rf"none of the {len(table)} declared comparisons \(.*\) shows a difference", line), line
+    else:
+        assert re.search(rf"{len(differ)} of the {len(table)} declared comparisons \(.*\) show a difference", line), line
+        for _, r in differ.iterrows():
+            assert f"{r['a']} {r['verdict']} than {r['b']}" in line, (line, r.to_dict())
+
+
+def test_the_update_split_shares_match_the_table():
+    table = pd.read_csv(TABLES / "update_split.csv")
+    share = "share" if "share" in table.columns else "grad_share"
+    line = next(l for l in block().splitlines() if "Where the update comes from" in l)
+    quoted = re.findall(r"([A-Za-z][\w-]*) ([−-]?\d+) %", line)
+    assert len(quoted) >= 3
+    for label, pct in quoted:
+        row = table[(table["label"] == label) & (table["term"] == "distill")]
+        assert len(row) == 1, label
+        assert abs(num(pct) - row[share].iloc[0] * 100) <= 0.5 + 1e-9, (label, pct)
+
+
+def _section(text: str, title: str) -> str:
+    m = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, flags=re.M | re.S)
+    assert m, f"no section '## {title}'"
+    return m.group(1)
+
+
+def _prose_numbers(text: str) -> list[str]:
+    """Decimal numbers and percentages in prose (not in links, code spans or paths)."""
+    text = re.sub(r"\]\([^)]*\)|`[^`]*`|!\[[^\]]*\]", "", text)
+    return re.findall(r"(?<![\w.])\d+\.\d+(?![\w.])|(?<![\w.])\d+ %", text)
+
+
+def test_no_result_is_typed_by_hand_in_the_readme():
+    finding = _section(README.read_text(encoding="utf-8"), "The finding")
+    outside = finding.replace(block(), "")
+    assert not _prose_numbers(outside), _prose_numbers(outside)
+
+
+def test_the_results_page_quotes_only_numbers_the_tables_hold():
+    text = RESULTS_DOC.read_text(encoding="utf-8")
+    held = "\n".join(p.read_text(encoding="utf-8") for p in sorted(TABLES.glob("*.md")))
+    held_numbers = set(_prose_numbers(held)) | set(re.findall(r"\d+\.\d+|\d+ %", held))
+    quoted = []
+    for title in ("2. The main table", "3. The declared comparisons", "4. The answer",
+                  "5. Arm (b): each objective alone", "6. Where the update comes from"):
+        prose = rr.TABLE_BLOCK.sub("", _section(text, title))
+        quoted += [n for n in _prose_numbers(prose) if n not in held_numbers]
+    assert not quoted, f"docs/results.md quotes numbers the tables do not hold: {quoted}"
+
+
+def test_the_readme_is_short():
+    lines = README.read_text(encoding="utf-8").count("\n")
+    assert lines <= 150, f"README.md has {lines} lines: move detail to docs/"
+
+
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+
+
+@pytest.mark.parametrize("page", [README, *sorted((ROOT / "docs").glob("*.md"))],
+                         ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_relative_link_resolves(page):
+    text = page.read_text(encoding="utf-8")
+    dead = [target for target in LINK.findall(text)
+            if not re.match(r"[a-z]+:", target) and not (page.parent / target).exists()]
+    assert not dead, f"{page.relative_to(ROOT)}: dead links {dead}"
