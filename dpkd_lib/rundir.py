@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import gc
 import hashlib
 import json
 import logging
@@ -436,6 +437,7 @@ class RunDir:
         last, previous = (self.file(n) for n in CHECKPOINTS)
         last.parent.mkdir(parents=True, exist_ok=True)
         tmp = last.with_suffix(".tmp")
+        free = _free_bytes(last.parent)  # before: a failed writer may still hold its blocks
         try:
             torch.save(state, tmp)
             with open(tmp, "rb") as handle:
@@ -446,20 +448,33 @@ class RunDir:
             tmp.unlink(missing_ok=True)
             if not isinstance(exc, Exception):
                 raise
-            if is_disk_full(exc) or _free_bytes(last.parent) < _tensor_bytes(state):  # torch.save's own words vary
-                raise OutOfResources(
-                    f"checkpoint {last} could not be written: no space left on the disk (it needs about "
-                    f"{human_bytes(_tensor_bytes(state))}, {free_space(last.parent)} free); the previous "
-                    f"checkpoints are kept: free space, then rerun the same command to resume") from None
-            if is_out_of_memory(exc):
-                raise OutOfResources(f"not enough memory to write checkpoint {last}{allocation_size(exc)}; "
-                                     f"the previous checkpoints are kept: free memory, then rerun the same "
-                                     f"command to resume") from None
-            raise OSError(f"checkpoint {tmp} could not be written and read back ({type(exc).__name__}: "
-                          f"{str(exc)[:160]}); the previous checkpoints are kept") from None
+            error = self._save_error(exc, state, free)
+        else:
+            error = None
+        if error is not None:
+            # raised here, not inside the except block: the failed writer's frames (and its
+            # open file, whose blocks a full disk needs back to record the failure) go now
+            gc.collect()
+            raise error
         if last.exists():
             os.replace(last, previous)
         os.replace(tmp, last)
+
+    def _save_error(self, exc: Exception, state: dict, free: float) -> OSError | OutOfResources:
+        """One line for a checkpoint that could not be written (what, and the room it needs)."""
+        last = self.file(CHECKPOINTS[0])
+        if is_disk_full(exc) or free < _tensor_bytes(state):  # torch.save's own words vary
+            kept = "the previous checkpoints are kept" if self.has_checkpoint() else "no earlier checkpoint"
+            return OutOfResources(
+                f"checkpoint {last} could not be written: no space left on the disk (it needs about "
+                f"{human_bytes(_tensor_bytes(state))}, {human_bytes(free) if free != float('inf') else 'unknown'}"
+                f" were free); {kept}: free space, then rerun the same command to resume")
+        if is_out_of_memory(exc):
+            return OutOfResources(f"not enough memory to write checkpoint {last}{allocation_size(exc)}; the "
+                                  f"previous checkpoints are kept: free memory, then rerun the same command "
+                                  f"to resume")
+        return OSError(f"checkpoint {last.with_suffix('.tmp')} could not be written and read back "
+                       f"({type(exc).__name__}: {str(exc)[:160]}); the previous checkpoints are kept")
 
     def _integrity(self) -> list[dict] | None:
         """The recorded checkpoints ({size, sha256, step}), None when none were recorded (a

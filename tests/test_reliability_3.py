@@ -226,7 +226,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_with_the_size_needed(tmp_path, 
     run = tmp_path / "run"
     message = _one_line(str(err.value))
     assert re.search(r"checkpoint .*last\.pt could not be written: no space left on the disk \(it needs about "
-                     r"[\d.]+ [KM]B, .* free\); the previous checkpoints are kept", message), message
+                     r"[\d.]+ [KM]B, .* were free\); the previous checkpoints are kept", message), message
     assert read_json(run / "manifest.json")["status"] == "failed"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["integrity.json", "last.pt"]
     assert train(_cfg(tmp_path, "run", *COMMON), progress=False)["steps"] == 8
