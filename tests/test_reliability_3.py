@@ -496,12 +496,23 @@ def test_reuse_under_other_code_says_so_and_refuses_only_with_strict_code(tmp_pa
 
 def test_the_study_driver_says_when_a_reused_notebook_was_made_by_other_code(tmp_path):
     """Case 14 for notebooks: status.json records the code fingerprint; a reused notebook
-    made by other code gets one line; --strict-code refuses it (exit 2, one line)."""
+    made by other code gets one line; --strict-code refuses it (exit 2, one line). (And
+    case 4's clean-up: the driver removes dead drivers' temporary notebooks, not a live one's.)"""
     repo = _study_repo(tmp_path, "print('ok')")
     results = tmp_path / "results"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (results / "notebooks").mkdir(parents=True)
+    stale = [results / "notebooks" / f".00_work.{dead.pid}.running.ipynb",  # case 4: a dead driver's copy
+             results / "notebooks" / ".00_work.running.ipynb"]             # an older driver's
+    live = results / "notebooks" / f".00_work.{os.getppid()}.running.ipynb"
+    for path in (*stale, live):
+        path.write_text("{}")
     first = _driver(repo, results)
     out, err = first.communicate(timeout=180)
     assert first.returncode == 0, err
+    assert not any(p.exists() for p in stale) and live.exists()
+    assert "[study] removed temporary notebooks of a driver that died" in out
     status_file = results / "notebooks" / "status.json"
     status = read_json(status_file)
     assert status["notebooks"]["00_work"]["code"] == rundir_mod.code_fingerprint()
