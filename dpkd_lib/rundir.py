@@ -5,6 +5,14 @@ A run folder holds params.yaml (resolved), manifest.json (status, git commit, ve
 hash, seed, device, wall time), metrics.jsonl, eval.jsonl, summary.json, model/ and
 checkpoints/. Files are written atomically (io.py); ``status == "finished"`` in the manifest
 is the only proof of a finished run. Statuses: running, interrupted, failed, finished.
+
+Each checkpoint's size and sha256 are recorded when it is written (checkpoints/integrity.json):
+only a file that differs from its record (or, unrecorded, fails to parse) is damage and moved
+aside; running out of memory while loading a good one changes nothing. The manifest records
+a fingerprint of the library's code (`code_fingerprint`): reusing a finished run made by other
+code says so (refused under ``--strict-code``). A finished run on a read-only mount is reused
+without the lock; the lock's holder removes the temporaries of writers that died.
+docs/running.md says all this for users.
 """
 from __future__ import annotations
 

@@ -9,7 +9,9 @@ Read `train()` and `_train()` top to bottom: the run folder's lock, set-up, then
 then the final save and evaluation. Interrupting it (Ctrl-C, SIGTERM) during the loop
 saves a checkpoint at the end of the step and says how to resume (during set-up or the final
 evaluation it stops at once; the last checkpoint stays); killing it loses at most the steps
-since the last checkpoint; the same command then resumes. A non-finite loss stops the run,
+since the last checkpoint; the same command then resumes. Running out of memory or disk space anywhere ends the run with
+one line naming the phase (OutOfResources), recorded in the manifest, the checkpoints kept
+(docs/running.md). A non-finite loss stops the run,
 or with ``train.nan_policy=skip`` skips the batch, up to ``train.max_skipped_share`` of the
 steps and never with non-finite weights: a finished run has finite weights and metrics.
 """

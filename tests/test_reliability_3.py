@@ -18,7 +18,6 @@ import torch
 import dpkd_lib.models as models_mod
 import dpkd_lib.rundir as rundir_mod
 import dpkd_lib.train as train_mod
-from dpkd_lib import study
 from dpkd_lib.config import ConfigError
 from dpkd_lib.errors import OutOfResources, RunBusy
 from dpkd_lib.io import read_json
