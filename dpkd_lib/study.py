@@ -256,7 +256,8 @@ def remove_stale_running(out_dir: Path) -> list[str]:
 
 def _kernels() -> list[int]:
     """Our child processes (the kernel papermill started; it runs in its own session, so a
-    Ctrl-C in the terminal does not reach it)."""
+    Ctrl-C in the terminal does not reach it). Read from /proc: elsewhere none are found and
+    a signal stops the driver at once."""
     children = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -411,7 +412,8 @@ def _run_study(profile: str, *, force: bool, only: str | None, root: Path, noteb
                     running.unlink(missing_ok=True)  # only this driver's temporary copy
                     entry.update(status="interrupted", wall_s=round(wall, 1),
                                  interrupted=time.strftime("%Y-%m-%dT%H:%M:%S"))
-                    write_status(out_dir, status)
+                    with contextlib.suppress(OSError):  # a full disk: the interrupt's line comes first
+                        write_status(out_dir, status)
                     raise KeyboardInterrupt(f"interrupted ({asked['signal'] or 'SIGINT'}) in notebook {stem}; "
                                             f"rerun the same command to go on (finished notebooks are "
                                             f"reused, training runs resume)") from None
@@ -476,6 +478,9 @@ def main(argv=None) -> int:
     except StudyError as err:  # a notebook failed: its copy with the traceback is kept
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # a read-only or full results root: one line
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as err:
         message = str(err) if str(err).startswith("interrupted") else \
             f"interrupted ({err or 'SIGINT'}); rerun the same command to go on (finished notebooks are reused)"
