@@ -139,6 +139,28 @@ def test_a_checkpoint_whose_bytes_changed_is_moved_aside_even_if_it_parses(tmp_p
     assert run.load_checkpoint() is None and run.file("checkpoints/previous.corrupt").exists()
 
 
+def test_an_io_error_while_loading_is_not_damage(tmp_path, monkeypatch):
+    """Case 1, I/O: an EIO while reading a checkpoint (a failing disk, a network mount that
+    went away; old: moved aside as corrupt) is one line, nothing moved."""
+    run = RunDir(tmp_path / "run")
+    run.save_checkpoint({"step": 2, "model": {"w": torch.ones(8)}, "optimizer": {}, "rng": {}})
+
+    def eio(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+    for target in ("file_sha256", "torch"):
+        if target == "torch":
+            monkeypatch.setattr(torch, "load", eio)
+            (tmp_path / "run" / "checkpoints" / "integrity.json").unlink()  # an older run: no record
+        else:
+            monkeypatch.setattr(rundir_mod, "file_sha256", eio)
+        with pytest.raises(OSError, match=r"could not be read .*nothing was changed") as err:
+            run.load_checkpoint()
+        _one_line(str(err.value))
+        monkeypatch.undo()
+        assert run.file("checkpoints/last.pt").exists() and not run.file("checkpoints/last.corrupt").exists()
+    assert run.load_checkpoint()["step"] == 2
+
+
 # ----------------------------------------------------------------------------- case 2
 
 def _disk_full_in_model_save(monkeypatch):
