@@ -252,7 +252,7 @@ class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._lock_fd: int | None = None
-        self.read_only = False  # set by lock(read_only_ok=True) on a folder it cannot write
+        self.read_only: str | bool = False  # why, set by lock(read_only_ok=True) on a folder it cannot write
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -316,7 +316,7 @@ class RunDir:
         why = ("--force would replace it" if same and self.is_finished() else
                "it holds a run with different params" if old is not None and not same else
                "its run is not finished")
-        raise OSError(errno.EROFS, f"{self.path} cannot be written (read-only) and {why}; only a finished "
+        raise OSError(errno.EROFS, f"{self.path} cannot be written ({self.read_only}) and {why}; only a finished "
                                    f"run with the same params can be reused from a read-only folder: "
                                    f"use another output_dir")
 
@@ -383,7 +383,7 @@ class RunDir:
         except OSError as err:
             if not (read_only_ok and err.errno in READ_ONLY and self.path.is_dir()):
                 raise
-            self.read_only = True
+            self.read_only = err.strerror or "read-only"
             try:
                 yield self
             finally:

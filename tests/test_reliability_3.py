@@ -483,7 +483,7 @@ def test_a_finished_run_on_a_read_only_mount_is_reused_without_a_lock(tmp_path, 
     with pytest.raises(OSError) as err:
         train(_cfg(tmp_path, "run", "train.max_steps=2", "eval.splits=[]"), progress=False)
     message = _one_line(str(err.value))
-    assert "cannot be written (read-only)" in message and "different params" in message
+    assert "cannot be written (Read-only file system)" in message and "different params" in message
     monkeypatch.undo()
     assert _snapshot(tmp_path) == before
 
