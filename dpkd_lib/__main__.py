@@ -21,6 +21,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="override a param, dotted keys: --set train.lr=1e-4")
     train.add_argument("--force", action="store_true", default=os.environ.get("FORCE") == "1",
                        help="replace a run with different params (old files moved aside)")
+    train.add_argument("--strict-code", action="store_true",
+                       help="refuse to reuse a finished run made by other dpkd_lib code (default: say so, reuse)")
     train.add_argument("--no-progress", action="store_true")
     ev = sub.add_parser("eval", help="evaluate a saved model on the params' eval splits")
     ev.add_argument("--params", required=True, help="params file (a run's params.yaml will do)")
@@ -38,7 +40,10 @@ def _numbers(summary: dict) -> str:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from .config import load_config
-    from .errors import USER_ERRORS, TrainingFault
+    from .errors import USER_ERRORS, TrainingFault, out_of_resources
+    if getattr(args, "strict_code", False):
+        from .rundir import STRICT_CODE_ENV
+        os.environ[STRICT_CODE_ENV] = "1"
     try:
         if args.command == "train":
             from .train import train
@@ -56,10 +61,14 @@ def main(argv=None) -> int:
     except KeyboardInterrupt as err:
         print(f"stopped: {err or 'interrupted'}", file=sys.stderr)
         return 130
-    except (*USER_ERRORS, ValueError, OSError) as err:
+    except (*USER_ERRORS, ValueError, OSError, MemoryError, RuntimeError) as err:
         if os.environ.get("DPKD_DEBUG") == "1":
             raise
-        if type(err).__name__ == "ConfigError":
+        if isinstance(err, (MemoryError, RuntimeError)) and not isinstance(err, USER_ERRORS):
+            err = out_of_resources(err, args.command, "nothing was changed", "rerun the same command")
+            if err is None:  # not memory or disk: a bug, with its traceback
+                raise
+        if type(err).__name__ in ("ConfigError", "OutOfResources"):
             print(f"error: {err}", file=sys.stderr)
         else:
             print(f"error: {type(err).__name__}: {err}  (DPKD_DEBUG=1 shows the traceback)", file=sys.stderr)

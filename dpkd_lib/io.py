@@ -3,6 +3,7 @@ here.
 
 * Atomic: written to a temp file in the same folder, fsynced, then renamed, so a kill never
   leaves a half file that looks complete.
+* A failed write (a full disk) removes its temp file and raises; the old file stays.
 * Strict JSON: a non-finite float (NaN, ±inf) is written as ``null``, so any JSON reader
   loads our files (Python's ``json`` would write the non-standard ``NaN``).
 """
@@ -39,7 +40,8 @@ def dumps(obj: Any, **kw) -> str:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # the pid in the name lets a later process tell a dead writer's leftover from a live one's
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)

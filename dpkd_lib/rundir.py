@@ -5,16 +5,29 @@ A run folder holds params.yaml (resolved), manifest.json (status, git commit, ve
 hash, seed, device, wall time), metrics.jsonl, eval.jsonl, summary.json, model/ and
 checkpoints/. Files are written atomically (io.py); ``status == "finished"`` in the manifest
 is the only proof of a finished run. Statuses: running, interrupted, failed, finished.
+
+Each checkpoint's size and sha256 are recorded when it is written (checkpoints/integrity.json):
+only a file that differs from its record (or, unrecorded, fails to parse) is damage and moved
+aside; running out of memory while loading a good one changes nothing. The manifest records
+a fingerprint of the library's code (`code_fingerprint`): reusing a finished run made by other
+code says so (refused under ``--strict-code``). A finished run on a read-only mount is reused
+without the lock; the lock's holder removes the temporaries of writers that died.
+docs/running.md says all this for users.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import gc
 import hashlib
 import json
 import logging
 import os
 import platform
+import re
+import shutil
+import socket
 import subprocess
 import time
 from importlib import metadata
@@ -24,13 +37,22 @@ import torch
 import yaml
 
 from .config import diff_keys
-from .errors import ConfigError, RunBusy
+from .errors import ConfigError, OutOfResources, RunBusy, allocation_size, human_bytes, is_disk_full, \
+    is_out_of_memory
 from .io import append_jsonl, read_json, read_jsonl, write_json, write_jsonl, write_yaml
 
 log = logging.getLogger("dpkd_lib")
 TRACKED_PACKAGES = ("torch", "transformers", "tokenizers", "accelerate", "peft", "bitsandbytes",
                     "rouge-score", "pandas", "papermill")
 CHECKPOINTS = ("checkpoints/last.pt", "checkpoints/previous.pt")  # newest first
+INTEGRITY = "checkpoints/integrity.json"  # size and sha256 of each checkpoint as written
+READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+#: set to 1 (``train --strict-code``, ``study --strict-code``): refuse to reuse a finished run
+#: or notebook made by other code (another code fingerprint) instead of saying so and reusing
+STRICT_CODE_ENV = "DPKD_STRICT_CODE"
+#: temporaries a writer leaves when it dies: <name>.tmp-<pid>, <name>.old-<pid> (models.save_model,
+#: teacher caches), .<name>.<pid>.<random>.tmp (io.atomic_write_text)
+_TEMPORARY = re.compile(r"^(?:.+\.(?:tmp|old)-(?P<pid>\d+)|\..+\.(?P<pid2>\d+)\.[^.]+\.tmp)$")
 
 
 def run_id(params: dict, length: int = 10) -> str:
@@ -57,6 +79,129 @@ def _check_state(state) -> dict:
     if missing:
         raise ValueError(f"not a training checkpoint (missing {', '.join(missing)})")
     return state
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, read in 1 MiB pieces (a checkpoint is never held twice in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for piece in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def code_fingerprint() -> str:
+    """A short hash of the library's code (every dpkd_lib/**/*.py, by path and content): a
+    run or a notebook records the code that made it, and reusing it under other code says so."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        if "__pycache__" in path.parts:
+            continue
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+def strict_code() -> bool:
+    return os.environ.get(STRICT_CODE_ENV) == "1"
+
+
+def code_change(recorded: str | None, what: str) -> str | None:
+    """None when `recorded` is this code's fingerprint; else one line saying so (a
+    ConfigError under ``--strict-code``). A record without a fingerprint (made before they
+    were recorded) is refused only under ``--strict-code``."""
+    current = code_fingerprint()
+    if recorded == current:
+        return None
+    if strict_code():
+        raise ConfigError(f"{what} was made by other code (code fingerprint {recorded or 'not recorded'}, "
+                          f"now {current}) and --strict-code refuses to reuse it; rerun with --force "
+                          f"to recompute it, or without --strict-code to reuse it")
+    if recorded is None:
+        return None
+    return (f"note: {what} was made by other code (code fingerprint {recorded}, now {current}); "
+            f"reused as it is (--force recomputes it, --strict-code refuses)")
+
+
+def lock_file(path: Path, what: str, detail: bool = False) -> int:
+    """Open and lock `path` (created if need be): the fd, held until closed, or a one-line
+    RunBusy naming the holder (its pid; with ``detail`` also its host and since when). An OS
+    lock (fcntl.flock): a process that dies releases it. On a file system without flock the
+    pid in the file decides: a dead holder's lock is taken over."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunBusy(f"{what} is in use by another process ({_holder(fd)}); wait for it to finish "
+                          f"or stop it, then rerun") from None
+        except OSError:  # a file system without flock (some network or FUSE mounts)
+            pid = _holder(fd).split(",")[0].removeprefix("pid ")
+            if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+                raise RunBusy(f"{what} is in use by another process ({_holder(fd)}); wait for it to "
+                              f"finish or stop it, then rerun") from None
+        record = str(os.getpid())
+        if detail:
+            record += f" {socket.gethostname()} {time.strftime('%Y-%m-%dT%H:%M:%S')}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record.encode(), 0)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _holder(fd: int) -> str:
+    """"pid N" (and ", host H, since T" when the lock file records them)."""
+    fields = os.pread(fd, 256, 0).decode(errors="replace").split()
+    if not fields:
+        return "pid ?"
+    return ", ".join(f"{k} {v}" for k, v in zip(("pid", "host", "since"), fields))
+
+
+def remove_stale_temporaries(folder: Path) -> list[str]:
+    """Remove the temporaries that dead writers left in `folder` (see _TEMPORARY); returns
+    their names. A live process's temporaries are left alone."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for path in entries:
+        found = _TEMPORARY.match(path.name)
+        if not found:
+            continue
+        pid = int(found.group("pid") or found.group("pid2"))
+        if pid == os.getpid() or _alive(pid):
+            continue
+        try:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            removed.append(path.name)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _free_bytes(folder: Path) -> float:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return float("inf")
+
+
+def free_space(folder: Path) -> str:
+    free = _free_bytes(folder)
+    return human_bytes(free) if free != float("inf") else "unknown"
 
 
 def git_commit() -> str:
@@ -107,6 +252,7 @@ class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._lock_fd: int | None = None
+        self.read_only: str | bool = False  # why, set by lock(read_only_ok=True) on a folder it cannot write
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -138,6 +284,10 @@ class RunDir:
         replaced run's files are moved aside (never deleted) into ``<dir>.replaced-<time>``.
         """
         old = self.stored_params()
+        if self.read_only:
+            return self._prepare_read_only(old, params, force)
+        if self._lock_fd is not None:
+            self.clean()
         if old is not None:
             differ = [k for k in diff_keys(old, params) if k not in ("output_dir", "cache_dir")]
             if differ and not (force or self.no_progress()):
@@ -149,11 +299,45 @@ class RunDir:
                 self._move_aside()
                 old = None
         if old is not None and self.is_finished():
+            self.check_code()
             return "finished"
         self.path.mkdir(parents=True, exist_ok=True)
         status = "resume" if old is not None else "fresh"
         write_yaml(self.file("params.yaml"), params)
         return status
+
+    def _prepare_read_only(self, old: dict | None, params: dict, force: bool) -> str:
+        """A folder this process cannot write (a read-only mount): a finished run with the
+        same params is read from there; anything else would have to write."""
+        same = old is not None and not [k for k in diff_keys(old, params) if k not in ("output_dir", "cache_dir")]
+        if same and self.is_finished() and not force:
+            self.check_code()
+            return "finished"
+        why = ("--force would replace it" if same and self.is_finished() else
+               "it holds a run with different params" if old is not None and not same else
+               "its run is not finished")
+        raise OSError(errno.EROFS, f"{self.path} cannot be written ({self.read_only}) and {why}; only a finished "
+                                   f"run with the same params can be reused from a read-only folder: "
+                                   f"use another output_dir")
+
+    def check_code(self) -> None:
+        """Say (one line) when the finished run here was made by other code; refuse under
+        --strict-code (code_change)."""
+        note = code_change(self.manifest.get("code"), f"the finished run in {self.path}")
+        if note:
+            log.warning("%s", note)
+
+    def clean(self) -> None:
+        """Remove the temporaries of writers that died here (a kill during a model save, a
+        full disk): called by `prepare` holding the lock, so nothing here is being written."""
+        removed = remove_stale_temporaries(self.path)
+        tmp = self.file("checkpoints/last.tmp")  # only the lock holder writes checkpoints
+        if tmp.exists():
+            tmp.unlink()
+            removed.append("checkpoints/last.tmp")
+        removed += [f"checkpoints/{n}" for n in remove_stale_temporaries(self.file("checkpoints"))]
+        if removed:
+            log.info("removed temporaries of an earlier process in %s: %s", self.path, ", ".join(removed))
 
     def no_progress(self) -> bool:
         """A run that stopped (failed, interrupted) before its first checkpoint."""
@@ -180,38 +364,31 @@ class RunDir:
         """Open and lock the folder's .lock (created if need be; nothing else is written
         when the lock is taken: RunBusy names the holder's pid)."""
         self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.file(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise RunBusy(f"{self.path} is in use by another process (pid {self._holder(fd)}); "
-                              f"wait for it to finish or stop it, then rerun") from None
-            except OSError:  # a file system without flock (some network or FUSE mounts)
-                holder = self._holder(fd)
-                if holder.isdigit() and int(holder) != os.getpid() and _alive(int(holder)):
-                    raise RunBusy(f"{self.path} is in use by another process (pid {holder}); wait "
-                                  f"for it to finish or stop it, then rerun") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
-            return fd
-        except BaseException:
-            os.close(fd)
-            raise
-
-    @staticmethod
-    def _holder(fd: int) -> str:
-        return os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        return lock_file(self.file(".lock"), str(self.path))
 
     @contextlib.contextmanager
-    def lock(self):
+    def lock(self, read_only_ok: bool = False):
         """Hold the folder's lock for the block: a second process gets a one-line RunBusy
         naming the holder's pid. An OS lock (fcntl.flock), so a process that dies releases
         it and the next one takes over its stale .lock file. (On a file system without
-        flock the pid in .lock decides: a dead holder's lock is taken over.)"""
+        flock the pid in .lock decides: a dead holder's lock is taken over.)
+
+        With ``read_only_ok`` a folder that cannot be written (a read-only mount: EROFS,
+        EACCES, EPERM on the lock file) is entered without a lock and ``read_only`` set:
+        `prepare` then only reuses a finished run."""
         if self._lock_fd is not None:
             raise RuntimeError(f"{self.path}: this RunDir already holds its lock")
-        self._lock_fd = self._acquire()
+        try:
+            self._lock_fd = self._acquire()
+        except OSError as err:
+            if not (read_only_ok and err.errno in READ_ONLY and self.path.is_dir()):
+                raise
+            self.read_only = err.strerror or "read-only"
+            try:
+                yield self
+            finally:
+                self.read_only = False
+            return
         try:
             yield self
         finally:
@@ -230,10 +407,18 @@ class RunDir:
             status="running", run_id=run_id(params), git_commit=git_commit(),
             packages=package_versions(), seed=seed, device=device, data_hash=data_hash,
             started=manifest.get("started", time.strftime("%Y-%m-%dT%H:%M:%S")),
-            platform=platform.platform(), machine=machine(), attempts=manifest.get("attempts", 0) + 1)
+            platform=platform.platform(), machine=machine(), attempts=manifest.get("attempts", 0) + 1,
+            code=code_fingerprint())
 
-    def fail(self, error: str) -> None:
-        self.write_manifest(status="failed", error=error)
+    def fail(self, error: str) -> bool:
+        """Record the failure; False when even that cannot be written (a full disk): the
+        manifest then keeps its last status, the run stays resumable, and the caller's
+        error is not masked by a second one."""
+        try:
+            self.write_manifest(status="failed", error=error)
+        except OSError:
+            return False
+        return True
 
     def write_jsonl(self, name: str, rows) -> None:
         write_jsonl(self.file(name), rows)
@@ -252,40 +437,132 @@ class RunDir:
         return any(self.file(name).exists() for name in CHECKPOINTS)
 
     def save_checkpoint(self, state: dict) -> None:
-        """Write the new checkpoint next to the last one, check that it reads back, then
-        rotate: last → previous, new → last. A kill at any point leaves a readable one; a
-        write that fails (a full disk) raises OSError and leaves the old ones as they were."""
+        """Write the new checkpoint next to the last one, check that it reads back, record
+        its size and sha256 (checkpoints/integrity.json), then rotate: last → previous,
+        new → last. A kill at any point leaves a readable one; a write that fails raises a
+        one-line OSError (a full disk: OutOfResources with the size needed) and leaves the
+        old ones as they were, with no temporary file."""
         last, previous = (self.file(n) for n in CHECKPOINTS)
         last.parent.mkdir(parents=True, exist_ok=True)
         tmp = last.with_suffix(".tmp")
+        free = _free_bytes(last.parent)  # before: a failed writer may still hold its blocks
         try:
             torch.save(state, tmp)
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
             _check_state(torch.load(tmp, weights_only=False, map_location="cpu"))  # before it replaces anything
-        except Exception as exc:  # noqa: BLE001 - a full disk, a failing device: one line, old ones kept
+            self._record(tmp, state["step"])
+        except BaseException as exc:
             tmp.unlink(missing_ok=True)
-            raise OSError(f"checkpoint {tmp} could not be written and read back ({type(exc).__name__}: "
-                          f"{str(exc)[:160]}); the previous checkpoints are kept") from None
+            if not isinstance(exc, Exception):
+                raise
+            error = self._save_error(exc, state, free)
+        else:
+            error = None
+        if error is not None:
+            # raised here, not inside the except block: the failed writer's frames (and its
+            # open file, whose blocks a full disk needs back to record the failure) go now
+            gc.collect()
+            raise error
         if last.exists():
             os.replace(last, previous)
         os.replace(tmp, last)
 
+    def _save_error(self, exc: Exception, state: dict, free: float) -> OSError | OutOfResources:
+        """One line for a checkpoint that could not be written (what, and the room it needs)."""
+        last = self.file(CHECKPOINTS[0])
+        if is_disk_full(exc) or free < _tensor_bytes(state):  # torch.save's own words vary
+            kept = "the previous checkpoints are kept" if self.has_checkpoint() else "no earlier checkpoint"
+            return OutOfResources(
+                f"checkpoint {last} could not be written: no space left on the disk (it needs about "
+                f"{human_bytes(_tensor_bytes(state))}, {human_bytes(free) if free != float('inf') else 'unknown'}"
+                f" were free); {kept}: free space, then rerun the same command to resume")
+        if is_out_of_memory(exc):
+            return OutOfResources(f"not enough memory to write checkpoint {last}{allocation_size(exc)}; the "
+                                  f"previous checkpoints are kept: free memory, then rerun the same command "
+                                  f"to resume")
+        return OSError(f"checkpoint {last.with_suffix('.tmp')} could not be written and read back "
+                       f"({type(exc).__name__}: {str(exc)[:160]}); the previous checkpoints are kept")
+
+    def _integrity(self) -> list[dict] | None:
+        """The recorded checkpoints ({size, sha256, step}), None when none were recorded (a
+        run folder written before integrity records)."""
+        try:
+            return list(read_json(self.file(INTEGRITY))["files"])
+        except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+            return None
+
+    def _record(self, path: Path, step: int) -> None:
+        """Add `path`'s size and hash to the record (keyed by content, so a kill between the
+        two renames of a rotation never makes a good file look damaged)."""
+        entry = {"size": path.stat().st_size, "sha256": file_sha256(path), "step": step}
+        files = [f for f in self._integrity() or [] if f["sha256"] != entry["sha256"]]
+        write_json(self.file(INTEGRITY), {"files": (files + [entry])[-4:]})
+
+    def _verify(self, path: Path, records: list[dict] | None) -> str | None:
+        """None: the file is what was written (or nothing was recorded); else what differs.
+        An error while reading it (EIO) is raised: that is not damage to the file."""
+        if records is None:
+            return None
+        size = path.stat().st_size
+        if not any(r["size"] == size for r in records):
+            return f"{size} bytes, not the {' or '.join(str(r['size']) for r in records)} written"
+        if not any(r["sha256"] == file_sha256(path) for r in records):
+            return "its sha256 differs from the one recorded when it was written"
+        return None
+
     def load_checkpoint(self) -> dict | None:
-        """The newest checkpoint that reads back whole, or None. An unreadable one (a
-        truncated file) is moved aside (``*.corrupt``) with a one-line warning, and the one
-        before it is tried; with none left the run starts over."""
+        """The newest checkpoint that reads back whole, or None.
+
+        Only damage moves a checkpoint aside (``*.corrupt``, one warning line; the one
+        before it is then tried, with none left the run starts over): a size or sha256 that
+        differs from the ones recorded when it was written, or, for a file written before
+        such records, a failed parse. Running out of memory while loading (MemoryError, the
+        allocator's RuntimeError) or an I/O error is not damage: it raises a one-line error
+        (OutOfResources, OSError) and nothing is changed, so the same command resumes once
+        there is memory."""
         found = [self.file(n) for n in CHECKPOINTS if self.file(n).exists()]
+        records = self._integrity()
         for i, path in enumerate(found):
             try:
-                return _check_state(torch.load(path, weights_only=False, map_location="cpu"))
-            except Exception as exc:  # noqa: BLE001 - any damage: fall back, never a traceback
-                os.replace(path, path.with_suffix(".corrupt"))
-                then = (f"falling back to {found[i + 1].relative_to(self.path)}" if i + 1 < len(found)
-                        else "starting over from step 0")
-                log.warning("warning: checkpoint %s is unreadable (%s), moved aside to %s; %s",
-                            path, type(exc).__name__, path.with_suffix(".corrupt").name, then)
+                damage = self._verify(path, records)
+            except OSError as exc:
+                raise OSError(f"checkpoint {path} could not be read ({exc.strerror or exc}); nothing was "
+                              f"changed: check the disk, then rerun the same command to resume") from None
+            if damage is None:
+                try:
+                    state = _check_state(torch.load(path, weights_only=False, map_location="cpu"))
+                except Exception as exc:  # noqa: BLE001 - classified below: damage, or not
+                    self._not_damage(path, exc, verified=records is not None)
+                    damage = f"{type(exc).__name__}"
+                else:
+                    if records is None:  # written before integrity records: record it now it has parsed
+                        with contextlib.suppress(OSError):
+                            self._record(path, state["step"])
+                    return state
+            os.replace(path, path.with_suffix(".corrupt"))
+            then = (f"falling back to {found[i + 1].relative_to(self.path)}" if i + 1 < len(found)
+                    else "starting over from step 0")
+            log.warning("warning: checkpoint %s is unreadable (%s), moved aside to %s; %s",
+                        path, damage, path.with_suffix(".corrupt").name, then)
         return None
+
+    @staticmethod
+    def _not_damage(path: Path, exc: Exception, verified: bool) -> None:
+        """Raise a one-line error when `exc`, raised loading `path`, is not damage to the file:
+        memory, an I/O error, or any error on a file whose size and hash match the record."""
+        size = human_bytes(path.stat().st_size)
+        if is_out_of_memory(exc):
+            raise OutOfResources(
+                f"not enough memory to load the checkpoint {path} ({size} on disk){allocation_size(exc)}; "
+                f"nothing was changed: free memory (or raise the limit), then rerun the same command "
+                f"to resume") from None
+        if isinstance(exc, OSError) or verified:
+            raise OSError(f"checkpoint {path} ({size}) matches its record but could not be loaded "
+                          f"({type(exc).__name__}: {str(exc)[:160]}); nothing was changed"
+                          if verified else
+                          f"checkpoint {path} could not be read ({type(exc).__name__}: {str(exc)[:160]}); "
+                          f"nothing was changed") from None
 
     def checkpoint_note(self) -> str:
         found = [n for n in CHECKPOINTS if self.file(n).exists()]

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Sequence
 
 from .choices import TEACHER_OBJECTIVES
 from .config import ConfigError, apply_overrides, from_dict, load_yaml, merge, to_dict
+from .errors import out_of_resources
 
 #: the keys of a model section that say where its weights come from (a pair replaces them)
 WEIGHT_KEYS = ("source", "name_or_path", "arch", "n_layer", "n_embd", "n_head", "seed", "prune_to")
@@ -228,38 +229,55 @@ def evaluate_models(base_params: str | Path, models: dict, results_root: str | P
     """Evaluate ready-made models (hub checkpoints of the paper profile) like any run, into
     ``runs/<name>`` folders that report.collect reads. ``models`` maps a name (``teacher``,
     ``student_init``, ...) to a model section; ``overrides`` change the eval settings."""
-    from .evaluate import evaluate_model
-    from .io import read_json, write_json, write_yaml
-    from .models import build_model
-    from .rundir import RunDir, run_id
-    from .tokenization import build_tokenizer
     out = []
     for name, section in models.items():
         cfg = run_config(base_params, name, ["train.objective=sft", *overrides], results_root,
                          {"student": section, "teacher": None})
-        params = to_dict(cfg)
-        run = RunDir(cfg.output_dir)
+        out.append(_evaluate_model(cfg, name, section, force=force, progress=progress))
+    return out
+
+
+def _evaluate_model(cfg, name: str, section: dict, *, force: bool, progress: bool) -> dict:
+    """One model of `evaluate_models`, holding its run folder's lock (a second process gets
+    RunBusy; a finished folder on a read-only mount is read without one)."""
+    from .evaluate import evaluate_model
+    from .io import read_json, write_json, write_yaml
+    from .models import build_model
+    from .rundir import RunDir, code_fingerprint, run_id
+    from .tokenization import build_tokenizer
+    params = to_dict(cfg)
+    run = RunDir(cfg.output_dir)
+    with run.lock(read_only_ok=True):
+        if run.read_only:  # reuse a finished run from there, or a one-line refusal
+            run.prepare(params, force=force)
+            return read_json(run.file("summary.json"))
         if run.is_finished() and not force and run.stored_params() == params:
-            out.append(read_json(run.file("summary.json")))
-            continue
-        run.path.mkdir(parents=True, exist_ok=True)
+            run.check_code()
+            return read_json(run.file("summary.json"))
+        run.clean()
         write_yaml(run.file("params.yaml"), params)
-        run.write_manifest(status="running", run_id=run_id(params), kind="eval_only")
+        run.write_manifest(status="running", run_id=run_id(params), kind="eval_only", code=code_fingerprint())
         tick = time.time()
         if cfg.threads:
             import torch
             torch.set_num_threads(cfg.threads)
-        tokenizer = build_tokenizer(cfg.tokenizer)
-        model = build_model(cfg.student, tokenizer, trainable=False)
-        summary = evaluate_model(cfg, model, tokenizer, run.path, progress=progress)
+        try:
+            tokenizer = build_tokenizer(cfg.tokenizer)
+            model = build_model(cfg.student, tokenizer, trainable=False)
+            summary = evaluate_model(cfg, model, tokenizer, run.path, progress=progress)
+        except Exception as err:  # recorded; memory or disk exhausted: one line
+            short = out_of_resources(err, f"the evaluation of {name}", "nothing else was changed")
+            run.fail(str(short) if short else f"{type(err).__name__}: {str(err)[:300]}")
+            if short is None:
+                raise
+            raise short from None
         del model
         summary.update(objective="eval_only", run_id=run_id(params), wall_time_s=time.time() - tick)
         write_json(run.file("summary.json"), summary)
         run.write_manifest(status="finished", wall_time_s=summary["wall_time_s"])
         _write_json_if_changed(run.file("labels.json"), {"name": name, "method": name, "group": "pair",
                                                          "label": DISPLAY.get(name, name), "model": section})
-        out.append(summary)
-    return out
+    return summary
 
 
 def run_pilot(base_params: str | Path, results_root: str | Path, pilot: dict, pair: dict, *,

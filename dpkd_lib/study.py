@@ -12,15 +12,25 @@ run with the repo root as their working directory, and warnings print without fi
 executed copies carry no absolute path of the machine that ran them.
 
 The executed copy is written to ``<results_root>/notebooks/NN_name.ipynb`` atomically:
-papermill writes ``.NN_name.running.ipynb`` and only a notebook that finished is renamed
-into place. A failed one is kept as ``NN_name.failed.ipynb`` (with the traceback in its
-cells) and the driver exits non-zero naming the notebook and the cell. A params file
+papermill writes ``.NN_name.<pid>.running.ipynb`` and only a notebook that finished is
+renamed into place. A failed one is kept as ``NN_name.failed.ipynb`` (with the traceback in
+its cells) and the driver exits non-zero naming the notebook and the cell. A params file
 holding only ``skip: <reason>`` leaves that notebook out of the profile.
+
+One driver per results root: it holds ``<results_root>/.study.lock`` (an OS lock, as a run
+folder's, rundir.py) while it runs; a second one exits 2 in one line naming the holder (pid,
+host, since). Holding it, the driver removes the temporary notebooks of dead drivers.
+SIGINT and SIGTERM end it alike: the signal is passed to the running kernel (a training run
+there saves a checkpoint and stops), the notebook is recorded ``interrupted`` in
+status.json, its temporary copy removed, and the driver exits 130 with one line (a second
+signal stops it at once).
 
 Reuse: ``<results_root>/notebooks/status.json`` records, per notebook, a fingerprint of its
 code cells, its resolved params and its upstream notebooks' executions, the wall time and
-when it finished. A notebook whose fingerprint is unchanged and whose executed copy exists
-is skipped unless ``--force``. A notebook's upstream is listed in its metadata
+when it finished, and the code fingerprint of dpkd_lib (rundir.code_fingerprint). A
+notebook whose fingerprint is unchanged and whose executed copy exists is skipped unless
+``--force``; when dpkd_lib changed since, one line says so and it is still reused
+(``--strict-code`` refuses instead; the training runs inside say the same for their runs). A notebook's upstream is listed in its metadata
 (``metadata.dpkd.upstream``; default: every earlier notebook), and each execution gets a
 fresh token, so re-running 01 re-runs 04, which reads its results, but not 00.
 ``--force`` is also passed to the notebooks, which pass it on to the training runs.
@@ -32,10 +42,13 @@ papermill's log shows text bars, while the same notebook in JupyterLab shows wid
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
+import signal
 import sys
 import time
 import uuid
@@ -44,12 +57,16 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError, StudyError
+from .errors import ConfigError, RunBusy, StudyError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OFFLINE_PROFILES = ("smoke", "cpu", "cpu_full")
 INJECTED = ("profile", "results_root", "force")
 STATUS_FILE = "status.json"
+LOCK_FILE = ".study.lock"
+#: a driver's temporary copy of a running notebook: .NN_name.<pid>.running.ipynb (older
+#: drivers: .NN_name.running.ipynb)
+_RUNNING = re.compile(r"^\.(?P<stem>.+?)\.(?:(?P<pid>\d+)\.)?running\.ipynb$")
 
 
 # ----------------------------------------------------------------------------- notebook side
@@ -208,7 +225,7 @@ def _failed_cell(err: Exception) -> str:
     return f"{where}: {ename}: {str(evalue)[:500]}"
 
 
-def _relative_paths(path: Path, repo: Path) -> None:
+def _relative_paths(path: Path, repo: Path, final: Path) -> None:
     """Papermill records the input and output paths in the notebook's metadata: store them
     relative to the repo root (an executed copy is committed; it names no machine's paths)."""
     import nbformat
@@ -218,9 +235,69 @@ def _relative_paths(path: Path, repo: Path) -> None:
         if meta.get(key):
             p = Path(meta[key]).resolve()
             if key == "output_path":   # the final name, not the temporary one
-                p = p.with_name(p.name.lstrip(".").replace(".running", ""))
+                p = final.resolve()
             meta[key] = str(p.relative_to(repo)) if p.is_relative_to(repo) else p.name
     nbformat.write(nb, path)
+
+
+def remove_stale_running(out_dir: Path) -> list[str]:
+    """Temporary notebooks of drivers that died (called holding the results root's lock:
+    a name without a pid is an older driver's)."""
+    from .rundir import _alive
+    removed = []
+    for path in Path(out_dir).glob(".*running.ipynb"):
+        found = _RUNNING.match(path.name)
+        if found and (found.group("pid") is None or
+                      (int(found.group("pid")) != os.getpid() and not _alive(int(found.group("pid"))))):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
+def _kernels() -> list[int]:
+    """Our child processes (the kernel papermill started; it runs in its own session, so a
+    Ctrl-C in the terminal does not reach it). Read from /proc: elsewhere none are found and
+    a signal stops the driver at once."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid():
+            children.append(int(stat.parent.name))
+    return children
+
+
+@contextlib.contextmanager
+def _stop_requests():
+    """SIGINT and SIGTERM alike: the first is passed on to the kernel as SIGINT (its cell
+    stops as after a Ctrl-C in JupyterLab: a training run saves a checkpoint and records
+    `interrupted`) and papermill ends with that cell's error; without a kernel, or on a
+    second signal, KeyboardInterrupt at once. Yields {"signal": name or None}."""
+    asked: dict = {"signal": None}
+
+    def handler(signum, frame):
+        first = asked["signal"] is None
+        asked["signal"] = signal.Signals(signum).name
+        kernels = _kernels() if first else []
+        for pid in kernels:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGINT)
+        if not kernels:
+            raise KeyboardInterrupt(asked["signal"])
+
+    old = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        yield asked
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 def run_study(profile: str, *, force: bool = False, only: str | None = None,
@@ -230,19 +307,40 @@ def run_study(profile: str, *, force: bool = False, only: str | None = None,
               kernel: str = "python3", log_output: bool = True) -> dict:
     """Execute the study's notebooks for `profile`; returns the status dict.
 
-    Raises StudyError naming the notebook and cell when one fails. `params_dir` is read
-    for the checks before anything runs (the notebooks read ``params/`` of the repo).
+    Raises StudyError naming the notebook and cell when one fails, RunBusy when another
+    driver holds the results root, KeyboardInterrupt (one line) on SIGINT / SIGTERM.
+    `params_dir` is read for the checks before anything runs (the notebooks read
+    ``params/`` of the repo).
     """
+    from .rundir import lock_file
+
+    root = Path(results_root or REPO_ROOT / "results" / profile).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    shown_root = str(root.relative_to(REPO_ROOT)) if root.is_relative_to(REPO_ROOT) else str(root)
+    fd = lock_file(root / LOCK_FILE, f"results root {shown_root} (a study driver)", detail=True)
+    try:
+        with _stop_requests() as asked:
+            return _run_study(profile, force=force, only=only, root=root, notebooks_dir=notebooks_dir,
+                              params_dir=params_dir, kernel=kernel, log_output=log_output, asked=asked)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _run_study(profile: str, *, force: bool, only: str | None, root: Path, notebooks_dir, params_dir,
+               kernel: str, log_output: bool, asked: dict) -> dict:
     import papermill as pm
 
+    from .rundir import code_change, code_fingerprint
     repo = REPO_ROOT
     notebooks_dir = Path(notebooks_dir or repo / "notebooks")
     params_dir = Path(params_dir or repo / "params")
-    root = Path(results_root or repo / "results" / profile).resolve()
     # relative to the repo root when inside it: executed copies carry no machine's paths
     shown_root = str(root.relative_to(repo)) if root.is_relative_to(repo) else str(root)
     out_dir = root / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
+    stale = remove_stale_running(out_dir)
+    if stale:
+        print(f"[study] removed temporary notebooks of a driver that died: {', '.join(stale)}", flush=True)
 
     all_nbs = list_notebooks(notebooks_dir)
     chosen = select(all_nbs, only)
@@ -288,16 +386,19 @@ def run_study(profile: str, *, force: bool = False, only: str | None = None,
             entry = status["notebooks"].get(stem, {})
             if (not force and entry.get("status") == "finished"
                     and entry.get("fingerprint") == fingerprint and final.exists()):
+                note = code_change(entry.get("code"), f"notebook {stem}")  # ConfigError under --strict-code
                 print(f"[study] {stem}: unchanged, reused ({entry.get('wall_s', 0):.0f} s when run)",
                       flush=True)
+                if note:
+                    print(f"[study] {note}", flush=True)
                 timings.append((stem, entry.get("wall_s", 0.0), "reused"))
                 continue
-            running = out_dir / f".{stem}.running.ipynb"
+            running = out_dir / f".{stem}.{os.getpid()}.running.ipynb"  # this driver's own
             print(f"[study] {stem}: executing with {params_dir / profile / (stem + '.yaml')}",
                   flush=True)
             started = time.time()
             entry = {"status": "running", "fingerprint": fingerprint, "upstream": upstream,
-                     "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                     "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "code": code_fingerprint(),
                      "params_file": str(params_dir / profile / f"{stem}.yaml")}
             status["notebooks"][stem] = entry
             write_status(out_dir, status)
@@ -307,15 +408,22 @@ def run_study(profile: str, *, force: bool = False, only: str | None = None,
                                     progress_bar=False, request_save_on_cell_execute=True)
             except BaseException as err:  # noqa: BLE001 - keep the failed copy, then re-raise
                 wall = time.time() - started
+                if isinstance(err, KeyboardInterrupt) or asked["signal"]:
+                    running.unlink(missing_ok=True)  # only this driver's temporary copy
+                    entry.update(status="interrupted", wall_s=round(wall, 1),
+                                 interrupted=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                    with contextlib.suppress(OSError):  # a full disk: the interrupt's line comes first
+                        write_status(out_dir, status)
+                    raise KeyboardInterrupt(f"interrupted ({asked['signal'] or 'SIGINT'}) in notebook {stem}; "
+                                            f"rerun the same command to go on (finished notebooks are "
+                                            f"reused, training runs resume)") from None
                 if running.exists():
                     os.replace(running, failed)
                 entry.update(status="failed", wall_s=wall, error=_failed_cell(err))
                 write_status(out_dir, status)
-                if isinstance(err, KeyboardInterrupt):
-                    raise
                 raise StudyError(f"notebook {stem} failed in {_failed_cell(err)}\n"
                                  f"  executed copy with the traceback: {failed}") from err
-            _relative_paths(running, repo)
+            _relative_paths(running, repo, final)
             os.replace(running, final)
             if failed.exists():
                 failed.unlink()
@@ -351,22 +459,32 @@ def main(argv=None) -> int:
     parser.add_argument("--results-root", default=None, help="default results/<profile>")
     parser.add_argument("--kernel", default="python3", help="Jupyter kernel (default python3 = this venv)")
     parser.add_argument("--quiet", action="store_true", help="do not stream cell outputs")
+    parser.add_argument("--strict-code", action="store_true",
+                        help="refuse to reuse notebooks and runs made by other dpkd_lib code "
+                             "(default: say so and reuse)")
     args = parser.parse_args(argv)
+    if args.strict_code:  # read by rundir.code_change, here and in the kernels (inherited)
+        from .rundir import STRICT_CODE_ENV
+        os.environ[STRICT_CODE_ENV] = "1"
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     for noisy in ("papermill.translators", "traitlets", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         run_study(args.profile, force=args.force, only=args.only, results_root=args.results_root,
                   kernel=args.kernel, log_output=not args.quiet)
-    except ConfigError as err:  # a params error: the file and the line, before anything runs
+    except (ConfigError, RunBusy) as err:  # a params error (the file and the line), a busy root
         print(f"error: {err}", file=sys.stderr)
         return 2
     except StudyError as err:  # a notebook failed: its copy with the traceback is kept
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("stopped: interrupted; rerun the same command to go on (finished notebooks are reused)",
-              file=sys.stderr)
+    except OSError as err:  # a read-only or full results root: one line
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as err:
+        message = str(err) if str(err).startswith("interrupted") else \
+            f"interrupted ({err or 'SIGINT'}); rerun the same command to go on (finished notebooks are reused)"
+        print(f"stopped: {message}", file=sys.stderr)
         return 130
     return 0
 

@@ -9,7 +9,9 @@ Read `train()` and `_train()` top to bottom: the run folder's lock, set-up, then
 then the final save and evaluation. Interrupting it (Ctrl-C, SIGTERM) during the loop
 saves a checkpoint at the end of the step and says how to resume (during set-up or the final
 evaluation it stops at once; the last checkpoint stays); killing it loses at most the steps
-since the last checkpoint; the same command then resumes. A non-finite loss stops the run,
+since the last checkpoint; the same command then resumes. Running out of memory or disk space anywhere ends the run with
+one line naming the phase (OutOfResources), recorded in the manifest, the checkpoints kept
+(docs/running.md). A non-finite loss stops the run,
 or with ``train.nan_policy=skip`` skips the batch, up to ``train.max_skipped_share`` of the
 steps and never with non-finite weights: a finished run has finite weights and metrics.
 """
@@ -34,9 +36,9 @@ from . import objectives as obj_lib
 from . import teacher_cache as tc
 from .choices import TOKEN_OBJECTIVES
 from .config import RunConfig, to_dict
-from .errors import TrainingFault
+from .errors import OutOfResources, TrainingFault, human_bytes, is_disk_full, out_of_resources
 from .io import read_json, write_json
-from .rundir import RunDir, run_id
+from .rundir import RunDir, free_space, run_id
 from .tokenization import build_tokenizer
 
 log = logging.getLogger("dpkd_lib")
@@ -154,7 +156,8 @@ class Trainer:
         is written (a second process fails at once, writing nothing), then decides what to do
         with it (`RunDir.prepare`). Other processes (ranks of `accelerate launch`) take no
         lock: they follow the main process's decision."""
-        with self.run.lock() if self.is_main else contextlib.nullcontext():
+        # a finished run on a read-only mount is reused from there, without a lock
+        with self.run.lock(read_only_ok=True) if self.is_main else contextlib.nullcontext():
             if self.is_main:
                 self.state = self.run.prepare(self.params, force=self.force)
             self.accelerator.wait_for_everyone()
@@ -416,6 +419,29 @@ class Trainer:
         self.saved_step = state["step"]
         return state["step"]
 
+    def doing(self) -> str:
+        """What the run was doing, for a one-line error (memory, disk)."""
+        if self.phase == "training":
+            return f"training step {self.step + 1}"
+        if self.phase == "set-up":
+            return "the set-up (loading the data and the models)"
+        return f"{self.phase} after step {self.step}"
+
+    def save_model(self, model) -> None:
+        """The final model (models.save_model writes it atomically and removes its temporary
+        on failure); a full disk is one line with the size needed."""
+        out = self.run.file("model")
+        try:
+            model_lib.save_model(model, out, tokenizer=self.tokenizer)
+        except Exception as exc:
+            if not is_disk_full(exc):
+                raise
+            size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+            raise OutOfResources(
+                f"the model could not be written to {out}: no space left on the disk (it needs about "
+                f"{human_bytes(size)}, {free_space(out.parent)} free); {self.run.checkpoint_note()}; free "
+                f"space, then rerun the same command to resume") from None
+
     def fault(self, what: str, detail: str = "") -> None:
         """Stop on a numerical fault: the manifest says failed, the last good checkpoint stays."""
         if self.is_main:
@@ -474,14 +500,22 @@ def train(cfg: RunConfig, *, force: bool = False, progress: bool = True, on_phas
                 asked["closing"] = True
                 message = str(err) if isinstance(err, StoppedAtStep) else tr.interrupted_message(asked)
                 if tr.is_main:
-                    tr.run.write_manifest(status="interrupted", interrupted_at=tr.step)
+                    with contextlib.suppress(OSError):  # a full disk: the message still comes first
+                        tr.run.write_manifest(status="interrupted", interrupted_at=tr.step)
                 raise KeyboardInterrupt(message) from None
             except TrainingFault:
                 raise  # the manifest already says failed
             except Exception as err:
-                if tr.is_main:
-                    tr.run.fail(f"{type(err).__name__}: {str(err)[:300]}")
-                raise
+                # memory or disk exhausted: one line, the run stays resumable
+                short = out_of_resources(err, tr.doing(), tr.run.checkpoint_note())
+                recorded = not tr.is_main or tr.run.fail(
+                    str(short) if short else f"{type(err).__name__}: {str(err)[:300]}")
+                if short is None:
+                    raise  # never masked by a failure to record it
+                if not recorded:
+                    short = OutOfResources(f"{short} (the manifest could not be updated: it still says "
+                                           f"{tr.run.manifest.get('status', 'running')})")
+                raise short from None
 
 
 def _train(tr: Trainer, asked: dict) -> dict:
@@ -557,6 +591,14 @@ def _train(tr: Trainer, asked: dict) -> dict:
                                 f"at step {step}; rerun the same command to resume")
         if t.save_every and step % t.save_every == 0 and step < t.max_steps:
             tr.save_checkpoint(step)
+    if not t.save_every and tr.saved_step != step and step > 0:
+        # no checkpoints asked for: one at the end all the same, so that a stop in the final
+        # evaluation (or a full disk at the model save) does not cost the training again
+        tr.save_checkpoint(step)
+        if tr.stop_asked(asked):  # a signal during that save
+            bar.close()
+            raise StoppedAtStep(f"interrupted ({asked['signal'] or 'a signal to another process'}) "
+                                f"at step {step}; rerun the same command to resume")
     # the final evaluation stops at once on a signal; a rerun resumes from the last checkpoint
     asked["defer"], tr.phase = False, "the final evaluation"
     bar.close()
@@ -574,7 +616,7 @@ def _train(tr: Trainer, asked: dict) -> dict:
         model = tr.accelerator.unwrap_model(tr.student)
         if cfg.student.lora and cfg.student.merge_lora_on_save:
             model = model_lib.merge_lora(model)
-        model_lib.save_model(model, tr.run.file("model"), tokenizer=tr.tokenizer)
+        tr.save_model(model)
         if cfg.eval.splits:
             tr.on_phase("eval", tr)
             summary |= tr.final_eval()
