@@ -33,7 +33,7 @@ from . import models as model_lib
 from . import objectives as obj_lib
 from . import teacher_cache as tc
 from .choices import TOKEN_OBJECTIVES
-from .config import RunConfig, to_dict
+from .config import RunConfig, position_needs, to_dict
 from .errors import TrainingFault
 from .io import read_json, write_json
 from .rundir import RunDir, run_id
@@ -170,22 +170,27 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         set_seed(t.seed)
         self.tokenizer = build_tokenizer(cfg.tokenizer)
-        self.splits = data_lib.load_splits(cfg.data, self.tokenizer)
+        load_reports = {}  # records no split can use (not an object, a missing field), by split
+        self.splits = data_lib.load_splits(cfg.data, self.tokenizer, reports=load_reports)
+        data_lib.check_eval_splits(self.splits, cfg.data, cfg.eval.splits, cfg.eval.skip_empty_splits)
         self.data_hash = data_lib.data_hash(self.splits["train"])
         self.teacher_model = None
         samples = t.objective == "seqkd" or t.train_on == "teacher_samples"
         if samples or t.objective == "dpkd_seq" or (t.objective in TOKEN_OBJECTIVES and t.teacher_mode == "online"):
             self.on_phase("teacher", self)
-            self.teacher_model = model_lib.build_model(cfg.teacher, self.tokenizer, trainable=False)
+            self.teacher_model = self.build("teacher")
         train_records = self.splits["train"]
         if samples:  # SeqKD, or the released runner's data variant: the teacher's own responses
             train_records = self.teacher_responses(train_records)
         self.train_set, report = self.tokenize(train_records)
+        report.absorb(load_reports.pop("train", None))
         self.filter_report = report.as_dict()
+        if load_reports:
+            self.filter_report["other_splits"] = {k: r.as_dict() for k, r in load_reports.items()}
         self.pretrain = None
         if t.lm_coef > 0:
             texts = (data_lib.pydoc_corpus() if cfg.data.pretrain_source == "pydoc"
-                     else [r.get("text", "") for r in data_lib.read_jsonl(cfg.data.pretrain_path)])
+                     else data_lib.pretrain_texts(cfg.data.pretrain_path))
             self.pretrain = data_lib.pretrain_blocks(texts, self.tokenizer, cfg.data.pretrain_block_size,
                                                      max_blocks=cfg.data.pretrain_max_blocks)
         self.chosen = {}
@@ -198,7 +203,7 @@ class Trainer:
         else:
             self.teacher = None
         self.on_phase("student", self)
-        self.student = model_lib.build_model(cfg.student, self.tokenizer, trainable=True)
+        self.student = self.build("student")
         if self.teacher_model is not None:
             model_lib.check_same_vocab(self.tokenizer, self.tokenizer, self.teacher_model, self.student)
         self.optimizer = torch.optim.AdamW(param_groups(self.student, t.weight_decay), lr=t.lr,
@@ -210,12 +215,21 @@ class Trainer:
         lengths = [len(ex["input_ids"]) for ex in self.train_set]
         self.schedule = batch_schedule(lengths, t.batch_size, t.max_steps * t.grad_accum, t.seed)
 
+    def build(self, role: str):
+        """The teacher (frozen) or the student, refused in one line when the run's sequences
+        would not fit its table of positions (config.position_needs)."""
+        mcfg = getattr(self.cfg, role)
+        model = model_lib.build_model(mcfg, self.tokenizer, trainable=role == "student")
+        model_lib.check_positions(model, position_needs(self.cfg, role),
+                                  f"the {role} ({model_lib.describe(mcfg)})")
+        return model
+
     def tokenize(self, records):
         d = self.cfg.data
         return data_lib.build_sft_dataset(records, self.tokenizer, max_length=d.max_length,
                                           max_prompt=d.max_prompt,
                                           min_response_tokens=d.min_response_tokens,
-                                          bad_data=d.bad_data)
+                                          bad_data=d.bad_data, source=data_lib.split_source(d, "train"))
 
     @functools.cached_property
     def teacher_identity(self) -> dict:
@@ -236,7 +250,7 @@ class Trainer:
 
         def get_teacher():
             if "model" not in built:
-                built["model"] = model_lib.build_model(cfg.teacher, self.tokenizer, trainable=False)
+                built["model"] = self.build("teacher")
             return built["model"]
 
         if not self.is_main:  # the main process builds the cache; the others then read it
