@@ -91,6 +91,34 @@ def batch_schedule(lengths, batch_size: int, n_batches: int, seed: int) -> list[
     return schedule[:n_batches]
 
 
+def _world() -> int:
+    import torch.distributed as dist
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def any_process(flag: bool, device=None) -> bool:
+    """`flag` or-ed over every process of the run (one all-reduce; none in a single process).
+    A decision that ends a step early (a non-finite loss) must be the same on every process:
+    one that skips its backward alone leaves the others waiting in DDP's all-reduce forever."""
+    if _world() == 1:
+        return flag
+    import torch.distributed as dist
+    votes = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+    return bool(votes.item() > 0)
+
+
+def gather_objects(obj) -> list:
+    """Every process's `obj`, in rank order ([obj] in a single process): what the main
+    process saves on behalf of all (DPKD-seq's pending rejected samples)."""
+    if _world() == 1:
+        return [obj]
+    import torch.distributed as dist
+    out = [None] * _world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 class StoppedAtStep(KeyboardInterrupt):
     """The loop's own stop at the end of a step, after a checkpoint (its message says which)."""
 
@@ -399,6 +427,8 @@ class Trainer:
         stops the run (TrainingFault) and the last good checkpoint stays."""
         if not self.weights_finite():
             self.fault(f"the weights are not finite after step {step}")
+        # every process's DPKD-seq samples drawn for the coming steps (each rank draws its own rows)
+        rejected = gather_objects(getattr(self, "rejected", {}))
         if self.is_main:
             model = self.accelerator.unwrap_model(self.student)
             self.run.save_checkpoint({
@@ -406,9 +436,9 @@ class Trainer:
                 "model": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
                         "torch": torch.get_rng_state()},
-                # DPKD-seq's samples drawn for the coming steps (rejected_every > 1): a resumed run
-                # must not redraw them from a student that has moved on
-                "rejected": getattr(self, "rejected", {})})
+                # DPKD-seq's samples drawn for the coming steps (rejected_every > 1), one dict per
+                # process: a resumed run must not redraw them from a student that has moved on
+                "rejected_by_rank": rejected})
         self.saved_step = step
 
     def load_checkpoint(self) -> int:
@@ -425,7 +455,11 @@ class Trainer:
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
         torch.set_rng_state(state["rng"]["torch"])
-        self.rejected = state.get("rejected", {})
+        by_rank, world = state.get("rejected_by_rank"), self.accelerator.num_processes
+        if by_rank is None:  # a checkpoint of one process, written before rejected_by_rank
+            by_rank = [state.get("rejected", {})]
+        # another number of processes splits the batches otherwise: those samples are drawn again
+        self.rejected = by_rank[self.accelerator.process_index] if len(by_rank) == world else {}
         self.skipped = state.get("skipped", 0)
         self.saved_step = state["step"]
         return state["step"]
@@ -524,7 +558,7 @@ def _train(tr: Trainer, asked: dict) -> dict:
             out, batch_ids = tr.step_loss(step * t.grad_accum + micro)
             ids += list(batch_ids)
             parts = out.parts | out.stats
-            if not torch.isfinite(out.total):
+            if any_process(not bool(torch.isfinite(out.total)), tr.accelerator.device):  # decided together
                 bad = parts
                 break
             if probe and micro == 0:  # where the update comes from (extra backward passes)
