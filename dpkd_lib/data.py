@@ -109,7 +109,7 @@ _JSON_KINDS = {list: "array", type(None): "null", str: "string", int: "number", 
 def validate_record(record: Any) -> Dropped | None:
     """Structural checks that need no tokenizer. None when the record is usable."""
     if isinstance(record, NotARecord):
-        return Dropped("not_a_record", f"line {record.where} is a JSON {record.kind}, not an object")
+        return Dropped("not_a_record", f"a JSON {record.kind}, not an object")  # its id is its file:line
     if not isinstance(record, Mapping):
         return Dropped("not_a_record", f"record is a {type(record).__name__}, not a mapping")
     for key in ("instruction", "response"):

@@ -56,7 +56,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def check_writable_dir(path, what: str) -> Path:
     """Prove that folder `path` can be written (or created), with a probe file in it or in
     its nearest existing parent, before costly work whose results go there; creates nothing.
-    OSError with one line naming `what` if not."""
+    OSError with one line naming `what` if not (an empty name too: Path("") is the current folder)."""
+    if not str(path).strip():
+        raise OSError(f"{what} is empty (an unset shell variable?); name the folder to write to")
     path = Path(path)
     existing = path
     while not existing.exists() and existing != existing.parent:

@@ -63,9 +63,10 @@ def test_lines_that_are_not_objects_are_dropped_and_counted_with_file_and_line(t
     with no file or line for "a string"). Now each such line is dropped as not_a_record, its
     file and line the first_dropped id; data.bad_data=error refuses the first, naming them."""
     folder = _folder(tmp_path, train_extra=NOT_RECORDS, test_extra=["null"])
-    reports = {}
-    splits = D.load_splits(_jsonl(folder), reports=reports)
+    splits = D.load_splits(_jsonl(folder))
     assert len(splits["train"]) == 8 and len(splits["test"]) == 3
+    reports = {}
+    D.load_splits(_jsonl(folder), reports=reports)
     assert reports["train"].dropped == {"not_a_record": 4}
     assert reports["train"].first_dropped["not_a_record"] == f"{folder / 'train.jsonl'}:2"
     assert reports["test"].dropped == {"not_a_record": 1}
@@ -295,6 +296,8 @@ def test_eval_out_that_cannot_be_written_is_refused_before_the_model_loads(tmp_p
     with pytest.raises(OSError) as err:
         evaluate_saved(cfg, tmp_path / "model", tmp_path / "file" / "out", progress=False)
     assert "eval --out" in str(err.value) and "choose a folder you can write to" in str(err.value)
+    with pytest.raises(OSError, match="eval --out is empty"):  # not the current folder
+        evaluate_saved(cfg, tmp_path / "model", "", progress=False)
     if os.geteuid() != 0:
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
