@@ -52,7 +52,8 @@ def _jsonl(folder, **kw):
     return DataConfig(source="jsonl", path=str(folder), **kw)
 
 
-JSONL_SETS = ["data.source=jsonl", "--unset", "data.n_train", "--unset", "data.n_valid",
+#: the smoke profile switched to a folder of JSONL files: its synthetic sizes unset
+JSONL_ARGS = ["--set", "data.source=jsonl", "--unset", "data.n_train", "--unset", "data.n_valid",
               "--unset", "data.n_test", "--unset", "data.n_heldout"]
 
 
@@ -104,24 +105,11 @@ def test_a_jsonl_run_switched_from_the_command_line_counts_the_dropped_lines_in_
     args = ["train", "--params", str(BASE), "--set", f"output_dir={run}", "--set", f"cache_dir={tmp_path / 'c'}",
             "--set", f"data.path={folder}", "--set", "train.max_steps=1", "--set", "eval.splits=[test]",
             "--set", "eval.max_examples=2", "--no-progress"]
-    proc = _cli(*args, *_with_set(JSONL_SETS))
+    proc = _cli(*args, *JSONL_ARGS)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = read_json(run / "manifest.json")["filter_report"]
     assert report["dropped"]["not_a_record"] == 4 and report["total"] == 12  # 8 records + 4 lines
     assert report["other_splits"]["test"]["dropped"] == {"not_a_record": 1}
-
-
-def _with_set(items):
-    """JSONL_SETS as command-line words: a bare key=value gets its --set."""
-    out, i = [], 0
-    while i < len(items):
-        if items[i] == "--unset":
-            out += items[i:i + 2]
-            i += 2
-        else:
-            out += ["--set", items[i]]
-            i += 1
-    return out
 
 
 # ----------------------------------------------------------------------------- case 7: empty files and splits
