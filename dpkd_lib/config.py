@@ -140,7 +140,7 @@ class EvalConfig:
     top_k: int = 0  # sampling only
     top_p: float = 1.0  # sampling only
     no_repeat_ngram_size: int = 0  # 0 = off; MiniLLM's protocol uses 6
-    skip_empty_splits: bool = False  # true: a split of eval.splits without records (no file, an empty file) is skipped and listed in eval_skipped_splits; false: an error before any model loads
+    skip_empty_splits: bool = False  # a split of eval.splits without records: true skips it (eval_skipped_splits), false is an error
 
 
 @dataclass

@@ -724,8 +724,9 @@ def check_eval_splits(splits: Mapping[str, Sequence], dcfg, names: Sequence[str]
             continue
         where = split_source(dcfg, name)
         missing = where.endswith(".jsonl") and not Path(where).exists()
-        raise DataError(f"eval.splits names {name!r} but {where} {'does not exist' if missing else 'holds no records'}; "
-                        f"give it records, remove {name!r} from eval.splits, or set eval.skip_empty_splits=true")
+        state = "does not exist" if missing else "holds no records"
+        raise DataError(f"eval.splits names {name!r} but {where} {state}; give it records, remove "
+                        f"{name!r} from eval.splits, or set eval.skip_empty_splits=true")
 
 
 def pretrain_texts(path: str | os.PathLike) -> list[str]:
@@ -736,8 +737,9 @@ def pretrain_texts(path: str | os.PathLike) -> list[str]:
         text = raw.get("text") if isinstance(raw, Mapping) else None
         if not isinstance(text, str):
             kind = _JSON_KINDS.get(type(raw), type(raw).__name__)
+            got = "an object without one" if isinstance(raw, Mapping) else f"a JSON {kind}"
             raise DataError(f"{path}:{line}: expected an object with a string 'text' (a pre-train "
-                            f"document), got {'an object without one' if isinstance(raw, Mapping) else 'a JSON ' + kind}")
+                            f"document), got {got}")
         texts.append(text)
     if not texts:
         raise DataError(f"{path}: the pre-train file holds no documents; fill it or set data.pretrain_source")
