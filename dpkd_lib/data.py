@@ -12,7 +12,10 @@ length as ``input_ids``, -100 where no loss is taken); the trainer shifts.
 
 Bad records are never silently dropped: ``build_sft_dataset`` counts every drop by reason in
 a :class:`FilterReport`, can raise on the first bad record instead (``bad_data="error"``),
-and refuses to return an empty data set (a zero-step "successful" run is a bug).
+and refuses to return an empty data set (a zero-step "successful" run is a bug). A file's
+line that is JSON but not an object becomes a :class:`NotARecord` (file and line), which
+``load_splits`` drops and counts as ``not_a_record`` in every split, with any other record
+no split can use; an empty file, train split or evaluation split is named in one line.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ then the final save and evaluation. Interrupting it (Ctrl-C, SIGTERM) during the
 saves a checkpoint at the end of the step and says how to resume (during set-up or the final
 evaluation it stops at once; the last checkpoint stays); killing it loses at most the steps
 since the last checkpoint; the same command then resumes. A non-finite loss stops the run,
-or with ``train.nan_policy=skip`` skips the batch, up to ``train.max_skipped_share`` of the
+or with ``train.nan_policy=skip`` skips the batch (on every process at once), up to ``train.max_skipped_share`` of the
 steps and never with non-finite weights: a finished run has finite weights and metrics.
 """
 from __future__ import annotations
