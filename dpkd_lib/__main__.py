@@ -1,5 +1,9 @@
-"""Command line: `python -m dpkd_lib train --params FILE [--set key=value ...] [--force]`
-and `python -m dpkd_lib eval --model DIR --params FILE --out DIR [--set ...]`.
+"""Command line: `python -m dpkd_lib train --params FILE [--set key=value ...] [--unset key ...] [--force]`
+and `python -m dpkd_lib eval --model DIR --params FILE --out DIR [--set ...] [--unset ...]`.
+
+`--unset key` gives a key back its default, as if the params file never set it: how a
+profile's setting is removed when a `--set` switches the data source, objective or loss
+type that it belongs to (`--set data.source=jsonl --set data.path=F --unset data.n_train`).
 
 User errors (bad params, missing or corrupt files, mismatched tokenisers, no network, a run
 folder in use) print one line naming the problem and exit 2; a numerical fault during
@@ -19,6 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--params", required=True, help="YAML params file")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a param, dotted keys: --set train.lr=1e-4")
+    train.add_argument("--unset", action="append", default=[], metavar="KEY",
+                       help="give a param its default (drop it from the params file): --unset data.n_train")
     train.add_argument("--force", action="store_true", default=os.environ.get("FORCE") == "1",
                        help="replace a run with different params (old files moved aside)")
     train.add_argument("--strict-code", action="store_true",
@@ -29,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", required=True, help="folder of a saved model (a run's model/)")
     ev.add_argument("--out", required=True, help="folder for eval.jsonl and eval_summary.json")
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ev.add_argument("--unset", action="append", default=[], metavar="KEY")
     ev.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -47,12 +54,12 @@ def main(argv=None) -> int:
     try:
         if args.command == "train":
             from .train import train
-            cfg = load_config(args.params, args.set)
+            cfg = load_config(args.params, args.set, unset=args.unset)
             summary = train(cfg, force=args.force, progress=not args.no_progress)
             print(f"finished: {cfg.output_dir}  {_numbers(summary)}")
         else:
             from .evaluate import evaluate_saved
-            cfg = load_config(args.params, args.set, purpose="eval")
+            cfg = load_config(args.params, args.set, purpose="eval", unset=args.unset)
             summary = evaluate_saved(cfg, args.model, args.out, progress=not args.no_progress)
             print(f"evaluated {args.model}: {_numbers(summary)}")
     except TrainingFault as err:

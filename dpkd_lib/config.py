@@ -28,8 +28,8 @@ from .errors import ConfigError
 
 __all__ = ["ConfigError", "TokenizerConfig", "ModelConfig", "DataConfig", "TrainConfig",
            "EvalConfig", "RunConfig", "load_config", "load_yaml", "from_dict", "to_dict",
-           "validate", "unused_params", "diff_keys", "apply_overrides", "SECTIONS", "CHOICES",
-           "RANGES", "USES", "Range", "Uses"]
+           "validate", "unused_params", "diff_keys", "apply_overrides", "unset_keys", "SECTIONS", "CHOICES",
+           "RANGES", "USES", "Range", "Uses", "position_needs"]
 
 
 @dataclass
@@ -140,6 +140,7 @@ class EvalConfig:
     top_k: int = 0  # sampling only
     top_p: float = 1.0  # sampling only
     no_repeat_ngram_size: int = 0  # 0 = off; MiniLLM's protocol uses 6
+    skip_empty_splits: bool = False  # a split of eval.splits without records: true skips it (eval_skipped_splits), false is an error
 
 
 @dataclass
@@ -412,6 +413,7 @@ USES: dict[str, dict[str, Uses]] = {
            for k in ("batch_size", "max_new_tokens", "no_repeat_ngram_size")},
         **{k: Uses(lambda c, e, r: bool(e.sample_seeds), "eval.sample_seeds")
            for k in ("temperature", "top_k", "top_p", "sample_max_examples")},
+        "skip_empty_splits": Uses(lambda c, e, r: bool(e.splits), "a non-empty eval.splits"),
     },
 }
 for _setting in dict.fromkeys(p for used in C.LOSS_TYPE_PARAMS.values() for p in used):
@@ -468,6 +470,11 @@ def validate(cfg: RunConfig, purpose: str = "train") -> RunConfig:
         raise ConfigError(f"eval.sample_seeds: expected distinct integers, got {e.sample_seeds!r}")
     _check_section("eval", e, "eval.")
     _check_section("run", cfg, "")
+    for key in ("output_dir", "cache_dir") if purpose == "train" else ():
+        if not str(getattr(cfg, key)).strip():  # Path("") is the current folder
+            example = {"output_dir": "results/my_run", "cache_dir": ".cache/teacher_signals"}[key]
+            raise ConfigError(f"{key} is empty (an unset shell variable?): name a folder, "
+                              f"e.g. --set {key}={example}")
     for role in ("student",) if purpose == "eval" else ("student", "teacher"):
         m = getattr(cfg, role)
         if m is None:
@@ -490,7 +497,8 @@ def validate(cfg: RunConfig, purpose: str = "train") -> RunConfig:
         run = f"objective '{cfg.train.objective}'" if purpose == "train" else "an evaluation"
         more = f" (also unused: {', '.join(k for k, _, _ in unused[1:])})" if len(unused) > 1 else ""
         raise ConfigError(f"{key}={value!r} is not used by this run ({run}): it applies to {where}; "
-                          f"remove it or change the setting it depends on{more}")
+                          f"remove it (on the command line: --unset {key}) or change the setting it "
+                          f"depends on{more}")
     return cfg
 
 
@@ -502,18 +510,25 @@ def _check_tiny(cfg: RunConfig, role: str, m: ModelConfig, purpose: str) -> None
         raise ConfigError(f"{role}.prune_to ({m.prune_to}) must be at most {role}.n_layer ({m.n_layer})")
     if m.arch != "gpt2":  # llama's rotary positions have no table to run off
         return
+    for what, length in position_needs(cfg, role, purpose).items():
+        if length > C.TINY_MAX_POSITIONS:
+            raise ConfigError(f"{what} ({length}) exceeds the {C.TINY_MAX_POSITIONS} positions of the tiny "
+                              f"gpt2 {role}; shorten it or use {role}.arch llama")
+
+
+def position_needs(cfg: RunConfig, role: str, purpose: str = "train") -> dict[str, int]:
+    """{what, in params words: tokens} of the longest sequences model `role` will see: a
+    model with a table of learned positions (GPT-2) must have at least that many. Checked
+    here for tiny models, and once loaded for every other (models.check_positions)."""
     d, e, t = cfg.data, cfg.eval, cfg.train
     need = {"data.max_length": d.max_length}
-    if role == "student" and (e.greedy or e.sample_seeds):  # the student generates in the evaluation
+    if role == "student" and (e.greedy or e.sample_seeds) and e.splits:  # the student generates in the evaluation
         need["data.max_prompt + eval.max_new_tokens"] = d.max_prompt + e.max_new_tokens
     if purpose == "train" and t.lm_coef > 0:
         need["data.pretrain_block_size"] = d.pretrain_block_size
     if purpose == "train" and (t.objective in C.SAMPLING_OBJECTIVES or t.train_on == "teacher_samples"):
         need["data.max_prompt + train.seq_max_new_tokens"] = d.max_prompt + t.seq_max_new_tokens
-    for what, length in need.items():
-        if length > C.TINY_MAX_POSITIONS:
-            raise ConfigError(f"{what} ({length}) exceeds the {C.TINY_MAX_POSITIONS} positions of the tiny "
-                              f"gpt2 {role}; shorten it or use {role}.arch llama")
+    return need
 
 
 def _validate_train(cfg: RunConfig) -> None:
@@ -548,14 +563,50 @@ def _validate_train(cfg: RunConfig) -> None:
 # ----------------------------------------------------------------------------- loading
 
 def parse_override(text: str) -> tuple[list[str], Any]:
+    """'key=value' -> (dotted key parts, value). The value is YAML (1e-4, true, [1, 2], null),
+    but never a YAML comment: a value whose YAML reading would drop a ` #...` tail (a path
+    like `runs/run #1`) is taken as the whole string."""
     if "=" not in text:
         raise ConfigError(f"--set expects key=value, got '{text}'")
     key, raw = text.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
+        node = yaml.compose(raw) if "#" in raw else None
     except yaml.YAMLError:
         raise ConfigError(f"--set {text}: the value is not valid YAML") from None
+    if "#" in raw and raw[node.end_mark.index if node is not None else 0:].strip():
+        value = raw.strip()  # YAML read part of it as a comment: keep every character
     return key.strip().split("."), value
+
+
+def _check_key(path: list[str], text: str) -> None:
+    """Refuse an --unset key that no params file can hold (a typo would unset nothing)."""
+    cls = RunConfig
+    for i, part in enumerate(path):
+        names = [f.name for f in dataclasses.fields(cls)]
+        if part not in names:
+            raise ConfigError(f"--unset {text}: unknown key '{'.'.join(path[:i + 1])}'{_closest(part, names)}")
+        hint = typing.get_type_hints(cls)[part]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        cls = args[0] if args else hint
+        if i < len(path) - 1 and not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"--unset {text}: '{part}' is not a section")
+
+
+def unset_keys(data: dict, keys: list[str]) -> dict:
+    """`data` without the dotted `keys` (--unset data.n_train): each falls back to its default
+    (docs/params.md), as if the params file and the files it extends never set it. How a
+    profile's setting that a new data source, objective or loss type does not use is removed
+    from the command line."""
+    for text in keys or []:
+        path = text.strip().split(".")
+        _check_key(path, text)
+        node = data
+        for part in path[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(path[-1], None)
+    return data
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -612,9 +663,10 @@ def from_dict(data: dict, purpose: str = "train") -> RunConfig:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None, *,
-                purpose: str = "train") -> RunConfig:
-    """Read, merge, override and validate a params file (`purpose`: train or eval)."""
-    data = apply_overrides(load_yaml(path), overrides or [])
+                purpose: str = "train", unset: list[str] | None = None) -> RunConfig:
+    """Read, merge, unset (`unset_keys`), override and validate a params file (`purpose`:
+    train or eval)."""
+    data = apply_overrides(unset_keys(load_yaml(path), unset or []), overrides or [])
     try:
         return from_dict(data, purpose)
     except ConfigError as err:

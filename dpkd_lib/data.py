@@ -12,7 +12,10 @@ length as ``input_ids``, -100 where no loss is taken); the trainer shifts.
 
 Bad records are never silently dropped: ``build_sft_dataset`` counts every drop by reason in
 a :class:`FilterReport`, can raise on the first bad record instead (``bad_data="error"``),
-and refuses to return an empty data set (a zero-step "successful" run is a bug).
+and refuses to return an empty data set (a zero-step "successful" run is a bug). A file's
+line that is JSON but not an object becomes a :class:`NotARecord` (file and line), which
+``load_splits`` drops and counts as ``not_a_record`` in every split, with any other record
+no split can use; an empty file, train split or evaluation split is named in one line.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import torch
 from . import hub
 from .choices import DATA_SOURCES, SPLITS
 from .errors import DataError
-from .io import read_jsonl, write_jsonl  # noqa: F401  (data files: strict JSON lines)
+from .io import numbered_jsonl, read_jsonl, write_jsonl  # noqa: F401  (data files: strict JSON lines)
 
 PROMPT_TEMPLATE = (
     "Below is an instruction that describes a task. "
@@ -93,8 +96,23 @@ def _has_lone_surrogate(text: str) -> bool:
     return False
 
 
+class NotARecord(NamedTuple):
+    """A line of a data file that holds JSON but not an object (``[1, 2]``, ``null``,
+    ``"text"``, ``3``). The loaders keep it in its place, so that it is dropped and counted
+    as ``not_a_record`` (or refused, naming file and line) like any other bad record."""
+
+    kind: str  # the JSON type: array, null, string, number, boolean
+    where: str  # "file:line"
+
+
+_JSON_KINDS = {list: "array", type(None): "null", str: "string", int: "number", float: "number",
+               bool: "boolean"}
+
+
 def validate_record(record: Any) -> Dropped | None:
     """Structural checks that need no tokenizer. None when the record is usable."""
+    if isinstance(record, NotARecord):
+        return Dropped("not_a_record", f"a JSON {record.kind}, not an object")  # its id is its file:line
     if not isinstance(record, Mapping):
         return Dropped("not_a_record", f"record is a {type(record).__name__}, not a mapping")
     for key in ("instruction", "response"):
@@ -204,6 +222,12 @@ class FilterReport:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
         self.first_dropped.setdefault(reason, record_id)
 
+    def absorb(self, other: "FilterReport | None") -> None:
+        """Count `other`'s drops here too (records dropped before this report's filter)."""
+        for reason, n in (other.dropped.items() if other is not None else ()):
+            self.dropped[reason] = self.dropped.get(reason, 0) + n
+            self.first_dropped.setdefault(reason, other.first_dropped[reason])
+
     def as_dict(self) -> dict[str, Any]:
         return {"kept": self.kept, "total": self.total, "dropped": dict(self.dropped),
                 "first_dropped": dict(self.first_dropped)}
@@ -219,12 +243,13 @@ class FilterReport:
 
 def build_sft_dataset(records: Iterable[Mapping[str, Any]], tokenizer, *, max_length: int = 512,
                       max_prompt: int = 256, min_response_tokens: int = 0,
-                      bad_data: str = "drop") -> tuple[list[dict], FilterReport]:
+                      bad_data: str = "drop", source: str = "") -> tuple[list[dict], FilterReport]:
     """Validate and tokenize records into SFT examples.
 
     bad_data="drop": skip bad records, counting each by reason in the report;
     bad_data="error": raise ``DataError`` (a ValueError) naming the first bad record and why.
-    An empty result raises ``DataError`` with the report, whatever the policy.
+    An empty result raises ``DataError`` with the report, whatever the policy; ``source``
+    (e.g. the file) then opens the message.
     """
     if bad_data not in ("drop", "error"):
         raise ValueError(f"bad_data must be 'drop' or 'error', got {bad_data!r}")
@@ -242,7 +267,8 @@ def build_sft_dataset(records: Iterable[Mapping[str, Any]], tokenizer, *, max_le
                                    min_response_tokens=min_response_tokens)
         if isinstance(out, Dropped):
             if bad_data == "error":
-                raise DataError(f"bad record {record_id!r} (#{index}): {out.reason}: {out.detail}")
+                raise DataError(f"bad record {record_id!r} (#{index}): {out.reason}: {out.detail}"
+                                f"{_BAD_DATA_FIX}")
             report.add_drop(out.reason, record_id)
             continue
         seen_ids.add(record_id)
@@ -250,11 +276,16 @@ def build_sft_dataset(records: Iterable[Mapping[str, Any]], tokenizer, *, max_le
         examples.append(out)
         report.kept += 1
     if not examples:
-        raise DataError(f"no usable records after filtering: {report}")
+        raise DataError(f"{source + ': ' if source else ''}no usable records after filtering: {report}")
     return examples, report
 
 
+_BAD_DATA_FIX = "; fix the record, or set data.bad_data=drop to drop and count bad records"
+
+
 def _record_id(record: Any, index: int) -> str:
+    if isinstance(record, NotARecord):
+        return record.where
     if isinstance(record, Mapping) and record.get("id") not in (None, ""):
         return str(record["id"])
     return f"#{index}"
@@ -436,10 +467,13 @@ def pretrain_blocks(texts: Iterable[str], tokenizer, block_size: int,
 # --------------------------------------------------------------------------- files
 
 
-def _to_record(raw: Mapping[str, Any], default_id: str) -> dict:
+def _to_record(raw: Any, default_id: str, where: str = "") -> dict | NotARecord:
     """Map Dolly ({instruction, context, response, category}), Alpaca/MiniLLM
     ({instruction, input, output}) or our own fields onto a record. Values are passed
-    through unchanged (validation happens in ``build_sft_dataset``)."""
+    through unchanged (validation happens in ``load_splits`` and ``build_sft_dataset``); a
+    value that is not an object becomes a `NotARecord` (``where``: its file and line)."""
+    if not isinstance(raw, Mapping):
+        return NotARecord(_JSON_KINDS.get(type(raw), type(raw).__name__), where or default_id)
     rec = dict(raw)
     if "context" not in rec and "input" in rec:
         rec["context"] = rec.pop("input")
@@ -459,7 +493,8 @@ def _to_record(raw: Mapping[str, Any], default_id: str) -> dict:
 def load_jsonl_records(path: str | os.PathLike, id_prefix: str | None = None) -> list[dict]:
     """Records from a JSONL file in Dolly, Alpaca/MiniLLM or our format."""
     prefix = id_prefix or Path(path).stem
-    return [_to_record(raw, f"{prefix}-{i:05d}") for i, raw in enumerate(read_jsonl(path))]
+    return [_to_record(raw, f"{prefix}-{i:05d}", f"{path}:{line}")
+            for i, (line, raw) in enumerate(numbered_jsonl(path))]
 
 
 _PROMPT_MARKERS = ("### Instruction:\n", "\n\n### Input:\n", "\n\n### Response:\n")
@@ -487,7 +522,10 @@ def load_minillm_processed(path: str | os.PathLike) -> list[dict]:
     instruction.
     """
     records = []
-    for i, raw in enumerate(read_jsonl(path)):
+    for i, (line, raw) in enumerate(numbered_jsonl(path)):
+        if not isinstance(raw, Mapping):
+            records.append(_to_record(raw, "", f"{path}:{line}"))
+            continue
         raw = dict(raw)
         prompt = raw.pop("prompt", None)
         if "instruction" not in raw and isinstance(prompt, str):
@@ -523,9 +561,10 @@ def load_dolly_hub(cache_dir: str | os.PathLike | None = None) -> list[dict]:
         except Exception as exc:  # noqa: BLE001 - every failure has the same remedy
             raise DataError(f"cannot get {DOLLY_REPO} ({type(exc).__name__}): {NO_NETWORK_MESSAGE}") from None
     records = []
-    for i, raw in enumerate(read_jsonl(local)):
-        rec = _to_record(raw, f"dolly-{i:05d}")
-        rec["id"] = f"dolly-{i:05d}"
+    for i, (line, raw) in enumerate(numbered_jsonl(local)):
+        rec = _to_record(raw, f"dolly-{i:05d}", f"{local}:{line}")
+        if isinstance(rec, dict):
+            rec["id"] = f"dolly-{i:05d}"
         records.append(rec)
     return records
 
@@ -540,7 +579,7 @@ def minillm_dolly_split(records: Sequence[Mapping[str, Any]], seed: int, n_valid
     one, that filtering is left to ``build_sft_dataset``. A seeded shuffle then takes
     ``n_test`` for DollyEval, ``n_valid`` for validation and the rest for training.
     """
-    kept = [dict(r) for r in records]
+    kept = [dict(r) if isinstance(r, Mapping) else r for r in records]
     if tokenizer is not None:
         def ok(rec: dict) -> bool:
             out = tokenize_example(rec, tokenizer, max_length=10**9, max_prompt=max_prompt,
@@ -593,7 +632,14 @@ def load_records(source: str, path: str | os.PathLike | None = None, seed: int =
     reader = load_jsonl_records if source == "jsonl" else load_minillm_processed
     if path.is_dir():
         return _load_split_dir(path, reader)
-    return minillm_dolly_split(reader(path), seed, **split_sizes)
+    records = reader(path)
+    if not records:
+        raise DataError(f"{path}: the file holds no records (it is empty); point data.path at "
+                        f"a JSONL file with one record per line")
+    try:
+        return minillm_dolly_split(records, seed, **split_sizes)
+    except DataError as err:
+        raise DataError(f"{path}: {err}") from None
 
 
 def data_hash(records: Any) -> str:
@@ -604,13 +650,18 @@ def data_hash(records: Any) -> str:
     return hashlib.sha256(blob.encode("ascii")).hexdigest()
 
 
-def load_splits(dcfg, tokenizer=None) -> dict[str, list[dict]]:
+def load_splits(dcfg, tokenizer=None, *, reports: dict | None = None) -> dict[str, list[dict]]:
     """Records by split for a params file's ``data`` section (config.DataConfig), with
     ``train_slice`` applied to the train split (the builds and the methods train on disjoint
     slices of one generated set). Dolly from the hub and MiniLLM's files are filtered first as
     MiniLLM processes them (``min_response_tokens``, ``max_prompt``, with `tokenizer`), so
     the valid and test splits hold only kept records (docs/method.md §4); any other data is
-    filtered after the split, where every drop is counted in the run's manifest."""
+    filtered after the split, where every drop is counted in the run's manifest.
+
+    Records that no split can use (a line that is not an object, a missing or empty field:
+    `validate_record`) are dropped here from every split, or refused naming file and line
+    with ``data.bad_data: error``; ``reports`` (a dict) receives a `FilterReport` per split
+    with drops. An empty train split is a DataError naming where it came from."""
     from .config import parse_slice
 
     sizes = {"n_valid": dcfg.n_valid, "n_test": dcfg.n_test}
@@ -626,5 +677,74 @@ def load_splits(dcfg, tokenizer=None) -> dict[str, list[dict]]:
             raise DataError(f"data.train_slice {dcfg.train_slice!r} selects no record of the "
                             f"{len(splits['train'])} in the train split")
         splits["train"] = part
+    for name in list(splits):
+        splits[name], report = _usable(splits[name], dcfg.bad_data, split_source(dcfg, name))
+        if report.dropped and reports is not None:
+            reports[name] = report
+        if name == "train" and not splits[name]:
+            raise DataError(f"{split_source(dcfg, name)}: no usable records in the train split "
+                            f"({report}); give it records with an instruction and a response")
     return splits
+
+
+def _usable(records, bad_data: str, source: str) -> tuple[list, FilterReport]:
+    """The records that pass `validate_record`, and a report of the others (bad_data error:
+    the first one raises, naming its file and line or its id)."""
+    report, kept = FilterReport(), []
+    for index, record in enumerate(records):
+        bad = validate_record(record)
+        if bad is None:
+            kept.append(record)
+            report.kept += 1
+            continue
+        record_id = _record_id(record, index)
+        if bad_data == "error":
+            raise DataError(f"{source}: bad record {record_id!r}: {bad.reason}: {bad.detail}{_BAD_DATA_FIX}")
+        report.add_drop(bad.reason, record_id)
+    return kept, report
+
+
+def split_source(dcfg, split: str) -> str:
+    """Where a split's records come from, in words for messages: its file, or the setting
+    that sized it."""
+    if dcfg.source in ("jsonl", "minillm") and dcfg.path and Path(dcfg.path).is_dir():
+        return str(Path(dcfg.path) / f"{split}.jsonl")
+    if dcfg.source in ("jsonl", "minillm"):
+        return f"the {split} split of {dcfg.path}"
+    if dcfg.source == "dolly_hub":
+        return f"the {split} split of {DOLLY_REPO}"
+    size = {"train": "n_train", "valid": "n_valid", "test": "n_test", "heldout": "n_heldout"}[split]
+    return f"the synthetic {split} split (data.{size}={getattr(dcfg, size)})"
+
+
+def check_eval_splits(splits: Mapping[str, Sequence], dcfg, names: Sequence[str],
+                      skip_empty: bool) -> None:
+    """Refuse, before any model loads, an evaluation split (``eval.splits``) without
+    records, unless ``eval.skip_empty_splits`` asks to skip it (it is then listed in the
+    summary's ``eval_skipped_splits``)."""
+    for name in names:
+        if splits.get(name) or skip_empty:
+            continue
+        where = split_source(dcfg, name)
+        missing = where.endswith(".jsonl") and not Path(where).exists()
+        state = "does not exist" if missing else "holds no records"
+        raise DataError(f"eval.splits names {name!r} but {where} {state}; give it records, remove "
+                        f"{name!r} from eval.splits, or set eval.skip_empty_splits=true")
+
+
+def pretrain_texts(path: str | os.PathLike) -> list[str]:
+    """The ``text`` of every line of a pre-train JSONL file (data.pretrain_path); a line
+    that is not an object with a string ``text`` is refused, naming file and line."""
+    texts = []
+    for line, raw in numbered_jsonl(path):
+        text = raw.get("text") if isinstance(raw, Mapping) else None
+        if not isinstance(text, str):
+            kind = _JSON_KINDS.get(type(raw), type(raw).__name__)
+            got = "an object without one" if isinstance(raw, Mapping) else f"a JSON {kind}"
+            raise DataError(f"{path}:{line}: expected an object with a string 'text' (a pre-train "
+                            f"document), got {got}")
+        texts.append(text)
+    if not texts:
+        raise DataError(f"{path}: the pre-train file holds no documents; fill it or set data.pretrain_source")
+    return texts
 

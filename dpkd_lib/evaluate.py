@@ -832,11 +832,15 @@ def evaluate_model(cfg: Any, model, tokenizer, out_dir: str | os.PathLike, *,
     ``eval_summary.json`` to ``out_dir`` and returns the summary."""
     from pathlib import Path
 
-    from .data import load_splits
+    from .data import check_eval_splits, load_splits
     from .io import write_json, write_jsonl
 
-    rows, summary = evaluate_splits(model, tokenizer, load_splits(cfg.data, tokenizer), cfg.eval, cfg.data,
-                                    progress=progress)
+    reports = {}  # records no split can use, dropped and counted (data.load_splits)
+    splits = load_splits(cfg.data, tokenizer, reports=reports)
+    check_eval_splits(splits, cfg.data, cfg.eval.splits, cfg.eval.skip_empty_splits)
+    rows, summary = evaluate_splits(model, tokenizer, splits, cfg.eval, cfg.data, progress=progress)
+    if reports:
+        summary["data_dropped"] = {k: r.as_dict() for k, r in reports.items()}
     out = Path(out_dir)
     write_jsonl(out / "eval.jsonl", rows)
     write_json(out / "eval_summary.json", summary)
@@ -851,9 +855,12 @@ def evaluate_saved(cfg: Any, model_dir: str | os.PathLike, out_dir: str | os.Pat
     when present, else the params'."""
     from pathlib import Path
 
-    from .models import load_saved
+    from .config import position_needs
+    from .io import check_writable_dir
+    from .models import check_positions, check_vocab_fit, load_saved
     from .tokenization import build_tokenizer
 
+    check_writable_dir(out_dir, "eval --out")  # before the model loads, not after its evaluation
     if getattr(cfg, "threads", 0):
         torch.set_num_threads(int(cfg.threads))
     model_dir = Path(model_dir)
@@ -873,6 +880,8 @@ def evaluate_saved(cfg: Any, model_dir: str | os.PathLike, out_dir: str | os.Pat
                                  f"incomplete or corrupt; rerun the run that wrote it") from None
     else:
         tokenizer = build_tokenizer(cfg.tokenizer)
+    check_vocab_fit(model, tokenizer, f"the model in {model_dir}")
+    check_positions(model, position_needs(cfg, "student", "eval"), f"the model in {model_dir}")
     summary = evaluate_model(cfg, model, tokenizer, out_dir, progress=progress)
     summary["model_dir"] = str(model_dir)
     return summary

@@ -55,6 +55,29 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def check_writable_dir(path, what: str) -> Path:
+    """Prove that folder `path` can be written (or created), with a probe file in it or in
+    its nearest existing parent, before costly work whose results go there; creates nothing.
+    OSError with one line naming `what` if not (an empty name too: Path("") is the current folder)."""
+    if not str(path).strip():
+        raise OSError(f"{what} is empty (an unset shell variable?); name the folder to write to")
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "a file is in the way")
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        where = "" if existing == path else f" (in {existing})"
+        raise OSError(f"{what} {path} cannot be written{where}: {err.strerror or type(err).__name__}; "
+                      f"choose a folder you can write to") from None
+    return path
+
+
 def write_json(path, obj: Any) -> None:
     atomic_write_text(path, dumps(obj, indent=2, sort_keys=True) + "\n")
 
@@ -84,6 +107,12 @@ def read_jsonl(path, *, torn_ok: bool = False) -> list[dict]:
     record holding them is then dropped and counted, not fatal). A line that is not JSON
     raises DataError naming file and line; with ``torn_ok`` (an append log a kill may have
     cut) a bad *last* line is dropped instead."""
+    return [value for _, value in numbered_jsonl(path, torn_ok=torn_ok)]
+
+
+def numbered_jsonl(path, *, torn_ok: bool = False) -> list[tuple[int, Any]]:
+    """(line number, JSON value) of every non-blank line, as `read_jsonl` reads them; the
+    numbers let a reader name the line of a value that is not what it expects."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"file not found: {path}")
@@ -93,7 +122,7 @@ def read_jsonl(path, *, torn_ok: bool = False) -> list[dict]:
         if not line.strip():
             continue
         try:
-            out.append(json.loads(line))
+            out.append((lineno, json.loads(line)))
         except json.JSONDecodeError as exc:
             if torn_ok and lineno == len(lines):
                 break

@@ -31,7 +31,7 @@ from torch import nn
 
 from . import hub, precision
 from .choices import TINY_MAX_POSITIONS
-from .errors import ModelLoadError
+from .errors import ConfigError, ModelLoadError, VocabularyMismatch
 from .hub import OFFLINE_HINT, unavailable_reason
 from .tokenization import smollm2_gguf_path
 
@@ -727,6 +727,67 @@ def check_same_vocab(
         )
 
 
+def _folder_tokenizer(folder) -> Any:
+    """The tokenizer saved in a model folder (save_model writes one), else None."""
+    folder = Path(folder) if folder else None
+    if folder is None or not folder.is_dir() or not any(
+            (folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:  # noqa: BLE001 - a damaged tokenizer file: one line naming the folder
+        raise ModelLoadError(f"{folder}: the saved tokenizer cannot be read ({type(exc).__name__}: "
+                             f"{str(exc)[:120]}); rerun the run that wrote it") from None
+
+
+def check_vocab_fit(model: nn.Module, tokenizer, what: str, folder=None) -> None:
+    """Refuse a tokenizer that does not fit `model` (VocabularyMismatch, one line; `what`
+    names the model). Every id the tokenizer can produce needs an embedding row and a logit,
+    else the run crashes mid-way (IndexError); more rows than tokens is fine (padded
+    vocabularies), unless the model's `folder` holds a tokenizer of its own that differs
+    from the one in use: the model was trained on other ids."""
+    base = _base(model)
+    emb = base.get_input_embeddings()
+    sizes = [n for n in (getattr(emb, "num_embeddings", None), _output_size(model)) if n]
+    fix = ("use the tokenizer it was trained with (the params' tokenizer section, or keep "
+           "its saved tokenizer files in the folder)")
+    if sizes and len(tokenizer) > min(sizes):
+        raise VocabularyMismatch(f"{what} has {min(sizes)} token embeddings but the tokenizer in use has "
+                                 f"{len(tokenizer)} tokens (ids past {min(sizes) - 1} would crash it); {fix}")
+    own = _folder_tokenizer(folder)
+    if own is not None and (own.get_vocab() != tokenizer.get_vocab()
+                            or own.eos_token_id != tokenizer.eos_token_id):
+        raise VocabularyMismatch(f"{what} was saved with another tokenizer ({len(own)} tokens) than the "
+                                 f"one in use ({len(tokenizer)} tokens, the params' tokenizer section); {fix}")
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """The longest sequence `model` can take when its positions are a learned table (GPT-2's
+    ``wpe``, OPT's ``embed_positions``): the table's size from its config. None for rotary
+    or ALiBi models, whose positions have no table to run off."""
+    base = _base(model)
+    table = any(isinstance(m, nn.Embedding) and (name.endswith("wpe") or "position" in name.rsplit(".", 1)[-1])
+                for name, m in base.named_modules())
+    if not table:
+        return None
+    for attr in ("n_positions", "max_position_embeddings"):
+        value = getattr(base.config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_positions(model: nn.Module, needs: dict[str, int], what: str) -> None:
+    """ConfigError (one line) when a sequence length of `needs` ({params words: tokens},
+    config.position_needs) exceeds `model`'s table of positions: caught before training,
+    not as an IndexError in the final evaluation. `what` names the model."""
+    limit = position_limit(model)
+    for key, length in needs.items():
+        if limit is not None and length > limit:
+            raise ConfigError(f"{key} ({length}) exceeds the {limit} positions of {what}; shorten it")
+
+
 # --------------------------------------------------------------------------------------
 # bookkeeping
 # --------------------------------------------------------------------------------------
@@ -919,6 +980,12 @@ def weights_fingerprint(mcfg) -> str:
     return digest.hexdigest()[:16]
 
 
+def describe(mcfg) -> str:
+    """A model section in words for messages: 'the saved model runs/teacher/model'."""
+    return f"the {mcfg.source} model {mcfg.name_or_path}".rstrip() if mcfg.name_or_path else \
+        f"the {mcfg.source} model"
+
+
 def build_model(mcfg, tokenizer, *, trainable: bool) -> nn.Module:
     """A model from its params section (config.ModelConfig): tiny / hub / GGUF / saved, then
     prune, then quantize (in-memory models), then freeze (teacher) or gradient
@@ -938,6 +1005,9 @@ def build_model(mcfg, tokenizer, *, trainable: bool) -> nn.Module:
                                        quantization=quant)
     else:
         model = load_pretrained(mcfg.name_or_path, dtype=mcfg.dtype, quantization=quant)
+    if tokenizer is not None:  # a tokenizer the model cannot take fails here, not mid-run
+        folder = mcfg.name_or_path if mcfg.source in ("saved", "pretrained") else None
+        check_vocab_fit(model, tokenizer, describe(mcfg), folder)
     if mcfg.prune_to:
         model = prune_layers(model, mcfg.prune_to)
     if quant and mcfg.source in ("tiny", "smollm2"):

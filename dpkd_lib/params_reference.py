@@ -193,7 +193,9 @@ def params_reference() -> str:
            "top-level keys are the first table and whose sections are the others; it may start "
            "from another file with `extends: <path relative to this file>` (section by section, "
            "this file's keys win), and the command line overrides dotted keys "
-           "(`--set train.lr=1e-4`). See docs/design.md §3 for the profiles.",
+           "(`--set train.lr=1e-4`; a `#` in a value is kept) or gives one back its default, "
+           "as if no file set it (`--unset data.n_train`: how a profile's setting is removed "
+           "when a `--set` switches what it belongs to). See docs/design.md §3 for the profiles.",
            "",
            "Checked before anything loads (`dpkd_lib/config.py`): an unknown key fails and names "
            "the closest valid one; a value of the wrong type fails (an int is accepted for a "

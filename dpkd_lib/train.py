@@ -12,7 +12,7 @@ evaluation it stops at once; the last checkpoint stays); killing it loses at mos
 since the last checkpoint; the same command then resumes. Running out of memory or disk space anywhere ends the run with
 one line naming the phase (OutOfResources), recorded in the manifest, the checkpoints kept
 (docs/running.md). A non-finite loss stops the run,
-or with ``train.nan_policy=skip`` skips the batch, up to ``train.max_skipped_share`` of the
+or with ``train.nan_policy=skip`` skips the batch (on every process at once), up to ``train.max_skipped_share`` of the
 steps and never with non-finite weights: a finished run has finite weights and metrics.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ from . import models as model_lib
 from . import objectives as obj_lib
 from . import teacher_cache as tc
 from .choices import TOKEN_OBJECTIVES
-from .config import RunConfig, to_dict
+from .config import RunConfig, position_needs, to_dict
 from .errors import OutOfResources, TrainingFault, human_bytes, is_disk_full, out_of_resources
 from .io import read_json, write_json
 from .rundir import RunDir, free_space, run_id
@@ -91,6 +91,34 @@ def batch_schedule(lengths, batch_size: int, n_batches: int, seed: int) -> list[
         schedule += data_lib.length_grouped_batches(lengths, batch_size, seed=seed, epoch=epoch)
         epoch += 1
     return schedule[:n_batches]
+
+
+def _world() -> int:
+    import torch.distributed as dist
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def any_process(flag: bool, device=None) -> bool:
+    """`flag` or-ed over every process of the run (one all-reduce; none in a single process).
+    A decision that ends a step early (a non-finite loss) must be the same on every process:
+    one that skips its backward alone leaves the others waiting in DDP's all-reduce forever."""
+    if _world() == 1:
+        return flag
+    import torch.distributed as dist
+    votes = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+    return bool(votes.item() > 0)
+
+
+def gather_objects(obj) -> list:
+    """Every process's `obj`, in rank order ([obj] in a single process): what the main
+    process saves on behalf of all (DPKD-seq's pending rejected samples)."""
+    if _world() == 1:
+        return [obj]
+    import torch.distributed as dist
+    out = [None] * _world()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 class StoppedAtStep(KeyboardInterrupt):
@@ -173,22 +201,27 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         set_seed(t.seed)
         self.tokenizer = build_tokenizer(cfg.tokenizer)
-        self.splits = data_lib.load_splits(cfg.data, self.tokenizer)
+        load_reports = {}  # records no split can use (not an object, a missing field), by split
+        self.splits = data_lib.load_splits(cfg.data, self.tokenizer, reports=load_reports)
+        data_lib.check_eval_splits(self.splits, cfg.data, cfg.eval.splits, cfg.eval.skip_empty_splits)
         self.data_hash = data_lib.data_hash(self.splits["train"])
         self.teacher_model = None
         samples = t.objective == "seqkd" or t.train_on == "teacher_samples"
         if samples or t.objective == "dpkd_seq" or (t.objective in TOKEN_OBJECTIVES and t.teacher_mode == "online"):
             self.on_phase("teacher", self)
-            self.teacher_model = model_lib.build_model(cfg.teacher, self.tokenizer, trainable=False)
+            self.teacher_model = self.build("teacher")
         train_records = self.splits["train"]
         if samples:  # SeqKD, or the released runner's data variant: the teacher's own responses
             train_records = self.teacher_responses(train_records)
         self.train_set, report = self.tokenize(train_records)
+        report.absorb(load_reports.pop("train", None))
         self.filter_report = report.as_dict()
+        if load_reports:
+            self.filter_report["other_splits"] = {k: r.as_dict() for k, r in load_reports.items()}
         self.pretrain = None
         if t.lm_coef > 0:
             texts = (data_lib.pydoc_corpus() if cfg.data.pretrain_source == "pydoc"
-                     else [r.get("text", "") for r in data_lib.read_jsonl(cfg.data.pretrain_path)])
+                     else data_lib.pretrain_texts(cfg.data.pretrain_path))
             self.pretrain = data_lib.pretrain_blocks(texts, self.tokenizer, cfg.data.pretrain_block_size,
                                                      max_blocks=cfg.data.pretrain_max_blocks)
         self.chosen = {}
@@ -201,7 +234,7 @@ class Trainer:
         else:
             self.teacher = None
         self.on_phase("student", self)
-        self.student = model_lib.build_model(cfg.student, self.tokenizer, trainable=True)
+        self.student = self.build("student")
         if self.teacher_model is not None:
             model_lib.check_same_vocab(self.tokenizer, self.tokenizer, self.teacher_model, self.student)
         self.optimizer = torch.optim.AdamW(param_groups(self.student, t.weight_decay), lr=t.lr,
@@ -213,12 +246,21 @@ class Trainer:
         lengths = [len(ex["input_ids"]) for ex in self.train_set]
         self.schedule = batch_schedule(lengths, t.batch_size, t.max_steps * t.grad_accum, t.seed)
 
+    def build(self, role: str):
+        """The teacher (frozen) or the student, refused in one line when the run's sequences
+        would not fit its table of positions (config.position_needs)."""
+        mcfg = getattr(self.cfg, role)
+        model = model_lib.build_model(mcfg, self.tokenizer, trainable=role == "student")
+        model_lib.check_positions(model, position_needs(self.cfg, role),
+                                  f"the {role} ({model_lib.describe(mcfg)})")
+        return model
+
     def tokenize(self, records):
         d = self.cfg.data
         return data_lib.build_sft_dataset(records, self.tokenizer, max_length=d.max_length,
                                           max_prompt=d.max_prompt,
                                           min_response_tokens=d.min_response_tokens,
-                                          bad_data=d.bad_data)
+                                          bad_data=d.bad_data, source=data_lib.split_source(d, "train"))
 
     @functools.cached_property
     def teacher_identity(self) -> dict:
@@ -239,7 +281,7 @@ class Trainer:
 
         def get_teacher():
             if "model" not in built:
-                built["model"] = model_lib.build_model(cfg.teacher, self.tokenizer, trainable=False)
+                built["model"] = self.build("teacher")
             return built["model"]
 
         if not self.is_main:  # the main process builds the cache; the others then read it
@@ -388,6 +430,8 @@ class Trainer:
         stops the run (TrainingFault) and the last good checkpoint stays."""
         if not self.weights_finite():
             self.fault(f"the weights are not finite after step {step}")
+        # every process's DPKD-seq samples drawn for the coming steps (each rank draws its own rows)
+        rejected = gather_objects(getattr(self, "rejected", {}))
         if self.is_main:
             model = self.accelerator.unwrap_model(self.student)
             self.run.save_checkpoint({
@@ -395,9 +439,9 @@ class Trainer:
                 "model": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
                         "torch": torch.get_rng_state()},
-                # DPKD-seq's samples drawn for the coming steps (rejected_every > 1): a resumed run
-                # must not redraw them from a student that has moved on
-                "rejected": getattr(self, "rejected", {})})
+                # DPKD-seq's samples drawn for the coming steps (rejected_every > 1), one dict per
+                # process: a resumed run must not redraw them from a student that has moved on
+                "rejected_by_rank": rejected})
         self.saved_step = step
 
     def load_checkpoint(self) -> int:
@@ -414,7 +458,11 @@ class Trainer:
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
         torch.set_rng_state(state["rng"]["torch"])
-        self.rejected = state.get("rejected", {})
+        by_rank, world = state.get("rejected_by_rank"), self.accelerator.num_processes
+        if by_rank is None:  # a checkpoint of one process, written before rejected_by_rank
+            by_rank = [state.get("rejected", {})]
+        # another number of processes splits the batches otherwise: those samples are drawn again
+        self.rejected = by_rank[self.accelerator.process_index] if len(by_rank) == world else {}
         self.skipped = state.get("skipped", 0)
         self.saved_step = state["step"]
         return state["step"]
@@ -544,7 +592,7 @@ def _train(tr: Trainer, asked: dict) -> dict:
             out, batch_ids = tr.step_loss(step * t.grad_accum + micro)
             ids += list(batch_ids)
             parts = out.parts | out.stats
-            if not torch.isfinite(out.total):
+            if any_process(not bool(torch.isfinite(out.total)), tr.accelerator.device):  # decided together
                 bad = parts
                 break
             if probe and micro == 0:  # where the update comes from (extra backward passes)
