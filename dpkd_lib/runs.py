@@ -6,6 +6,7 @@ labels) and calls `run_grid`; nothing about training lives only in a notebook. L
 results root (``results/<profile>``)::
 
     runs/<name>/          one train() run (rundir.py) + labels.json (method, group, label)
+    data/<name>/          its committed record, exported when it finishes (rundata.py)
     teacher_cache/        teacher signals and samples, keyed by what made them
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Iterable, Sequence
 
 from .choices import TEACHER_OBJECTIVES
 from .config import ConfigError, apply_overrides, from_dict, load_yaml, merge, to_dict
+from .rundata import export_run
 
 #: the keys of a model section that say where its weights come from (a pair replaces them)
 WEIGHT_KEYS = ("source", "name_or_path", "arch", "n_layer", "n_embd", "n_head", "seed", "prune_to")
@@ -150,6 +152,7 @@ def run_grid(base_params: str | Path, runs: Iterable, results_root: str | Path, 
         summary = train(cfg, force=force, progress=progress)
         _write_json_if_changed(run_dir / "labels.json", {
             "name": name, "method": labels.get("method", strip_seed(name)), **labels, "overrides": ov})
+        export_run(run_dir, results_root)   # the committed record: data/<name> (rundata.py)
         summaries.append(summary)
         if verbose:
             print(f"[grid {i}/{len(configs)}] {name}: {'reused' if reused else 'trained'} in "
@@ -240,6 +243,7 @@ def evaluate_models(base_params: str | Path, models: dict, results_root: str | P
         params = to_dict(cfg)
         run = RunDir(cfg.output_dir)
         if run.is_finished() and not force and run.stored_params() == params:
+            export_run(run.path, results_root)
             out.append(read_json(run.file("summary.json")))
             continue
         run.path.mkdir(parents=True, exist_ok=True)
@@ -258,6 +262,7 @@ def evaluate_models(base_params: str | Path, models: dict, results_root: str | P
         run.write_manifest(status="finished", wall_time_s=summary["wall_time_s"])
         _write_json_if_changed(run.file("labels.json"), {"name": name, "method": name, "group": "pair",
                                                          "label": DISPLAY.get(name, name), "model": section})
+        export_run(run.path, results_root)
         out.append(summary)
     return out
 
