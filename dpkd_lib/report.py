@@ -278,9 +278,16 @@ def difference(ex, a: str, b: str, split: str, *, level: float = 0.95) -> dict:
     return {"a": a, "b": b, "split": split, "delta": float(r["mean"]), "ci_lo": float(r["lo"]),
             "ci_hi": float(r["hi"]), "ci_level": level, "p": float(r["p"]), "se": float(r["se"]),
             "df": float(r["df"]), "seed_sd": float(r["seed_sd"]), "n_seeds": r["n_seeds"],
-            "seeds": [None if isinstance(s, float) and math.isnan(s) else s for s in pd_["seeds"]],
+            "seeds": [_plain_seed(s) for s in pd_["seeds"]],
             "interval": r["kind"], "n_seeds_a": pd_["n_seeds_a"], "n_seeds_b": pd_["n_seeds_b"],
             "mean_a": pd_["mean_a"], "mean_b": pd_["mean_b"], "n_prompts": pd_["n_prompts"]}
+
+
+def _plain_seed(seed):
+    """A seed as the params wrote it: 2, not 2.0 (a float column of a DataFrame); NaN -> None."""
+    if isinstance(seed, (float, np.floating)):
+        return None if math.isnan(seed) else (int(seed) if float(seed).is_integer() else float(seed))
+    return seed.item() if isinstance(seed, np.generic) else seed
 
 
 def _as_list(metric) -> list[str]:
@@ -898,21 +905,26 @@ def monitors_figure(mon):
     return fig
 
 
+def _require_data(root: Path) -> None:
+    if not exported_runs(root):
+        raise ValueError(f"no exported runs under {root / 'data'}: run the study first "
+                         f"(python -m dpkd_lib.study), or export older runs with "
+                         f"python -m dpkd_lib.report export {root}")
+
+
 def write_results(results_root: str | Path, design: dict) -> dict:
     """Every table, figure and the answer of ``results_root`` from its exported runs (data/)
     alone: what notebooks 03 and 04 write. ``design``: `study_design` of the profile (it is
     recorded as data/design.json, so a later rebuild needs nothing else). Returns
     {"paths": written files, "tables": {name: DataFrame}, "figures": {name: Figure},
     "comparisons", "moved", "answer"}; a results root with no exported run is a ValueError."""
-    from .io import write_json
+    from .io import dumps
 
     root = Path(results_root)
+    _require_data(root)
     df = collect(root)
-    if df.empty:
-        raise ValueError(f"no exported runs under {root / 'data'}: run the study first "
-                         f"(python -m dpkd_lib.study), or export older runs with "
-                         f"python -m dpkd_lib.report export {root}")
-    write_json(root / "data" / DESIGN_FILE, design)
+    # keys in the params' order (not sorted): the arms' order is the tables' row order
+    atomic_write_text(root / "data" / DESIGN_FILE, dumps(design, indent=2, ensure_ascii=False) + "\n")
     primary, arms = design["primary"], design["arms"]
     tables_path, out = tables_dir(root), {"paths": [root / "data" / DESIGN_FILE], "tables": {}, "figures": {}}
     splits = [s for s in primary["splits"] if s in set(df["split"])]
@@ -980,6 +992,7 @@ def rebuild(results_root: str | Path, profile: str | None = None, params_dir: st
     """`write_results` from the committed files alone: the design recorded in
     data/design.json (or, with `profile`, that profile's params)."""
     root = Path(results_root)
+    _require_data(root)
     recorded = root / "data" / DESIGN_FILE
     if profile is None and recorded.exists():
         design = json.loads(recorded.read_text())

@@ -14,9 +14,9 @@ interval is labelled "prompt sampling only" and is never used to compare methods
 Why not the bootstrap used before: resampling 2-3 seeds with replacement cannot see how far
 a new seed would fall, and resampling prompts as well counts their noise twice. Its coverage
 of a nominal 95 % therefore depends on what the between-seed sd (1.1-1.9 ROUGE-L in the cpu
-study) is made of: 74-77 % at 3 seeds and 60-65 % at 2 when it is the seeds' own (per-prompt
-effects shared by both methods), 92-99 % when per-prompt noise of sd 12 makes most of it.
-This interval covers 94-95 % in every case (tests/test_stats.py measures both).
+study) is made of: 75-77 % at 3 seeds and 59-66 % at 2 when it is the seeds' own (per-prompt
+effects shared by both methods), 89-99 % when per-prompt noise of sd 12-15 makes much of it.
+This interval covers 94.8-95.1 % in every case (tests/test_stats.py measures both).
 
 Several declared comparisons: Holm's step-down decides (`holm`) and every interval is drawn
 at the Bonferroni level 1 − α/m (`bonferroni_level`), so an interval that excludes 0 is

@@ -324,6 +324,35 @@ def test_export_is_lossless_deterministic_and_only_for_finished_runs(tmp_path):
     assert len(report.per_example(report.collect(tmp_path))) == 3
 
 
+def test_write_results_from_data_alone_and_a_clear_error_without_it(tmp_path, capsys):
+    import shutil
+
+    import matplotlib
+    matplotlib.use("Agg")
+    g = np.random.default_rng(8)
+    for name, method, group, seed in (("teacher", "teacher", "pair", 40), ("student_init", "student_init", "pair", 40),
+                                      ("sft_s1", "sft", "released", 1), ("sft_s2", "sft", "released", 2),
+                                      ("kd_s1", "kd", "released", 1), ("kd_s2", "kd", "released", 2)):
+        fake_run(tmp_path, name, method=method, seed=seed, test_rl=0.0, group=group,
+                 eval_rows=greedy_rows(list(g.uniform(0.1, 0.6, size=8))),
+                 metrics=[{"step": s, "loss": 2.0 - 0.1 * s} for s in range(1, 6)])
+    shutil.rmtree(tmp_path / "runs")
+    design = {"profile": "x", "primary": {"metric": "rouge_l", "decoding": "greedy", "splits": ["test", "heldout"],
+                                          "alpha": 0.05, "comparisons": [["kd", "sft"]]},
+              "arms": {"released": {"methods": {"sft": {}, "kd": {}}}}, "reference_runs": None, "paper_column": False}
+    out = report.write_results(tmp_path, design)
+    tables = tmp_path / "tables"
+    assert (tables / "answer.md").read_text().strip() == out["answer"]
+    comps, moved, answer = report.study_answer(report.collect(tmp_path), design["arms"], design["primary"], ["test"])
+    assert answer == out["answer"] and len(pd.read_csv(tables / "comparisons.csv")) == 1   # heldout: not evaluated
+    assert pd.read_csv(tables / "moved.csv")["method"].tolist() == ["SFT", "KD"]
+    assert (tmp_path / "figures" / "comparisons.png").exists() and (tmp_path / "figures" / "curves.png").exists()
+    assert json.loads((tmp_path / "data" / "design.json").read_text()) == design
+    assert report.rebuild(tmp_path)["answer"] == out["answer"]          # the recorded design is enough
+    assert report.main(["rebuild", str(tmp_path / "elsewhere")]) == 2
+    assert "no exported runs under" in capsys.readouterr().out
+
+
 def test_per_example_reads_greedy_rows_and_teacher_forced_sums(tmp_path):
     rows = greedy_rows([0.5, 1.0]) + [
         {"id": "p0", "split": "test", "decoding": "teacher_forced", "nll_sum": 6.0, "correct": 2, "n_tokens": 4},
