@@ -220,6 +220,14 @@ def main_table(df, *, methods: Sequence[str] | None = None, splits: Sequence[str
     return pd.DataFrame(rows)
 
 
+def _seed_key(seed):
+    """Seeds in numeric order (2 before 10), anything else after, by its text."""
+    try:
+        return (0, float(seed), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(seed))
+
+
 def _matrix(ex, method: str, split: str):
     """{seed: frame of num, den by prompt id} of one method on one split (mean over sampling
     seeds, if any), and whether the method is a fixed model (one run of a FIXED_GROUPS group)."""
@@ -248,17 +256,20 @@ def paired_differences(ex, a: str, b: str, split: str) -> dict:
     if fixed_a and fixed_b:      # two single models (the gap teacher − start): one row
         seeds, pick_a, pick_b = [next(iter(A))], (lambda s: only(A)), (lambda s: only(B))
     elif fixed_a:                # a model built once is the same for every seed of the other side
-        seeds, pick_a, pick_b = sorted(B, key=str), (lambda s: only(A)), B.__getitem__
+        seeds, pick_a, pick_b = sorted(B, key=_seed_key), (lambda s: only(A)), B.__getitem__
     elif fixed_b:
-        seeds, pick_a, pick_b = sorted(A, key=str), A.__getitem__, (lambda s: only(B))
+        seeds, pick_a, pick_b = sorted(A, key=_seed_key), A.__getitem__, (lambda s: only(B))
     else:
-        seeds = sorted(set(A) & set(B), key=str)
+        seeds = sorted(set(A) & set(B), key=_seed_key)
         if not seeds:
-            raise ValueError(f"{a} vs {b} on {split}: no training seed in common ({a}: {sorted(A, key=str)}, "
-                             f"{b}: {sorted(B, key=str)}); train both on the same seeds to compare them")
+            raise ValueError(f"{a} vs {b} on {split}: no training seed in common ({a}: {sorted(A, key=_seed_key)}, "
+                             f"{b}: {sorted(B, key=_seed_key)}); train both on the same seeds to compare them")
         pick_a, pick_b = A.__getitem__, B.__getitem__
     frames = [pick_a(s) for s in seeds] + [pick_b(s) for s in seeds]
     ids = sorted(set.intersection(*(set(f.index) for f in frames)))
+    if len(ids) < 2:
+        raise ValueError(f"{a} vs {b} on {split}: {len(ids)} prompt(s) scored for both; the runs were "
+                         f"evaluated on different prompts (check eval.max_examples)")
     side = lambda pick: stats.ratio_contributions(  # noqa: E731
         np.stack([pick(s).loc[ids, "num"].to_numpy(float) for s in seeds]),
         np.stack([pick(s).loc[ids, "den"].to_numpy(float) for s in seeds]))
@@ -453,6 +464,12 @@ def answer_text(comparisons: Sequence[dict], moved: Sequence[dict] = ()) -> str:
     """The study's answer in Markdown, every sentence generated from the intervals: one
     bullet per comparison, then how far each method moved the student toward the teacher."""
     lines = [f"- {comparison_sentence(r)}" for r in comparisons]
+    if comparisons:
+        m, level = len(comparisons), comparisons[0]["ci_level"]
+        lines.append(f"- How: each Δ is the mean over paired training seeds of the per-seed mean difference "
+                     f"over prompts; its interval is Student's t over those per-seed differences (S − 1 df), "
+                     f"drawn at {100 * level:.1f} % for all {m} declared comparison{'s' if m > 1 else ''} "
+                     f"(Bonferroni), and Holm's step-down on their p-values decides.")
     for key in dict.fromkeys((m["split"], m.get("metric", "rouge_l")) for m in moved):
         sel = [m for m in moved if (m["split"], m.get("metric", "rouge_l")) == key]
         split, metric = key

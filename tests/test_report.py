@@ -122,8 +122,8 @@ def test_difference_pairs_seeds_both_methods_ran():
     again = report.difference(per_prompt_frame({"dpkd_seq": seq, "sft": wild}), "dpkd_seq", "sft", "test")
     assert (again["delta"], again["ci_lo"], again["ci_hi"]) == pytest.approx((r["delta"], r["ci_lo"], r["ci_hi"]))
     # no seed in common: a clear error, not an unpaired comparison
-    with pytest.raises(ValueError, match=r"no training seed in common \(dpkd_seq: \[1, 2\], sft: \[7, 8, 9\]\)"):
-        report.difference(per_prompt_frame({"dpkd_seq": seq, "sft": sft}, seeds={"sft": [7, 8, 9]}),
+    with pytest.raises(ValueError, match=r"no training seed in common \(dpkd_seq: \[1, 2\], sft: \[7, 9, 10\]\)"):
+        report.difference(per_prompt_frame({"dpkd_seq": seq, "sft": sft}, seeds={"sft": [10, 7, 9]}),
                           "dpkd_seq", "sft", "test")
 
 
@@ -207,6 +207,7 @@ def test_compare_words_follow_the_intervals():
     assert math.isnan(rkl["p"]) and not rkl["rejected"] and len(comps) == 4 and comps[0]["ci_level"] == 1 - 0.05 / 4
     text = report.answer_text(comps)
     assert text.splitlines()[0].startswith("- DPKD-token beats SFT on test ROUGE-L")
+    assert "drawn at 98.8 % for all 4 declared comparisons (Bonferroni)" in text.splitlines()[4]
     table = report.comparisons_table(comps).set_index("a")
     assert table.loc["KD", "mdd"] == pytest.approx(tied_r["mdd"]) and table.loc["KD", "seeds"] == "1,2,3"
     assert table.loc["RKL", "interval"] == "prompt sampling only" and table.loc["KD", "effect"] == 0.1
