@@ -886,6 +886,31 @@ def paper_table():
 
 # ----------------------------------------------------------------------------- rebuild
 
+TRAINING_COLUMNS = ("loss", "ce", "distill", "pt_loss", "student_nll_ref", "reward_margin", "reward_accuracy",
+                    "grad_weight")
+
+
+def training_table(df, *, window: int = 5, columns: Sequence[str] = TRAINING_COLUMNS):
+    """Where each run's training log started and ended: per run and logged column, the mean
+    of its first and of its last `window` logged values (``<col> first`` / ``<col> last``),
+    beside the run's steps; a column a run did not log is left out (NaN)."""
+    import pandas as pd
+
+    rows = []
+    for _, r in df.drop_duplicates("run").iterrows():
+        m = read_metrics(r["run_dir"])
+        if m.empty:
+            continue
+        row = {"run": r["run"], "method": r["label"], "seed": _plain_seed(r["seed"]),
+               "logged steps": int(m["step"].max()) if "step" in m else len(m)}
+        for col in columns:
+            vals = m[col].dropna().astype(float) if col in m else pd.Series(dtype=float)
+            row[f"{col} first"] = float(vals.head(window).mean()) if len(vals) else float("nan")
+            row[f"{col} last"] = float(vals.tail(window).mean()) if len(vals) else float("nan")
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    return out.dropna(axis=1, how="all") if not out.empty else out
+
 #: the notebooks whose params declare the study's design (read by `study_design`)
 DESIGN_NOTEBOOKS = {"main": "01_gpt2_120m", "ablations": "03_ablations_implicit_reward", "figures": "04_figures"}
 DESIGN_FILE = "design.json"
@@ -969,6 +994,7 @@ def write_results(results_root: str | Path, design: dict) -> dict:
     comparisons, moved, answer = study_answer(df, arms, primary, splits)
     table("comparisons", comparisons_table(comparisons), ".3f")
     table("moved", moved_table(moved), ".3f")
+    table("training", training_table(df[df["group"].isin(list(arms))]), ".3f")
     out["paths"].append(write_text(answer, tables_path / "answer.md"))
     out.update(comparisons=comparisons, moved=moved, answer=answer)
     if comparisons:

@@ -336,7 +336,7 @@ def test_write_results_from_data_alone_and_a_clear_error_without_it(tmp_path, ca
                                       ("kd_s1", "kd", "released", 1), ("kd_s2", "kd", "released", 2)):
         fake_run(tmp_path, name, method=method, seed=seed, test_rl=0.0, group=group,
                  eval_rows=greedy_rows(list(g.uniform(0.1, 0.6, size=8))),
-                 metrics=[{"step": s, "loss": 2.0 - 0.1 * s} for s in range(1, 6)])
+                 metrics=[{"step": s, "loss": 2.0 - 0.1 * s} for s in range(1, 13)])
     shutil.rmtree(tmp_path / "runs")
     design = {"profile": "x", "primary": {"metric": "rouge_l", "decoding": "greedy", "splits": ["test", "heldout"],
                                           "alpha": 0.05, "comparisons": [["kd", "sft"]]},
@@ -347,6 +347,11 @@ def test_write_results_from_data_alone_and_a_clear_error_without_it(tmp_path, ca
     comps, moved, answer = report.study_answer(report.collect(tmp_path), design["arms"], design["primary"], ["test"])
     assert answer == out["answer"] and len(pd.read_csv(tables / "comparisons.csv")) == 1   # heldout: not evaluated
     assert pd.read_csv(tables / "moved.csv")["method"].tolist() == ["SFT", "KD"]
+    training = pd.read_csv(tables / "training.csv").set_index("run")
+    # loss 2.0 - 0.1 s over steps 1..12: steps 1-5 average 1.7, steps 8-12 average 1.0
+    assert training.loc["sft_s1", ["loss first", "loss last"]].tolist() == pytest.approx([1.7, 1.0])
+    assert "distill first" not in training and training.loc["kd_s2", "logged steps"] == 12
+    assert list(training.index) == ["sft_s1", "sft_s2", "kd_s1", "kd_s2"]
     assert (tmp_path / "figures" / "comparisons.png").exists() and (tmp_path / "figures" / "curves.png").exists()
     assert json.loads((tmp_path / "data" / "design.json").read_text()) == design
     assert report.rebuild(tmp_path)["answer"] == out["answer"]          # the recorded design is enough
