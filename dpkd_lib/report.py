@@ -886,8 +886,8 @@ def paper_table():
 
 # ----------------------------------------------------------------------------- rebuild
 
-TRAINING_COLUMNS = ("loss", "ce", "distill", "pt_loss", "student_nll_ref", "reward_margin", "reward_accuracy",
-                    "grad_weight")
+TRAINING_COLUMNS = ("loss", "ce", "distill", "pt_ce", "pt_kd", "student_nll_ref", "reward_margin",
+                    "reward_accuracy", "grad_weight", "grad_norm")
 
 
 def training_table(df, *, window: int = 5, columns: Sequence[str] = TRAINING_COLUMNS):

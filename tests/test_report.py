@@ -317,8 +317,12 @@ def test_export_is_lossless_deterministic_and_only_for_finished_runs(tmp_path):
     assert (out / rundata.EVAL_ROWS).stat().st_mtime_ns == before          # unchanged: not rewritten
     fake_run(tmp_path, "kd_s1", method="kd", seed=1, test_rl=1.0, finished=False)
     assert not (tmp_path / "data" / "kd_s1").exists()
-    # the tables read data/ alone: without the run folders nothing changes
     import shutil
+    shutil.rmtree(tmp_path / "data")           # an older results root: runs/ only
+    assert report.main(["export", str(tmp_path)]) == 0
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["sft_s1"]
+    assert (out / rundata.EVAL_ROWS).read_bytes() == blob                  # the same bytes again
+    # the tables read data/ alone: without the run folders nothing changes
     before = report.collect(tmp_path).drop(columns="run_dir")
     shutil.rmtree(tmp_path / "runs")
     pd.testing.assert_frame_equal(report.collect(tmp_path).drop(columns="run_dir"), before)
