@@ -22,10 +22,10 @@ export TOKENIZERS_PARALLELISM := false
 # spinning threads made a 2-thread step up to 5x slower than a 1-thread one (bench notes).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup lock test browser-test reproduce lab bench gpu-check clean help
+.PHONY: setup lock test browser-test reproduce tables lab bench gpu-check clean help
 
 help:
-	@echo "make setup | lock | test | browser-test | reproduce [PROFILE=cpu|smoke|paper|colab] [FORCE=1] | lab | bench [BENCH=quick] | gpu-check | clean"
+	@echo "make setup | lock | test | browser-test | reproduce [PROFILE=cpu|smoke|paper|colab] [FORCE=1] | tables [PROFILE=...] | lab | bench [BENCH=quick] | gpu-check | clean"
 
 # The venv is installed from requirements.lock (every package, exact version), with --no-deps
 # so nothing resolves differently later. pip's and torch's lines go first: torch==2.13.0 then
@@ -71,6 +71,11 @@ browser-test: setup
 
 reproduce: setup
 	$(PY) -m dpkd_lib.study --profile $(PROFILE) $(if $(filter 1,$(FORCE)),--force,)
+
+# Every table, interval, figure and answer sentence of results/$(PROFILE) from its committed
+# data/ alone (per-prompt rows, per-step logs, summaries of every run; no run folder, no model).
+tables: setup
+	$(PY) -m dpkd_lib.report rebuild results/$(PROFILE)
 
 # JupyterLab on the repo (tools/lab.sh: also as root, no browser; open the URL it prints).
 # Extra options: make lab LAB_ARGS="--port=8899 --ip=0.0.0.0"

@@ -1,16 +1,23 @@
-"""Reading results back: tables, statistics, the answer in words, figures. Reads only the run
-folders under ``<results_root>/runs`` (figure notebooks need no model).
+"""Reading results back: tables, statistics, the answer in words, figures. Reads only the
+committed record of each run under ``<results_root>/data`` (rundata.py: summaries, per-prompt
+rows, per-step logs; no model, no run folder), so `write_results` rebuilds every table,
+interval, figure and answer sentence of ``results/<profile>`` from git alone:
 
-Statistics (docs/design.md §7). Runs are paired by training seed (same batches, same
-pre-train blocks) and every model is scored on the same prompts. A difference between two
-methods is the mean over seeds and prompts of the per-(seed, prompt) difference; its 95 % CI
-comes from a bootstrap that resamples seeds and prompts; the p-value is the bootstrap's
-two-sided tail. Across the declared primary comparisons the p-values are Holm-corrected, and
-each CI is drawn at the level of its Holm step (1 − α/(m − i) for the i-th smallest p). A
-comparison is called when Holm's step-down rejects it: its CI excludes 0 and every comparison
-before it in the step-down was rejected too (the rare interval that excludes 0 after the
-step-down stopped is said as such). The words of the answer are generated from these
-intervals (`answer_text`), never typed.
+    python -m dpkd_lib.report rebuild results/<profile>      (make tables PROFILE=<profile>)
+
+Statistics (docs/design.md §7; the numbers are stats.py's). Training seeds are the unit of
+replication: a comparison of methods a and b pairs seed s of a with seed s of b (same batches,
+same pre-train blocks) on the seeds both ran, and every model is scored on the same prompts.
+Per common seed, the mean over prompts of the per-prompt difference (a ratio metric such as
+the token-weighted NLL through `stats.ratio_contributions`); the interval is Student's t over
+those per-seed differences on S − 1 degrees of freedom (`stats.paired_interval`), which holds
+its coverage at 2-3 seeds where the former bootstrap over seeds and prompts did not. A model
+built once (the teacher, the starting student: group "pair") is the same for every seed. One
+common seed leaves only the prompts: such a row is labelled "prompt sampling only" and never
+compared. The declared comparisons are Holm-corrected together and every one of their
+intervals is drawn at the Bonferroni level 1 − α/m, so an interval that excludes 0 is a Holm
+rejection; beside each, the minimum detectable difference (80 % power at that level). The
+words of the answer are generated from these intervals (`answer_text`), never typed.
 """
 from __future__ import annotations
 
@@ -22,9 +29,11 @@ from typing import Any, Sequence
 import numpy as np
 import yaml
 
+from . import stats
 from .evaluate import bucket_table as run_bucket_table
 from .evaluate import mean_sd
-from .io import atomic_write_text, read_jsonl
+from .io import atomic_write_text
+from .rundata import exported_runs, read_eval_rows, read_metric_rows
 from .runs import DISPLAY, strip_seed
 
 METHOD_ORDER = ["teacher", "student_init", "sft", "kd", "rkl", "jsd", "skl", "srkl", "seqkd",
@@ -34,6 +43,10 @@ METRIC_LABELS = {"rouge_l": "ROUGE-L", "exact_match": "EM", "nll": "NLL", "token
                  "sample_rouge_l": "ROUGE-L (T=1)", "sample_exact_match": "EM (T=1)",
                  "valid_nll": "valid NLL", "wall_time_s": "wall s"}
 LOWER_IS_BETTER = {"nll", "valid_nll", "repetition_rate"}
+#: groups of models built once and shared by every seed of every method (a fixed reference)
+FIXED_GROUPS = ("pair",)
+#: power at which the minimum detectable difference of a comparison is stated
+POWER = 0.8
 # docs/method.md §5 (ROUGE-L). The baselines appear to be MiniLLM's published 5-seed means; DPKD
 # is one seed. S-NI SeqKD: 16.4 in the paper's Table 1 (the released code's table has 16.0).
 PAPER_NUMBERS = {
@@ -74,31 +87,27 @@ def _get(params: dict, path: tuple) -> Any:
 
 
 def iter_runs(results_root: str | Path):
-    """(run_dir, params, summary, labels) of every finished run under results_root/runs."""
-    runs = Path(results_root) / "runs"
-    if not runs.is_dir():
-        return
-    for run_dir in sorted(p for p in runs.iterdir() if p.is_dir() and ".replaced-" not in p.name):
+    """(folder, params, summary, labels) of every run exported under results_root/data
+    (only finished runs are exported)."""
+    for folder in exported_runs(results_root):
         try:
-            if json.loads((run_dir / "manifest.json").read_text()).get("status") != "finished":
-                continue
-            params = yaml.safe_load((run_dir / "params.yaml").read_text()) or {}
-            summary = json.loads((run_dir / "summary.json").read_text())
+            params = yaml.safe_load((folder / "params.yaml").read_text()) or {}
+            summary = json.loads((folder / "summary.json").read_text())
         except (FileNotFoundError, json.JSONDecodeError, yaml.YAMLError):
             continue
         try:
-            labels = json.loads((run_dir / "labels.json").read_text())
+            labels = json.loads((folder / "labels.json").read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             labels = {}
-        yield run_dir, params, summary, labels
+        yield folder, params, summary, labels
 
 
 def collect(results_root: str | Path):
-    """One row per finished run × eval split: run, method, label, group, the params of
+    """One row per exported run × eval split: run, method, label, group, the params of
     `PARAM_COLUMNS`, split, and the split's metrics from summary.json (`SPLIT_METRICS`:
     greedy ROUGE-L / EM ×100 and its response statistics, T=1 sampling as ``sample_*``,
-    teacher-forced NLL / token accuracy), valid_nll, wall_time_s. A run evaluated on no
-    split gets one row with split "valid"."""
+    teacher-forced NLL / token accuracy), valid_nll, wall_time_s; ``run_dir`` is the run's
+    folder under data/. A run evaluated on no split gets one row with split "valid"."""
     import pandas as pd
 
     rows = []
@@ -123,14 +132,15 @@ def collect(results_root: str | Path):
 
 
 def read_rows(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "eval.jsonl"
-    return read_jsonl(path) if path.exists() else []
+    """A run's per-prompt evaluation rows (data/<run>/eval_rows.jsonl.gz)."""
+    return read_eval_rows(run_dir)
 
 
 def per_example(df, *, metric: str = "rouge_l", decoding: str = "greedy"):
-    """Per-(run, split, example) values of `metric` from the runs' eval.jsonl: columns run,
-    method, seed, split, id, num, den (the metric is Σnum/Σden: ROUGE-L and EM ×100 with
-    den 1; teacher-forced ``nll`` / ``token_acc`` as sums over a reference's tokens)."""
+    """Per-(run, split, example) values of `metric` from the runs' exported rows: columns
+    run, method, group, seed, split, id, sample_seed, num, den (the metric is Σnum/Σden:
+    ROUGE-L and EM ×100 with den 1; teacher-forced ``nll`` / ``token_acc`` as sums over a
+    reference's tokens, whatever `decoding` says)."""
     import pandas as pd
 
     out = []
@@ -145,10 +155,11 @@ def per_example(df, *, metric: str = "rouge_l", decoding: str = "greedy"):
                 if row.get("decoding", "greedy") != decoding:
                     continue
                 num, den = 100.0 * row[metric], 1.0
-            out.append({"run": r["run"], "method": r["method"], "seed": r["seed"],
-                        "split": row["split"], "id": str(row["id"]), "sample_seed": row.get("seed"),
-                        "num": num, "den": den})
-    return pd.DataFrame(out, columns=["run", "method", "seed", "split", "id", "sample_seed", "num", "den"])
+            out.append({"run": r["run"], "method": r["method"], "group": r.get("group", ""),
+                        "seed": r["seed"], "split": row["split"], "id": str(row["id"]),
+                        "sample_seed": row.get("seed"), "num": num, "den": den})
+    return pd.DataFrame(out, columns=["run", "method", "group", "seed", "split", "id", "sample_seed",
+                                      "num", "den"])
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -209,107 +220,174 @@ def main_table(df, *, methods: Sequence[str] | None = None, splits: Sequence[str
     return pd.DataFrame(rows)
 
 
+def _seed_key(seed):
+    """Seeds in numeric order (2 before 10), anything else after, by its text."""
+    try:
+        return (0, float(seed), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(seed))
+
+
 def _matrix(ex, method: str, split: str):
-    """{seed: (num [P], den [P])} of one method on one split, prompts in a fixed id order."""
+    """{seed: frame of num, den by prompt id} of one method on one split (mean over sampling
+    seeds, if any), and whether the method is a fixed model (one run of a FIXED_GROUPS group)."""
     sel = ex[(ex["method"] == method) & (ex["split"] == split)]
-    out = {}
-    for seed, g in sel.groupby("seed", dropna=False):
-        g = g.groupby("id")[["num", "den"]].mean().sort_index()  # mean over sampling seeds, if any
-        out[seed] = g
-    return out
+    out = {seed: g.groupby("id")[["num", "den"]].mean().sort_index()
+           for seed, g in sel.groupby("seed", dropna=False)}
+    fixed = len(out) == 1 and "group" in sel and bool(sel["group"].isin(FIXED_GROUPS).all())
+    return out, fixed
 
 
-def bootstrap_difference(ex, a: str, b: str, split: str, *, n_boot: int = 4000, seed: int = 0,
-                         levels: Sequence[float] = (0.95,)) -> dict:
-    """Mean difference a − b of a per-example metric (`per_example` rows) on `split`, with
-    bootstrap CIs at `levels` and a two-sided bootstrap p-value. Resampled: prompts (the
-    same draw for both sides) and training seeds (paired by seed value when both methods
-    have the same seeds; a single-run side — the teacher, the starting student — is fixed).
-    The metric of a resample is Σnum/Σden over its (seed, prompt) cells."""
-    A, B = _matrix(ex, a, split), _matrix(ex, b, split)
+def paired_differences(ex, a: str, b: str, split: str) -> dict:
+    """The matrix of paired differences a − b [S, P] on `split` (`per_example` rows): one row
+    per training seed both methods ran (a fixed model, the teacher or the starting student,
+    pairs with every seed of the other side), one column per prompt both were scored on; a
+    ratio metric is linearised per seed (`stats.ratio_contributions`), so a row's mean is that
+    seed's Σnum/Σden of a minus b's. Also: seeds, n_seeds_a/b (all runs of each side),
+    mean_a/mean_b (over the paired seeds), n_prompts. A ValueError when two trained methods
+    share no seed: an unpaired comparison is not what the design declares."""
+    A, fixed_a = _matrix(ex, a, split)
+    B, fixed_b = _matrix(ex, b, split)
     if not A or not B:
-        return {"a": a, "b": b, "split": split, "delta": float("nan"), "p": float("nan"), "n_prompts": 0}
-    ids = sorted(set.intersection(*(set(m.index) for m in list(A.values()) + list(B.values()))))
-    stack = lambda M: (np.stack([M[s].loc[ids, "num"].to_numpy() for s in sorted(M)]),  # noqa: E731
-                       np.stack([M[s].loc[ids, "den"].to_numpy() for s in sorted(M)]))
-    (an, ad), (bn, bd) = stack(A), stack(B)
-    paired = sorted(A) == sorted(B) and len(A) > 1
-    rng = np.random.default_rng(seed)
-    P, Sa, Sb = len(ids), an.shape[0], bn.shape[0]
-    p_idx = rng.integers(0, P, size=(n_boot, P))
-    sa_idx = rng.integers(0, Sa, size=(n_boot, Sa))
-    sb_idx = sa_idx if paired else rng.integers(0, Sb, size=(n_boot, Sb))
-
-    def value(num, den, s_idx):
-        n = num[s_idx[:, :, None], p_idx[:, None, :]].sum(axis=(1, 2))
-        d = den[s_idx[:, :, None], p_idx[:, None, :]].sum(axis=(1, 2))
-        return n / d
-
-    boot = value(an, ad, sa_idx) - value(bn, bd, sb_idx)
-    delta = an.sum() / ad.sum() - bn.sum() / bd.sum()
-    p = min(1.0, 2 * min((boot <= 0).mean(), (boot >= 0).mean()))
-    out = {"a": a, "b": b, "split": split, "delta": float(delta), "p": max(float(p), 1.0 / n_boot),
-           "n_prompts": P, "n_seeds_a": Sa, "n_seeds_b": Sb, "paired": paired,
-           "mean_a": float(an.sum() / ad.sum()), "mean_b": float(bn.sum() / bd.sum())}
-    for level in levels:
-        lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
-        out[f"ci_{level:g}"] = (float(lo), float(hi))
-    return out
-
-
-def holm(results: list[dict], alpha: float = 0.05) -> list[dict]:
-    """Holm's step-down over `results` (each with "p"; the bootstrap CIs at every level a
-    step may need must be in it): adds p_holm, the CI at the step's level (ci_lo, ci_hi,
-    ci_level) and "rejected"."""
-    m = len(results)
-    order = sorted(range(m), key=lambda i: results[i]["p"])
-    still, running = True, 0.0
-    for rank, i in enumerate(order):
-        r = results[i]
-        level = 1 - alpha / (m - rank)
-        running = max(running, min(1.0, (m - rank) * r["p"]))
-        still = still and r["p"] <= alpha / (m - rank)
-        lo, hi = r.get(f"ci_{level:g}", (float("nan"), float("nan")))
-        r.update(p_holm=running, ci_level=level, ci_lo=lo, ci_hi=hi, rejected=bool(still))
-    return results
+        missing = [m for m, M in ((a, A), (b, B)) if not M]
+        raise ValueError(f"{a} vs {b} on {split}: no per-prompt rows for {', '.join(missing)}; "
+                         f"run it (or check the method name and split)")
+    only = lambda M: next(iter(M.values()))  # noqa: E731
+    if fixed_a and fixed_b:      # two single models (the gap teacher − start): one row
+        seeds, pick_a, pick_b = [next(iter(A))], (lambda s: only(A)), (lambda s: only(B))
+    elif fixed_a:                # a model built once is the same for every seed of the other side
+        seeds, pick_a, pick_b = sorted(B, key=_seed_key), (lambda s: only(A)), B.__getitem__
+    elif fixed_b:
+        seeds, pick_a, pick_b = sorted(A, key=_seed_key), A.__getitem__, (lambda s: only(B))
+    else:
+        seeds = sorted(set(A) & set(B), key=_seed_key)
+        if not seeds:
+            raise ValueError(f"{a} vs {b} on {split}: no training seed in common ({a}: {sorted(A, key=_seed_key)}, "
+                             f"{b}: {sorted(B, key=_seed_key)}); train both on the same seeds to compare them")
+        pick_a, pick_b = A.__getitem__, B.__getitem__
+    frames = [pick_a(s) for s in seeds] + [pick_b(s) for s in seeds]
+    ids = sorted(set.intersection(*(set(f.index) for f in frames)))
+    if len(ids) < 2:
+        raise ValueError(f"{a} vs {b} on {split}: {len(ids)} prompt(s) scored for both; the runs were "
+                         f"evaluated on different prompts (check eval.max_examples)")
+    side = lambda pick: stats.ratio_contributions(  # noqa: E731
+        np.stack([pick(s).loc[ids, "num"].to_numpy(float) for s in seeds]),
+        np.stack([pick(s).loc[ids, "den"].to_numpy(float) for s in seeds]))
+    ca, cb = side(pick_a), side(pick_b)
+    return {"a": a, "b": b, "split": split, "d": ca - cb, "seeds": seeds, "n_seeds_a": len(A),
+            "n_seeds_b": len(B), "mean_a": float(ca.mean()), "mean_b": float(cb.mean()),
+            "n_prompts": len(ids)}
 
 
-def holm_levels(m: int, alpha: float = 0.05) -> tuple[float, ...]:
-    return tuple(1 - alpha / (m - rank) for rank in range(m))
+def difference(ex, a: str, b: str, split: str, *, level: float = 0.95) -> dict:
+    """a − b on `split` with its interval at `level` (`paired_differences`, then
+    `stats.paired_interval`): delta, ci_lo, ci_hi, ci_level, p, se, df, seed_sd, n_seeds (the
+    paired seeds), seeds, interval ("seeds" or "prompt sampling only"), n_seeds_a/b,
+    mean_a/b, n_prompts."""
+    pd_ = paired_differences(ex, a, b, split)
+    r = stats.paired_interval(pd_["d"], level)
+    return {"a": a, "b": b, "split": split, "delta": float(r["mean"]), "ci_lo": float(r["lo"]),
+            "ci_hi": float(r["hi"]), "ci_level": level, "p": float(r["p"]), "se": float(r["se"]),
+            "df": float(r["df"]), "seed_sd": float(r["seed_sd"]), "n_seeds": r["n_seeds"],
+            "seeds": [_plain_seed(s) for s in pd_["seeds"]],
+            "interval": r["kind"], "n_seeds_a": pd_["n_seeds_a"], "n_seeds_b": pd_["n_seeds_b"],
+            "mean_a": pd_["mean_a"], "mean_b": pd_["mean_b"], "n_prompts": pd_["n_prompts"]}
+
+
+def _plain_seed(seed):
+    """A seed as the params wrote it: 2, not 2.0 (a float column of a DataFrame); NaN -> None."""
+    if isinstance(seed, (float, np.floating)):
+        return None if math.isnan(seed) else (int(seed) if float(seed).is_integer() else float(seed))
+    return seed.item() if isinstance(seed, np.generic) else seed
+
+
+def _as_list(metric) -> list[str]:
+    return [metric] if isinstance(metric, str) else list(metric)
+
+
+def _effect_of(effect, metric: str):
+    """The effect sought for `metric`: a number, a {metric: number} mapping, or None."""
+    if isinstance(effect, dict):
+        return effect.get(metric)
+    return effect
 
 
 def compare(ex, pairs: Sequence[Sequence[str]], splits: Sequence[str], *, metric: str = "rouge_l",
-            alpha: float = 0.05, n_boot: int = 4000) -> list[dict]:
-    """The declared comparisons (method a vs method b) on every split, Holm-corrected
-    together: one dict per (pair, split) with delta, CI at its Holm level, p, p_holm,
-    rejected and a `verdict` ("better", "worse", "no difference shown")."""
-    m = len(pairs) * len(splits)
-    results = [dict(bootstrap_difference(ex, a, b, split, n_boot=n_boot, seed=k,
-                                         levels=holm_levels(m, alpha)), metric=metric)
-               for k, ((a, b), split) in enumerate((p, s) for p in pairs for s in splits)]
-    for r in holm(results, alpha):
-        lower = metric in LOWER_IS_BETTER
-        better = (r["delta"] < 0) if lower else (r["delta"] > 0)
-        r["verdict"] = ("better" if better else "worse") if r["rejected"] else "no difference shown"
+            alpha: float = 0.05, power: float = POWER, effect: float | None = None, m: int | None = None,
+            holm_correct: bool = True) -> list[dict]:
+    """The declared comparisons (method a vs method b) on every split: one dict per (pair,
+    split) from `difference` at the Bonferroni level 1 − α/m (m = pairs × splits unless
+    given), plus metric, p_holm, rejected, mdd (`stats.mdd`: the smallest difference found
+    with probability `power` at level α/m, from the comparison's se and df), effect (the
+    effect sought, if declared) and verdict: "better" / "worse" (Holm rejects),
+    "no difference shown", or "not compared (one seed)" (one common seed: the interval is
+    prompt sampling only; it counts in m, as declared, but has no p and is never rejected)."""
+    m = m or len(pairs) * len(splits)
+    level = stats.bonferroni_level(m, alpha)
+    results = []
+    for (a, b), split in ((p, s) for p in pairs for s in splits):
+        r = dict(difference(ex, a, b, split, level=level), metric=metric, effect=effect)
+        one_seed = r["interval"] == stats.PROMPTS_ONLY
+        r["mdd"] = float("nan") if one_seed else stats.mdd(r["se"], r["df"], alpha / m, power)
+        if one_seed:
+            r["p"] = float("nan")
+        results.append(r)
+    return _holm_verdicts(results, alpha) if holm_correct else results
+
+
+def _holm_verdicts(results: list[dict], alpha: float) -> list[dict]:
+    """Holm's step-down over `results` (`stats.holm`): p_holm, rejected and the verdict."""
+    adjusted, rejected = stats.holm([r["p"] for r in results], alpha)
+    for r, p_adj, rej in zip(results, adjusted, rejected):
+        r.update(p_holm=float(p_adj), rejected=bool(rej))
+        lower = r["metric"] in LOWER_IS_BETTER
+        if r["interval"] == stats.PROMPTS_ONLY:
+            r["verdict"] = "not compared (one seed)"
+        elif rej:
+            r["verdict"] = "better" if ((r["delta"] < 0) if lower else (r["delta"] > 0)) else "worse"
+        else:
+            r["verdict"] = "no difference shown"
     return results
 
 
+def compare_all(df, primary: dict, splits: Sequence[str] | None = None) -> list[dict]:
+    """Every declared comparison of notebook 01's ``primary`` (metric: one name or a list;
+    decoding; splits; alpha; comparisons; optional effect, a number or {metric: number}) as
+    one Holm family over metrics × pairs × splits."""
+    splits = list(primary["splits"] if splits is None else splits)
+    metrics = _as_list(primary["metric"])
+    m = len(metrics) * len(primary["comparisons"]) * len(splits)
+    results = []
+    for metric in metrics:
+        ex = per_example(df, metric=metric, decoding=primary.get("decoding", "greedy"))
+        results += compare(ex, primary["comparisons"], splits, metric=metric, alpha=primary["alpha"],
+                           effect=_effect_of(primary.get("effect"), metric), m=m, holm_correct=False)
+    return _holm_verdicts(results, primary["alpha"])
+
+
 def gap_closed(ex, methods: Sequence[str], split: str, *, start: str = "student_init",
-               teacher: str = "teacher", n_boot: int = 4000, level: float = 0.95,
-               labels: dict | None = None) -> list[dict]:
-    """How far each method moved the starting student toward the teacher on `split`:
-    moved = method − start, and the share of the gap, moved / (teacher − start), each with
-    a bootstrap CI (prompts and seeds resampled as in `bootstrap_difference`). ``labels``
-    names the methods in the answer (an arm's "KD alone"); default `label`."""
+               teacher: str = "teacher", level: float = 0.95, labels: dict | None = None,
+               metric: str = "rouge_l") -> list[dict]:
+    """How far each method moved the starting student toward the teacher on `split`: moved =
+    method − start with its interval at `level` (`difference`: over the method's seeds, or
+    "prompt sampling only" for a method run with one seed, as arm (b)'s are), the gap =
+    teacher − start (two single models: its interval is prompt sampling only) and the share
+    moved / gap, a point estimate (no interval). ``labels`` names the methods in the answer
+    (an arm's "KD alone"); default `label`."""
+    present = set(ex.loc[ex["split"] == split, "method"])
+    if start not in present or teacher not in present:
+        return []
+    gap = difference(ex, teacher, start, split, level=level)
     out = []
-    gap = bootstrap_difference(ex, teacher, start, split, n_boot=n_boot, seed=99, levels=(level,))
-    for k, method in enumerate(methods):
-        moved = bootstrap_difference(ex, method, start, split, n_boot=n_boot, seed=99, levels=(level,))
-        if not moved.get("n_prompts"):
+    for method in methods:
+        if method not in present:
             continue
+        moved = difference(ex, method, start, split, level=level)
         out.append({"method": method, "label": (labels or {}).get(method) or label(method),
-                    "split": split, "moved": moved["delta"],
-                    "moved_ci": moved[f"ci_{level:g}"], "gap": gap["delta"],
+                    "split": split, "metric": metric, "moved": moved["delta"],
+                    "moved_ci": (moved["ci_lo"], moved["ci_hi"]), "level": level,
+                    "n_seeds": moved["n_seeds"], "interval": moved["interval"],
+                    "gap": gap["delta"], "gap_ci": (gap["ci_lo"], gap["ci_hi"]),
                     "share": moved["delta"] / gap["delta"] if gap["delta"] else float("nan")})
     return out
 
@@ -320,66 +398,126 @@ def arm_methods(arms: dict) -> list[str]:
     return [arm.get("prefix", "") + method for arm in arms.values() for method in arm["methods"]]
 
 
-def study_answer(df, arms: dict, primary: dict, splits: Sequence[str] | None = None,
-                 *, n_boot: int = 4000) -> tuple[list[dict], list[dict], str]:
-    """The study's answer from collected runs (notebook 01 shows it, notebook 04 writes it):
-    the declared comparisons (`compare`, Holm-corrected), how far every method of every arm
-    moved the start (`gap_closed`, named by the arms' labels) and the text (`answer_text`).
-    ``splits`` default to the primary ones; none gives ``([], [], "")``."""
+def study_answer(df, arms: dict, primary: dict, splits: Sequence[str] | None = None
+                 ) -> tuple[list[dict], list[dict], str]:
+    """The study's answer from collected runs (notebook 01 shows it, `write_results` writes
+    it): the declared comparisons (`compare_all`: Holm over every metric, pair and split, each
+    interval at the Bonferroni level), how far every method of every arm moved the start
+    (`gap_closed`, named by the arms' labels, per primary metric) and the text
+    (`answer_text`). ``splits`` default to the primary ones; none gives ``([], [], "")``."""
     splits = list(primary["splits"] if splits is None else splits)  # [] (no eval split yet): nothing
-    ex = per_example(df[df["group"].isin(["pair", *arms])], metric=primary["metric"],
-                     decoding=primary["decoding"])
-    comparisons = compare(ex, primary["comparisons"], splits, metric=primary["metric"],
-                          alpha=primary["alpha"], n_boot=n_boot)
+    if not splits:
+        return [], [], ""
+    runs = df[df["group"].isin(["pair", *arms])]
+    comparisons = compare_all(runs, primary, splits)
     labels = dict(zip(df["method"], df["label"]))
-    moved = [m for split in splits for m in gap_closed(ex, arm_methods(arms), split, n_boot=n_boot,
-                                                       labels=labels)]
+    moved = []
+    for metric in _as_list(primary["metric"]):
+        ex = per_example(runs, metric=metric, decoding=primary.get("decoding", "greedy"))
+        moved += [m for split in splits for m in gap_closed(ex, arm_methods(arms), split, labels=labels,
+                                                            metric=metric)]
     return comparisons, moved, answer_text(comparisons, moved)
+
+
+def _digits_of(metric: str) -> int:
+    return 3 if metric in ("nll", "token_acc", "valid_nll") else 1
 
 
 def _ci(r: dict, digits: int = 1) -> str:
     return f"{r['delta']:+.{digits}f} [{r['ci_lo']:+.{digits}f}, {r['ci_hi']:+.{digits}f}]"
 
 
+def _seeds_words(r: dict) -> str:
+    n = r["n_seeds"]
+    return f"{n} paired seed{'s' if n != 1 else ''}"
+
+
 def comparison_sentence(r: dict) -> str:
-    """One plain sentence per comparison, from its interval (and nothing else)."""
+    """One plain sentence per comparison, from its interval and power (and nothing else)."""
     a, b, name = label(r["a"]), label(r["b"]), METRIC_LABELS.get(r["metric"], r["metric"])
-    where = f"{r['split']} {name}: Δ = {_ci(r, 3 if r['metric'] in ('nll', 'token_acc') else 1)} " \
-            f"({100 * r['ci_level']:.1f} % CI, Holm p = {r['p_holm']:.3f})"
-    if r["verdict"] == "better":
-        return f"{a} beats {b} on {where}."
-    if r["verdict"] == "worse":
-        return f"{a} is worse than {b} on {where}."
-    if r["ci_lo"] > 0 or r["ci_hi"] < 0:
-        return (f"{a} and {b} are not told apart on {where}: the interval excludes 0, but Holm's "
-                f"step-down stopped at a comparison with a smaller p.")
-    return f"{a} and {b} are not told apart on {where}: the interval includes 0."
+    k = _digits_of(r["metric"])
+    if r["verdict"] == "not compared (one seed)":
+        return (f"{a} and {b} are not compared on {r['split']} {name}: they share one training seed, "
+                f"so Δ = {_ci(r, k)} ({100 * r['ci_level']:.1f} % CI) is prompt sampling only.")
+    where = (f"{r['split']} {name}: Δ = {_ci(r, k)} ({100 * r['ci_level']:.1f} % CI over "
+             f"{_seeds_words(r)}, Holm p = {r['p_holm']:.3f})")
+    excludes = r["ci_lo"] > 0 or r["ci_hi"] < 0
+    if r["verdict"] in ("better", "worse"):
+        verb = "beats" if r["verdict"] == "better" else "is worse than"
+        text = f"{a} {verb} {b} on {where}"
+        if not excludes:
+            text += (f"; Holm's step-down rejects it, though the interval, drawn at the level of all "
+                     f"comparisons at once, reaches 0")
+        return text + "."
+    text = f"{a} and {b} are not told apart on {where}: the interval includes 0"
+    if not math.isnan(r.get("mdd", float("nan"))):
+        text += (f"; the smallest difference these seeds detect with {100 * POWER:.0f} % power at this "
+                 f"level is {r['mdd']:.{k}f}")
+    effect = r.get("effect")
+    half = (r["ci_hi"] - r["ci_lo"]) / 2
+    if effect is not None and half > effect:
+        text += f", and the interval (±{half:.{k}f}) is wider than the effect sought ({effect:.{k}f})"
+    return text + "."
 
 
 def answer_text(comparisons: Sequence[dict], moved: Sequence[dict] = ()) -> str:
     """The study's answer in Markdown, every sentence generated from the intervals: one
     bullet per comparison, then how far each method moved the student toward the teacher."""
     lines = [f"- {comparison_sentence(r)}" for r in comparisons]
-    for split in dict.fromkeys(m["split"] for m in moved):
-        sel = [m for m in moved if m["split"] == split]
-        gap = sel[0]["gap"]
-        share = (lambda m: f" ({100 * m['share']:.0f} % of the gap)") if gap > 0 else (lambda m: "")
-        listing = "; ".join(f"{m['label']} {m['moved']:+.1f} [{m['moved_ci'][0]:+.1f}, "
-                            f"{m['moved_ci'][1]:+.1f}]{share(m)}" for m in sel)
-        where = (f"the teacher is {gap:+.1f} above the starting student" if gap > 0 else
-                 f"the teacher is not above the starting student ({gap:+.1f}): there is no gap to close")
-        lines.append(f"- {split}: {where}. Change from the start (95 % CI): {listing}.")
+    if comparisons:
+        m, level = len(comparisons), comparisons[0]["ci_level"]
+        lines.append(f"- How: each Δ is the mean over paired training seeds of the per-seed mean difference "
+                     f"over prompts; its interval is Student's t over those per-seed differences (S − 1 df), "
+                     f"drawn at {100 * level:.1f} % for all {m} declared comparison{'s' if m > 1 else ''} "
+                     f"(Bonferroni), and Holm's step-down on their p-values decides.")
+    for key in dict.fromkeys((m["split"], m.get("metric", "rouge_l")) for m in moved):
+        sel = [m for m in moved if (m["split"], m.get("metric", "rouge_l")) == key]
+        split, metric = key
+        k, gap, lower = _digits_of(metric), sel[0]["gap"], metric in LOWER_IS_BETTER
+        towards = gap < 0 if lower else gap > 0
+
+        def item(m):
+            how = (f"{m['n_seeds']} seeds" if m["interval"] == stats.SEEDS
+                   else "one seed: prompt sampling only")
+            share = f"; {100 * m['share']:.0f} % of the gap" if towards else ""
+            return (f"{m['label']} {m['moved']:+.{k}f} [{m['moved_ci'][0]:+.{k}f}, "
+                    f"{m['moved_ci'][1]:+.{k}f}] ({how}{share})")
+        name = METRIC_LABELS.get(metric, metric)
+        gap_ci = f"{gap:+.{k}f} [{sel[0]['gap_ci'][0]:+.{k}f}, {sel[0]['gap_ci'][1]:+.{k}f}]"
+        where = (f"the teacher is {gap_ci} from the starting student (prompt sampling only)" if towards else
+                 f"the teacher is not better than the starting student ({gap_ci}): there is no gap to close")
+        level = 100 * sel[0].get("level", 0.95)
+        lines.append(f"- {split} {name}: {where}. Change from the start ({level:.0f} % CI): "
+                     f"{'; '.join(item(m) for m in sel)}.")
     return "\n".join(lines)
 
 
 def comparisons_table(comparisons: Sequence[dict]):
+    """The declared comparisons, one row each: everything a sentence of the answer quotes
+    (delta, interval and its level, seeds, p, Holm p, verdict, mdd) and what it rests on
+    (means of both sides on the paired seeds, the per-seed sd of the difference, se, df)."""
     import pandas as pd
-    return pd.DataFrame([{"a": label(r["a"]), "b": label(r["b"]), "split": r["split"],
-                          "metric": METRIC_LABELS.get(r["metric"], r["metric"]), "delta": r["delta"],
-                          "ci": f"[{r['ci_lo']:+.2f}, {r['ci_hi']:+.2f}]",
-                          "ci_level": r["ci_level"], "p": r["p"], "p_holm": r["p_holm"],
-                          "verdict": r["verdict"], "seeds": f"{r['n_seeds_a']}/{r['n_seeds_b']}",
-                          "prompts": r["n_prompts"]} for r in comparisons])
+    return pd.DataFrame([{
+        "a": label(r["a"]), "b": label(r["b"]), "split": r["split"],
+        "metric": METRIC_LABELS.get(r["metric"], r["metric"]), "delta": r["delta"],
+        "ci": f"[{r['ci_lo']:+.2f}, {r['ci_hi']:+.2f}]", "ci_lo": r["ci_lo"], "ci_hi": r["ci_hi"],
+        "ci_level": r["ci_level"], "half_width": (r["ci_hi"] - r["ci_lo"]) / 2, "p": r["p"],
+        "p_holm": r["p_holm"], "verdict": r["verdict"], "mdd": r["mdd"],
+        "effect": float("nan") if r.get("effect") is None else r["effect"],
+        "seeds": ",".join(str(s) for s in r["seeds"]) if r["interval"] == stats.SEEDS else "1",
+        "n_seeds": r["n_seeds"], "runs": f"{r['n_seeds_a']}/{r['n_seeds_b']}", "interval": r["interval"],
+        "mean_a": r["mean_a"], "mean_b": r["mean_b"], "seed_sd": r["seed_sd"], "se": r["se"], "df": r["df"],
+        "prompts": r["n_prompts"]} for r in comparisons])
+
+
+def moved_table(moved: Sequence[dict]):
+    """How far each method moved the start (`gap_closed`), one row per method × split × metric."""
+    import pandas as pd
+    return pd.DataFrame([{
+        "method": m["label"], "split": m["split"], "metric": METRIC_LABELS.get(m.get("metric"), m.get("metric")),
+        "moved": m["moved"], "ci_lo": m["moved_ci"][0], "ci_hi": m["moved_ci"][1], "ci_level": m["level"],
+        "n_seeds": m["n_seeds"], "interval": m["interval"], "gap": m["gap"], "gap_ci_lo": m["gap_ci"][0],
+        "gap_ci_hi": m["gap_ci"][1], "share": m["share"]} for m in moved])
 
 
 # ----------------------------------------------------------------------------- buckets, curves
@@ -418,9 +556,9 @@ def buckets(df, *, split: str = "test", methods: Sequence[str] | None = None, ed
 
 
 def read_metrics(run_dir: str | Path):
+    """A run's per-step training log (data/<run>/metrics.jsonl.gz) as a DataFrame."""
     import pandas as pd
-    path = Path(run_dir) / "metrics.jsonl"
-    return pd.DataFrame(read_jsonl(path, torn_ok=True)) if path.exists() else pd.DataFrame()
+    return pd.DataFrame(read_metric_rows(run_dir))
 
 
 def curves(df, metrics: Sequence[str] = ("loss", "ce", "distill", "student_nll_ref"), *,
@@ -744,3 +882,208 @@ def paper_table():
     import pandas as pd
     return pd.DataFrame([{"student ← teacher": k[0], "set": k[1], **{label(m): v for m, v in vals.items()}}
                          for k, vals in PAPER_NUMBERS.items()])
+
+
+# ----------------------------------------------------------------------------- rebuild
+
+TRAINING_COLUMNS = ("loss", "ce", "distill", "pt_ce", "pt_kd", "student_nll_ref", "reward_margin",
+                    "reward_accuracy", "grad_weight", "grad_norm")
+
+
+def training_table(df, *, window: int = 5, columns: Sequence[str] = TRAINING_COLUMNS):
+    """Where each run's training log started and ended: per run and logged column, the mean
+    of its first and of its last `window` logged values (``<col> first`` / ``<col> last``),
+    beside the run's steps; a column a run did not log is left out (NaN)."""
+    import pandas as pd
+
+    rows = []
+    for _, r in df.drop_duplicates("run").iterrows():
+        m = read_metrics(r["run_dir"])
+        if m.empty:
+            continue
+        row = {"run": r["run"], "method": r["label"], "seed": _plain_seed(r["seed"]),
+               "logged steps": int(m["step"].max()) if "step" in m else len(m)}
+        for col in columns:
+            vals = m[col].dropna().astype(float) if col in m else pd.Series(dtype=float)
+            row[f"{col} first"] = float(vals.head(window).mean()) if len(vals) else float("nan")
+            row[f"{col} last"] = float(vals.tail(window).mean()) if len(vals) else float("nan")
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    return out.dropna(axis=1, how="all") if not out.empty else out
+
+#: the notebooks whose params declare the study's design (read by `study_design`)
+DESIGN_NOTEBOOKS = {"main": "01_gpt2_120m", "ablations": "03_ablations_implicit_reward", "figures": "04_figures"}
+DESIGN_FILE = "design.json"
+
+
+def study_design(profile: str, params_dir: str | Path = "params") -> dict:
+    """What `write_results` needs from a profile's params: notebook 01's primary (the declared
+    comparisons) and arms, notebook 03's reference runs (None when the profile skips 03),
+    notebook 04's paper_column."""
+    from .study import load_params
+    main = load_params(Path(params_dir), profile, DESIGN_NOTEBOOKS["main"])
+    abl = load_params(Path(params_dir), profile, DESIGN_NOTEBOOKS["ablations"])
+    fig = load_params(Path(params_dir), profile, DESIGN_NOTEBOOKS["figures"])
+    return {"profile": profile, "primary": main["primary"], "arms": main["arms"],
+            "reference_runs": None if "skip" in abl else abl.get("reference_runs"),
+            "paper_column": bool(fig.get("paper_column", False))}
+
+
+def monitors_figure(mon):
+    """Reward-hacking monitors (`final_monitors`): margin vs NLL of the references, gradient
+    weight vs ROUGE-L, response length vs repetition, one labelled dot per run."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    for ax, (xk, yk) in zip(axes, [("reward_margin", "student_nll_ref"), ("grad_weight", "rouge_l"),
+                                   ("response_tokens", "repetition_rate")]):
+        for _, r in mon.iterrows():
+            ax.scatter(r[xk], r[yk], s=25)
+            ax.annotate(str(r["label"])[:22], (r[xk], r[yk]), fontsize=6)
+        ax.set_xlabel(xk)
+        ax.set_ylabel(yk)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def _require_data(root: Path) -> None:
+    if not exported_runs(root):
+        raise ValueError(f"no exported runs under {root / 'data'}: run the study first "
+                         f"(python -m dpkd_lib.study), or export older runs with "
+                         f"python -m dpkd_lib.report export {root}")
+
+
+def write_results(results_root: str | Path, design: dict) -> dict:
+    """Every table, figure and the answer of ``results_root`` from its exported runs (data/)
+    alone: what notebooks 03 and 04 write. ``design``: `study_design` of the profile (it is
+    recorded as data/design.json, so a later rebuild needs nothing else). Returns
+    {"paths": written files, "tables": {name: DataFrame}, "figures": {name: Figure},
+    "comparisons", "moved", "answer"}; a results root with no exported run is a ValueError."""
+    from .io import dumps
+
+    root = Path(results_root)
+    _require_data(root)
+    df = collect(root)
+    # keys in the params' order (not sorted): the arms' order is the tables' row order
+    atomic_write_text(root / "data" / DESIGN_FILE, dumps(design, indent=2, ensure_ascii=False) + "\n")
+    primary, arms = design["primary"], design["arms"]
+    tables_path, out = tables_dir(root), {"paths": [root / "data" / DESIGN_FILE], "tables": {}, "figures": {}}
+    splits = [s for s in primary["splits"] if s in set(df["split"])]
+
+    def table(name, frame, floatfmt=".2f"):
+        out["tables"][name] = frame
+        out["paths"].extend(write_table(frame, tables_path / name, floatfmt=floatfmt))
+
+    def figure(name, fig):
+        out["figures"][name] = fig
+        out["paths"].append(savefig(fig, root, name))
+
+    metrics = ("rouge_l", "exact_match", "nll", "repetition_rate")
+    for name, arm in arms.items():
+        methods = ["teacher", "student_init"] + [arm.get("prefix", "") + m for m in arm["methods"]]
+        frame = main_table(df, methods=methods, splits=splits, metrics=metrics, label_col="label")
+        if design.get("paper_column") and name == "released":   # docs/method.md §5 (test = DollyEval)
+            paper = PAPER_NUMBERS[("gpt2-120M", "DollyEval")]
+            present = [m for m in methods if m in set(df["method"])]
+            frame.insert(1, "paper: DollyEval ROUGE-L", [f"{paper[m]:.1f}" if m in paper else "–" for m in present])
+        table(f"main_{name}", frame)
+    table("main_numeric", aggregate(df, by=("method", "split"), metrics=(
+        "rouge_l", "exact_match", "nll", "token_acc", "repetition_rate", "sample_rouge_l", "wall_time_s")), ".3f")
+
+    comparisons, moved, answer = study_answer(df, arms, primary, splits)
+    table("comparisons", comparisons_table(comparisons), ".3f")
+    table("moved", moved_table(moved), ".3f")
+    table("training", training_table(df[df["group"].isin(list(arms))]), ".3f")
+    out["paths"].append(write_text(answer, tables_path / "answer.md"))
+    out.update(comparisons=comparisons, moved=moved, answer=answer)
+    if comparisons:
+        figure("comparisons", difference_figure(comparisons))
+    every = [arm.get("prefix", "") + k for arm in arms.values() for k in arm["methods"]]
+    figure("main_rouge_l", main_figure(df, every, splits))
+
+    split_df = update_split(df[df["group"].isin(list(arms))])
+    if not split_df.empty:
+        table("update_split", split_df, ".3f")
+        figure("update_split", update_split_figure(split_df))
+
+    if design.get("reference_runs") and not df[df["group"] == "ablation"].empty:
+        table("ablations", ablation_table(df, design["reference_runs"], splits=splits))
+    if design.get("reference_runs"):   # notebook 03's monitors: the ablations and the DPKD runs of arm (a)
+        fam = df[(df["group"] == "ablation") | ((df["group"] == "released")
+                                                & df["objective"].isin(["dpkd_token", "dpkd_seq"]))]
+        if not fam.empty:
+            figure("monitors_scatter", monitors_figure(final_monitors(fam, last=10)))
+            figure("monitors_curves", curves(fam, metrics=("reward_margin", "student_nll_ref", "grad_weight",
+                                                           "argmax_disagree"), smooth=5))
+    lora = df[df["group"] == "lora"]
+    if not lora.empty:
+        table("lora_4bit", main_table(lora, splits=splits, metrics=("rouge_l", "exact_match", "nll"),
+                                      label_col="label"))
+
+    released = [arms["released"].get("prefix", "") + m for m in arms["released"]["methods"]] \
+        if "released" in arms else []
+    for split in splits:
+        table(f"buckets_{split}", buckets(df, split=split, methods=["teacher", "student_init", *released]))
+    figure("buckets", buckets_figure(df, ["teacher", "student_init", *released], splits))
+    figure("curves", curves(df[df["group"] == "released"],
+                            metrics=("loss", "student_nll_ref", "distill", "reward_margin")))
+    return out
+
+
+def rebuild(results_root: str | Path, profile: str | None = None, params_dir: str | Path = "params") -> dict:
+    """`write_results` from the committed files alone: the design recorded in
+    data/design.json (or, with `profile`, that profile's params)."""
+    root = Path(results_root)
+    _require_data(root)
+    recorded = root / "data" / DESIGN_FILE
+    if profile is None and recorded.exists():
+        design = json.loads(recorded.read_text())
+    else:
+        profile = profile or root.name
+        design = study_design(profile, params_dir)
+    return write_results(root, design)
+
+
+def main(argv=None) -> int:
+    """``python -m dpkd_lib.report rebuild RESULTS_ROOT [--profile P]`` and
+    ``python -m dpkd_lib.report export RESULTS_ROOT`` (run folders → data/)."""
+    import argparse
+
+    from .errors import ConfigError
+    from .rundata import export_all
+
+    parser = argparse.ArgumentParser(prog="python -m dpkd_lib.report",
+                                     description="Rebuild a results root's tables, figures and answer.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    rb = sub.add_parser("rebuild", help="every table, interval, figure and answer sentence from data/")
+    rb.add_argument("results_root", help="e.g. results/cpu")
+    rb.add_argument("--profile", default=None,
+                    help="take the design from params/<profile>/ (default: data/design.json, "
+                         "else the folder's name)")
+    rb.add_argument("--params-dir", default="params")
+    ex = sub.add_parser("export", help="copy the finished runs of runs/ into data/ (older results roots)")
+    ex.add_argument("results_root")
+    args = parser.parse_args(argv)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    try:
+        if args.command == "export":
+            done = export_all(args.results_root)
+            print(f"exported {len(done)} finished run(s) to {Path(args.results_root) / 'data'}")
+            return 0
+        out = rebuild(args.results_root, args.profile, args.params_dir)
+    except (ValueError, ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}")
+        return 2
+    finally:
+        plt.close("all")
+    for path in out["paths"]:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())

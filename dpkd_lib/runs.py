@@ -6,6 +6,7 @@ labels) and calls `run_grid`; nothing about training lives only in a notebook. L
 results root (``results/<profile>``)::
 
     runs/<name>/          one train() run (rundir.py) + labels.json (method, group, label)
+    data/<name>/          its committed record, exported when it finishes (rundata.py)
     teacher_cache/        teacher signals and samples, keyed by what made them
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, Iterable, Sequence
 from .choices import TEACHER_OBJECTIVES
 from .config import ConfigError, apply_overrides, from_dict, load_yaml, merge, to_dict
 from .errors import out_of_resources
+from .rundata import export_run
 
 #: the keys of a model section that say where its weights come from (a pair replaces them)
 WEIGHT_KEYS = ("source", "name_or_path", "arch", "n_layer", "n_embd", "n_head", "seed", "prune_to")
@@ -151,6 +153,7 @@ def run_grid(base_params: str | Path, runs: Iterable, results_root: str | Path, 
         summary = train(cfg, force=force, progress=progress)
         _write_json_if_changed(run_dir / "labels.json", {
             "name": name, "method": labels.get("method", strip_seed(name)), **labels, "overrides": ov})
+        export_run(run_dir, results_root)   # the committed record: data/<name> (rundata.py)
         summaries.append(summary)
         if verbose:
             print(f"[grid {i}/{len(configs)}] {name}: {'reused' if reused else 'trained'} in "
@@ -233,11 +236,12 @@ def evaluate_models(base_params: str | Path, models: dict, results_root: str | P
     for name, section in models.items():
         cfg = run_config(base_params, name, ["train.objective=sft", *overrides], results_root,
                          {"student": section, "teacher": None})
-        out.append(_evaluate_model(cfg, name, section, force=force, progress=progress))
+        out.append(_evaluate_model(cfg, name, section, results_root, force=force, progress=progress))
     return out
 
 
-def _evaluate_model(cfg, name: str, section: dict, *, force: bool, progress: bool) -> dict:
+def _evaluate_model(cfg, name: str, section: dict, results_root: str | Path, *, force: bool,
+                    progress: bool) -> dict:
     """One model of `evaluate_models`, holding its run folder's lock (a second process gets
     RunBusy; a finished folder on a read-only mount is read without one)."""
     from .evaluate import evaluate_model
@@ -253,6 +257,7 @@ def _evaluate_model(cfg, name: str, section: dict, *, force: bool, progress: boo
             return read_json(run.file("summary.json"))
         if run.is_finished() and not force and run.stored_params() == params:
             run.check_code()
+            export_run(run.path, results_root)
             return read_json(run.file("summary.json"))
         run.clean()
         write_yaml(run.file("params.yaml"), params)
@@ -277,6 +282,7 @@ def _evaluate_model(cfg, name: str, section: dict, *, force: bool, progress: boo
         run.write_manifest(status="finished", wall_time_s=summary["wall_time_s"])
         _write_json_if_changed(run.file("labels.json"), {"name": name, "method": name, "group": "pair",
                                                          "label": DISPLAY.get(name, name), "model": section})
+    export_run(run.path, results_root)
     return summary
 
 

@@ -1,0 +1,121 @@
+"""The committed record of every run: what the tables, intervals, figures and answer are
+rebuilt from, without weights and without the run folders (which stay out of git).
+
+Layout under a results root (``results/<profile>``)::
+
+    data/<run>/summary.json        the run's summary (per-split metrics, as written)
+    data/<run>/params.yaml         its resolved params
+    data/<run>/labels.json         method, group, label, overrides (runs.run_grid)
+    data/<run>/manifest.json       status, git commit, package versions, machine, wall time
+    data/<run>/eval_rows.jsonl.gz  one row per prompt × decoding (× sampling seed): scores,
+                                   the generated text, lengths, teacher-forced sums; the
+                                   prompt and references are left out (they are the data
+                                   split's, the same for every run)
+    data/<run>/metrics.jsonl.gz    one row per logged training step (losses, rewards, probes)
+
+JSON lines, gzipped with no time stamp (the same rows give the same bytes, so re-exporting
+changes nothing in git): a lossless copy of the run's own eval.jsonl and metrics.jsonl,
+types included (None stays None, an empty answer stays ""), so what is rebuilt from here is
+what the run folders give. `export_run` writes it when a run finishes (runs.run_grid,
+runs.evaluate_models); ``python -m dpkd_lib.report export RESULTS_ROOT`` exports the
+finished runs of an older results root.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .io import dumps, read_jsonl
+
+DATA = "data"
+COPIED = ("summary.json", "params.yaml", "labels.json", "manifest.json")
+EVAL_ROWS, METRICS = "eval_rows.jsonl.gz", "metrics.jsonl.gz"
+#: eval row fields that belong to the data split, not to the run (the same in every run)
+SPLIT_FIELDS = ("prompt", "reference", "references")
+
+
+def data_root(results_root: str | os.PathLike) -> Path:
+    return Path(results_root) / DATA
+
+
+def _write_if_changed(path: Path, blob: bytes) -> bool:
+    """Write `blob` atomically unless the file already holds exactly it (git stays clean)."""
+    if path.exists() and path.read_bytes() == blob:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(blob)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return True
+
+
+def _jsonl_gz(rows) -> bytes:
+    text = "".join(dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    return gzip.compress(text.encode("utf-8", errors="surrogateescape"), compresslevel=9, mtime=0)
+
+
+def export_run(run_dir: str | os.PathLike, results_root: str | os.PathLike) -> Path | None:
+    """Copy a finished run's record into ``<results_root>/data/<run name>``; returns that
+    folder, or None when the run is not finished (nothing is written)."""
+    run_dir = Path(run_dir)
+    try:
+        if json.loads((run_dir / "manifest.json").read_text()).get("status") != "finished":
+            return None
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    out = data_root(results_root) / run_dir.name
+    for name in COPIED:
+        if (run_dir / name).exists():
+            _write_if_changed(out / name, (run_dir / name).read_bytes())
+    rows = read_jsonl(run_dir / "eval.jsonl") if (run_dir / "eval.jsonl").exists() else []
+    _write_if_changed(out / EVAL_ROWS, _jsonl_gz({k: v for k, v in r.items() if k not in SPLIT_FIELDS}
+                                                for r in rows))
+    metrics = read_jsonl(run_dir / "metrics.jsonl", torn_ok=True) if (run_dir / "metrics.jsonl").exists() else []
+    _write_if_changed(out / METRICS, _jsonl_gz(metrics))
+    return out
+
+
+def export_all(results_root: str | os.PathLike) -> list[Path]:
+    """`export_run` for every finished run under ``<results_root>/runs``."""
+    runs = Path(results_root) / "runs"
+    if not runs.is_dir():
+        return []
+    folders = sorted(p for p in runs.iterdir() if p.is_dir() and ".replaced-" not in p.name)
+    return [out for out in (export_run(p, results_root) for p in folders) if out is not None]
+
+
+def _read_jsonl_gz(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    text = gzip.decompress(path.read_bytes()).decode("utf-8", errors="surrogateescape")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def read_eval_rows(folder: str | os.PathLike) -> list[dict]:
+    """The exported per-prompt rows of one run (``data/<run>``); [] when it has none."""
+    return _read_jsonl_gz(Path(folder) / EVAL_ROWS)
+
+
+def read_metric_rows(folder: str | os.PathLike) -> list[dict]:
+    """The exported per-step training log of one run; [] when it logged nothing."""
+    return _read_jsonl_gz(Path(folder) / METRICS)
+
+
+def exported_runs(results_root: str | os.PathLike) -> list[Path]:
+    """The run folders under ``<results_root>/data`` (each holding a summary.json)."""
+    root = data_root(results_root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and (p / "summary.json").exists())
