@@ -39,6 +39,8 @@ LOSS_TYPE_PARAMS = {
     "simpo": ("label_smoothing", "gamma"),
     "cpo": ("label_smoothing", "cpo_alpha"),
 }
+#: loss types that never use the reference (the teacher): their rewards are β·log q alone
+REFERENCE_FREE_LOSS_TYPES = ("simpo", "cpo")
 #: the pre-train term: "released" = (1-kd_ratio)*CE + kd_ratio*H(p,q) on the corpus (the
 #: released runner); "ce" = plain LM cross-entropy (the paper's Algorithm 1, L_PT)
 PRETRAIN_LOSSES = ("released", "ce")

@@ -641,14 +641,15 @@ def evaluate_generations(
 
     Per-example rows (one per example and seed; scores in [0, 1]): id, seed, category,
     prompt, sample, reference (the first), references, rouge_l, exact_match,
-    response_tokens (generated ids before EOS), response_words, reference_tokens (first
-    reference, model tokenizer, no special tokens), reference_words, truncated (hit
-    ``max_new_tokens`` without EOS), bucket (``length_bucket(reference_tokens)``).
+    response_tokens (generated ids before EOS: the new tokens), response_words,
+    reference_tokens (first reference, model tokenizer, no special tokens), reference_words,
+    truncated (hit ``max_new_tokens`` without EOS), ended_eos (stopped by EOS: not
+    truncated), empty (no text after decoding), bucket (``length_bucket(reference_tokens)``).
 
     Summary (scores x 100): n, n_seeds, seeds, rouge_l / rouge_l_sd and exact_match /
     exact_match_sd (mean and sample sd over the per-seed means), response_tokens,
     response_words, distinct_1, distinct_2 (corpus level), repetition_rate (4-grams),
-    empty_rate, truncated_rate (all averaged over seeds), per_seed (the same per seed),
+    empty_rate, ended_rate (share stopped by EOS), truncated_rate (all averaged over seeds), per_seed (the same per seed),
     generation (the sampling settings), generate_s (wall time of sampling).
     """
     examples = list(examples)
@@ -698,6 +699,10 @@ def evaluate_generations(
                     "reference_tokens": n_ref,
                     "reference_words": word_count(ref[0]),
                     "truncated": len(gen) >= max_new_tokens,
+                    # response length at every evaluation (a DPKD student can learn to say
+                    # nothing): whether the model stopped by EOS, and whether nothing was said
+                    "ended_eos": len(gen) < max_new_tokens,
+                    "empty": not sample,
                     "bucket": length_bucket(n_ref, bucket_edges),
                 }
             )
@@ -714,7 +719,8 @@ def evaluate_generations(
                 "distinct_1": distinct_n(texts, 1),
                 "distinct_2": distinct_n(texts, 2),
                 "repetition_rate": repetition_rate(texts, 4),
-                "empty_rate": sum(not t for t in texts) / n,
+                "empty_rate": sum(r["empty"] for r in seed_rows) / n,
+                "ended_rate": sum(r["ended_eos"] for r in seed_rows) / n,
                 "truncated_rate": sum(r["truncated"] for r in seed_rows) / n,
             }
         )
@@ -725,7 +731,7 @@ def evaluate_generations(
         summary[metric] = mean
         summary[f"{metric}_sd"] = sd
     for metric in ("response_tokens", "response_words", "distinct_1", "distinct_2",
-                   "repetition_rate", "empty_rate", "truncated_rate"):
+                   "repetition_rate", "empty_rate", "ended_rate", "truncated_rate"):
         summary[metric] = sum(s[metric] for s in per_seed) / len(per_seed)
     summary["per_seed"] = per_seed
     summary["generation"] = {
@@ -739,8 +745,10 @@ def evaluate_generations(
 
 # ----------------------------------------------------------------------------- project glue
 
+#: the flat summary's keys per split and decoding; response_tokens (mean new tokens),
+#: ended_rate (share that stopped by EOS) and empty_rate (share with no text) sit beside ROUGE-L
 _SPLIT_SUMMARY_KEYS = ("rouge_l", "rouge_l_sd", "exact_match", "exact_match_sd", "response_tokens",
-                       "distinct_2", "repetition_rate", "truncated_rate", "n")
+                       "ended_rate", "empty_rate", "distinct_2", "repetition_rate", "truncated_rate", "n")
 
 
 def reference_metrics(model, tokenizer, records, data_cfg, *, batch_size: int = 16) -> dict[str, Any]:

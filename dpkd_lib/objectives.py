@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from . import losses, precision
-from .choices import DISTILL_OBJECTIVES, LOSS_TYPE_PARAMS
+from .choices import DISTILL_OBJECTIVES, LOSS_TYPE_PARAMS, REFERENCE_FREE_LOSS_TYPES
 
 
 # ----------------------------------------------------------------------------- forward helpers
@@ -131,6 +131,12 @@ def preference_kwargs(t) -> dict:
     return {name: getattr(t, name) for name in LOSS_TYPE_PARAMS[t.loss_type]}
 
 
+def rewards_reference_free(t) -> bool:
+    """Whether the loss measures its rewards without the teacher: ``reference_free``, or a
+    loss type that ignores the reference (simpo, cpo). The logged rewards follow the loss."""
+    return bool(t.reference_free) or t.loss_type in REFERENCE_FREE_LOSS_TYPES
+
+
 def distill_term(t, s_logits, signal, labels) -> tuple[Tensor, dict]:
     """The objective's token-level term on response positions, next to its formula.
     `signal` is the teacher's logits, or its top-k (`TopK`) from a compact cache."""
@@ -180,7 +186,7 @@ def token_reward_stats(t, lp) -> dict:
     argmax) tokens: their means, margin, how often chosen beats rejected where they differ,
     how often they differ, and the effective gradient weight (`chosen_grad_weight`)."""
     r_c, r_r = losses.implicit_rewards(lp.policy_chosen, lp.policy_rejected, lp.ref_chosen,
-                                       lp.ref_rejected, beta=t.beta)
+                                       lp.ref_rejected, beta=t.beta, reference_free=rewards_reference_free(t))
     differ = lp.chosen_ids != lp.rejected_ids
     acc = (r_c > r_r)[differ].float().mean().item() if differ.any() else float("nan")
     return {"reward_chosen": r_c.mean().item(), "reward_rejected": r_r.mean().item(),
@@ -207,13 +213,15 @@ def sequence_preference(t, student, teacher, pair) -> tuple[Tensor, dict]:
         beta=t.beta, loss_type=t.loss_type, **preference_kwargs(t))
     r_c, r_r = losses.implicit_rewards(logps["chosen"], logps["rejected"], logps["ref_chosen"],
                                        logps["ref_rejected"], beta=t.beta,
-                                       reference_free=t.reference_free)
+                                       reference_free=rewards_reference_free(t))
     stats = {"reward_chosen": r_c.mean().item(), "reward_rejected": r_r.mean().item(),
              "reward_margin": (r_c - r_r).mean().item(),
              "reward_accuracy": (r_c > r_r).float().mean().item(),
              "grad_weight": chosen_grad_weight(t, *(logps[k] for k in
                                                     ("chosen", "rejected", "ref_chosen", "ref_rejected"))),
              "rejected_len": float((pair["rejected"]["labels"] != -100).sum(1).float().mean())}
+    for side, lengths in pair.get("lengths", {}).items():  # train.sample_stats of each side
+        stats |= {f"{side}_{k}": v for k, v in lengths.items()}
     return per_pair.mean(), stats
 
 

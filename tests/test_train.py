@@ -205,18 +205,74 @@ def test_dpkd_seq_keeps_ce_on_the_dataset_and_the_teacher_response_as_chosen(tmp
     tok_out, tok_ids = tok.step_loss(0)
     assert list(ids) == list(tok_ids)
     assert seq_out.parts["ce"] == pytest.approx(tok_out.parts["ce"], rel=1e-6)
-    teacher_rows = {r["id"]: r["response"] for r in seq.teacher_responses(seq.splits["train"])}
-    chosen = seq.tokenizer.batch_decode(torch.where(seen["chosen"]["labels"] == -100, seq.tokenizer.pad_token_id,
-                                                    seen["chosen"]["labels"]), skip_special_tokens=True)
+    samples = dict(zip([ex["id"] for ex in seq.train_set], seq.teacher_sample_ids()))
     dataset = {ex["id"]: ex for ex in seq.train_set}
-    for i, text in zip(ids, chosen):
-        assert text.strip() == teacher_rows[i].strip()
+    for row, i in enumerate(ids):   # the chosen response is the teacher's sample, token for token
+        labels = seen["chosen"]["labels"][row]
+        new = samples[i]
+        assert labels[labels != -100].tolist()[: len(new)] == new
         assert seq.chosen[i]["input_ids"] != dataset[i]["input_ids"]
+        assert seen["chosen"]["input_ids"][row, : dataset[i]["prompt_len"]].tolist() == \
+            dataset[i]["input_ids"][: dataset[i]["prompt_len"]]
     # the precomputed teacher log-probs are the teacher's log-probs of those chosen rows
     online = obj_lib.OnlineTeacher(seq.teacher_model).sequence_logps(seen["chosen"], True)
     assert torch.allclose(seen["ref_chosen"], online, atol=1e-5)
     assert torch.allclose(seen["ref_rejected"],
                           obj_lib.OnlineTeacher(seq.teacher_model).sequence_logps(seen["rejected"], True), atol=1e-5)
+
+
+def _check_eos_rule(batch, eos: int, limit: int) -> list[bool]:
+    """Each row of a DPKD-seq side: a response that ends in EOS has fewer than `limit` tokens
+    before it and no other EOS; one without EOS has exactly `limit` tokens (it was cut).
+    Returns whether each row ended by EOS."""
+    ended = []
+    for labels in batch["labels"]:
+        resp = labels[labels != -100].tolist()
+        assert eos not in resp[:-1], resp
+        if resp[-1] == eos:
+            assert len(resp) - 1 < limit, f"a response of {len(resp) - 1} tokens ended by EOS at limit {limit}"
+            ended.append(True)
+        else:
+            assert len(resp) == limit, resp
+            ended.append(False)
+    return ended
+
+
+def test_dpkd_seq_chosen_and_rejected_follow_one_eos_rule(tmp_path, monkeypatch):
+    """Both sides of DPKD-seq's pair come from the same rule: a sample that stopped on its
+    own keeps its EOS, a sample cut at seq_max_new_tokens gets none (the teacher's cut
+    samples used to be re-tokenised with an EOS, so "stop within the limit" was the
+    preference learned). Half the samples are stopped early here (as if the model had
+    drawn EOS) so both cases occur on both sides; the summary reports the teacher's and the
+    student's shares."""
+    import dpkd_lib.train as train_mod
+    original = train_mod.eval_lib.generate_ids
+
+    def some_stop_early(model, tok, prompts, **k):
+        out = original(model, tok, prompts, **k)
+        return [ids[: j % 3] if j % 2 else ids for j, ids in enumerate(out)]
+    monkeypatch.setattr(train_mod.eval_lib, "generate_ids", some_stop_early)
+    limit = 4
+    cfg = load_config(SMOKE, [f"output_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}",
+                              "train.objective=dpkd_seq", f"train.seq_max_new_tokens={limit}",
+                              "train.batch_size=8", "train.max_steps=2", "eval.splits=[]", "train.save_every=0"])
+    tr = Trainer(cfg, progress=False)
+    tr.setup()
+    pair = tr.dpkd_seq_pair(0)
+    eos = tr.tokenizer.eos_token_id
+    for side in ("chosen", "rejected"):
+        ended = _check_eos_rule(pair[side], eos, limit)
+        assert True in ended and False in ended, (side, ended)
+        assert pair["lengths"][side]["ended_share"] == pytest.approx(sum(ended) / len(ended))
+    stats = tr.teacher_sample_stats
+    rows = list(tr.chosen.values())
+    assert stats["teacher_sample_ended_share"] == pytest.approx(sum(r["ended"] for r in rows) / len(rows))
+    assert 0 < stats["teacher_sample_ended_share"] < 1 and stats["teacher_sample_empty_share"] > 0
+    summary = train(cfg, progress=False)
+    for who in ("teacher_sample", "rejected_sample"):
+        assert 0 < summary[f"{who}_ended_share"] < 1 and 0 < summary[f"{who}_new_tokens"] <= limit
+    metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert all("rejected_ended_share" in r and "chosen_new_tokens" in r for r in metrics)
 
 
 def test_dpkd_seq_batch_on_policy_samples_every_k_steps(tmp_path, monkeypatch):
@@ -231,8 +287,10 @@ def test_dpkd_seq_batch_on_policy_samples_every_k_steps(tmp_path, monkeypatch):
                               "train.objective=dpkd_seq", "train.seq_max_new_tokens=6", "train.max_steps=5",
                               "train.rejected_every=2", "eval.splits=[]", "train.save_every=0"])
     train(cfg, progress=False)
-    # 96: the teacher's responses (chosen side), once; then batch 4: steps (1, 2), (3, 4), (5)
-    assert calls == [96, 8, 8, 4]
+    # the teacher's samples (chosen side) for every kept training prompt, once; then batch 4:
+    # steps (1, 2), (3, 4), (5)
+    kept = read_json(tmp_path / "run" / "manifest.json")["filter_report"]["kept"]
+    assert calls == [kept, 8, 8, 4] and kept > 8
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert len(rows) == 5 and all(math.isfinite(r["loss"]) and r["rejected_len"] >= 1 for r in rows)
 
@@ -255,7 +313,8 @@ def test_teacher_responses_are_sampled_once_and_shared_by_every_seed(tmp_path, m
         responses[name] = [r["response"] for r in tr.teacher_responses(tr.splits["train"])]
     assert calls == [train_mod.TEACHER_SAMPLE_SEED] * 2     # drawn for length 8 once, then for 6
     assert responses["a"] == responses["b"] == responses["c"] != responses["d"]
-    assert len(list((tmp_path / "cache" / "responses").glob("*.jsonl"))) == 2
+    # 2 text sets (length 8 and 6) and DPKD-seq's token ids at length 8, shared by seeds 1 and 2
+    assert len(list((tmp_path / "cache" / "responses").glob("*.jsonl"))) == 3
 
 
 @pytest.mark.parametrize("mode", ["online", "topk"])
