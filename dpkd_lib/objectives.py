@@ -281,10 +281,39 @@ def step_loss(t, student, teacher, batch, *, pretrain=None, pair=None,
     return StepLoss(total, terms, {name: v.item() for name, v in raw.items()}, stats)
 
 
-def gradient_split(terms: dict[str, Tensor], params) -> dict[str, float]:
-    """Where the update comes from: each weighted term's gradient norm and its cosine with
-    the total gradient (one extra backward per term; call on a sample of steps only).
-    Returns {"gnorm_<term>", "gcos_<term>", "gnorm_total"}. Gradients are not accumulated.
+def adam_preconditioner(optimizer):
+    """A function (param, total gradient) -> what Adam divides a gradient by at this step, in
+    float64: 1 / (sqrt(v̂) + eps), v̂ = v / (1 − β2^t) the bias-corrected second moment in
+    the optimizer's state (AdamW, or accelerate's wrapper of it). A parameter with no state
+    yet (the first step) takes v̂ = g², the total gradient squared, which is what Adam's
+    first step divides by. Momentum is left out: this is how Adam weighs a gradient now."""
+    opt = getattr(optimizer, "optimizer", optimizer)
+    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+
+    def precondition(param, total: Tensor) -> Tensor:
+        group, state = group_of[id(param)], opt.state.get(param, {})
+        if "exp_avg_sq" in state:
+            v_hat = state["exp_avg_sq"].double() / (1.0 - group["betas"][1] ** float(state["step"]))
+        else:
+            v_hat = total * total
+        return 1.0 / (v_hat.sqrt() + group["eps"])
+    return precondition
+
+
+def gradient_split(terms: dict[str, Tensor], params, optimizer=None) -> dict[str, float]:
+    """Where the update comes from: each weighted term's gradient alone (one extra backward
+    per term; call on a sample of steps only). Gradients are not accumulated. Returns
+
+    * raw gradient: ``gnorm_<term>``, ``gcos_<term>`` (cosine with the total gradient),
+      ``gnorm_total`` and ``grad_share_<term>`` = <g_i, g> / |g|², the term's share of the
+      raw gradient (its projection on the total; the shares sum to 1);
+    * with ``optimizer`` (AdamW), the same through Adam's current preconditioner D
+      (`adam_preconditioner`): u_i = D·g_i is how far Adam would move for the term alone,
+      ignoring momentum; ``adam_norm_<term>``, ``adam_cos_<term>``, ``adam_norm_total`` and
+      ``adam_share_<term>`` = <u_i, u> / |u|² with u = Σ u_i, the term's share of the
+      (preconditioned) update. Under Adam a small gradient on rarely-moved weights can
+      move them far: the raw share does not say how much of the step a term makes. Weight
+      decay, not from any term, is left out.
 
     Norms and dot products are summed in float64, one parameter at a time: over tens of
     millions of float32 entries a float32 sum is off by ~0.2 % (a term's cosine with itself
@@ -292,22 +321,34 @@ def gradient_split(terms: dict[str, Tensor], params) -> dict[str, float]:
     params = [p for p in params if p.requires_grad]
     grads = {name: torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
              for name, value in terms.items()}
-    sq = dict.fromkeys(grads, 0.0)
-    dot = dict.fromkeys(grads, 0.0)
-    sq_total = 0.0
-    for i in range(len(params)):
+    precondition = adam_preconditioner(optimizer) if optimizer is not None else None
+    spaces = ("grad", "adam") if precondition else ("grad",)
+    sq = {space: dict.fromkeys(grads, 0.0) for space in spaces}
+    dot = {space: dict.fromkeys(grads, 0.0) for space in spaces}
+    sq_total = dict.fromkeys(spaces, 0.0)
+    for i, param in enumerate(params):
         parts = {name: g[i].double() for name, g in grads.items() if g[i] is not None}
         if not parts:
             continue
         total = sum(parts.values())
-        sq_total += float((total * total).sum())
-        for name, g in parts.items():
-            sq[name] += float((g * g).sum())
-            dot[name] += float((g * total).sum())
-    norm_total = math.sqrt(sq_total)
-    out = {"gnorm_total": norm_total}
-    for name in grads:
-        norm = math.sqrt(sq[name])
-        out[f"gnorm_{name}"] = norm
-        out[f"gcos_{name}"] = dot[name] / (norm * norm_total) if norm > 0 and norm_total > 0 else 0.0
+        scale = {"grad": None, "adam": precondition(param, total) if precondition else None}
+        for space in spaces:
+            d = scale[space]
+            t = total if d is None else d * total
+            sq_total[space] += float((t * t).sum())
+            for name, g in parts.items():
+                u = g if d is None else d * g
+                sq[space][name] += float((u * u).sum())
+                dot[space][name] += float((u * t).sum())
+    out = {}
+    for space in spaces:
+        norm_key, cos_key, share_key = (("gnorm", "gcos", "grad_share") if space == "grad"
+                                        else ("adam_norm", "adam_cos", "adam_share"))
+        norm_total = math.sqrt(sq_total[space])
+        out[f"{norm_key}_total"] = norm_total
+        for name in grads:
+            norm = math.sqrt(sq[space][name])
+            out[f"{norm_key}_{name}"] = norm
+            out[f"{cos_key}_{name}"] = dot[space][name] / (norm * norm_total) if norm > 0 and norm_total > 0 else 0.0
+            out[f"{share_key}_{name}"] = dot[space][name] / sq_total[space] if sq_total[space] > 0 else 0.0
     return out

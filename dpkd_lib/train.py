@@ -576,7 +576,7 @@ def _train(tr: Trainer, asked: dict) -> dict:
                 bad = parts
                 break
             if probe and micro == 0:  # where the update comes from (extra backward passes)
-                parts |= obj_lib.gradient_split(out.terms, tr.student.parameters())
+                parts |= obj_lib.gradient_split(out.terms, tr.student.parameters(), tr.optimizer)
             tr.on_phase("backward", tr)
             tr.accelerator.backward(out.total / t.grad_accum)
             logs.append(parts | {"loss": out.total.item()})

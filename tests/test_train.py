@@ -445,3 +445,59 @@ def test_gradient_split_against_float64_and_exact_for_one_large_term():
     big = torch.nn.Parameter(torch.randn(4_000_000) * torch.rand(4_000_000) ** 8)
     one = gradient_split({"only": (big * big.detach()).sum()}, [big])
     assert one["gcos_only"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_adam_share_against_a_hand_computed_preconditioner():
+    """Each term's share of the AdamW update: its gradient through Adam's current
+    preconditioner 1/(sqrt(v/(1-β2^t)) + eps), projected on the preconditioned total. Checked
+    against Adam's second moment kept by hand over three real AdamW steps, and at the first
+    step (no state: v̂ = g², Adam's first step). A term with a small raw gradient on weights
+    Adam has barely moved can take a large share of the update; the raw share does not show it."""
+    from dpkd_lib.objectives import gradient_split
+
+    torch.manual_seed(1)
+    w = torch.nn.Parameter(torch.randn(6))
+    v = torch.nn.Parameter(torch.randn(3))
+    x = torch.randn(6)
+
+    def terms():
+        return {"big": 10.0 * ((w * x).sum() - 1.0) ** 2 + (v[0] - 0.5) ** 2,
+                "small": 1e-3 * (v[1:] ** 2).sum() + 0.01 * w[:2].sum()}
+
+    b2, eps = 0.99, 1e-8
+    opt = torch.optim.AdamW([{"params": [w], "weight_decay": 0.1}, {"params": [v], "weight_decay": 0.0}],
+                            lr=1e-2, betas=(0.9, b2), eps=eps)
+
+    def flat_grads(t):
+        return {n: torch.cat([g.reshape(-1) for g in torch.autograd.grad(val, [w, v], retain_graph=True)]).double()
+                for n, val in t.items()}
+
+    def check(out, g, precond):
+        total = sum(g.values())
+        u = {n: precond * gi for n, gi in g.items()}
+        u_total = precond * total
+        assert out["adam_norm_total"] == pytest.approx(float(u_total.norm()), rel=1e-6)
+        for n in g:
+            assert out[f"adam_share_{n}"] == pytest.approx(float(u[n] @ u_total / (u_total @ u_total)), rel=1e-6)
+            assert out[f"adam_norm_{n}"] == pytest.approx(float(u[n].norm()), rel=1e-6)
+            assert out[f"grad_share_{n}"] == pytest.approx(float(g[n] @ total / (total @ total)), rel=1e-6)
+        assert sum(out[f"adam_share_{n}"] for n in g) == pytest.approx(1.0)
+        assert sum(out[f"grad_share_{n}"] for n in g) == pytest.approx(1.0)
+
+    t = terms()
+    g = flat_grads(t)
+    first = gradient_split(t, [w, v], opt)   # no state yet: Adam's first step divides by |g|
+    check(first, g, 1.0 / (sum(g.values()).abs() + eps))
+    second_moment = torch.zeros(9, dtype=torch.float64)
+    for step in range(1, 4):
+        opt.zero_grad()
+        t = terms()
+        sum(t.values()).backward()
+        grad = torch.cat([w.grad.reshape(-1), v.grad.reshape(-1)]).double()
+        second_moment = b2 * second_moment + (1 - b2) * grad * grad
+        opt.step()
+    t = terms()
+    g = flat_grads(t)
+    out = gradient_split(t, [w, v], opt)
+    check(out, g, 1.0 / ((second_moment / (1 - b2 ** 3)).sqrt() + eps))
+    assert out["adam_share_small"] > 5 * out["grad_share_small"]   # the preconditioner matters here
