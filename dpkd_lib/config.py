@@ -28,7 +28,7 @@ from .errors import ConfigError
 
 __all__ = ["ConfigError", "TokenizerConfig", "ModelConfig", "DataConfig", "TrainConfig",
            "EvalConfig", "RunConfig", "load_config", "load_yaml", "from_dict", "to_dict",
-           "validate", "unused_params", "diff_keys", "apply_overrides", "SECTIONS", "CHOICES",
+           "validate", "unused_params", "diff_keys", "teacher_use", "apply_overrides", "SECTIONS", "CHOICES",
            "RANGES", "USES", "Range", "Uses"]
 
 
@@ -134,6 +134,7 @@ class EvalConfig:
     sample_seeds: list = field(default_factory=list)  # T-sampling, one pass per seed (paper protocol)
     sample_max_examples: int = 0  # sampling on the first n of those examples only (0 = all of them)
     teacher_forced: bool = True  # NLL and token accuracy on the references
+    teacher_kl: bool = False  # KL(teacher || student) per response position on the references (needs a teacher section)
     batch_size: int = 16  # prompts per generation batch
     max_new_tokens: int = 128  # generation length limit (MiniLLM: 256)
     temperature: float = 1.0  # sampling only
@@ -516,6 +517,19 @@ def _check_tiny(cfg: RunConfig, role: str, m: ModelConfig, purpose: str) -> None
                               f"gpt2 {role}; shorten it or use {role}.arch llama")
 
 
+def teacher_use(cfg: RunConfig) -> str:
+    """What a run uses its teacher for, in words ("" when nothing): the objective, SeqKD-style
+    training on the teacher's samples, or only the evaluation's KL (eval.teacher_kl)."""
+    t = cfg.train
+    if t.objective in C.TEACHER_OBJECTIVES:
+        return f"objective '{t.objective}'"
+    if t.train_on == "teacher_samples":
+        return "train_on teacher_samples"
+    if cfg.eval.teacher_kl and cfg.eval.splits:
+        return "eval.teacher_kl"
+    return ""
+
+
 def _validate_train(cfg: RunConfig) -> None:
     t, d = cfg.train, cfg.data
     _check_section("train", t, "train.")
@@ -525,11 +539,10 @@ def _validate_train(cfg: RunConfig) -> None:
     if t.warmup_steps >= t.max_steps:
         raise ConfigError(f"train.warmup_steps ({t.warmup_steps}) must be below train.max_steps "
                           f"({t.max_steps})")
-    needs_teacher = t.objective in C.TEACHER_OBJECTIVES or t.train_on == "teacher_samples"
-    if needs_teacher and cfg.teacher is None:
-        why = f"objective '{t.objective}'" if t.objective in C.TEACHER_OBJECTIVES else "train_on teacher_samples"
+    why = teacher_use(cfg)
+    if why and cfg.teacher is None:
         raise ConfigError(f"teacher: {why} needs a teacher section")
-    if not needs_teacher and cfg.teacher is not None:
+    if not why and cfg.teacher is not None:
         raise ConfigError(f"teacher: objective '{t.objective}' does not use a teacher; "
                           f"remove the section (teacher: null)")
     if t.teacher_mode == "cache" and t.cache_format == "topk" and t.objective not in C.TOPK_OBJECTIVES:

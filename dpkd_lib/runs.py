@@ -94,7 +94,7 @@ def run_config(base_params: str | Path, name: str, overrides: Sequence[str], res
         _override("cache_dir", str(root / "teacher_cache"))] + as_overrides(overrides))
     train = data.get("train") or {}
     uses_teacher = train.get("objective", "dpkd_token") in TEACHER_OBJECTIVES or \
-        train.get("train_on") == "teacher_samples"
+        train.get("train_on") == "teacher_samples" or bool((data.get("eval") or {}).get("teacher_kl"))
     for role, section in (pair or {}).items():
         if section is None:
             data[role] = None

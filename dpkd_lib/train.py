@@ -512,8 +512,12 @@ class Trainer:
 
     def final_eval(self) -> dict:
         model = self.accelerator.unwrap_model(self.student)
+        teacher = None
+        if self.cfg.eval.teacher_kl:  # the run's teacher, or built now (cached or evaluation-only teacher)
+            teacher = self.teacher_model if self.teacher_model is not None else \
+                eval_lib.eval_teacher(self.cfg, self.tokenizer, self.accelerator.device)
         rows, summary = eval_lib.evaluate_splits(model, self.tokenizer, self.splits, self.cfg.eval,
-                                                 self.cfg.data, progress=self.progress)
+                                                 self.cfg.data, progress=self.progress, teacher=teacher)
         self.run.write_jsonl("eval.jsonl", rows)
         return summary
 
