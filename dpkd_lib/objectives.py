@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from . import losses, precision
-from .choices import DISTILL_OBJECTIVES, LOSS_TYPE_PARAMS, REFERENCE_FREE_LOSS_TYPES
+from .choices import LOSS_TYPE_PARAMS, MIX_OBJECTIVES, REFERENCE_FREE_LOSS_TYPES, TOKEN_OBJECTIVES
 
 
 # ----------------------------------------------------------------------------- forward helpers
@@ -247,7 +247,8 @@ def step_loss(t, student, teacher, batch, *, pretrain=None, pair=None,
     "rejected"} batches (+ optional "ref_chosen" log-probs). response_scale multiplies the
     response terms (several processes: see train.Trainer.token_share).
     """
-    k = t.kd_ratio if t.objective in DISTILL_OBJECTIVES else 0.0
+    # no_distill (the control) keeps the mix's weights with the distillation slot empty
+    k = t.kd_ratio if t.objective in MIX_OBJECTIVES else 0.0
     device = batch["input_ids"].device.type
     amp = precision.resolve(t.autocast_dtype, device)  # "auto": by the card (fp32 on CPU)
     autocast = torch.autocast(device, dtype=getattr(torch, amp), enabled=amp != "float32")
@@ -260,7 +261,7 @@ def step_loss(t, student, teacher, batch, *, pretrain=None, pair=None,
             raw["ce"] = losses.sft_loss(s_logits, labels, chunk_size=t.loss_chunk_size or None)
         if t.objective == "dpkd_seq":
             raw["distill"], stats = sequence_preference(t, student, teacher, pair)
-        elif k > 0:
+        elif k > 0 and t.objective in TOKEN_OBJECTIVES:
             raw["distill"], stats = distill_term(t, s_logits, teacher.response(batch), labels)
         if pretrain is not None:
             pt_ids, pt_names = pretrain

@@ -17,14 +17,14 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .choices import TEACHER_OBJECTIVES
-from .config import ConfigError, apply_overrides, from_dict, load_yaml, merge, to_dict
+from .config import ConfigError, apply_overrides, from_dict, load_yaml, merge, teacher_use_of, to_dict
 
 #: the keys of a model section that say where its weights come from (a pair replaces them)
 WEIGHT_KEYS = ("source", "name_or_path", "arch", "n_layer", "n_embd", "n_head", "seed", "prune_to")
 
 DISPLAY = {"sft": "SFT", "kd": "KD", "rkl": "RKL", "jsd": "JSD", "skl": "SKL", "srkl": "SRKL",
            "seqkd": "SeqKD", "dpkd_token": "DPKD-token", "dpkd_seq": "DPKD-seq",
+           "no_distill": "mix without distillation",
            "teacher": "teacher", "student_init": "student (start)"}
 
 
@@ -92,9 +92,10 @@ def run_config(base_params: str | Path, name: str, overrides: Sequence[str], res
     data = apply_overrides(load_yaml(base_params), [
         _override("output_dir", str(root / "runs" / name)),
         _override("cache_dir", str(root / "teacher_cache"))] + as_overrides(overrides))
-    train = data.get("train") or {}
-    uses_teacher = train.get("objective", "dpkd_token") in TEACHER_OBJECTIVES or \
-        train.get("train_on") == "teacher_samples" or bool((data.get("eval") or {}).get("teacher_kl"))
+    try:
+        uses_teacher = bool(teacher_use_of(data))  # the objective, the control's pre-train KD, or eval KL
+    except ConfigError as err:
+        raise ConfigError(f"run {name!r} ({base_params} + {' '.join(as_overrides(overrides))}): {err}") from None
     for role, section in (pair or {}).items():
         if section is None:
             data[role] = None

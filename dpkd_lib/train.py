@@ -32,7 +32,8 @@ from . import evaluate as eval_lib
 from . import models as model_lib
 from . import objectives as obj_lib
 from . import teacher_cache as tc
-from .choices import TOKEN_OBJECTIVES
+from .choices import TEACHER_SIGNAL_OBJECTIVES
+from .config import teacher_use
 from .config import RunConfig, to_dict
 from .errors import TrainingFault
 from .io import read_json, read_jsonl, write_json, write_jsonl
@@ -196,7 +197,9 @@ class Trainer:
         self.data_hash = data_lib.data_hash(self.splits["train"])
         self.teacher_model = None
         samples = t.objective == "seqkd" or t.train_on == "teacher_samples"
-        if samples or t.objective == "dpkd_seq" or (t.objective in TOKEN_OBJECTIVES and t.teacher_mode == "online"):
+        # the teacher in training (an evaluation-only teacher, eval.teacher_kl, is built at the end)
+        signals = t.objective in TEACHER_SIGNAL_OBJECTIVES and bool(teacher_use(cfg, training=True))
+        if samples or t.objective == "dpkd_seq" or (signals and t.teacher_mode == "online"):
             self.on_phase("teacher", self)
             self.teacher_model = model_lib.build_model(cfg.teacher, self.tokenizer, trainable=False)
         train_records = self.splits["train"]
@@ -213,7 +216,7 @@ class Trainer:
         self.chosen = {}
         if t.objective == "dpkd_seq":
             self.setup_dpkd_seq()
-        if t.objective in TOKEN_OBJECTIVES and t.teacher_mode == "cache":
+        if signals and t.teacher_mode == "cache":
             self.teacher = self.teacher_signals()
         elif self.teacher_model is not None:
             self.teacher = obj_lib.OnlineTeacher(self.teacher_model)

@@ -15,7 +15,7 @@ import pytest
 
 from dpkd_lib import models, runs, standins
 from dpkd_lib.choices import OBJECTIVES, TEACHER_OBJECTIVES, TOKEN_OBJECTIVES
-from dpkd_lib.config import load_yaml
+from dpkd_lib.config import load_yaml, teacher_use
 from dpkd_lib.tokenization import build_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,8 +43,8 @@ def resolved(base: str, tmp: Path) -> list:
     base_has_teacher = bool(load_yaml(ROOT / base).get("teacher"))
     out = []
     for objective, extra in variants():
-        pair = None
-        if objective in TEACHER_OBJECTIVES and not base_has_teacher:
+        pair = None   # runs.run_config gives the pair's teacher only to the runs that use it
+        if not base_has_teacher:
             pair = {"teacher": BUILT_TEACHER[profile]}
         name = f"{objective}{'_cache' if extra else ''}_s1"
         out.append(runs.run_config(ROOT / base, name, [f"train.objective={objective}",
@@ -58,8 +58,10 @@ def test_every_base_and_every_objective_resolves(tmp_path):
             "params/smoke/base_train.yaml"} <= set(BASES)
     for base in BASES:
         for cfg in resolved(base, tmp_path):
-            uses_teacher = cfg.train.objective in TEACHER_OBJECTIVES
+            uses_teacher = bool(teacher_use(cfg))
             assert (cfg.teacher is not None) == uses_teacher, (base, cfg.train.objective)
+            if cfg.train.objective in TEACHER_OBJECTIVES:
+                assert uses_teacher
             assert Path(cfg.output_dir).parent == tmp_path / "runs"
 
 

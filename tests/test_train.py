@@ -11,7 +11,7 @@ from dpkd_lib.train import Trainer, lr_at, train
 
 from test_config import SMOKE
 
-from dpkd_lib.choices import DISTILL_OBJECTIVES, OBJECTIVES, SAMPLING_OBJECTIVES
+from dpkd_lib.choices import DISTILL_OBJECTIVES, OBJECTIVES, SAMPLING_OBJECTIVES, TEACHER_OBJECTIVES
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def sft_teacher(tmp_path_factory):
 def fixed_batch_cfg(tmp_path, objective, *extra, teacher=None):
     """Four training examples and batch 4: every step sees the same batch."""
     saved = ['teacher={"source": "saved", "name_or_path": "%s"}' % teacher] if teacher else []
-    if objective == "sft":
+    if objective not in TEACHER_OBJECTIVES:   # sft; no_distill without a pre-train term here
         saved = ["teacher=null"]
     return load_config(SMOKE, [*saved,
         f"output_dir={tmp_path / objective}", f"train.objective={objective}",
@@ -83,6 +83,40 @@ def test_step_loss_is_the_documented_mix(tmp_path, objective):
     out, _ = trainer.step_loss(0)
     assert set(out.terms) == {"distill", "pt_ce"} and "pt_kd" not in out.parts
     assert out.total.item() == pytest.approx(out.parts["distill"] + 0.7 * out.parts["pt_ce"], rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["online", "cache"])
+def test_no_distill_is_the_mix_with_its_distillation_slot_empty(tmp_path, mode):
+    """The control of the released mix: the same CE and pre-train terms, with the same
+    weights, as a distillation objective's step on the same batch, and no distillation
+    term; with Algorithm 1's settings (kd_ratio 1, pretrain_loss ce) it is the pre-train CE
+    alone and needs no teacher. A control with no term at all is refused."""
+    from dpkd_lib.config import ConfigError
+    cache = ["train.teacher_mode=cache"] if mode == "cache" else []
+    outs = {}
+    for objective in ("dpkd_token", "no_distill"):
+        tr = Trainer(load_config(SMOKE, [f"output_dir={tmp_path / objective}", f"cache_dir={tmp_path / 'cache'}",
+                                         f"train.objective={objective}", "train.kd_ratio=0.3", "train.lm_coef=0.7",
+                                         *cache]), progress=False)
+        tr.setup()
+        outs[objective] = tr.step_loss(0)[0]
+    full, control = outs["dpkd_token"], outs["no_distill"]
+    assert set(control.terms) == {"ce", "pt_ce", "pt_kd"} and "distill" not in control.parts
+    for name in ("ce", "pt_ce", "pt_kd"):
+        assert control.terms[name].item() == pytest.approx(full.terms[name].item(), rel=1e-6)
+    assert control.total.item() == pytest.approx(full.total.item() - 0.3 * full.parts["distill"], rel=1e-5)
+    alg1 = load_config(SMOKE, [f"output_dir={tmp_path / 'alg1'}", "train.objective=no_distill", "teacher=null",
+                               "train.kd_ratio=1.0", "train.lm_coef=0.7", "train.pretrain_loss=ce"])
+    tr = Trainer(alg1, progress=False)
+    tr.setup()
+    out = tr.step_loss(0)[0]
+    assert set(out.terms) == {"pt_ce"} and tr.teacher_model is None
+    assert out.total.item() == pytest.approx(0.7 * out.parts["pt_ce"], rel=1e-6)
+    with pytest.raises(ConfigError, match="no term at all"):
+        load_config(SMOKE, ["train.objective=no_distill", "teacher=null", "train.kd_ratio=1.0", "train.lm_coef=0.0",
+                            "data.pretrain_source=none"])
+    with pytest.raises(ConfigError, match="needs a teacher section"):
+        load_config(SMOKE, ["train.objective=no_distill", "teacher=null"])
 
 
 @pytest.mark.parametrize("objective", ["dpkd_token", "kd", "rkl", "jsd"])
@@ -379,7 +413,12 @@ def test_every_setting_is_used_or_refused(tmp_path, objective):
     for name, needs, probe in PROBES:
         overrides = [f"train.{k}={v}" for k, v in {**needs, **probe}.items()]
         try:
-            load_config(SMOKE, base + overrides)
+            try:
+                load_config(SMOKE, base + overrides)
+            except ConfigError as err:   # the control's pre-train KD gone: its teacher goes too
+                if "does not use a teacher" not in str(err):
+                    raise
+                load_config(SMOKE, base + overrides + ["teacher=null"])
             accepted = True
         except ConfigError as err:
             assert "is not used" in str(err), (name, str(err))
