@@ -120,7 +120,7 @@ class TrainConfig:
     log_every: int = 1  # write a metrics.jsonl row every N steps
     eval_every: int = 0  # teacher-forced NLL on the validation split every N steps (0 = end only)
     save_every: int = 0  # checkpoint every N steps (0 = end only)
-    grad_probe_every: int = 0  # >0: every N steps, log each loss term's gradient norm and cosine
+    grad_probe_every: int = 0  # >0: every N steps, log each loss term's share of the raw gradient and of the AdamW update
     nan_policy: str = "stop"  # stop | skip
     max_skipped_share: float = 0.1  # nan_policy skip: stop once this share of steps was skipped
     seed: int = 40  # training seed: batch order, pre-train blocks, sampling (released runner: 40)
