@@ -283,38 +283,44 @@ def step_loss(t, student, teacher, batch, *, pretrain=None, pair=None,
 
 
 def adam_preconditioner(optimizer):
-    """A function (param, total gradient) -> what Adam divides a gradient by at this step, in
-    float64: 1 / (sqrt(v̂) + eps), v̂ = v / (1 − β2^t) the bias-corrected second moment in
-    the optimizer's state (AdamW, or accelerate's wrapper of it). A parameter with no state
-    yet (the first step) takes v̂ = g², the total gradient squared, which is what Adam's
-    first step divides by. Momentum is left out: this is how Adam weighs a gradient now."""
+    """A function (param, this step's gradient G) -> what Adam divides this step's update by,
+    in float64: 1 / (sqrt(v̂) + eps), v̂ = (β2·v + (1 − β2)·G²) / (1 − β2^(t+1)) with v and t
+    from the optimizer's state (AdamW, or accelerate's wrapper of it; none yet: v = 0, t = 0,
+    so the first step gives v̂ = G²). G enters v̂ as it does in Adam's own step: with the
+    state alone, a weight no earlier batch reached (an embedding row, v = 0) would divide by
+    eps and swamp every other. Momentum is left out."""
     opt = getattr(optimizer, "optimizer", optimizer)
     group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
 
-    def precondition(param, total: Tensor) -> Tensor:
+    def precondition(param, step_grad: Tensor) -> Tensor:
         group, state = group_of[id(param)], opt.state.get(param, {})
+        beta2 = group["betas"][1]
         if "exp_avg_sq" in state:
-            v_hat = state["exp_avg_sq"].double() / (1.0 - group["betas"][1] ** float(state["step"]))
+            v, t = state["exp_avg_sq"].double(), float(state["step"])
         else:
-            v_hat = total * total
+            v, t = torch.zeros_like(step_grad), 0.0
+        v_hat = (beta2 * v + (1.0 - beta2) * step_grad * step_grad) / (1.0 - beta2 ** (t + 1.0))
         return 1.0 / (v_hat.sqrt() + group["eps"])
     return precondition
 
 
-def gradient_split(terms: dict[str, Tensor], params, optimizer=None) -> dict[str, float]:
+def gradient_split(terms: dict[str, Tensor], params, optimizer=None, *, clip: float = 0.0,
+                   scale: float = 1.0) -> dict[str, float]:
     """Where the update comes from: each weighted term's gradient alone (one extra backward
     per term; call on a sample of steps only). Gradients are not accumulated. Returns
 
     * raw gradient: ``gnorm_<term>``, ``gcos_<term>`` (cosine with the total gradient),
       ``gnorm_total`` and ``grad_share_<term>`` = <g_i, g> / |g|², the term's share of the
       raw gradient (its projection on the total; the shares sum to 1);
-    * with ``optimizer`` (AdamW), the same through Adam's current preconditioner D
-      (`adam_preconditioner`): u_i = D·g_i is how far Adam would move for the term alone,
-      ignoring momentum; ``adam_norm_<term>``, ``adam_cos_<term>``, ``adam_norm_total`` and
-      ``adam_share_<term>`` = <u_i, u> / |u|² with u = Σ u_i, the term's share of the
-      (preconditioned) update. Under Adam a small gradient on rarely-moved weights can
-      move them far: the raw share does not say how much of the step a term makes. Weight
-      decay, not from any term, is left out.
+    * with ``optimizer`` (AdamW), the same for the update: this step's gradient is G = c·g
+      (``scale`` = 1 / grad_accum, then clipped to norm ``clip`` as the step clips it;
+      exact with one micro-batch per step), D = `adam_preconditioner`, and u_i = D·c·g_i is
+      how far Adam moves for the term (per unit of learning rate, momentum left out);
+      ``adam_norm_<term>``, ``adam_cos_<term>``, ``adam_norm_total`` and
+      ``adam_share_<term>`` = <u_i, u> / |u|², u = Σ u_i: the term's share of the AdamW
+      update. Under Adam a small gradient on weights that rarely move can move them far:
+      the raw share does not say how much of the step a term makes. Weight decay, from no
+      term, is left out.
 
     Norms and dot products are summed in float64, one parameter at a time: over tens of
     millions of float32 entries a float32 sum is off by ~0.2 % (a term's cosine with itself
@@ -327,18 +333,24 @@ def gradient_split(terms: dict[str, Tensor], params, optimizer=None) -> dict[str
     sq = {space: dict.fromkeys(grads, 0.0) for space in spaces}
     dot = {space: dict.fromkeys(grads, 0.0) for space in spaces}
     sq_total = dict.fromkeys(spaces, 0.0)
+
+    def parts_of(i):
+        return {name: g[i].double() for name, g in grads.items() if g[i] is not None}
+    factor = scale
+    if precondition and clip > 0:  # the step's clipping factor, from the total gradient's norm
+        norm = math.sqrt(sum(float((sum(p.values()) ** 2).sum()) for p in map(parts_of, range(len(params))) if p))
+        factor = scale * min(1.0, clip / (scale * norm)) if norm > 0 else scale
     for i, param in enumerate(params):
-        parts = {name: g[i].double() for name, g in grads.items() if g[i] is not None}
+        parts = parts_of(i)
         if not parts:
             continue
         total = sum(parts.values())
-        scale = {"grad": None, "adam": precondition(param, total) if precondition else None}
+        d = {"grad": None, "adam": factor * precondition(param, factor * total) if precondition else None}
         for space in spaces:
-            d = scale[space]
-            t = total if d is None else d * total
+            t = total if d[space] is None else d[space] * total
             sq_total[space] += float((t * t).sum())
             for name, g in parts.items():
-                u = g if d is None else d * g
+                u = g if d[space] is None else d[space] * g
                 sq[space][name] += float((u * u).sum())
                 dot[space][name] += float((u * t).sum())
     out = {}

@@ -583,7 +583,8 @@ def _train(tr: Trainer, asked: dict) -> dict:
                 bad = parts
                 break
             if probe and micro == 0:  # where the update comes from (extra backward passes)
-                parts |= obj_lib.gradient_split(out.terms, tr.student.parameters(), tr.optimizer)
+                parts |= obj_lib.gradient_split(out.terms, tr.student.parameters(), tr.optimizer,
+                                                  clip=t.clip_grad, scale=1.0 / t.grad_accum)
             tr.on_phase("backward", tr)
             tr.accelerator.backward(out.total / t.grad_accum)
             logs.append(parts | {"loss": out.total.item()})

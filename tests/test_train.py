@@ -487,11 +487,12 @@ def test_gradient_split_against_float64_and_exact_for_one_large_term():
 
 
 def test_adam_share_against_a_hand_computed_preconditioner():
-    """Each term's share of the AdamW update: its gradient through Adam's current
-    preconditioner 1/(sqrt(v/(1-β2^t)) + eps), projected on the preconditioned total. Checked
-    against Adam's second moment kept by hand over three real AdamW steps, and at the first
-    step (no state: v̂ = g², Adam's first step). A term with a small raw gradient on weights
-    Adam has barely moved can take a large share of the update; the raw share does not show it."""
+    """Each term's share of the AdamW update: its gradient through the preconditioner of this
+    step, 1/(sqrt(v̂) + eps) with v̂ = (β2·v + (1-β2)·G²)/(1-β2^(t+1)), G the step's clipped
+    gradient, projected on the preconditioned total. Checked against Adam's second moment
+    kept by hand over three real AdamW steps, at the first step (no state: v̂ = G²), with and
+    without clipping. A term with a small raw gradient on weights Adam has barely moved can
+    take a large share of the update; the raw share does not show it."""
     from dpkd_lib.objectives import gradient_split
 
     torch.manual_seed(1)
@@ -511,10 +512,13 @@ def test_adam_share_against_a_hand_computed_preconditioner():
         return {n: torch.cat([g.reshape(-1) for g in torch.autograd.grad(val, [w, v], retain_graph=True)]).double()
                 for n, val in t.items()}
 
-    def check(out, g, precond):
+    def check(out, g, second_moment, steps, clip):
         total = sum(g.values())
-        u = {n: precond * gi for n, gi in g.items()}
-        u_total = precond * total
+        c = min(1.0, clip / float(total.norm())) if clip else 1.0
+        v_hat = (b2 * second_moment + (1 - b2) * (c * total) ** 2) / (1 - b2 ** (steps + 1))
+        precond = 1.0 / (v_hat.sqrt() + eps)
+        u = {n: precond * c * gi for n, gi in g.items()}
+        u_total = precond * c * total
         assert out["adam_norm_total"] == pytest.approx(float(u_total.norm()), rel=1e-6)
         for n in g:
             assert out[f"adam_share_{n}"] == pytest.approx(float(u[n] @ u_total / (u_total @ u_total)), rel=1e-6)
@@ -522,12 +526,13 @@ def test_adam_share_against_a_hand_computed_preconditioner():
             assert out[f"grad_share_{n}"] == pytest.approx(float(g[n] @ total / (total @ total)), rel=1e-6)
         assert sum(out[f"adam_share_{n}"] for n in g) == pytest.approx(1.0)
         assert sum(out[f"grad_share_{n}"] for n in g) == pytest.approx(1.0)
+        return out
 
     t = terms()
     g = flat_grads(t)
-    first = gradient_split(t, [w, v], opt)   # no state yet: Adam's first step divides by |g|
-    check(first, g, 1.0 / (sum(g.values()).abs() + eps))
-    second_moment = torch.zeros(9, dtype=torch.float64)
+    zero = torch.zeros(9, dtype=torch.float64)
+    check(gradient_split(t, [w, v], opt), g, zero, 0, 0.0)   # no state yet: v̂ = G², a sign step
+    second_moment = zero.clone()
     for step in range(1, 4):
         opt.zero_grad()
         t = terms()
@@ -537,6 +542,8 @@ def test_adam_share_against_a_hand_computed_preconditioner():
         opt.step()
     t = terms()
     g = flat_grads(t)
-    out = gradient_split(t, [w, v], opt)
-    check(out, g, 1.0 / ((second_moment / (1 - b2 ** 3)).sqrt() + eps))
+    out = check(gradient_split(t, [w, v], opt), g, second_moment, 3, 0.0)
     assert out["adam_share_small"] > 5 * out["grad_share_small"]   # the preconditioner matters here
+    clip = 0.1 * float(sum(g.values()).norm())                     # a clipped step weighs G less in v̂
+    clipped = check(gradient_split(t, [w, v], opt, clip=clip), g, second_moment, 3, clip)
+    assert clipped["adam_share_small"] != pytest.approx(out["adam_share_small"], rel=1e-3)
