@@ -9,18 +9,25 @@ from __future__ import annotations
 
 # --------------------------------------------------------------------------- objectives
 #: every training objective (docs/method.md §2 and the baselines)
-OBJECTIVES = ("sft", "kd", "rkl", "jsd", "skl", "srkl", "seqkd", "dpkd_token", "dpkd_seq")
+OBJECTIVES = ("sft", "kd", "rkl", "jsd", "skl", "srkl", "seqkd", "dpkd_token", "dpkd_seq", "no_distill")
 #: token-level terms computed from the teacher's logits at each response position: the
 #: teacher signal is the same for every method and seed, so it can be cached
 TOKEN_OBJECTIVES = ("kd", "rkl", "jsd", "skl", "srkl", "dpkd_token")
 #: objectives with a teacher term in the step loss (kd_ratio mixes it with CE)
 DISTILL_OBJECTIVES = TOKEN_OBJECTIVES + ("dpkd_seq",)
+#: controls: the mixed step with its distillation slot empty, (1-kd_ratio)*CE + lm_coef*L_pt,
+#: the same CE and pre-train terms as a distillation objective's step (what the slot adds)
+CONTROL_OBJECTIVES = ("no_distill",)
+#: objectives whose step mixes by kd_ratio (a teacher term, or its empty slot)
+MIX_OBJECTIVES = DISTILL_OBJECTIVES + CONTROL_OBJECTIVES
+#: objectives that read the teacher's per-position signals (online or from the cache)
+TEACHER_SIGNAL_OBJECTIVES = TOKEN_OBJECTIVES + CONTROL_OBJECTIVES
 #: objectives with a DPO-family preference loss (beta, loss_type and its settings)
 PREFERENCE_OBJECTIVES = ("dpkd_token", "dpkd_seq")
 #: objectives that need a teacher at all (SeqKD trains on the teacher's samples)
 TEACHER_OBJECTIVES = DISTILL_OBJECTIVES + ("seqkd",)
 #: objectives whose top-k cached form exists (losses.*_from_teacher_topk)
-TOPK_OBJECTIVES = ("kd", "dpkd_token")
+TOPK_OBJECTIVES = ("kd", "dpkd_token", "no_distill")
 #: objectives that sample responses (from the teacher, and for DPKD-seq from the student)
 SAMPLING_OBJECTIVES = ("seqkd", "dpkd_seq")
 #: what the CE and token-level terms are computed on: the dataset's responses, or the
@@ -39,6 +46,8 @@ LOSS_TYPE_PARAMS = {
     "simpo": ("label_smoothing", "gamma"),
     "cpo": ("label_smoothing", "cpo_alpha"),
 }
+#: loss types that never use the reference (the teacher): their rewards are β·log q alone
+REFERENCE_FREE_LOSS_TYPES = ("simpo", "cpo")
 #: the pre-train term: "released" = (1-kd_ratio)*CE + kd_ratio*H(p,q) on the corpus (the
 #: released runner); "ce" = plain LM cross-entropy (the paper's Algorithm 1, L_PT)
 PRETRAIN_LOSSES = ("released", "ce")

@@ -28,8 +28,8 @@ from .errors import ConfigError
 
 __all__ = ["ConfigError", "TokenizerConfig", "ModelConfig", "DataConfig", "TrainConfig",
            "EvalConfig", "RunConfig", "load_config", "load_yaml", "from_dict", "to_dict",
-           "validate", "unused_params", "diff_keys", "apply_overrides", "unset_keys", "SECTIONS", "CHOICES",
-           "RANGES", "USES", "Range", "Uses", "position_needs"]
+           "validate", "unused_params", "diff_keys", "teacher_use", "teacher_use_of", "apply_overrides",
+           "unset_keys", "SECTIONS", "CHOICES", "RANGES", "USES", "Range", "Uses", "position_needs"]
 
 
 @dataclass
@@ -81,7 +81,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    objective: str = "dpkd_token"  # sft, a KD baseline or a DPKD variant (docs/method.md §7)
+    objective: str = "dpkd_token"  # sft, a KD baseline, a DPKD variant (docs/method.md §7), or no_distill (the mix's control)
     max_steps: int = 100  # optimizer steps
     batch_size: int = 8  # global batch (split across processes)
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -120,7 +120,7 @@ class TrainConfig:
     log_every: int = 1  # write a metrics.jsonl row every N steps
     eval_every: int = 0  # teacher-forced NLL on the validation split every N steps (0 = end only)
     save_every: int = 0  # checkpoint every N steps (0 = end only)
-    grad_probe_every: int = 0  # >0: every N steps, log each loss term's gradient norm and cosine
+    grad_probe_every: int = 0  # >0: every N steps, log each loss term's share of the raw gradient and of the AdamW update
     nan_policy: str = "stop"  # stop | skip
     max_skipped_share: float = 0.1  # nan_policy skip: stop once this share of steps was skipped
     seed: int = 40  # training seed: batch order, pre-train blocks, sampling (released runner: 40)
@@ -134,6 +134,7 @@ class EvalConfig:
     sample_seeds: list = field(default_factory=list)  # T-sampling, one pass per seed (paper protocol)
     sample_max_examples: int = 0  # sampling on the first n of those examples only (0 = all of them)
     teacher_forced: bool = True  # NLL and token accuracy on the references
+    teacher_kl: bool = False  # KL(teacher || student) per response position on the references (needs a teacher section)
     batch_size: int = 16  # prompts per generation batch
     max_new_tokens: int = 128  # generation length limit (MiniLLM: 256)
     temperature: float = 1.0  # sampling only
@@ -344,6 +345,17 @@ def _topk(t) -> bool:
     return t.teacher_mode == "cache" and t.cache_format == "topk"
 
 
+def _signals(c) -> bool:
+    """Whether training reads the teacher's per-position signals (online or cached)."""
+    t = c.train
+    return t.objective in C.TOKEN_OBJECTIVES or (t.objective in C.CONTROL_OBJECTIVES and _control_pt_kd(t))
+
+
+def _control_pt_kd(t) -> bool:
+    """Whether the control's step keeps a teacher term: the released pre-train term's H(p, q)."""
+    return t.lm_coef > 0 and t.pretrain_loss == "released" and t.kd_ratio > 0
+
+
 def _for(names) -> Uses:
     """Used by the objectives `names` only."""
     return Uses(lambda c, t, r: t.objective in names, _objectives(names))
@@ -381,8 +393,8 @@ USES: dict[str, dict[str, Uses]] = {
     "train": {
         "min_lr": Uses(lambda c, t, r: t.lr_schedule == "cosine", "lr_schedule cosine"),
         "t_max_steps": Uses(lambda c, t, r: t.lr_schedule == "cosine", "lr_schedule cosine"),
-        "kd_ratio": _for(C.DISTILL_OBJECTIVES),
-        "pretrain_loss": Uses(lambda c, t, r: t.objective in C.DISTILL_OBJECTIVES and t.lm_coef > 0,
+        "kd_ratio": _for(C.MIX_OBJECTIVES),
+        "pretrain_loss": Uses(lambda c, t, r: t.objective in C.MIX_OBJECTIVES and t.lm_coef > 0,
                               "a distillation objective with lm_coef > 0 (without a teacher term both "
                               "forms are CE)"),
         "beta": _for(C.PREFERENCE_OBJECTIVES),
@@ -401,10 +413,11 @@ USES: dict[str, dict[str, Uses]] = {
                          "every objective but seqkd (always the teacher's samples) and dpkd_seq "
                          "(its chosen side is the teacher's sample already)"),
         "rejected_every": _for(("dpkd_seq",)),
-        "teacher_mode": _for(C.TOKEN_OBJECTIVES),
-        "cache_format": Uses(lambda c, t, r: t.objective in C.TOKEN_OBJECTIVES and t.teacher_mode == "cache",
+        "teacher_mode": Uses(lambda c, t, r: _signals(c), f"{_objectives(C.TOKEN_OBJECTIVES)}, or "
+                             f"{_objectives(C.CONTROL_OBJECTIVES)} with a pre-train KD term"),
+        "cache_format": Uses(lambda c, t, r: _signals(c) and t.teacher_mode == "cache",
                              "teacher_mode cache"),
-        "cache_topk": Uses(lambda c, t, r: t.objective in C.TOKEN_OBJECTIVES and _topk(t),
+        "cache_topk": Uses(lambda c, t, r: _signals(c) and _topk(t),
                            "teacher_mode cache with cache_format topk"),
         "max_skipped_share": Uses(lambda c, t, r: t.nan_policy == "skip", "nan_policy skip"),
     },
@@ -531,20 +544,44 @@ def position_needs(cfg: RunConfig, role: str, purpose: str = "train") -> dict[st
     return need
 
 
+def teacher_use(cfg: RunConfig, *, training: bool = False) -> str:
+    """What a run uses its teacher for, in words ("" when nothing): the objective, the
+    control's pre-train KD term, SeqKD-style training on the teacher's samples, or (unless
+    ``training``) only the evaluation's KL (eval.teacher_kl)."""
+    t = cfg.train
+    if t.objective in C.TEACHER_OBJECTIVES:
+        return f"objective '{t.objective}'"
+    if t.objective in C.CONTROL_OBJECTIVES and _control_pt_kd(t):
+        return f"objective '{t.objective}' (the pre-train term's H(p, q))"
+    if t.train_on == "teacher_samples":
+        return "train_on teacher_samples"
+    if not training and cfg.eval.teacher_kl and cfg.eval.splits:
+        return "eval.teacher_kl"
+    return ""
+
+
+def teacher_use_of(data: dict) -> str:
+    """`teacher_use` of a params mapping before it is validated (runs.run_config decides with
+    it whether a run gets the pair's teacher)."""
+    return teacher_use(_from_dict(RunConfig, {k: v for k, v in data.items() if k != "teacher"}))
+
+
 def _validate_train(cfg: RunConfig) -> None:
     t, d = cfg.train, cfg.data
     _check_section("train", t, "train.")
-    if t.objective in C.DISTILL_OBJECTIVES and t.kd_ratio == 0:
+    if t.objective in C.MIX_OBJECTIVES and t.kd_ratio == 0:
         raise ConfigError(f"train.kd_ratio: 0 leaves objective '{t.objective}' nothing but CE; "
                           f"use train.objective: sft, or kd_ratio > 0")
+    if t.objective in C.CONTROL_OBJECTIVES and t.kd_ratio == 1 and t.lm_coef == 0:
+        raise ConfigError(f"train.kd_ratio 1 with lm_coef 0 leaves objective '{t.objective}' no term at all; "
+                          f"lower kd_ratio or set lm_coef > 0")
     if t.warmup_steps >= t.max_steps:
         raise ConfigError(f"train.warmup_steps ({t.warmup_steps}) must be below train.max_steps "
                           f"({t.max_steps})")
-    needs_teacher = t.objective in C.TEACHER_OBJECTIVES or t.train_on == "teacher_samples"
-    if needs_teacher and cfg.teacher is None:
-        why = f"objective '{t.objective}'" if t.objective in C.TEACHER_OBJECTIVES else "train_on teacher_samples"
+    why = teacher_use(cfg)
+    if why and cfg.teacher is None:
         raise ConfigError(f"teacher: {why} needs a teacher section")
-    if not needs_teacher and cfg.teacher is not None:
+    if not why and cfg.teacher is not None:
         raise ConfigError(f"teacher: objective '{t.objective}' does not use a teacher; "
                           f"remove the section (teacher: null)")
     if t.teacher_mode == "cache" and t.cache_format == "topk" and t.objective not in C.TOPK_OBJECTIVES:

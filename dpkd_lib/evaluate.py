@@ -88,6 +88,7 @@ __all__ = [
     "evaluate_model",
     "evaluate_saved",
     "reference_metrics",
+    "teacher_kl_metrics",
 ]
 
 # ----------------------------------------------------------------------------- metrics
@@ -600,6 +601,61 @@ def teacher_forced_metrics(model, batches: Iterable[Mapping[str, torch.Tensor]],
             "n_tokens": count, "per_example": per_example}
 
 
+def _response_position_logits(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits [N, V] in float32, targets [N], row of each position [N]) at the response
+    positions of a right-padded batch with unshifted labels, as `teacher_forced_metrics`
+    scores them: the vocabulary head on those positions only where the model allows it."""
+    labels = batch["labels"]
+    mask = labels[:, 1:] != -100
+    if _plain_head(model):
+        selected, y = response_logits(model, batch)
+        return selected[0].float(), y[0], mask.nonzero()[:, 0]
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    logits = getattr(out, "logits", None)
+    if logits is None:
+        logits = out[0] if isinstance(out, (tuple, list)) else out
+    return logits[:, :-1][mask].float(), labels[:, 1:][mask], mask.nonzero()[:, 0]
+
+
+def teacher_kl_metrics(model, teacher, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, Any]:
+    """KL(teacher ‖ student) of the next-token distributions at each response position,
+    teacher-forced on the references: KL_i = Σ_v p(v|h_i)·(log p(v|h_i) − log q(v|h_i)),
+    p the teacher, q the student, h_i the reference prefix. Per example, ``kl`` is the mean
+    over its response positions; the returned ``kl`` is the mean over examples of those (the
+    per-prompt readout) and ``kl_token`` the mean over all positions. ``batches`` as for
+    `teacher_forced_metrics`, with ``ids``. Both models' modes are restored."""
+    device = _model_device(model)
+    per_example, total, count = [], 0.0, 0
+    modes = [(m, getattr(m, "training", False)) for m in (model, teacher)]
+    for m, _ in modes:
+        m.eval()
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+                s_logits, _, rows = _response_position_logits(model, batch)
+                t_batch = {k: (v.to(_model_device(teacher)) if torch.is_tensor(v) else v) for k, v in batch.items()}
+                t_logits = _response_position_logits(teacher, t_batch)[0].to(s_logits.device)
+                if t_logits.shape != s_logits.shape:
+                    raise ValueError(f"teacher logits {tuple(t_logits.shape)} and student logits "
+                                     f"{tuple(s_logits.shape)} differ: KL needs the same vocabulary")
+                log_p, log_q = F.log_softmax(t_logits, -1), F.log_softmax(s_logits, -1)
+                kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+                total += float(kl.sum())
+                count += int(kl.numel())
+                for r, ex_id in enumerate(batch["ids"]):
+                    mine = kl[rows == r]
+                    per_example.append({"id": ex_id, "kl_sum": float(mine.sum()), "n_tokens": int(mine.numel()),
+                                        "kl": float(mine.mean()) if mine.numel() else float("nan")})
+    finally:
+        for m, was in modes:
+            m.train(was)
+    if count == 0:
+        raise ValueError("no response tokens (all labels are -100)")
+    return {"kl": sum(r["kl"] for r in per_example) / len(per_example), "kl_token": total / count,
+            "n_tokens": count, "per_example": per_example}
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
@@ -641,14 +697,15 @@ def evaluate_generations(
 
     Per-example rows (one per example and seed; scores in [0, 1]): id, seed, category,
     prompt, sample, reference (the first), references, rouge_l, exact_match,
-    response_tokens (generated ids before EOS), response_words, reference_tokens (first
-    reference, model tokenizer, no special tokens), reference_words, truncated (hit
-    ``max_new_tokens`` without EOS), bucket (``length_bucket(reference_tokens)``).
+    response_tokens (generated ids before EOS: the new tokens), response_words,
+    reference_tokens (first reference, model tokenizer, no special tokens), reference_words,
+    truncated (hit ``max_new_tokens`` without EOS), ended_eos (stopped by EOS: not
+    truncated), empty (no text after decoding), bucket (``length_bucket(reference_tokens)``).
 
     Summary (scores x 100): n, n_seeds, seeds, rouge_l / rouge_l_sd and exact_match /
     exact_match_sd (mean and sample sd over the per-seed means), response_tokens,
     response_words, distinct_1, distinct_2 (corpus level), repetition_rate (4-grams),
-    empty_rate, truncated_rate (all averaged over seeds), per_seed (the same per seed),
+    empty_rate, ended_rate (share stopped by EOS), truncated_rate (all averaged over seeds), per_seed (the same per seed),
     generation (the sampling settings), generate_s (wall time of sampling).
     """
     examples = list(examples)
@@ -698,6 +755,10 @@ def evaluate_generations(
                     "reference_tokens": n_ref,
                     "reference_words": word_count(ref[0]),
                     "truncated": len(gen) >= max_new_tokens,
+                    # response length at every evaluation (a DPKD student can learn to say
+                    # nothing): whether the model stopped by EOS, and whether nothing was said
+                    "ended_eos": len(gen) < max_new_tokens,
+                    "empty": not sample,
                     "bucket": length_bucket(n_ref, bucket_edges),
                 }
             )
@@ -714,7 +775,8 @@ def evaluate_generations(
                 "distinct_1": distinct_n(texts, 1),
                 "distinct_2": distinct_n(texts, 2),
                 "repetition_rate": repetition_rate(texts, 4),
-                "empty_rate": sum(not t for t in texts) / n,
+                "empty_rate": sum(r["empty"] for r in seed_rows) / n,
+                "ended_rate": sum(r["ended_eos"] for r in seed_rows) / n,
                 "truncated_rate": sum(r["truncated"] for r in seed_rows) / n,
             }
         )
@@ -725,7 +787,7 @@ def evaluate_generations(
         summary[metric] = mean
         summary[f"{metric}_sd"] = sd
     for metric in ("response_tokens", "response_words", "distinct_1", "distinct_2",
-                   "repetition_rate", "empty_rate", "truncated_rate"):
+                   "repetition_rate", "empty_rate", "ended_rate", "truncated_rate"):
         summary[metric] = sum(s[metric] for s in per_seed) / len(per_seed)
     summary["per_seed"] = per_seed
     summary["generation"] = {
@@ -739,14 +801,19 @@ def evaluate_generations(
 
 # ----------------------------------------------------------------------------- project glue
 
+#: the flat summary's keys per split and decoding; response_tokens (mean new tokens),
+#: ended_rate (share that stopped by EOS) and empty_rate (share with no text) sit beside ROUGE-L
 _SPLIT_SUMMARY_KEYS = ("rouge_l", "rouge_l_sd", "exact_match", "exact_match_sd", "response_tokens",
-                       "distinct_2", "repetition_rate", "truncated_rate", "n")
+                       "ended_rate", "empty_rate", "distinct_2", "repetition_rate", "truncated_rate", "n")
 
 
-def reference_metrics(model, tokenizer, records, data_cfg, *, batch_size: int = 16) -> dict[str, Any]:
+def reference_metrics(model, tokenizer, records, data_cfg, *, batch_size: int = 16,
+                      teacher=None) -> dict[str, Any]:
     """Teacher-forced NLL and token accuracy on the references of `records`, tokenised as
     training tokenises them (``data_cfg``: max_length, max_prompt), with ``per_example``
-    rows. Without a reference that fits (every example too long) only ``note`` says why."""
+    rows. With ``teacher``, also KL(teacher ‖ student) on the same references
+    (`teacher_kl_metrics`: ``kl``, ``kl_token``; each row gains ``kl`` and ``kl_sum``).
+    Without a reference that fits (every example too long) only ``note`` says why."""
     from .data import DataError, build_sft_dataset, collate_sft, pad_id_of, sorted_batches
 
     try:
@@ -763,12 +830,19 @@ def reference_metrics(model, tokenizer, records, data_cfg, *, batch_size: int = 
     per_example = [None] * len(dataset)
     for row, i in zip(m["per_example"], (i for idx in groups for i in idx)):
         per_example[i] = row
-    return {"nll": m["nll"], "token_acc": m["token_accuracy"], "n_tokens": m["n_tokens"],
-            "n_examples": len(dataset), "per_example": per_example}
+    out = {"nll": m["nll"], "token_acc": m["token_accuracy"], "n_tokens": m["n_tokens"],
+           "n_examples": len(dataset), "per_example": per_example}
+    if teacher is not None:
+        batches = (collate_sft([dataset[i] for i in idx], pad) for idx in groups)
+        kl = teacher_kl_metrics(model, teacher, batches)
+        for row, i in zip(kl["per_example"], (i for idx in groups for i in idx)):
+            per_example[i] |= {"kl": row["kl"], "kl_sum": row["kl_sum"]}
+        out |= {"kl": kl["kl"], "kl_token": kl["kl_token"]}
+    return out
 
 
 def evaluate_splits(model, tokenizer, splits: Mapping[str, Sequence[Mapping[str, Any]]],
-                    eval_cfg: Any, data_cfg: Any, *, progress: bool = True
+                    eval_cfg: Any, data_cfg: Any, *, progress: bool = True, teacher=None
                     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The evaluation protocol on each split named in ``eval_cfg.splits``: the final
     evaluation of every training run (teacher, starting student and methods alike) and
@@ -778,13 +852,16 @@ def evaluate_splits(model, tokenizer, splits: Mapping[str, Sequence[Mapping[str,
     * greedy decoding (``eval_cfg.greedy``): the primary generation metric;
     * T-sampling, once per seed of ``eval_cfg.sample_seeds`` (MiniLLM's protocol), on the
       first ``sample_max_examples`` of those records when set (sampling is the costly part);
-    * teacher-forced NLL / token accuracy on the references (``eval_cfg.teacher_forced``).
+    * teacher-forced NLL / token accuracy on the references (``eval_cfg.teacher_forced``);
+    * KL(teacher ‖ student) on the same references (``eval_cfg.teacher_kl``, with
+      ``teacher``: `teacher_kl_metrics`), the readout a KD student is trained towards.
 
     ``splits`` maps split names to Dolly-format records; prompts come from
     ``data.format_prompt``. Rows (one per example × decoding × seed) gain ``split`` and
     ``decoding`` ("greedy" with seed None, or "sample"). The summary is flat for
     summary.json: ``{split}_rouge_l``, ``{split}_exact_match`` (...) for greedy decoding,
     ``{split}_sample_rouge_l`` (...) for sampling, ``{split}_nll`` and ``{split}_token_acc``,
+    ``{split}_kl`` (the mean over prompts of each prompt's mean KL) with ``teacher_kl``,
     plus ``eval`` = {split: {"greedy"|"sample"|"teacher_forced": full summaries}}. A split
     absent from ``splits`` (no held-out file, say) is listed in ``eval_skipped_splits``.
     """
@@ -793,6 +870,9 @@ def evaluate_splits(model, tokenizer, splits: Mapping[str, Sequence[Mapping[str,
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {"eval": {}, "eval_skipped_splits": []}
     e = eval_cfg
+    want_kl = bool(getattr(e, "teacher_kl", False))
+    if want_kl and teacher is None:
+        raise ValueError("eval.teacher_kl needs the teacher: pass teacher= (a run's teacher section)")
     decodings = ([("greedy", dict(seeds=(0,), do_sample=False))] if e.greedy else []) + \
         ([("sample", dict(seeds=tuple(e.sample_seeds), do_sample=True))] if e.sample_seeds else [])
     for split in e.splits:
@@ -817,12 +897,31 @@ def evaluate_splits(model, tokenizer, splits: Mapping[str, Sequence[Mapping[str,
             rows.extend(split_rows)
             prefix = f"{split}_" if name == "greedy" else f"{split}_sample_"
             summary |= {prefix + key: out[name][key] for key in _SPLIT_SUMMARY_KEYS}
-        if e.teacher_forced:
-            tf = reference_metrics(model, tokenizer, records, data_cfg)
+        if e.teacher_forced or want_kl:
+            tf = reference_metrics(model, tokenizer, records, data_cfg, teacher=teacher if want_kl else None)
             rows.extend(dict(r, split=split, decoding="teacher_forced") for r in tf.pop("per_example", []))
             out["teacher_forced"] = tf
-            summary[f"{split}_nll"], summary[f"{split}_token_acc"] = tf.get("nll"), tf.get("token_acc")
+            if e.teacher_forced:
+                summary[f"{split}_nll"], summary[f"{split}_token_acc"] = tf.get("nll"), tf.get("token_acc")
+            if want_kl:
+                summary[f"{split}_kl"] = tf.get("kl")
     return rows, summary
+
+
+def eval_teacher(cfg: Any, tokenizer, device=None):
+    """The teacher `evaluate_splits` needs for ``eval.teacher_kl`` (None when it is off): the
+    params' teacher section, built frozen on ``device``."""
+    if not getattr(cfg.eval, "teacher_kl", False):
+        return None
+    from .errors import ConfigError
+    from .models import build_model
+    if cfg.teacher is None:
+        raise ConfigError("eval.teacher_kl: KL(teacher || student) needs a teacher section; add one "
+                          "or set eval.teacher_kl false")
+    teacher = build_model(cfg.teacher, tokenizer, trainable=False)
+    if device is not None and cfg.teacher.quantization == "none":
+        teacher = teacher.to(device)
+    return teacher
 
 
 def evaluate_model(cfg: Any, model, tokenizer, out_dir: str | os.PathLike, *,
@@ -838,7 +937,8 @@ def evaluate_model(cfg: Any, model, tokenizer, out_dir: str | os.PathLike, *,
     reports = {}  # records no split can use, dropped and counted (data.load_splits)
     splits = load_splits(cfg.data, tokenizer, reports=reports)
     check_eval_splits(splits, cfg.data, cfg.eval.splits, cfg.eval.skip_empty_splits)
-    rows, summary = evaluate_splits(model, tokenizer, splits, cfg.eval, cfg.data, progress=progress)
+    rows, summary = evaluate_splits(model, tokenizer, splits, cfg.eval, cfg.data, progress=progress,
+                                    teacher=eval_teacher(cfg, tokenizer, _model_device(model)))
     if reports:
         summary["data_dropped"] = {k: r.as_dict() for k, r in reports.items()}
     out = Path(out_dir)

@@ -97,7 +97,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from . import precision, standins
-from .choices import TEACHER_MODES as RUN_TEACHER_MODES, TOKEN_OBJECTIVES, CACHE_FORMATS
+from .choices import TEACHER_MODES as RUN_TEACHER_MODES, TEACHER_SIGNAL_OBJECTIVES, CACHE_FORMATS
 from .errors import ConfigError, MemoryPlanError
 
 __all__ = [
@@ -895,7 +895,7 @@ def plan_from_config(run_config, device_budget: Optional[float] = None, *, devic
         fields["teacher_mode"] = "none"
     else:
         tq = run_config.teacher.quantization
-        cached = t.teacher_mode == "cache" and t.objective in TOKEN_OBJECTIVES
+        cached = t.teacher_mode == "cache" and t.objective in TEACHER_SIGNAL_OBJECTIVES
         fields["teacher_mode"] = "cache" if cached else "online"
         fields["teacher_dtype"] = tq if tq in ("4bit", "8bit") else dt(run_config.teacher.dtype)
         fields["teacher_compute_dtype"] = dt(run_config.teacher.dtype)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from . import losses, precision
-from .choices import DISTILL_OBJECTIVES, LOSS_TYPE_PARAMS
+from .choices import LOSS_TYPE_PARAMS, MIX_OBJECTIVES, REFERENCE_FREE_LOSS_TYPES, TOKEN_OBJECTIVES
 
 
 # ----------------------------------------------------------------------------- forward helpers
@@ -133,6 +133,12 @@ def preference_kwargs(t) -> dict:
     return {name: getattr(t, name) for name in LOSS_TYPE_PARAMS[t.loss_type]}
 
 
+def rewards_reference_free(t) -> bool:
+    """Whether the loss measures its rewards without the teacher: ``reference_free``, or a
+    loss type that ignores the reference (simpo, cpo). The logged rewards follow the loss."""
+    return bool(t.reference_free) or t.loss_type in REFERENCE_FREE_LOSS_TYPES
+
+
 def distill_term(t, s_logits, signal, labels) -> tuple[Tensor, dict]:
     """The objective's token-level term on response positions, next to its formula.
     `signal` is the teacher's logits (or `losses.TeacherHidden`), or its top-k (`TopK`)
@@ -183,7 +189,7 @@ def token_reward_stats(t, lp) -> dict:
     argmax) tokens: their means, margin, how often chosen beats rejected where they differ,
     how often they differ, and the effective gradient weight (`chosen_grad_weight`)."""
     r_c, r_r = losses.implicit_rewards(lp.policy_chosen, lp.policy_rejected, lp.ref_chosen,
-                                       lp.ref_rejected, beta=t.beta)
+                                       lp.ref_rejected, beta=t.beta, reference_free=rewards_reference_free(t))
     differ = lp.chosen_ids != lp.rejected_ids
     acc = (r_c > r_r)[differ].float().mean().item() if differ.any() else float("nan")
     return {"reward_chosen": r_c.mean().item(), "reward_rejected": r_r.mean().item(),
@@ -210,13 +216,15 @@ def sequence_preference(t, student, teacher, pair) -> tuple[Tensor, dict]:
         beta=t.beta, loss_type=t.loss_type, **preference_kwargs(t))
     r_c, r_r = losses.implicit_rewards(logps["chosen"], logps["rejected"], logps["ref_chosen"],
                                        logps["ref_rejected"], beta=t.beta,
-                                       reference_free=t.reference_free)
+                                       reference_free=rewards_reference_free(t))
     stats = {"reward_chosen": r_c.mean().item(), "reward_rejected": r_r.mean().item(),
              "reward_margin": (r_c - r_r).mean().item(),
              "reward_accuracy": (r_c > r_r).float().mean().item(),
              "grad_weight": chosen_grad_weight(t, *(logps[k] for k in
                                                     ("chosen", "rejected", "ref_chosen", "ref_rejected"))),
              "rejected_len": float((pair["rejected"]["labels"] != -100).sum(1).float().mean())}
+    for side, lengths in pair.get("lengths", {}).items():  # train.sample_stats of each side
+        stats |= {f"{side}_{k}": v for k, v in lengths.items()}
     return per_pair.mean(), stats
 
 
@@ -242,7 +250,8 @@ def step_loss(t, student, teacher, batch, *, pretrain=None, pair=None,
     "rejected"} batches (+ optional "ref_chosen" log-probs). response_scale multiplies the
     response terms (several processes: see train.Trainer.token_share).
     """
-    k = t.kd_ratio if t.objective in DISTILL_OBJECTIVES else 0.0
+    # no_distill (the control) keeps the mix's weights with the distillation slot empty
+    k = t.kd_ratio if t.objective in MIX_OBJECTIVES else 0.0
     device = batch["input_ids"].device.type
     amp = precision.resolve(t.autocast_dtype, device)  # "auto": by the card (fp32 on CPU)
     autocast = torch.autocast(device, dtype=getattr(torch, amp), enabled=amp != "float32")
@@ -255,7 +264,7 @@ def step_loss(t, student, teacher, batch, *, pretrain=None, pair=None,
             raw["ce"] = losses.sft_loss(s_logits, labels, chunk_size=t.loss_chunk_size or None)
         if t.objective == "dpkd_seq":
             raw["distill"], stats = sequence_preference(t, student, teacher, pair)
-        elif k > 0:
+        elif k > 0 and t.objective in TOKEN_OBJECTIVES:
             raw["distill"], stats = distill_term(t, s_logits, teacher.response(batch), labels)
         if pretrain is not None:
             pt_ids, pt_names = pretrain
@@ -276,10 +285,45 @@ def step_loss(t, student, teacher, batch, *, pretrain=None, pair=None,
     return StepLoss(total, terms, {name: v.item() for name, v in raw.items()}, stats)
 
 
-def gradient_split(terms: dict[str, Tensor], params) -> dict[str, float]:
-    """Where the update comes from: each weighted term's gradient norm and its cosine with
-    the total gradient (one extra backward per term; call on a sample of steps only).
-    Returns {"gnorm_<term>", "gcos_<term>", "gnorm_total"}. Gradients are not accumulated.
+def adam_preconditioner(optimizer):
+    """A function (param, this step's gradient G) -> what Adam divides this step's update by,
+    in float64: 1 / (sqrt(v̂) + eps), v̂ = (β2·v + (1 − β2)·G²) / (1 − β2^(t+1)) with v and t
+    from the optimizer's state (AdamW, or accelerate's wrapper of it; none yet: v = 0, t = 0,
+    so the first step gives v̂ = G²). G enters v̂ as it does in Adam's own step: with the
+    state alone, a weight no earlier batch reached (an embedding row, v = 0) would divide by
+    eps and swamp every other. Momentum is left out."""
+    opt = getattr(optimizer, "optimizer", optimizer)
+    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+
+    def precondition(param, step_grad: Tensor) -> Tensor:
+        group, state = group_of[id(param)], opt.state.get(param, {})
+        beta2 = group["betas"][1]
+        if "exp_avg_sq" in state:
+            v, t = state["exp_avg_sq"].double(), float(state["step"])
+        else:
+            v, t = torch.zeros_like(step_grad), 0.0
+        v_hat = (beta2 * v + (1.0 - beta2) * step_grad * step_grad) / (1.0 - beta2 ** (t + 1.0))
+        return 1.0 / (v_hat.sqrt() + group["eps"])
+    return precondition
+
+
+def gradient_split(terms: dict[str, Tensor], params, optimizer=None, *, clip: float = 0.0,
+                   scale: float = 1.0) -> dict[str, float]:
+    """Where the update comes from: each weighted term's gradient alone (one extra backward
+    per term; call on a sample of steps only). Gradients are not accumulated. Returns
+
+    * raw gradient: ``gnorm_<term>``, ``gcos_<term>`` (cosine with the total gradient),
+      ``gnorm_total`` and ``grad_share_<term>`` = <g_i, g> / |g|², the term's share of the
+      raw gradient (its projection on the total; the shares sum to 1);
+    * with ``optimizer`` (AdamW), the same for the update: this step's gradient is G = c·g
+      (``scale`` = 1 / grad_accum, then clipped to norm ``clip`` as the step clips it;
+      exact with one micro-batch per step), D = `adam_preconditioner`, and u_i = D·c·g_i is
+      how far Adam moves for the term (per unit of learning rate, momentum left out);
+      ``adam_norm_<term>``, ``adam_cos_<term>``, ``adam_norm_total`` and
+      ``adam_share_<term>`` = <u_i, u> / |u|², u = Σ u_i: the term's share of the AdamW
+      update. Under Adam a small gradient on weights that rarely move can move them far:
+      the raw share does not say how much of the step a term makes. Weight decay, from no
+      term, is left out.
 
     Norms and dot products are summed in float64, one parameter at a time: over tens of
     millions of float32 entries a float32 sum is off by ~0.2 % (a term's cosine with itself
@@ -287,22 +331,40 @@ def gradient_split(terms: dict[str, Tensor], params) -> dict[str, float]:
     params = [p for p in params if p.requires_grad]
     grads = {name: torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
              for name, value in terms.items()}
-    sq = dict.fromkeys(grads, 0.0)
-    dot = dict.fromkeys(grads, 0.0)
-    sq_total = 0.0
-    for i in range(len(params)):
-        parts = {name: g[i].double() for name, g in grads.items() if g[i] is not None}
+    precondition = adam_preconditioner(optimizer) if optimizer is not None else None
+    spaces = ("grad", "adam") if precondition else ("grad",)
+    sq = {space: dict.fromkeys(grads, 0.0) for space in spaces}
+    dot = {space: dict.fromkeys(grads, 0.0) for space in spaces}
+    sq_total = dict.fromkeys(spaces, 0.0)
+
+    def parts_of(i):
+        return {name: g[i].double() for name, g in grads.items() if g[i] is not None}
+    factor = scale
+    if precondition and clip > 0:  # the step's clipping factor, from the total gradient's norm
+        norm = math.sqrt(sum(float((sum(p.values()) ** 2).sum()) for p in map(parts_of, range(len(params))) if p))
+        factor = scale * min(1.0, clip / (scale * norm)) if norm > 0 else scale
+    for i, param in enumerate(params):
+        parts = parts_of(i)
         if not parts:
             continue
         total = sum(parts.values())
-        sq_total += float((total * total).sum())
-        for name, g in parts.items():
-            sq[name] += float((g * g).sum())
-            dot[name] += float((g * total).sum())
-    norm_total = math.sqrt(sq_total)
-    out = {"gnorm_total": norm_total}
-    for name in grads:
-        norm = math.sqrt(sq[name])
-        out[f"gnorm_{name}"] = norm
-        out[f"gcos_{name}"] = dot[name] / (norm * norm_total) if norm > 0 and norm_total > 0 else 0.0
+        d = {"grad": None, "adam": factor * precondition(param, factor * total) if precondition else None}
+        for space in spaces:
+            t = total if d[space] is None else d[space] * total
+            sq_total[space] += float((t * t).sum())
+            for name, g in parts.items():
+                u = g if d[space] is None else d[space] * g
+                sq[space][name] += float((u * u).sum())
+                dot[space][name] += float((u * t).sum())
+    out = {}
+    for space in spaces:
+        norm_key, cos_key, share_key = (("gnorm", "gcos", "grad_share") if space == "grad"
+                                        else ("adam_norm", "adam_cos", "adam_share"))
+        norm_total = math.sqrt(sq_total[space])
+        out[f"{norm_key}_total"] = norm_total
+        for name in grads:
+            norm = math.sqrt(sq[space][name])
+            out[f"{norm_key}_{name}"] = norm
+            out[f"{cos_key}_{name}"] = dot[space][name] / (norm * norm_total) if norm > 0 and norm_total > 0 else 0.0
+            out[f"{share_key}_{name}"] = dot[space][name] / sq_total[space] if sq_total[space] > 0 else 0.0
     return out

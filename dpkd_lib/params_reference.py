@@ -139,8 +139,9 @@ def _list_fields(kind: str) -> set[str]:
 
 def _applies(kind: str, name: str) -> str:
     if kind == "run" and name == "teacher":
-        return (f"required by {config._objectives(C.TEACHER_OBJECTIVES)}; must be null for the "
-                f"others")
+        return (f"required by {config._objectives(C.TEACHER_OBJECTIVES)}, by "
+                f"{config._objectives(C.CONTROL_OBJECTIVES)} with a pre-train KD term, by train_on "
+                f"teacher_samples and by eval.teacher_kl; must be null for the others")
     rule = config.USES.get(kind, {}).get(name)
     return rule.where if rule is not None else "every run"
 
@@ -168,7 +169,10 @@ def _table(kind: str, prefix: str) -> list[str]:
 
 def _rules_across_keys() -> list[str]:
     return [
-        f"- `teacher`: a section for {config._objectives(C.TEACHER_OBJECTIVES)}; `teacher: null` for "
+        f"- `teacher`: a section for {config._objectives(C.TEACHER_OBJECTIVES)}, for "
+        f"{config._objectives(C.CONTROL_OBJECTIVES)} when its pre-train term keeps H(p, q) "
+        f"(lm_coef > 0, pretrain_loss released, kd_ratio > 0), for train_on teacher_samples and for "
+        f"eval.teacher_kl (the teacher is then built only for the evaluation); `teacher: null` for "
         f"the others. The teacher is frozen: `teacher.lora` is refused.",
         f"- `train.cache_format: topk` supports {config._objectives(C.TOPK_OBJECTIVES)} only "
         f"(the others use `hidden`, the exact cache).",

@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .choices import TEACHER_OBJECTIVES
-from .config import ConfigError, apply_overrides, from_dict, load_yaml, merge, to_dict
+from .config import ConfigError, apply_overrides, from_dict, load_yaml, merge, teacher_use_of, to_dict
 from .errors import out_of_resources
 from .rundata import export_run
 
@@ -28,6 +27,7 @@ WEIGHT_KEYS = ("source", "name_or_path", "arch", "n_layer", "n_embd", "n_head", 
 
 DISPLAY = {"sft": "SFT", "kd": "KD", "rkl": "RKL", "jsd": "JSD", "skl": "SKL", "srkl": "SRKL",
            "seqkd": "SeqKD", "dpkd_token": "DPKD-token", "dpkd_seq": "DPKD-seq",
+           "no_distill": "mix without distillation",
            "teacher": "teacher", "student_init": "student (start)"}
 
 
@@ -95,9 +95,10 @@ def run_config(base_params: str | Path, name: str, overrides: Sequence[str], res
     data = apply_overrides(load_yaml(base_params), [
         _override("output_dir", str(root / "runs" / name)),
         _override("cache_dir", str(root / "teacher_cache"))] + as_overrides(overrides))
-    train = data.get("train") or {}
-    uses_teacher = train.get("objective", "dpkd_token") in TEACHER_OBJECTIVES or \
-        train.get("train_on") == "teacher_samples"
+    try:
+        uses_teacher = bool(teacher_use_of(data))  # the objective, the control's pre-train KD, or eval KL
+    except ConfigError as err:
+        raise ConfigError(f"run {name!r} ({base_params} + {' '.join(as_overrides(overrides))}): {err}") from None
     for role, section in (pair or {}).items():
         if section is None:
             data[role] = None
@@ -286,20 +287,62 @@ def _evaluate_model(cfg, name: str, section: dict, results_root: str | Path, *, 
     return summary
 
 
+def pilot_overrides(pilot: dict, *, kl: bool = True) -> list[str]:
+    """What every pilot run evaluates: its split (valid) and its readouts (``pilot.readouts``,
+    eval overrides: greedy and sampled ROUGE-L, NLL and KL on the references). ``kl`` False
+    drops eval.teacher_kl (the teacher itself, or a model with no teacher beside it)."""
+    readouts = dict(pilot.get("readouts") or {})
+    if not kl:
+        readouts.pop("eval.teacher_kl", None)
+    return [f"eval.splits={json.dumps([pilot.get('split', 'valid')])}"] + as_overrides(readouts)
+
+
+def lr_grid_runs(pilot: dict, arms: dict) -> list[tuple[str, list, dict]]:
+    """Each objective alone at its own learning rate, chosen on the pilot's split:
+    ``pilot.lr_grid`` = {"arm": an arm of the params (its common and method overrides),
+    "lrs": [...], "seeds": [...]}; every method of that arm × rate × seed becomes the run
+    ``pilot_lr_<method>_<lr>_s<seed>`` from the pair's start, with `pilot_overrides`."""
+    grid = pilot["lr_grid"]
+    unknown = set(grid) - {"arm", "lrs", "seeds"}
+    if unknown or not {"arm", "lrs"} <= set(grid):
+        raise ConfigError(f"pilot.lr_grid: expected keys arm, lrs (and seeds), got {sorted(grid)}")
+    if grid["arm"] not in arms:
+        raise ConfigError(f"pilot.lr_grid.arm: {grid['arm']!r} is not an arm of the params ({', '.join(arms)})")
+    arm = arms[grid["arm"]]
+    out = []
+    for method, spec in arm["methods"].items():
+        if "train.lr" in (spec.get("overrides") or {}):
+            raise ConfigError(f"pilot.lr_grid: arm {grid['arm']!r} method {method!r} sets train.lr itself; "
+                              f"the grid sets it (remove it from the method's overrides)")
+        for lr in grid["lrs"]:
+            common = dict(arm.get("common") or {}) | {"train.lr": lr}
+            one = {method: dict(spec, seeds=grid.get("seeds", [1]))}
+            for name, ov, labels in method_runs(one, common=common, group="pilot"):
+                key = f"pilot_lr_{method}_{lr:g}"
+                out.append((f"{key}_s{name.rsplit('_s', 1)[1]}", ov + pilot_overrides(pilot),
+                            dict(labels, method=key, start="student_init", objective=method,
+                                 setting=f"lr {lr:g}")))
+    return out
+
+
 def run_pilot(base_params: str | Path, results_root: str | Path, pilot: dict, pair: dict, *,
-              force: bool = False, progress: bool = True) -> None:
+              arms: dict | None = None, force: bool = False, progress: bool = True) -> None:
     """The design pilot of notebook 01, on the validation split only: each candidate starting
     student (``pilot.starts``: student-build overrides), then each method × setting × seed
-    trained from it (``pilot.methods``, ``pilot.settings``, ``pilot.seeds``), and the teacher
-    evaluated on the same split. Runs are named ``pilot_*`` (group "pilot"); read them with
-    report.pilot_table."""
-    split = [f"eval.splits={json.dumps([pilot.get('split', 'valid')])}"]
+    trained from it (``pilot.methods``, ``pilot.settings``, ``pilot.seeds``), the teacher
+    evaluated on the same split, and with ``pilot.lr_grid`` each objective of an arm alone
+    at each learning rate of the grid from the pair's start (`lr_grid_runs`; needs
+    ``arms``). Every run measures ``pilot.readouts`` (`pilot_overrides`). Runs are named
+    ``pilot_*`` (group "pilot"); read them with report.pilot_table."""
+    if "lr_grid" in pilot and arms is None:
+        raise ConfigError("pilot.lr_grid names an arm: pass the params' arms (run_pilot(..., arms=params['arms']))")
+    split = pilot_overrides(pilot)
     starts = [(f"pilot_start_{k}", as_overrides(v) + split,
                {"method": f"pilot_start_{k}", "group": "pilot", "start": k, "label": f"start {k}"})
               for k, v in pilot["starts"].items()]
-    run_grid(base_params, starts, results_root, force=force, progress=progress)
-    evaluate_models(base_params, {"pilot_teacher": pair["teacher"]}, results_root, overrides=split,
-                    force=force, progress=progress)
+    run_grid(base_params, starts, results_root, pair={"teacher": pair["teacher"]}, force=force, progress=progress)
+    evaluate_models(base_params, {"pilot_teacher": pair["teacher"]}, results_root,
+                    overrides=pilot_overrides(pilot, kl=False), force=force, progress=progress)
     for start, _, _ in starts:
         grid = []
         for method, spec in pilot["methods"].items():
@@ -313,4 +356,5 @@ def run_pilot(base_params: str | Path, results_root: str | Path, pilot: dict, pa
         run_grid(base_params, grid, results_root, pair={"teacher": pair["teacher"],
                                                        "student": _saved(Path(results_root) / "runs" / start)},
                  force=force, progress=progress)
-
+    if "lr_grid" in pilot:
+        run_grid(base_params, lr_grid_runs(pilot, arms), results_root, pair=pair, force=force, progress=progress)

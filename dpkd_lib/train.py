@@ -34,10 +34,10 @@ from . import evaluate as eval_lib
 from . import models as model_lib
 from . import objectives as obj_lib
 from . import teacher_cache as tc
-from .choices import TOKEN_OBJECTIVES
-from .config import RunConfig, position_needs, to_dict
+from .choices import TEACHER_SIGNAL_OBJECTIVES
+from .config import RunConfig, position_needs, teacher_use, to_dict
 from .errors import OutOfResources, TrainingFault, human_bytes, is_disk_full, out_of_resources
-from .io import read_json, write_json
+from .io import read_json, read_jsonl, write_json, write_jsonl
 from .rundir import RunDir, free_space, run_id
 from .tokenization import build_tokenizer
 
@@ -119,6 +119,28 @@ def gather_objects(obj) -> list:
     out = [None] * _world()
     dist.all_gather_object(out, obj)
     return out
+
+
+def response_row(ex_id: str, prompt_ids, new_ids, max_new_tokens: int, eos: int) -> dict:
+    """One DPKD-seq response row from a sample's new token ids (`evaluate.generate_ids`: cut
+    before the first EOS). The chosen (teacher) and rejected (student) sides are both made
+    here, under one EOS rule: a sample that ended by EOS (fewer than `max_new_tokens` new
+    ids) keeps its EOS as the last scored token; a sample cut at the limit gets none, so
+    neither side teaches "stop here" where the sampler only ran out of room."""
+    new = [int(i) for i in new_ids]
+    ended = len(new) < max_new_tokens
+    target = new + ([int(eos)] if ended else [])
+    prompt = [int(i) for i in prompt_ids]
+    return {"id": ex_id, "input_ids": prompt + target, "labels": [-100] * len(prompt) + target,
+            "prompt_len": len(prompt), "response_len": len(target), "new_tokens": len(new), "ended": ended}
+
+
+def sample_stats(rows) -> dict:
+    """Mean new tokens, share ended by EOS and share empty (no new token) of `response_row`s."""
+    n = max(len(rows), 1)
+    return {"new_tokens": sum(r["new_tokens"] for r in rows) / n,
+            "ended_share": sum(r["ended"] for r in rows) / n,
+            "empty_share": sum(r["new_tokens"] == 0 for r in rows) / n}
 
 
 class StoppedAtStep(KeyboardInterrupt):
@@ -207,7 +229,9 @@ class Trainer:
         self.data_hash = data_lib.data_hash(self.splits["train"])
         self.teacher_model = None
         samples = t.objective == "seqkd" or t.train_on == "teacher_samples"
-        if samples or t.objective == "dpkd_seq" or (t.objective in TOKEN_OBJECTIVES and t.teacher_mode == "online"):
+        # the teacher in training (an evaluation-only teacher, eval.teacher_kl, is built at the end)
+        signals = t.objective in TEACHER_SIGNAL_OBJECTIVES and bool(teacher_use(cfg, training=True))
+        if samples or t.objective == "dpkd_seq" or (signals and t.teacher_mode == "online"):
             self.on_phase("teacher", self)
             self.teacher_model = self.build("teacher")
         train_records = self.splits["train"]
@@ -226,8 +250,8 @@ class Trainer:
                                                      max_blocks=cfg.data.pretrain_max_blocks)
         self.chosen = {}
         if t.objective == "dpkd_seq":
-            self.setup_dpkd_seq(train_records)
-        if t.objective in TOKEN_OBJECTIVES and t.teacher_mode == "cache":
+            self.setup_dpkd_seq()
+        if signals and t.teacher_mode == "cache":
             self.teacher = self.teacher_signals()
         elif self.teacher_model is not None:
             self.teacher = obj_lib.OnlineTeacher(self.teacher_model)
@@ -321,24 +345,65 @@ class Trainer:
         return tc.load_or_sample(tc.responses_path(self.cfg.cache_dir, key), records, sample,
                                  write=self.is_main)
 
-    def setup_dpkd_seq(self, records) -> None:
-        """DPKD-seq's chosen side: the teacher's response to each training prompt, a batch
-        of its own (the CE term stays on the dataset responses), with the teacher's
-        log-probs of it computed once. A chosen response the filters dropped (too long,
-        say) leaves the reference as chosen."""
-        t = self.cfg.train
-        chosen, _ = self.tokenize(self.teacher_responses(records))
-        self.chosen = {ex["id"]: ex for ex in chosen}
-        self.filter_report["chosen_is_reference"] = sum(ex["id"] not in self.chosen for ex in self.train_set)
-        key = tc.cache_key(**self.teacher_identity, data=data_lib.data_hash(chosen),
-                           average=t.length_normalize)
+    def teacher_sample_ids(self) -> list[list[int]]:
+        """DPKD-seq's chosen side as token ids: the teacher's sample for each training prompt
+        (the tokenised prompt itself, so no decode / re-encode), cut before its first EOS
+        (`generate_ids`). Drawn once per (teacher, prompts, length) with TEACHER_SAMPLE_SEED
+        and kept in the cache folder for every seed and method that needs them."""
+        t, e = self.cfg.train, self.cfg.eval
+        prompts = [ex["input_ids"][: ex["prompt_len"]] for ex in self.train_set]
+        keys = [ex["id"] for ex in self.train_set]
+        key = tc.cache_key(**self.teacher_identity, kind="sample_ids", prompts=data_lib.data_hash(prompts),
+                           ids=keys, seed=TEACHER_SAMPLE_SEED, max_new_tokens=t.seq_max_new_tokens)
+        path = tc.responses_path(self.cfg.cache_dir, key)
+        if path.exists():
+            try:
+                rows = read_jsonl(path)
+                if [r["id"] for r in rows] == keys:
+                    return [r["new_ids"] for r in rows]
+            except Exception as exc:  # noqa: BLE001 - unreadable: sample again
+                log.warning("warning: %s is unreadable (%s): sampling again", path, type(exc).__name__)
+        samples = eval_lib.generate_ids(self.teacher_model, self.tokenizer, prompts,
+                                        max_new_tokens=t.seq_max_new_tokens, batch_size=e.batch_size,
+                                        seed=TEACHER_SAMPLE_SEED, keys=keys, progress=self.progress)
+        if self.is_main:
+            write_jsonl(path, [{"id": k, "new_ids": ids} for k, ids in zip(keys, samples)])
+        return samples
+
+    def setup_dpkd_seq(self) -> None:
+        """DPKD-seq's chosen side: the teacher's sample for each training prompt, built by
+        `response_row` under the same EOS rule as the student's rejected samples, a batch of
+        its own (the CE term stays on the dataset responses), with the teacher's log-probs of
+        it computed once. How many teacher samples ended by EOS (and their lengths) goes to
+        the manifest and the summary: with a short `seq_max_new_tokens` most are cut."""
+        t, eos = self.cfg.train, self.tokenizer.eos_token_id
+        samples = self.teacher_sample_ids()
+        self.chosen = {ex["id"]: response_row(ex["id"], ex["input_ids"][: ex["prompt_len"]], new,
+                                              t.seq_max_new_tokens, eos)
+                       for ex, new in zip(self.train_set, samples)}
+        self.teacher_sample_stats = {f"teacher_sample_{k}": v
+                                     for k, v in sample_stats(list(self.chosen.values())).items()}
+        self.filter_report |= self.teacher_sample_stats
+        rows = list(self.chosen.values())
+        key = tc.cache_key(**self.teacher_identity, data=data_lib.data_hash(rows), average=t.length_normalize)
         self.ref_chosen = tc.load_or_score(
-            tc.scores_path(self.cfg.cache_dir, key),
-            [self.chosen.get(ex["id"], ex) for ex in self.train_set],
+            tc.scores_path(self.cfg.cache_dir, key), rows,
             lambda batch: obj_lib.OnlineTeacher(self.teacher_model).sequence_logps(
                 self.to_device(batch), t.length_normalize),
             self.tokenizer.pad_token_id, write=self.is_main)
         self.rejected = {}
+
+    def dpkd_seq_lengths(self) -> dict:
+        """The response lengths of DPKD-seq's pairs over the run: the teacher's samples (set-up)
+        and the student's rejected samples (the mean of the per-step rows of metrics.jsonl,
+        this process's share of each batch)."""
+        out = dict(self.teacher_sample_stats)
+        path = self.run.file("metrics.jsonl")
+        rows = read_jsonl(path, torn_ok=True) if self.is_main and path.exists() else []
+        for key in ("new_tokens", "ended_share", "empty_share"):
+            values = [r[f"rejected_{key}"] for r in rows if f"rejected_{key}" in r]
+            out[f"rejected_sample_{key}"] = float(np.mean(values)) if values else None
+        return out
 
     # -- batches
     def my_rows(self, index: int) -> list[int]:
@@ -365,7 +430,8 @@ class Trainer:
         """The student's own samples (DPKD-seq's rejected side) for micro-batches index ..
         index + rejected_every - 1, drawn in one batch by the current student ("batch
         on-policy" when rejected_every > 1), with the teacher's log-probs of them."""
-        t, pad, eos = self.cfg.train, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        t, eos = self.cfg.train, self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id
         stop = min(index + t.rejected_every, len(self.schedule))
         wanted = [(j, i) for j in range(index, stop) for i in self.my_rows(j)]
         prompts = [self.train_set[i]["input_ids"][: self.train_set[i]["prompt_len"]] for _, i in wanted]
@@ -373,11 +439,8 @@ class Trainer:
         samples = eval_lib.generate_ids(model, self.tokenizer, prompts, max_new_tokens=t.seq_max_new_tokens,
                                         batch_size=max(len(prompts), 1), seed=t.seed * 7919 + index,
                                         keys=[f"{j}:{i}" for j, i in wanted], progress=False)
-        rows = []
-        for (j, i), p, new in zip(wanted, prompts, samples):
-            new = new + [eos] if len(new) < t.seq_max_new_tokens else new  # ended by EOS: score it
-            rows.append({"id": self.train_set[i]["id"], "input_ids": p + new,
-                         "labels": [-100] * len(p) + new, "prompt_len": len(p)})
+        rows = [response_row(self.train_set[i]["id"], p, new, t.seq_max_new_tokens, eos)
+                for (_, i), p, new in zip(wanted, prompts, samples)]
         teacher = obj_lib.OnlineTeacher(self.teacher_model)
         # length-sorted batches of score_rows' default 16, not eval's (150 on cpu): one padded
         # batch of 64 samples cost the cpu teacher 27.5 s, batches of 16 cost 14.2 s
@@ -390,11 +453,12 @@ class Trainer:
         if index not in self.rejected:
             self.sample_rejected(index)
         rows = [self.train_set[i] for i in self.my_rows(index)]
-        chosen = [self.chosen.get(ex["id"], ex) for ex in rows]
+        chosen = [self.chosen[ex["id"]] for ex in rows]
         rejected, ref_rejected = zip(*self.rejected.pop(index))
         pad = self.tokenizer.pad_token_id
         return {"chosen": self.to_device(data_lib.collate_sft(chosen, pad)),
                 "rejected": self.to_device(data_lib.collate_sft(list(rejected), pad)),
+                "lengths": {"chosen": sample_stats(chosen), "rejected": sample_stats(list(rejected))},
                 "ref_chosen": torch.tensor([self.ref_chosen[ex["id"]] for ex in chosen],
                                            device=self.accelerator.device),
                 "ref_rejected": torch.tensor(ref_rejected, device=self.accelerator.device)}
@@ -524,8 +588,12 @@ class Trainer:
 
     def final_eval(self) -> dict:
         model = self.accelerator.unwrap_model(self.student)
+        teacher = None
+        if self.cfg.eval.teacher_kl:  # the run's teacher, or built now (cached or evaluation-only teacher)
+            teacher = self.teacher_model if self.teacher_model is not None else \
+                eval_lib.eval_teacher(self.cfg, self.tokenizer, self.accelerator.device)
         rows, summary = eval_lib.evaluate_splits(model, self.tokenizer, self.splits, self.cfg.eval,
-                                                 self.cfg.data, progress=self.progress)
+                                                 self.cfg.data, progress=self.progress, teacher=teacher)
         self.run.write_jsonl("eval.jsonl", rows)
         return summary
 
@@ -596,7 +664,8 @@ def _train(tr: Trainer, asked: dict) -> dict:
                 bad = parts
                 break
             if probe and micro == 0:  # where the update comes from (extra backward passes)
-                parts |= obj_lib.gradient_split(out.terms, tr.student.parameters())
+                parts |= obj_lib.gradient_split(out.terms, tr.student.parameters(), tr.optimizer,
+                                                  clip=t.clip_grad, scale=1.0 / t.grad_accum)
             tr.on_phase("backward", tr)
             tr.accelerator.backward(out.total / t.grad_accum)
             logs.append(parts | {"loss": out.total.item()})
@@ -655,6 +724,8 @@ def _train(tr: Trainer, asked: dict) -> dict:
         tr.fault(f"the weights are not finite after {step} steps ({tr.skipped} skipped)")
     summary = {"objective": t.objective, "steps": step, "skipped_batches": tr.skipped,
                "seed": t.seed, "run_id": run_id(tr.params)}
+    if t.objective == "dpkd_seq":
+        summary |= tr.dpkd_seq_lengths()
     tr.on_phase("valid", tr)
     summary |= tr.valid_metrics()
     if not math.isfinite(summary["valid_nll"] if summary["valid_nll"] is not None else 0.0):

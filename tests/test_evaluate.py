@@ -526,6 +526,35 @@ def test_evaluate_generations_exact_match_and_prompt_fn(tokenizer):
                                 prompt_fn=lambda ex: ex["instruction"])
 
 
+def test_response_length_rows_and_summary(tokenizer):
+    """Every evaluation reports response length: per row the new tokens, whether the model
+    stopped by EOS and whether it said nothing; per seed and in the summary the mean new
+    tokens, the share ended by EOS and the share empty. A head that draws EOS or "the" with
+    probability 1/2 each gives all three kinds of response (empty, ended, cut at the limit)."""
+    vocab = len(tokenizer)
+    (word,) = tokenizer("the", add_special_tokens=False)["input_ids"]
+    bias = torch.full((vocab,), -30.0)
+    bias[word] = bias[tokenizer.eos_token_id] = 0.0
+    model = _fixed_head(_llama(vocab, seed=6), bias)
+    examples = [{"id": i, "prompt": p, "references": ["the"]} for i, p in enumerate(PROMPTS)]
+    limit = 3
+    rows, summary = ev.evaluate_generations(model, tokenizer, examples, seeds=(1, 2, 3), max_new_tokens=limit,
+                                            progress=False)
+    for r in rows:
+        assert r["response_tokens"] == r["sample"].count("the") <= limit
+        assert r["ended_eos"] == (r["response_tokens"] < limit) == (not r["truncated"])
+        assert r["empty"] == (r["response_tokens"] == 0) == (r["sample"] == "")
+    kinds = {("empty" if r["empty"] else "ended" if r["ended_eos"] else "cut") for r in rows}
+    assert kinds == {"empty", "ended", "cut"}
+    for per_seed in summary["per_seed"]:
+        mine = [r for r in rows if r["seed"] == per_seed["seed"]]
+        assert per_seed["response_tokens"] == pytest.approx(statistics.mean(r["response_tokens"] for r in mine))
+        assert per_seed["ended_rate"] == pytest.approx(statistics.mean(r["ended_eos"] for r in mine))
+        assert per_seed["empty_rate"] == pytest.approx(statistics.mean(r["empty"] for r in mine))
+    for key, field in (("response_tokens", "response_tokens"), ("ended_rate", "ended_eos"), ("empty_rate", "empty")):
+        assert summary[key] == pytest.approx(statistics.mean(r[field] for r in rows))
+
+
 def test_jsonl_writes_are_atomic_and_strict(tmp_path):
     path = tmp_path / "eval.jsonl"
     write_jsonl(path, [{"id": 1, "sample": "é"}])
@@ -572,6 +601,9 @@ def test_evaluate_splits_flat_summary(tokenizer, llama):
     assert summary["test_n"] == 2 and summary["test_sample_n"] == 2
     assert summary["test_rouge_l"] == summary["eval"]["test"]["greedy"]["rouge_l"]
     assert summary["test_sample_rouge_l"] == summary["eval"]["test"]["sample"]["rouge_l"]
+    for key in ("response_tokens", "ended_rate", "empty_rate"):   # length beside ROUGE-L, each decoding
+        assert summary[f"test_{key}"] == summary["eval"]["test"]["greedy"][key]
+        assert summary[f"test_sample_{key}"] == summary["eval"]["test"]["sample"][key]
     cfg.sample_max_examples = 1   # sampling on the first example only: greedy and teacher forcing keep both
     rows1, summary1 = ev.evaluate_splits(llama, tokenizer, splits, cfg, data_cfg, progress=False)
     assert summary1["test_sample_n"] == 1 and summary1["test_n"] == 2
@@ -584,3 +616,44 @@ def test_evaluate_splits_flat_summary(tokenizer, llama):
     tf = by("teacher_forced")
     assert summary["test_nll"] == pytest.approx(sum(r["nll_sum"] for r in tf) / sum(r["n_tokens"] for r in tf))
     assert summary["test_token_acc"] == pytest.approx(sum(r["correct"] for r in tf) / sum(r["n_tokens"] for r in tf))
+
+
+def test_teacher_kl_against_brute_force(tokenizer, llama):
+    """KL(teacher ‖ student) on the references, per prompt the mean over its response
+    positions of Σ_v p(v|h)·log(p(v|h)/q(v|h)), against a loop over each example alone on
+    the full logits; the summary's kl is the mean over prompts; a model against itself is 0."""
+    from types import SimpleNamespace
+
+    from dpkd_lib.data import build_sft_dataset
+    teacher = _gpt2(len(tokenizer), seed=3)
+    teacher.train()   # dropout on: the metric must switch it off (and restore the mode)
+    records = [{"id": f"r{i}", "instruction": ins, "context": "", "response": resp}
+               for i, (ins, resp) in enumerate([("Name a colour.", "Red"), ("Where is the cat?", "on the mat"),
+                                                ("Capital of France?", "Paris is the capital of France."),
+                                                ("the dog", "lay on the rug")])]
+    data_cfg = SimpleNamespace(max_length=256, max_prompt=128)
+    out = ev.reference_metrics(llama, tokenizer, records, data_cfg, batch_size=3, teacher=teacher)
+    dataset, _ = build_sft_dataset(records, tokenizer, max_length=256, max_prompt=128)
+    assert teacher.training
+    teacher.eval()
+    brute = []
+    with torch.no_grad():
+        for ex, row in zip(dataset, out["per_example"]):
+            ids = torch.tensor([ex["input_ids"]])
+            p = torch.softmax(teacher(input_ids=ids).logits[0].double(), -1)
+            q = torch.softmax(llama(input_ids=ids).logits[0].double(), -1)
+            kls = [sum(float(p[i, v] * (p[i, v].log() - q[i, v].log())) for v in range(p.shape[1]))
+                   for i in range(ex["prompt_len"] - 1, len(ex["input_ids"]) - 1)]
+            assert row["id"] == ex["id"] and row["kl"] == pytest.approx(sum(kls) / len(kls), rel=1e-4)
+            brute.append(sum(kls) / len(kls))
+    assert out["kl"] == pytest.approx(sum(brute) / len(brute), rel=1e-4)
+    assert ev.reference_metrics(llama, tokenizer, records, data_cfg, teacher=llama)["kl"] == pytest.approx(0, abs=1e-6)
+    cfg = SimpleNamespace(splits=["test"], max_examples=0, greedy=False, sample_seeds=[], teacher_forced=True,
+                          teacher_kl=True, batch_size=4, max_new_tokens=4, temperature=1.0, sample_max_examples=0,
+                          top_k=0, top_p=1.0, no_repeat_ngram_size=0)
+    rows, summary = ev.evaluate_splits(llama, tokenizer, {"test": records}, cfg, data_cfg, progress=False,
+                                       teacher=teacher)
+    assert summary["test_kl"] == pytest.approx(out["kl"], rel=1e-5)
+    assert [r["kl"] for r in rows] == pytest.approx([r["kl"] for r in out["per_example"]], rel=1e-5)
+    with pytest.raises(ValueError, match="teacher_kl needs the teacher"):
+        ev.evaluate_splits(llama, tokenizer, {"test": records}, cfg, data_cfg, progress=False)

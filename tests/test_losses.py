@@ -759,3 +759,31 @@ def test_topk_forward_kl_small_k(chunk_size):
         assert 0 <= float(kl_fn(s.float())) <= float(full_kl) + 1e-6
         full_ce = L.soft_cross_entropy(s.float(), t.float(), y, temperature=1.2)
         assert float(ce_fn(s.float())) <= float(full_ce) + 1e-6
+
+
+@pytest.mark.parametrize("reference_free", [False, True])
+def test_token_reward_stats_follow_reference_free(reference_free):
+    """The logged token rewards are the ones the loss uses: β·(log q − log p) with the
+    teacher, β·log q without it (reference_free, and the loss types that ignore the
+    reference). They used to be measured against the teacher whatever reference_free said."""
+    from types import SimpleNamespace
+
+    from dpkd_lib.objectives import token_reward_stats
+    pc, pr = torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-3.0, -0.5, -0.5])
+    rc, rr = torch.tensor([-0.2, -4.0, -1.0]), torch.tensor([-2.5, -1.0, -1.0])
+    ids_c, ids_r = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 3])
+    lp = L.TokenPreferenceLogps(pc, pr, rc, rr, ids_c, ids_r)
+    beta = 0.5
+    t = SimpleNamespace(beta=beta, loss_type="sigmoid", label_smoothing=0.0, reference_free=reference_free)
+    out = token_reward_stats(t, lp)
+    ref_c, ref_r = (0 * rc, 0 * rr) if reference_free else (rc, rr)
+    want_c, want_r = beta * (pc - ref_c), beta * (pr - ref_r)
+    assert out["reward_chosen"] == pytest.approx(float(want_c.mean()))
+    assert out["reward_rejected"] == pytest.approx(float(want_r.mean()))
+    assert out["reward_margin"] == pytest.approx(float((want_c - want_r).mean()))
+    # accuracy over the positions where the tokens differ (the first two)
+    assert out["reward_accuracy"] == pytest.approx(float((want_c > want_r)[:2].float().mean()))
+    # the rewards differ between the two settings on these numbers: the test can tell them apart
+    assert (beta * (pc - rc)).mean() != pytest.approx(float((beta * pc).mean()))
+    simpo = SimpleNamespace(beta=beta, loss_type="simpo", label_smoothing=0.0, gamma=0.0, reference_free=False)
+    assert token_reward_stats(simpo, lp)["reward_chosen"] == pytest.approx(float((beta * pc).mean()))

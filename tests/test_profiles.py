@@ -15,7 +15,7 @@ import pytest
 
 from dpkd_lib import models, runs, standins
 from dpkd_lib.choices import OBJECTIVES, TEACHER_OBJECTIVES, TOKEN_OBJECTIVES
-from dpkd_lib.config import load_yaml
+from dpkd_lib.config import load_yaml, teacher_use
 from dpkd_lib.tokenization import build_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,8 +43,8 @@ def resolved(base: str, tmp: Path) -> list:
     base_has_teacher = bool(load_yaml(ROOT / base).get("teacher"))
     out = []
     for objective, extra in variants():
-        pair = None
-        if objective in TEACHER_OBJECTIVES and not base_has_teacher:
+        pair = None   # runs.run_config gives the pair's teacher only to the runs that use it
+        if not base_has_teacher:
             pair = {"teacher": BUILT_TEACHER[profile]}
         name = f"{objective}{'_cache' if extra else ''}_s1"
         out.append(runs.run_config(ROOT / base, name, [f"train.objective={objective}",
@@ -58,8 +58,10 @@ def test_every_base_and_every_objective_resolves(tmp_path):
             "params/smoke/base_train.yaml"} <= set(BASES)
     for base in BASES:
         for cfg in resolved(base, tmp_path):
-            uses_teacher = cfg.train.objective in TEACHER_OBJECTIVES
+            uses_teacher = bool(teacher_use(cfg))
             assert (cfg.teacher is not None) == uses_teacher, (base, cfg.train.objective)
+            if cfg.train.objective in TEACHER_OBJECTIVES:
+                assert uses_teacher
             assert Path(cfg.output_dir).parent == tmp_path / "runs"
 
 
@@ -116,3 +118,47 @@ def test_offline_profiles_train_a_step(tmp_path, base, objective, extra):
     summary = train(cfg, progress=False)
     assert summary["steps"] == 1 and summary["objective"] == objective
     assert (Path(cfg.output_dir) / "model").exists()
+
+
+@pytest.mark.parametrize("profile", ["smoke", "cpu"])
+def test_notebook_01_pilot_and_arms_resolve(tmp_path, profile):
+    """Notebook 01's declared runs resolve on the profile's base: every arm's methods (the
+    control no_distill among them, with the same kd_ratio and lm_coef as the mix), the pilot's
+    readouts on the valid split, and the learning-rate grid of each objective alone
+    (runs.lr_grid_runs: every method of the arm at every rate, nothing else changed)."""
+    from dpkd_lib import study
+    from dpkd_lib.config import ConfigError
+    params = study.load_params(ROOT / "params", profile, "01_gpt2_120m")
+    base, pilot, arms = ROOT / params["base_params"], params["pilot"], params["arms"]
+    pair = {"teacher": BUILT_TEACHER[profile]}
+    released = {}
+    for arm_name, arm in arms.items():
+        for name, ov, labels in runs.arm_runs(arm_name, arm):
+            cfg = runs.run_config(base, name, ov, tmp_path, pair)
+            if arm_name == "released":
+                released[cfg.train.objective] = cfg
+    control, dpkd = released["no_distill"], released["dpkd_token"]
+    assert control.teacher is not None and (control.train.kd_ratio, control.train.lm_coef) == \
+        (dpkd.train.kd_ratio, dpkd.train.lm_coef) and control.train.lr == dpkd.train.lr
+    split = runs.pilot_overrides(pilot)
+    readouts = runs.run_config(base, "pilot_x", ["train.objective=sft", *split], tmp_path, pair)
+    assert readouts.eval.splits == ["valid"] and readouts.eval.teacher_kl and readouts.teacher is not None
+    assert len(readouts.eval.sample_seeds) >= 2
+    assert "eval.teacher_kl" not in " ".join(runs.pilot_overrides(pilot, kl=False))
+    if "lr_grid" not in pilot:
+        return
+    grid = pilot["lr_grid"]
+    specs = runs.lr_grid_runs(pilot, arms)
+    arm = arms[grid["arm"]]
+    assert len(specs) == len(arm["methods"]) * len(grid["lrs"]) * len(grid.get("seeds", [1]))
+    seen = set()
+    for name, ov, labels in specs:
+        cfg = runs.run_config(base, name, ov, tmp_path, pair)
+        assert cfg.train.lr in grid["lrs"] and cfg.eval.splits == ["valid"] and cfg.eval.teacher_kl
+        alone = runs.run_config(base, "same", [o for o in ov if not o.startswith(("train.lr=", "eval."))], tmp_path, pair)
+        assert alone.train.objective == cfg.train.objective and alone.train.kd_ratio == cfg.train.kd_ratio
+        seen.add((labels["objective"], cfg.train.lr))
+    assert len(seen) == len(arm["methods"]) * len(grid["lrs"])
+    bad = dict(pilot, lr_grid=dict(grid, arm="nowhere"))
+    with pytest.raises(ConfigError, match="not an arm"):
+        runs.lr_grid_runs(bad, arms)

@@ -6,7 +6,7 @@ import pytest
 
 from dpkd_lib import runs, study
 from dpkd_lib.choices import TEACHER_OBJECTIVES
-from dpkd_lib.config import ConfigError, parse_slice
+from dpkd_lib.config import ConfigError, parse_slice, teacher_use
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES = ("smoke", "cpu", "cpu_full", "paper", "colab")
@@ -81,7 +81,7 @@ def test_every_notebook_run_of_every_profile_resolves(profile, tmp_path):
     assert out["arms"] and all(c.train.max_steps > 0 for c in out["arms"].values())
     for cfg in out["arms"].values():
         uses = cfg.train.objective in TEACHER_OBJECTIVES or cfg.train.train_on == "teacher_samples"
-        assert (cfg.teacher is not None) == uses
+        assert (cfg.teacher is not None) == (uses or bool(teacher_use(cfg)))   # no_distill: its pre-train KD
     assert all(c.student.lora for c in out.get("lora", []))
     declared = {m for pair in main["primary"]["comparisons"] for m in pair}
     released = set(main["arms"]["released"]["methods"])
@@ -122,7 +122,8 @@ def test_the_offline_design(profile, tmp_path):
             assert c.train.lm_coef == 0.0 and (c.train.objective == "sft" or c.train.kd_ratio == 1.0)
     if profile == "cpu":
         assert set(main["arms"]) == {"released", "alone"}
-        assert set(seeds) == {"sft", "kd", "dpkd_token", "dpkd_seq"}, "RKL / JSD / SeqKD: cpu_full only"
+        assert set(seeds) == {"sft", "kd", "dpkd_token", "dpkd_seq", "no_distill"}, "RKL / JSD / SeqKD: cpu_full only"
+        assert len(seeds["no_distill"]) >= 3   # the mix's control, seeded like the mix
     if profile == "cpu_full":
         assert {"rkl", "jsd", "seqkd"} <= set(seeds)
     if profile in ("cpu", "cpu_full"):

@@ -11,7 +11,7 @@ from dpkd_lib.train import Trainer, lr_at, train
 
 from test_config import SMOKE
 
-from dpkd_lib.choices import DISTILL_OBJECTIVES, OBJECTIVES, SAMPLING_OBJECTIVES
+from dpkd_lib.choices import DISTILL_OBJECTIVES, OBJECTIVES, SAMPLING_OBJECTIVES, TEACHER_OBJECTIVES
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def sft_teacher(tmp_path_factory):
 def fixed_batch_cfg(tmp_path, objective, *extra, teacher=None):
     """Four training examples and batch 4: every step sees the same batch."""
     saved = ['teacher={"source": "saved", "name_or_path": "%s"}' % teacher] if teacher else []
-    if objective == "sft":
+    if objective not in TEACHER_OBJECTIVES:   # sft; no_distill without a pre-train term here
         saved = ["teacher=null"]
     return load_config(SMOKE, [*saved,
         f"output_dir={tmp_path / objective}", f"train.objective={objective}",
@@ -83,6 +83,40 @@ def test_step_loss_is_the_documented_mix(tmp_path, objective):
     out, _ = trainer.step_loss(0)
     assert set(out.terms) == {"distill", "pt_ce"} and "pt_kd" not in out.parts
     assert out.total.item() == pytest.approx(out.parts["distill"] + 0.7 * out.parts["pt_ce"], rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["online", "cache"])
+def test_no_distill_is_the_mix_with_its_distillation_slot_empty(tmp_path, mode):
+    """The control of the released mix: the same CE and pre-train terms, with the same
+    weights, as a distillation objective's step on the same batch, and no distillation
+    term; with Algorithm 1's settings (kd_ratio 1, pretrain_loss ce) it is the pre-train CE
+    alone and needs no teacher. A control with no term at all is refused."""
+    from dpkd_lib.config import ConfigError
+    cache = ["train.teacher_mode=cache"] if mode == "cache" else []
+    outs = {}
+    for objective in ("dpkd_token", "no_distill"):
+        tr = Trainer(load_config(SMOKE, [f"output_dir={tmp_path / objective}", f"cache_dir={tmp_path / 'cache'}",
+                                         f"train.objective={objective}", "train.kd_ratio=0.3", "train.lm_coef=0.7",
+                                         *cache]), progress=False)
+        tr.setup()
+        outs[objective] = tr.step_loss(0)[0]
+    full, control = outs["dpkd_token"], outs["no_distill"]
+    assert set(control.terms) == {"ce", "pt_ce", "pt_kd"} and "distill" not in control.parts
+    for name in ("ce", "pt_ce", "pt_kd"):
+        assert control.terms[name].item() == pytest.approx(full.terms[name].item(), rel=1e-6)
+    assert control.total.item() == pytest.approx(full.total.item() - 0.3 * full.parts["distill"], rel=1e-5)
+    alg1 = load_config(SMOKE, [f"output_dir={tmp_path / 'alg1'}", "train.objective=no_distill", "teacher=null",
+                               "train.kd_ratio=1.0", "train.lm_coef=0.7", "train.pretrain_loss=ce"])
+    tr = Trainer(alg1, progress=False)
+    tr.setup()
+    out = tr.step_loss(0)[0]
+    assert set(out.terms) == {"pt_ce"} and tr.teacher_model is None
+    assert out.total.item() == pytest.approx(0.7 * out.parts["pt_ce"], rel=1e-6)
+    with pytest.raises(ConfigError, match="no term at all"):
+        load_config(SMOKE, ["train.objective=no_distill", "teacher=null", "train.kd_ratio=1.0", "train.lm_coef=0.0",
+                            "data.pretrain_source=none"])
+    with pytest.raises(ConfigError, match="needs a teacher section"):
+        load_config(SMOKE, ["train.objective=no_distill", "teacher=null"])
 
 
 @pytest.mark.parametrize("objective", ["dpkd_token", "kd", "rkl", "jsd"])
@@ -205,18 +239,74 @@ def test_dpkd_seq_keeps_ce_on_the_dataset_and_the_teacher_response_as_chosen(tmp
     tok_out, tok_ids = tok.step_loss(0)
     assert list(ids) == list(tok_ids)
     assert seq_out.parts["ce"] == pytest.approx(tok_out.parts["ce"], rel=1e-6)
-    teacher_rows = {r["id"]: r["response"] for r in seq.teacher_responses(seq.splits["train"])}
-    chosen = seq.tokenizer.batch_decode(torch.where(seen["chosen"]["labels"] == -100, seq.tokenizer.pad_token_id,
-                                                    seen["chosen"]["labels"]), skip_special_tokens=True)
+    samples = dict(zip([ex["id"] for ex in seq.train_set], seq.teacher_sample_ids()))
     dataset = {ex["id"]: ex for ex in seq.train_set}
-    for i, text in zip(ids, chosen):
-        assert text.strip() == teacher_rows[i].strip()
+    for row, i in enumerate(ids):   # the chosen response is the teacher's sample, token for token
+        labels = seen["chosen"]["labels"][row]
+        new = samples[i]
+        assert labels[labels != -100].tolist()[: len(new)] == new
         assert seq.chosen[i]["input_ids"] != dataset[i]["input_ids"]
+        assert seen["chosen"]["input_ids"][row, : dataset[i]["prompt_len"]].tolist() == \
+            dataset[i]["input_ids"][: dataset[i]["prompt_len"]]
     # the precomputed teacher log-probs are the teacher's log-probs of those chosen rows
     online = obj_lib.OnlineTeacher(seq.teacher_model).sequence_logps(seen["chosen"], True)
     assert torch.allclose(seen["ref_chosen"], online, atol=1e-5)
     assert torch.allclose(seen["ref_rejected"],
                           obj_lib.OnlineTeacher(seq.teacher_model).sequence_logps(seen["rejected"], True), atol=1e-5)
+
+
+def _check_eos_rule(batch, eos: int, limit: int) -> list[bool]:
+    """Each row of a DPKD-seq side: a response that ends in EOS has fewer than `limit` tokens
+    before it and no other EOS; one without EOS has exactly `limit` tokens (it was cut).
+    Returns whether each row ended by EOS."""
+    ended = []
+    for labels in batch["labels"]:
+        resp = labels[labels != -100].tolist()
+        assert eos not in resp[:-1], resp
+        if resp[-1] == eos:
+            assert len(resp) - 1 < limit, f"a response of {len(resp) - 1} tokens ended by EOS at limit {limit}"
+            ended.append(True)
+        else:
+            assert len(resp) == limit, resp
+            ended.append(False)
+    return ended
+
+
+def test_dpkd_seq_chosen_and_rejected_follow_one_eos_rule(tmp_path, monkeypatch):
+    """Both sides of DPKD-seq's pair come from the same rule: a sample that stopped on its
+    own keeps its EOS, a sample cut at seq_max_new_tokens gets none (the teacher's cut
+    samples used to be re-tokenised with an EOS, so "stop within the limit" was the
+    preference learned). Half the samples are stopped early here (as if the model had
+    drawn EOS) so both cases occur on both sides; the summary reports the teacher's and the
+    student's shares."""
+    import dpkd_lib.train as train_mod
+    original = train_mod.eval_lib.generate_ids
+
+    def some_stop_early(model, tok, prompts, **k):
+        out = original(model, tok, prompts, **k)
+        return [ids[: j % 3] if j % 2 else ids for j, ids in enumerate(out)]
+    monkeypatch.setattr(train_mod.eval_lib, "generate_ids", some_stop_early)
+    limit = 4
+    cfg = load_config(SMOKE, [f"output_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}",
+                              "train.objective=dpkd_seq", f"train.seq_max_new_tokens={limit}",
+                              "train.batch_size=8", "train.max_steps=2", "eval.splits=[]", "train.save_every=0"])
+    tr = Trainer(cfg, progress=False)
+    tr.setup()
+    pair = tr.dpkd_seq_pair(0)
+    eos = tr.tokenizer.eos_token_id
+    for side in ("chosen", "rejected"):
+        ended = _check_eos_rule(pair[side], eos, limit)
+        assert True in ended and False in ended, (side, ended)
+        assert pair["lengths"][side]["ended_share"] == pytest.approx(sum(ended) / len(ended))
+    stats = tr.teacher_sample_stats
+    rows = list(tr.chosen.values())
+    assert stats["teacher_sample_ended_share"] == pytest.approx(sum(r["ended"] for r in rows) / len(rows))
+    assert 0 < stats["teacher_sample_ended_share"] < 1 and stats["teacher_sample_empty_share"] > 0
+    summary = train(cfg, progress=False)
+    for who in ("teacher_sample", "rejected_sample"):
+        assert 0 < summary[f"{who}_ended_share"] < 1 and 0 < summary[f"{who}_new_tokens"] <= limit
+    metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert all("rejected_ended_share" in r and "chosen_new_tokens" in r for r in metrics)
 
 
 def test_dpkd_seq_batch_on_policy_samples_every_k_steps(tmp_path, monkeypatch):
@@ -231,8 +321,10 @@ def test_dpkd_seq_batch_on_policy_samples_every_k_steps(tmp_path, monkeypatch):
                               "train.objective=dpkd_seq", "train.seq_max_new_tokens=6", "train.max_steps=5",
                               "train.rejected_every=2", "eval.splits=[]", "train.save_every=0"])
     train(cfg, progress=False)
-    # 96: the teacher's responses (chosen side), once; then batch 4: steps (1, 2), (3, 4), (5)
-    assert calls == [96, 8, 8, 4]
+    # the teacher's samples (chosen side) for every kept training prompt, once; then batch 4:
+    # steps (1, 2), (3, 4), (5)
+    kept = read_json(tmp_path / "run" / "manifest.json")["filter_report"]["kept"]
+    assert calls == [kept, 8, 8, 4] and kept > 8
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert len(rows) == 5 and all(math.isfinite(r["loss"]) and r["rejected_len"] >= 1 for r in rows)
 
@@ -255,7 +347,8 @@ def test_teacher_responses_are_sampled_once_and_shared_by_every_seed(tmp_path, m
         responses[name] = [r["response"] for r in tr.teacher_responses(tr.splits["train"])]
     assert calls == [train_mod.TEACHER_SAMPLE_SEED] * 2     # drawn for length 8 once, then for 6
     assert responses["a"] == responses["b"] == responses["c"] != responses["d"]
-    assert len(list((tmp_path / "cache" / "responses").glob("*.jsonl"))) == 2
+    # 2 text sets (length 8 and 6) and DPKD-seq's token ids at length 8, shared by seeds 1 and 2
+    assert len(list((tmp_path / "cache" / "responses").glob("*.jsonl"))) == 3
 
 
 @pytest.mark.parametrize("mode", ["online", "topk"])
@@ -320,7 +413,12 @@ def test_every_setting_is_used_or_refused(tmp_path, objective):
     for name, needs, probe in PROBES:
         overrides = [f"train.{k}={v}" for k, v in {**needs, **probe}.items()]
         try:
-            load_config(SMOKE, base + overrides)
+            try:
+                load_config(SMOKE, base + overrides)
+            except ConfigError as err:   # the control's pre-train KD gone: its teacher goes too
+                if "does not use a teacher" not in str(err):
+                    raise
+                load_config(SMOKE, base + overrides + ["teacher=null"])
             accepted = True
         except ConfigError as err:
             assert "is not used" in str(err), (name, str(err))
@@ -386,3 +484,66 @@ def test_gradient_split_against_float64_and_exact_for_one_large_term():
     big = torch.nn.Parameter(torch.randn(4_000_000) * torch.rand(4_000_000) ** 8)
     one = gradient_split({"only": (big * big.detach()).sum()}, [big])
     assert one["gcos_only"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_adam_share_against_a_hand_computed_preconditioner():
+    """Each term's share of the AdamW update: its gradient through the preconditioner of this
+    step, 1/(sqrt(v̂) + eps) with v̂ = (β2·v + (1-β2)·G²)/(1-β2^(t+1)), G the step's clipped
+    gradient, projected on the preconditioned total. Checked against Adam's second moment
+    kept by hand over three real AdamW steps, at the first step (no state: v̂ = G²), with and
+    without clipping. A term with a small raw gradient on weights Adam has barely moved can
+    take a large share of the update; the raw share does not show it."""
+    from dpkd_lib.objectives import gradient_split
+
+    torch.manual_seed(1)
+    w = torch.nn.Parameter(torch.randn(6))
+    v = torch.nn.Parameter(torch.randn(3))
+    x = torch.randn(6)
+
+    def terms():
+        return {"big": 10.0 * ((w * x).sum() - 1.0) ** 2 + (v[0] - 0.5) ** 2,
+                "small": 1e-3 * (v[1:] ** 2).sum() + 0.01 * w[:2].sum()}
+
+    b2, eps = 0.99, 1e-8
+    opt = torch.optim.AdamW([{"params": [w], "weight_decay": 0.1}, {"params": [v], "weight_decay": 0.0}],
+                            lr=1e-2, betas=(0.9, b2), eps=eps)
+
+    def flat_grads(t):
+        return {n: torch.cat([g.reshape(-1) for g in torch.autograd.grad(val, [w, v], retain_graph=True)]).double()
+                for n, val in t.items()}
+
+    def check(out, g, second_moment, steps, clip):
+        total = sum(g.values())
+        c = min(1.0, clip / float(total.norm())) if clip else 1.0
+        v_hat = (b2 * second_moment + (1 - b2) * (c * total) ** 2) / (1 - b2 ** (steps + 1))
+        precond = 1.0 / (v_hat.sqrt() + eps)
+        u = {n: precond * c * gi for n, gi in g.items()}
+        u_total = precond * c * total
+        assert out["adam_norm_total"] == pytest.approx(float(u_total.norm()), rel=1e-6)
+        for n in g:
+            assert out[f"adam_share_{n}"] == pytest.approx(float(u[n] @ u_total / (u_total @ u_total)), rel=1e-6)
+            assert out[f"adam_norm_{n}"] == pytest.approx(float(u[n].norm()), rel=1e-6)
+            assert out[f"grad_share_{n}"] == pytest.approx(float(g[n] @ total / (total @ total)), rel=1e-6)
+        assert sum(out[f"adam_share_{n}"] for n in g) == pytest.approx(1.0)
+        assert sum(out[f"grad_share_{n}"] for n in g) == pytest.approx(1.0)
+        return out
+
+    t = terms()
+    g = flat_grads(t)
+    zero = torch.zeros(9, dtype=torch.float64)
+    check(gradient_split(t, [w, v], opt), g, zero, 0, 0.0)   # no state yet: v̂ = G², a sign step
+    second_moment = zero.clone()
+    for step in range(1, 4):
+        opt.zero_grad()
+        t = terms()
+        sum(t.values()).backward()
+        grad = torch.cat([w.grad.reshape(-1), v.grad.reshape(-1)]).double()
+        second_moment = b2 * second_moment + (1 - b2) * grad * grad
+        opt.step()
+    t = terms()
+    g = flat_grads(t)
+    out = check(gradient_split(t, [w, v], opt), g, second_moment, 3, 0.0)
+    assert out["adam_share_small"] > 5 * out["grad_share_small"]   # the preconditioner matters here
+    clip = 0.1 * float(sum(g.values()).norm())                     # a clipped step weighs G less in v̂
+    clipped = check(gradient_split(t, [w, v], opt, clip=clip), g, second_moment, 3, clip)
+    assert clipped["adam_share_small"] != pytest.approx(out["adam_share_small"], rel=1e-3)
