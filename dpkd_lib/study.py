@@ -94,6 +94,12 @@ class NotebookConfig:
     def get(self, name: str, default=None):
         return self.params.get(name, default)
 
+    def __getitem__(self, name: str):      # cfg["arms"] reads like cfg.arms
+        return self.params[name] if name in self.params else getattr(self, name)
+
+    def keys(self):
+        return [*self.params, "results_root"]
+
     def __repr__(self) -> str:
         return f"NotebookConfig({self.params_file}, results in {self.results_root})"
 
