@@ -219,23 +219,18 @@ def describe_data(base: dict) -> str:
     return f"{source} records ({d.get('path', '')})"
 
 
-def runs_here(profile: str, stem: str, params_dir: str | os.PathLike = "params") -> str:
-    """The sentence each notebook's title cell and setup line carry, generated from the
-    params: '01_gpt2_120m runs a SmolLM2-135M-Instruct teacher ... in the cpu profile'."""
+def describe_setup(profile: str, stem: str, params_dir: str | os.PathLike = "params") -> dict:
+    """{teacher, student, data} of a notebook in a profile, in words, from its params (and
+    notebook 01's pair where it reuses it); {} for a notebook that trains nothing."""
     from .config import load_yaml
     params_dir = Path(params_dir)
     params = load_params(params_dir, profile, stem)
-    if "skip" in params:
-        return f"{stem} is skipped in the {profile} profile ({params['skip']})."
-    if "base_params" not in params:
-        if "steps" in params:
-            return f"{stem} needs no model: toy distributions, the same in every profile."
-        return f"{stem} reads only results/{profile}/ (the runs of 01-03) and needs no model."
+    if "skip" in params or "base_params" not in params:
+        return {}
     base = load_yaml(params_dir.parent / params["base_params"])
     pair = params.get("pair")
     if pair is None and params.get("use_built_pair"):
-        return (f"{stem} runs in the {profile} profile on notebook 01's teacher and starting "
-                f"student; data: {describe_data(base)}.")
+        pair = load_params(params_dir, profile, "01_gpt2_120m").get("pair")
     if pair is None:
         roles = {role: dict(base.get(role) or {}) for role in ("teacher", "student")}
         for key, value in (params.get("common") or {}).items():   # e.g. 02's teacher.quantization
@@ -243,8 +238,64 @@ def runs_here(profile: str, stem: str, params_dir: str | os.PathLike = "params")
             if role in roles and "." not in field:
                 roles[role][field] = value
         pair = {role: {"model": section} for role, section in roles.items()}
-    return (f"{stem} runs in the {profile} profile: teacher {_describe_role(pair['teacher'])}; "
-            f"student {_describe_role(pair['student'])}; data: {describe_data(base)}.")
+    return {"teacher": _describe_role(pair["teacher"]), "student": _describe_role(pair["student"]),
+            "data": describe_data(base)}
+
+
+def runs_here(profile: str, stem: str, params_dir: str | os.PathLike = "params") -> str:
+    """The sentence each notebook's title cell and setup line carry, generated from the
+    params: '01_gpt2_120m runs in the cpu profile: teacher SmolLM2-135M-Instruct + ...'."""
+    params = load_params(Path(params_dir), profile, stem)
+    if "skip" in params:
+        return f"{stem} is skipped in the {profile} profile ({params['skip']})."
+    setup = describe_setup(profile, stem, params_dir)
+    if not setup:
+        if "steps" in params:
+            return f"{stem} needs no model: toy distributions, the same in every profile."
+        return f"{stem} reads only results/{profile}/ (the runs of 01-03) and needs no model."
+    reuse = " (notebook 01's pair)" if params.get("use_built_pair") else ""
+    return (f"{stem} runs in the {profile} profile{reuse}: teacher {setup['teacher']}; "
+            f"student {setup['student']}; data: {setup['data']}.")
+
+
+def setup_table(cfg: NotebookConfig):
+    """The setup of a notebook as a short two-column table: the pair, the data, the budget of
+    each arm or grid, and what is declared before any run."""
+    import pandas as pd
+    from .config import load_yaml
+    from .runs import DISPLAY
+
+    rows = list(describe_setup(cfg.profile, cfg.stem, "params").items())
+    base = load_yaml(cfg.base_params) if "base_params" in cfg.params else {}
+    from .config import TrainConfig
+    base_train = TrainConfig().__dict__ | (base.get("train", {}) or {})
+
+    def budget(common: dict) -> str:
+        steps = common.get("train.max_steps", base_train.get("max_steps"))
+        lr = common.get("train.lr", base_train.get("lr"))
+        batch = common.get("train.batch_size", base_train.get("batch_size"))
+        return ", ".join(x for x in (f"{steps} steps" if steps else "", f"lr {float(lr):g}" if lr else "",
+                                     f"batch {batch}" if batch else "") if x)
+
+    def methods(spec: dict) -> str:
+        return ", ".join(f"{m.get('label') or DISPLAY.get(k, k)} ×{len(m.get('seeds', [1]))}"
+                         for k, m in spec.items())
+
+    for name, arm in (cfg.get("arms") or {}).items():
+        rows.append((f"arm: {arm.get('label', name)}", f"{methods(arm['methods'])} (× seeds); "
+                     f"{budget(arm.get('common') or {})} each"))
+    if cfg.get("methods"):
+        rows.append(("runs", f"{methods(cfg.methods)} (× seeds); {budget(cfg.get('common') or {})} each"))
+    if cfg.get("ablations"):
+        rows.append(("ablations", f"{len(cfg.ablations)} variants, one change each from notebook 01's "
+                     f"{', '.join(cfg.reference_runs.values())}; one seed each"))
+    primary = cfg.get("primary")
+    if primary:
+        tests = len(primary["comparisons"]) * len(primary["splits"])
+        rows.append(("declared", f"{primary['metric']} ({primary['decoding']}) on {', '.join(primary['splits'])}: "
+                     + ", ".join(f"{DISPLAY.get(a, a)} vs {DISPLAY.get(b, b)}" for a, b in primary["comparisons"])
+                     + f"; α {primary['alpha']}, Holm over {tests} tests"))
+    return pd.DataFrame(rows, columns=["setup", "in this run"])
 
 
 def _path_check_switches() -> None:
