@@ -994,6 +994,106 @@ def split_table(split_df):
     return pd.DataFrame(rows)
 
 
+
+# ----------------------------------------------------------------------------- notebook text
+
+def comparisons_brief(comparisons: Sequence[dict]):
+    """The declared comparisons as a compact table for a notebook: a − b, split, Δ with its
+    interval, the interval's (Holm) level, Holm p, verdict, seeds; the minimum detectable
+    difference where the statistics give one (``mdd``)."""
+    import pandas as pd
+
+    rows = []
+    for r in comparisons:
+        digits = 3 if r["metric"] in ("nll", "token_acc") else 1
+        row = {"comparison": f"{label(r['a'])} − {label(r['b'])}", "split": r["split"],
+               f"Δ {METRIC_LABELS.get(r['metric'], r['metric'])} [interval]": _ci(r, digits),
+               "level": f"{100 * r['ci_level']:.1f} %", "Holm p": f"{r['p_holm']:.3f}", "verdict": r["verdict"]}
+        if r.get("mdd") is not None:
+            row["detectable ±"] = f"{r['mdd']:.{digits}f}"
+        if "n_seeds_a" in r:
+            row["seeds"] = f"{r['n_seeds_a']}/{r['n_seeds_b']}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def moved_table(moved: Sequence[dict]):
+    """How far each method moved the start (`gap_closed`), one row per method, one column per
+    split: 'change [95 % interval]'."""
+    import pandas as pd
+
+    splits = list(dict.fromkeys(m["split"] for m in moved))
+    rows = {}
+    for m in moved:
+        row = rows.setdefault(m["method"], {"method": m["label"]})
+        row[f"{m['split']}: change from the start [95 %]"] = \
+            f"{m['moved']:+.1f} [{m['moved_ci'][0]:+.1f}, {m['moved_ci'][1]:+.1f}]"
+    for split in splits:
+        gap = next(m["gap"] for m in moved if m["split"] == split)
+        rows.setdefault("teacher", {"method": "teacher (the gap)"})[f"{split}: change from the start [95 %]"] = f"{gap:+.1f}"
+    return pd.DataFrame(list(rows.values()))
+
+
+def _moved_words(m: dict) -> str:
+    lo, hi = m["moved_ci"]
+    ci = f"{m['moved']:+.1f} [{lo:+.1f}, {hi:+.1f}]"
+    if lo > 0:
+        return f"moved the starting student up ({ci}; the interval excludes 0)"
+    if hi < 0:
+        return f"moved the starting student down ({ci}; the interval excludes 0)"
+    return f"is not shown to move the starting student ({ci}; the interval includes 0)"
+
+
+def verdict_text(comparisons: Sequence[dict]) -> str:
+    """The answer's headline from the intervals: how many declared comparisons are called
+    (each called one in a sentence, `comparison_sentence`), and the range of differences the
+    intervals leave open."""
+    called = [r for r in comparisons if r["verdict"] != "no difference shown"]
+    m = len(comparisons)
+    if not comparisons:
+        return "No declared comparison could be computed (no evaluated runs)."
+    if not called:
+        head = f"**None of the {m} declared comparisons is called**: every interval includes 0."
+    else:
+        head = f"**{len(called)} of the {m} declared comparisons {'is' if len(called) == 1 else 'are'} called.**"
+    name = METRIC_LABELS.get(comparisons[0]["metric"], comparisons[0]["metric"])
+    lo = min(comparisons, key=lambda r: r["ci_lo"])
+    hi = max(comparisons, key=lambda r: r["ci_hi"])
+    lines = [head, ""] + [f"- {comparison_sentence(r)}" for r in called]
+    lines.append(f"- The intervals leave open differences from {lo['ci_lo']:+.1f} {name} "
+                 f"({label(lo['a'])} − {label(lo['b'])}, {lo['split']}) to {hi['ci_hi']:+.1f} "
+                 f"({label(hi['a'])} − {label(hi['b'])}, {hi['split']}): true differences of that size, "
+                 f"either way, are not ruled out by these seeds and prompts.")
+    return "\n".join(lines)
+
+
+def mechanism_text(split_df, moved: Sequence[dict], split: str) -> str:
+    """Why, in words generated from the numbers: in the mixed arm, the share of the raw
+    gradient each method's own objective term carries (`update_split`); then what each
+    objective did alone on `split` (its change from the start and whether its 95 % interval
+    excludes 0)."""
+    lines = []
+    if split_df is not None and not split_df.empty:
+        mixed = split_df[~split_df["method"].astype(str).str.startswith("alone_")]
+        shares = {}
+        for method, g in mixed.groupby("method", sort=False):
+            own = g.loc[g["term"] == "distill", "share"]
+            if own.empty:
+                continue
+            ce = float(g.loc[g["term"].isin(["ce", "pt_ce"]), "share"].sum())
+            shares[method] = float(own.iloc[0])
+            lines.append(f"In the mixed arm, {g['label'].iloc[0]}'s own term carries {100 * shares[method]:.0f} % "
+                         f"of the raw gradient; the two cross-entropy terms carry {100 * ce:.0f} %.")
+        dpkd = {m: v for m, v in shares.items() if str(m).startswith("dpkd")}
+        if dpkd and max(dpkd.values()) < 0.5:
+            lines.append(f"So in every mixed DPKD run the cross-entropy terms, not the DPKD term, drive most "
+                         f"of the update (the DPKD term at most {100 * max(dpkd.values()):.0f} %).")
+    for m in moved:
+        if m["split"] == split and str(m["method"]).startswith("alone_"):
+            lines.append(f"Alone ({split}), {m['label']} {_moved_words(m)}.")
+    return "\n".join(f"- {line}" for line in lines)
+
+
 # every figure of this module in the one style
 main_figure, difference_figure, buckets_figure, curves, update_split_figure = (
     _styled(main_figure), _styled(difference_figure), _styled(buckets_figure), _styled(curves),
