@@ -14,6 +14,7 @@ intervals (`answer_text`), never typed.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -897,10 +898,20 @@ CURVE_PANELS = {
 }
 
 
+@contextlib.contextmanager
 def style():
-    """The study's figure style as a context: ``with report.style(): fig, ax = plt.subplots()``."""
+    """The study's figure style as a context: ``with report.style(): fig, ax = plt.subplots()``.
+    Keeps the interactive flag as the figure left it: a notebook's inline backend switches it
+    on at the first figure, and rc_context would switch it off again on leaving, so that no
+    later figure of the kernel is shown."""
+    import matplotlib
     import matplotlib.pyplot as plt
-    return plt.rc_context(STYLE)
+    with plt.rc_context(STYLE):
+        try:
+            yield
+        finally:
+            interactive = matplotlib.is_interactive()
+    matplotlib.interactive(interactive)
 
 
 def _styled(fn):
