@@ -537,7 +537,7 @@ def update_split_figure(split_df, title: str = "Which loss term drives the gradi
     panels = [("share", "share of the raw gradient\n(projection on the total gradient)")]
     if adam:
         panels.append((adam, "share of the AdamW update\n(projection on the step taken)"))
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(4.8, 0.75 * len(methods) + 2.2), 3.6 * len(panels)),
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(4.8, 0.95 * len(methods) + 2.2), 3.6 * len(panels)),
                              squeeze=False, sharex=True)
     axes = axes.T
     colours = dict(zip(TERM_LABELS, ["#4C72B0", "#C44E52", "#8C8C8C", "#CCB974"]))
@@ -559,7 +559,7 @@ def update_split_figure(split_df, title: str = "Which loss term drives the gradi
                                     xytext=(0, 0 if abs(v) > 0.12 else 6), textcoords="offset points")
             bottom_pos += np.clip(vals, 0, None)
             bottom_neg += np.clip(vals, None, 0)
-        ax.set_xticks(range(len(methods)), [textwrap_label(x, 16) for x in labels], rotation=0, fontsize=7)
+        ax.set_xticks(range(len(methods)), [textwrap_label(x, 12) for x in labels], rotation=0, fontsize=7)
         ax.axhline(0, color="black", lw=0.8)
         ax.set_ylabel(ylabel)
         ax.grid(axis="x", visible=False)
@@ -738,7 +738,7 @@ def difference_figure(comparisons: Sequence[dict]):
     if any(r.get("mdd") is not None for r in comparisons):
         handles.append(Line2D([], [], color="gray", marker="|", ls="", ms=10, label="± minimum detectable"))
     ax.set_title("The declared comparisons")
-    fig.tight_layout(rect=(0, 0.55 / fig.get_figheight(), 1, 1))
+    fig.tight_layout(rect=(0, 0.3 / fig.get_figheight(), 1, 1))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles))
     return fig
 
