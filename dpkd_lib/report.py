@@ -21,6 +21,7 @@ words of the answer are generated from these intervals (`answer_text`), never ty
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -561,50 +562,65 @@ def read_metrics(run_dir: str | Path):
     return pd.DataFrame(read_metric_rows(run_dir))
 
 
-def curves(df, metrics: Sequence[str] = ("loss", "ce", "distill", "student_nll_ref"), *,
+def curves(df, metrics: Sequence[str] = ("nll_ref", "kd_term", "dpkd_token_term", "dpkd_seq_term"), *,
            methods: Sequence[str] | None = None, smooth: int = 5, ncols: int = 2, title: str = ""):
-    """Training curves from metrics.jsonl: per method, the mean over its seeds (band = min..max
-    over seeds), moving average over `smooth` steps. Returns the matplotlib figure."""
+    """Training curves from metrics.jsonl, one quantity per panel with its unit: each entry
+    of `metrics` is a key of `CURVE_PANELS` (a quantity and the objectives it is defined
+    for: KD's KL and DPKD's preference loss never share an axis, per-token and per-sequence
+    quantities neither) or a logged column drawn for every run. Per method, the mean over its
+    seeds (band: min..max), moving average over `smooth` steps; the objective-alone arm is
+    dashed. Returns the matplotlib figure."""
     import matplotlib.pyplot as plt
     import pandas as pd
 
     runs = df.drop_duplicates("run")
     if methods is not None:
         runs = runs[runs["method"].isin(methods)]
-    n = len(metrics)
+    panels = [CURVE_PANELS.get(m, {"metric": m, "title": m, "ylabel": QUANTITY_UNITS.get(m, "")})
+              for m in metrics]
+    panels = [p for p in panels if _panel_runs(runs, p).shape[0]] or panels[:1]
+    n = len(panels)
+    ncols = min(ncols, n)
     nrows = max(1, math.ceil(n / ncols))
-    fig, axes = plt.subplots(nrows, min(ncols, n), figsize=(5.2 * min(ncols, n), 3.4 * nrows), squeeze=False)
-    order = list(dict.fromkeys(runs["method"]))  # one colour per method in every panel
-    cmap = plt.get_cmap("tab10" if len(order) <= 10 else "tab20")
-    colours = {m: cmap(i % cmap.N) for i, m in enumerate(order)}
-    for ax, metric in zip(axes.flat, metrics):
-        for method, g in runs.groupby("method", sort=False):
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.0 * nrows + 0.6), squeeze=False)
+    looks = line_looks(runs)
+    cache = {}
+    for ax, panel in zip(axes.flat, panels):
+        for method, g in _panel_runs(runs, panel).groupby("method", sort=False):
             series = []
             for _, r in g.iterrows():
-                m = read_metrics(r["run_dir"])
-                if metric in m and "step" in m:
-                    s = m.set_index("step")[metric].astype(float)
+                m = cache.setdefault(r["run_dir"], read_metrics(r["run_dir"]))
+                if panel["metric"] in m and "step" in m:
+                    s = m.set_index("step")[panel["metric"]].astype(float).dropna()
                     series.append(s.rolling(max(1, smooth), min_periods=1).mean())
             if not series:
                 continue
             both = pd.concat(series, axis=1)
-            line = ax.plot(both.index, both.mean(axis=1), color=colours[method],
-                           label=f"{g['label'].iloc[0]} (n={len(series)})")[0]
+            colour, style = looks[method]
+            line = ax.plot(both.index, both.mean(axis=1), color=colour, ls=style,
+                           label=f"{g['label'].iloc[0]}" + (f" (n={len(series)})" if len(series) > 1 else ""))[0]
             if len(series) > 1:
                 ax.fill_between(both.index, both.min(axis=1), both.max(axis=1), color=line.get_color(),
-                                alpha=0.15)
-        ax.set_title(metric)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
+                                alpha=0.15, lw=0)
+        if panel.get("ref") is not None:
+            ax.axhline(panel["ref"][0], color="gray", ls=":", lw=1)
+            ax.annotate(panel["ref"][1], (1, panel["ref"][0]), xycoords=("axes fraction", "data"),
+                        ha="right", va="bottom", fontsize=7, color="gray")
+        ax.set_title(panel["title"])
+        ax.set_ylabel(panel["ylabel"])
+        ax.set_xlabel("training step")
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8,
-                   bbox_to_anchor=(0.5, -0.02))
+    legend = {}   # one legend for the figure: a method looks the same in every panel
+    for ax in axes.flat:
+        for handle, name in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(name, handle)
+    rows = math.ceil(len(legend) / 4)
     if title:
         fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, (0.25 * rows + 0.1) / fig.get_figheight(), 1, 1))
+    if legend:
+        fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=min(4, len(legend)))
     return fig
 
 
@@ -647,30 +663,46 @@ def update_split(df, methods: Sequence[str] | None = None):
     return pd.DataFrame(out)
 
 
-def update_split_figure(split_df, title: str = "Where the update comes from"):
-    """Stacked bars: each method's update split by loss term (`update_split`)."""
+def update_split_figure(split_df, title: str = "Which loss term drives the gradient"):
+    """Stacked bars per method: each loss term's share of the raw gradient (its projection
+    on the total gradient, `update_split`; the shares sum to 1, a negative share pulls
+    against the total). When `update_split` carries an AdamW-update share per term
+    (`ADAM_SHARE_COLUMNS`), a second panel shows what the optimizer's step made of it."""
     import matplotlib.pyplot as plt
 
     methods = list(dict.fromkeys(split_df["method"]))
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(methods) + 2), 3.6))
-    bottom_pos, bottom_neg = np.zeros(len(methods)), np.zeros(len(methods))
-    colours = dict(zip(TERM_LABELS, plt.get_cmap("tab10").colors))
-    for term, name in TERM_LABELS.items():
-        vals = np.array([float(split_df[(split_df["method"] == m) & (split_df["term"] == term)]["share"].sum())
-                         for m in methods])
-        if not vals.any():
-            continue
-        base = np.where(vals >= 0, bottom_pos, bottom_neg)
-        ax.bar(range(len(methods)), vals, bottom=base, label=name, color=colours[term])
-        bottom_pos += np.clip(vals, 0, None)
-        bottom_neg += np.clip(vals, None, 0)
+    adam = next((c for c in ADAM_SHARE_COLUMNS if c in split_df and split_df[c].notna().any()), None)
+    panels = [("share", "share of the raw gradient\n(projection on the total gradient)")]
+    if adam:
+        panels.append((adam, "share of the AdamW update\n(projection on the step taken)"))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(4.8, 0.95 * len(methods) + 2.2), 3.6 * len(panels)),
+                             squeeze=False, sharex=True)
+    axes = axes.T
+    colours = dict(zip(TERM_LABELS, ["#4C72B0", "#C44E52", "#8C8C8C", "#CCB974"]))
     labels = [split_df.loc[split_df["method"] == m, "label"].iloc[0] for m in methods]
-    ax.set_xticks(range(len(methods)), labels, rotation=30, ha="right")
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_ylabel("share of the update")
-    ax.set_title(title)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.grid(alpha=0.3, axis="y")
+    for ax, (column, ylabel) in zip(axes[0], panels):
+        bottom_pos, bottom_neg = np.zeros(len(methods)), np.zeros(len(methods))
+        for term, name in TERM_LABELS.items():
+            vals = np.array([float(split_df[(split_df["method"] == m) & (split_df["term"] == term)][column].sum())
+                             for m in methods])
+            if not vals.any():
+                continue
+            base = np.where(vals >= 0, bottom_pos, bottom_neg)
+            ax.bar(range(len(methods)), vals, bottom=base, label=name, color=colours[term], width=0.7)
+            if term == "distill":   # the term under test: its share written on the bar
+                for i, (v, b) in enumerate(zip(vals, base)):
+                    if v:
+                        ax.annotate(f"{100 * v:.0f} %", (i, b + v / 2), ha="center", va="center",
+                                    fontsize=7, color="white" if abs(v) > 0.12 else "black",
+                                    xytext=(0, 0 if abs(v) > 0.12 else 6), textcoords="offset points")
+            bottom_pos += np.clip(vals, 0, None)
+            bottom_neg += np.clip(vals, None, 0)
+        ax.set_xticks(range(len(methods)), [textwrap_label(x, 12) for x in labels], rotation=0, fontsize=7)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_ylabel(ylabel)
+        ax.grid(axis="x", visible=False)
+    axes[0][0].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), title="loss term")
+    fig.suptitle(title)
     fig.tight_layout()
     return fig
 
@@ -758,73 +790,145 @@ def ablation_table(df, reference_runs: dict, *, splits: Sequence[str] = ("test",
     return table
 
 
-def main_figure(df, methods: Sequence[str], splits: Sequence[str], metric: str = "rouge_l"):
-    """Bars: each method's mean over seeds (± sd), seeds as dots; teacher and start in grey."""
+def main_figure(df, methods: Sequence[str], splits: Sequence[str], metric: str = "rouge_l", *,
+                moved: Sequence[dict] | None = None):
+    """Each method's change from the starting student on each split, with its 95 % interval
+    (`gap_closed`: pass ``moved`` to reuse the answer's numbers): the differences the study
+    is about on their own scale. The start is the 0 line; the teacher, far above on a
+    small-compute profile, is written at the edge instead of setting the scale. Arm (a)
+    methods solid, objective-alone runs (``alone_``) open."""
     import matplotlib.pyplot as plt
 
-    order = [m for m in ["teacher", "student_init", *methods] if m in set(df["method"])]
-    fig, axes = plt.subplots(1, len(splits), figsize=(max(6, 0.6 * len(order) + 2) * len(splits), 3.8),
-                             squeeze=False)
+    if moved is None:
+        ex = per_example(df[df["method"].isin(["teacher", "student_init", *methods])], metric=metric)
+        labels = dict(zip(df["method"], df["label"]))
+        moved = [m for split in splits for m in gap_closed(ex, methods, split, labels=labels, metric=metric)]
+    moved = [m for m in moved if m["split"] in splits]
+    families = dict(zip(df["method"], df["objective"])) if "objective" in df else {}
+    fig, axes = plt.subplots(1, len(splits), figsize=(4.4 * len(splits) + 1.6, 0.42 * len(methods) + 1.6),
+                             squeeze=False, sharey=True)
     for ax, split in zip(axes[0], splits):
-        sel = df[(df["split"] == split) & df["method"].isin(order)]
-        agg = aggregate(sel, by=("method",), metrics=(metric,)).set_index("method")
-        agg = agg.loc[[m for m in order if m in agg.index]]
-        ax.bar(range(len(agg)), agg[metric], yerr=agg[f"{metric}_sd"].fillna(0), capsize=3,
-               color=["gray" if m in ("teacher", "student_init") else "C0" for m in agg.index])
-        for i, m in enumerate(agg.index):
-            vals = sel[sel["method"] == m][metric]
-            ax.plot([i] * len(vals), vals, "k.", ms=4)
-        names = [sel.loc[sel["method"] == m, "label"].iloc[0] for m in agg.index]
-        ax.set_xticks(range(len(agg)), names, rotation=35, ha="right", fontsize=8)
-        ax.set_title(f"{split}: {METRIC_LABELS.get(metric, metric)} (mean ± sd over seeds; dots: seeds)")
-        ax.grid(alpha=0.3, axis="y")
+        sel = [m for m in moved if m["split"] == split]
+        if not sel:
+            ax.set_title(f"{split}: no runs")
+            continue
+        lo = min(m["moved_ci"][0] for m in sel)
+        hi = max(m["moved_ci"][1] for m in sel)
+        for i, m in enumerate(sel):
+            colour = method_colour(m["method"], families.get(m["method"]))
+            alone = str(m["method"]).startswith("alone_")
+            ax.errorbar(m["moved"], i, xerr=[[m["moved"] - m["moved_ci"][0]], [m["moved_ci"][1] - m["moved"]]],
+                        fmt="o", color=colour, mfc="white" if alone else colour, capsize=3, ms=6)
+        ax.axvline(0, color="black", lw=0.8)
+        gap = sel[0]["gap"]
+        span = max(hi, 0) - min(lo, 0)
+        if gap is not None and not math.isnan(gap) and min(lo, 0) - 0.1 * span <= gap <= max(hi, 0) + 0.6 * span:
+            ax.axvline(gap, color="gray", ls="--", lw=1)
+            ax.annotate(f"teacher {gap:+.1f}", (gap, 1.0), xycoords=("data", "axes fraction"), ha="center",
+                        va="bottom", fontsize=7, color="gray")
+        elif gap is not None and not math.isnan(gap):
+            ax.annotate(f"teacher: {gap:+.1f} {'→' if gap > 0 else '←'}\n(off this scale)",
+                        (0.98 if gap > 0 else 0.02, 0.02), xycoords="axes fraction",
+                        ha="right" if gap > 0 else "left", va="bottom", fontsize=7, color="gray")
+        ax.set_yticks(range(len(sel)), [m["label"] for m in sel])
+        arms = [str(m["method"]).startswith("alone_") for m in sel]
+        if any(arms) and not all(arms):   # arm (a) above, the objective-alone arm (b) below
+            cut = arms.index(True) - 0.5
+            ax.axhline(cut, color="gray", lw=0.6)
+            ax.annotate("objective alone ↓", (0.99, cut), xycoords=("axes fraction", "data"), ha="right",
+                        va="top", fontsize=7, color="gray", xytext=(0, -2), textcoords="offset points")
+        ax.set_xlabel(f"change in {METRIC_LABELS.get(metric, metric)} from the start")
+        ax.set_title(f"{split}")
+        ax.grid(axis="y", visible=False)
+    axes[0][0].invert_yaxis()   # shared: once, the first method on top
+    fig.suptitle(f"How far each method moved the starting student (95 % intervals; 0 = the start)")
     fig.tight_layout()
     return fig
 
 
 def difference_figure(comparisons: Sequence[dict]):
-    """The declared comparisons: each difference with its Holm-level CI (0 marked)."""
+    """The declared comparisons: each difference a − b with its interval at the level its
+    family needs (Bonferroni, 1 − α/m), coloured by its Holm verdict, the value written beside it; where the statistics
+    give a minimum detectable difference (``mdd``), its ±mdd is marked as grey ticks."""
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(comparisons) + 1.2))
+    fig, ax = plt.subplots(figsize=(7.2, 0.42 * len(comparisons) + 1.5))
+    verdicts = {"better": "#55A868", "worse": "#C44E52", "no difference shown": "#555555"}
     for i, r in enumerate(comparisons):
-        colour = "C2" if r["verdict"] == "better" else ("C3" if r["verdict"] == "worse" else "gray")
+        colour = verdicts.get(r["verdict"], "#555555")
         ax.errorbar(r["delta"], i, xerr=[[r["delta"] - r["ci_lo"]], [r["ci_hi"] - r["delta"]]], fmt="o",
-                    color=colour, capsize=3)
+                    color=colour, capsize=3, ms=5)
+        mdd = r.get("mdd")
+        if mdd is not None and not (isinstance(mdd, float) and math.isnan(mdd)):
+            ax.plot([-mdd, mdd], [i, i], "|", color="gray", ms=10, mew=1.5)
+        ax.annotate(f"{r['delta']:+.1f} [{r['ci_lo']:+.1f}, {r['ci_hi']:+.1f}]  {100 * r['ci_level']:.1f} %",
+                    (1.01, i), xycoords=("axes fraction", "data"), va="center", fontsize=7)
     ax.axvline(0, color="black", lw=0.8)
-    ax.set_yticks(range(len(comparisons)), [f"{label(r['a'])} − {label(r['b'])} ({r['split']})"
-                                            for r in comparisons], fontsize=8)
+    ax.set_yticks(range(len(comparisons)), [f"{label(r['a'])} − {label(r['b'])}  ({r['split']})"
+                                            for r in comparisons])
     ax.invert_yaxis()
     name = METRIC_LABELS.get(comparisons[0]["metric"], comparisons[0]["metric"]) if comparisons else ""
-    ax.set_xlabel(f"difference in {name} (Holm-level bootstrap CI)")
-    ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
+    ax.set_xlabel(f"difference in {name} (a − b), t interval over paired seeds at its Bonferroni level")
+    ax.grid(axis="y", visible=False)
+    handles = [Line2D([], [], color=c, marker="o", ls="", label=v) for v, c in verdicts.items()
+               if any(r["verdict"] == v for r in comparisons)]
+    if any(r.get("mdd") is not None for r in comparisons):
+        handles.append(Line2D([], [], color="gray", marker="|", ls="", ms=10, label="± minimum detectable"))
+    ax.set_title("The declared comparisons")
+    fig.tight_layout(rect=(0, 0.3 / fig.get_figheight(), 1, 1))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles))
     return fig
 
 
 def buckets_figure(df, methods: Sequence[str], splits: Sequence[str]):
-    """Greedy ROUGE-L and EM by reference-length bucket, per method (`buckets`)."""
+    """Greedy ROUGE-L and EM by reference-length bucket, per method (`buckets`, mean ± sd over
+    seeds). The scale is the methods' own: the teacher is a black tick per bucket, written
+    at the top where it is off the scale; the legend sits below the panels."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, len(splits), figsize=(6 * len(splits), 6.5), squeeze=False)
+    fig, axes = plt.subplots(2, len(splits), figsize=(5.6 * len(splits), 6.2), squeeze=False)
+    families = dict(zip(df["method"], df["objective"])) if "objective" in df else {}
+    handles = {}
     for col, split in enumerate(splits):
         bt = buckets(df, split=split, methods=methods)
         if bt.empty:
             continue
         names = list(dict.fromkeys(bt["bucket"]))
-        here = list(dict.fromkeys(bt["method"]))
+        here = [m for m in dict.fromkeys(bt["method"]) if m != "teacher"]
         width = 0.8 / max(1, len(here))
+        counts = bt.groupby("bucket")["n_examples"].max()
         for row, metric in enumerate(("rouge_l", "exact_match")):
             ax = axes[row][col]
             for i, m in enumerate(here):
                 sub = bt[bt["method"] == m].set_index("bucket").reindex(names)
-                ax.bar([j + i * width for j in range(len(names))], sub[metric], width,
-                       yerr=sub[f"{metric}_sd"].fillna(0), capsize=2, label=label(m))
-            counts = bt.groupby("bucket")["n_examples"].max()
+                bars = ax.bar([j + i * width for j in range(len(names))], sub[metric], width,
+                              yerr=sub[f"{metric}_sd"].fillna(0), capsize=2, label=label(m),
+                              color=method_colour(m, families.get(m)), error_kw={"lw": 0.8})
+                handles.setdefault(label(m), bars)
+            top = max(1.0, float(np.nanmax((bt[bt["method"] != "teacher"][metric]
+                                            + bt[bt["method"] != "teacher"][f"{metric}_sd"].fillna(0)).to_numpy())))
+            ax.set_ylim(0, top * 1.3)
+            teacher = bt[bt["method"] == "teacher"].set_index("bucket").reindex(names)[metric]
+            for j, v in enumerate(teacher):
+                if np.isnan(v):
+                    continue
+                x0, x1 = j - width / 2, j - width / 2 + 0.8
+                if v <= top * 1.25:
+                    ax.plot([x0, x1], [v, v], color="black", lw=1.5)
+                else:
+                    ax.annotate(f"teacher {v:.0f} ↑", ((x0 + x1) / 2, top * 1.27), ha="center", va="top",
+                                fontsize=7)
             ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], [f"{b}\nn={counts[b]}" for b in names])
-            ax.set_title(f"{split}: {METRIC_LABELS[metric]} by reference length (tokens)")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+            ax.set_xlabel("reference length (tokens)")
+            ax.set_ylabel(f"{METRIC_LABELS[metric]} (greedy, ×100)")
+            ax.set_title(f"{split}: {METRIC_LABELS[metric]} by reference length")
+            ax.grid(axis="x", visible=False)
+    from matplotlib.lines import Line2D
+    items = list(handles.items()) + [("teacher", Line2D([], [], color="black", lw=1.5))]
+    fig.legend([h for _, h in items], [n for n, _ in items], loc="lower center", ncol=min(6, len(items)),
+               bbox_to_anchor=(0.5, 0.0))
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     return fig
 
 
@@ -911,6 +1015,10 @@ def training_table(df, *, window: int = 5, columns: Sequence[str] = TRAINING_COL
     out = pd.DataFrame(rows)
     return out.dropna(axis=1, how="all") if not out.empty else out
 
+#: the training-curve panels of notebook 01 (both arms) and of notebook 03's monitors (`curves`)
+MAIN_CURVES = ("nll_ref", "kd_term", "dpkd_token_term", "dpkd_seq_term", "token_margin", "seq_margin")
+MONITOR_CURVES = ("token_margin", "seq_margin", "nll_ref", "grad_weight", "argmax_disagree")
+
 #: the notebooks whose params declare the study's design (read by `study_design`)
 DESIGN_NOTEBOOKS = {"main": "01_gpt2_120m", "ablations": "03_ablations_implicit_reward", "figures": "04_figures"}
 DESIGN_FILE = "design.json"
@@ -929,21 +1037,31 @@ def study_design(profile: str, params_dir: str | Path = "params") -> dict:
             "paper_column": bool(fig.get("paper_column", False))}
 
 
+#: the monitors' panels: (x column, x label, y column, y label)
+MONITOR_AXES = (("reward_margin", "reward margin β·Δ (last steps)", "student_nll_ref", "NLL of the data (nats per token)"),
+                ("grad_weight", "gradient weight |∂ℓ/∂ log q(chosen)|", "rouge_l", "test ROUGE-L (greedy)"),
+                ("response_tokens", "greedy response length (tokens)", "repetition_rate", "repeated 4-grams (share)"))
+
+
 def monitors_figure(mon):
-    """Reward-hacking monitors (`final_monitors`): margin vs NLL of the references, gradient
-    weight vs ROUGE-L, response length vs repetition, one labelled dot per run."""
+    """Reward-hacking monitors (`final_monitors`), one labelled point per run: the margin
+    against the NLL of the data (a margin that grows while that NLL rises is reward hacking),
+    the gradient weight against ROUGE-L, response length against repetition."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
-    for ax, (xk, yk) in zip(axes, [("reward_margin", "student_nll_ref"), ("grad_weight", "rouge_l"),
-                                   ("response_tokens", "repetition_rate")]):
-        for _, r in mon.iterrows():
-            ax.scatter(r[xk], r[yk], s=25)
-            ax.annotate(str(r["label"])[:22], (r[xk], r[yk]), fontsize=6)
-        ax.set_xlabel(xk)
-        ax.set_ylabel(yk)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
+    mon = mon.copy()
+    twice = mon["label"].duplicated(keep=False)   # several seeds of one method: name the run
+    mon["label"] = mon["label"].where(~twice, mon["label"] + " · " + mon["run"])
+    with style():
+        fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+        for ax, (xk, xl, yk, yl) in zip(axes, MONITOR_AXES):
+            for _, r in mon.iterrows():
+                ax.scatter(r[xk], r[yk], s=25)
+                ax.annotate(str(r["label"])[:22], (r[xk], r[yk]), fontsize=6)
+            ax.set_xlabel(xl)
+            ax.set_ylabel(yl)
+        fig.suptitle("Reward-hacking monitors, one point per run")
+        fig.tight_layout()
     return fig
 
 
@@ -999,8 +1117,7 @@ def write_results(results_root: str | Path, design: dict) -> dict:
     out.update(comparisons=comparisons, moved=moved, answer=answer)
     if comparisons:
         figure("comparisons", difference_figure(comparisons))
-    every = [arm.get("prefix", "") + k for arm in arms.values() for k in arm["methods"]]
-    figure("main_rouge_l", main_figure(df, every, splits))
+    figure("main_rouge_l", main_figure(df, arm_methods(arms), splits, moved=moved))
 
     split_df = update_split(df[df["group"].isin(list(arms))])
     if not split_df.empty:
@@ -1014,8 +1131,7 @@ def write_results(results_root: str | Path, design: dict) -> dict:
                                                 & df["objective"].isin(["dpkd_token", "dpkd_seq"]))]
         if not fam.empty:
             figure("monitors_scatter", monitors_figure(final_monitors(fam, last=10)))
-            figure("monitors_curves", curves(fam, metrics=("reward_margin", "student_nll_ref", "grad_weight",
-                                                           "argmax_disagree"), smooth=5))
+            figure("monitors_curves", curves(fam, metrics=MONITOR_CURVES, ncols=3))
     lora = df[df["group"] == "lora"]
     if not lora.empty:
         table("lora_4bit", main_table(lora, splits=splits, metrics=("rouge_l", "exact_match", "nll"),
@@ -1026,8 +1142,7 @@ def write_results(results_root: str | Path, design: dict) -> dict:
     for split in splits:
         table(f"buckets_{split}", buckets(df, split=split, methods=["teacher", "student_init", *released]))
     figure("buckets", buckets_figure(df, ["teacher", "student_init", *released], splits))
-    figure("curves", curves(df[df["group"] == "released"],
-                            metrics=("loss", "student_nll_ref", "distill", "reward_margin")))
+    figure("curves", curves(df[df["group"].isin(list(arms))], metrics=MAIN_CURVES, ncols=3))
     return out
 
 
@@ -1082,6 +1197,272 @@ def main(argv=None) -> int:
     for path in out["paths"]:
         print(path)
     return 0
+
+
+# ----------------------------------------------------------------------------- figure style
+
+#: One look for every figure of the study (`style`; the figure functions above are wrapped in it
+#: at the end of this file, so a notebook's own plots can use the same context).
+STYLE = {"figure.dpi": 100, "savefig.dpi": 120, "axes.spines.top": False, "axes.spines.right": False,
+         "axes.grid": True, "grid.alpha": 0.3, "grid.linewidth": 0.6, "axes.titlesize": 10,
+         "axes.labelsize": 9, "xtick.labelsize": 8, "ytick.labelsize": 8, "legend.fontsize": 8,
+         "legend.frameon": False, "figure.titlesize": 11, "lines.linewidth": 1.6}
+#: one colour per objective family in every figure (the objective-alone arm: same colour,
+#: dashed line or open marker); the teacher and the start in greys
+FAMILY_COLOURS = {"sft": "#4C72B0", "kd": "#DD8452", "rkl": "#8172B3", "jsd": "#937860", "skl": "#DA8BC3",
+                  "srkl": "#8C8C8C", "seqkd": "#CCB974", "dpkd_token": "#55A868", "dpkd_seq": "#C44E52",
+                  "teacher": "#333333", "student_init": "#AAAAAA"}
+#: update_split columns that hold a term's share of the AdamW update (the method helper's
+#: probe; absent in runs logged before it)
+ADAM_SHARE_COLUMNS = ("update_share", "adam_share", "adamw_share")
+#: units of the logged quantities (metrics.jsonl), for panels drawn from a raw column
+QUANTITY_UNITS = {"loss": "total loss (its terms differ by method)", "ce": "nats per token",
+                  "student_nll_ref": "nats per token", "distill": "objective term",
+                  "reward_margin": "β·Δ", "grad_weight": "|∂ℓ/∂ log q(chosen)|",
+                  "argmax_disagree": "share of positions", "reward_accuracy": "share of pairs",
+                  "grad_norm": "L2 norm", "lr": "learning rate", "response_tokens": "tokens"}
+_KD = ("kd", "rkl", "jsd", "skl", "srkl")
+#: the training-curve panels (`curves`): one quantity, defined for some objectives
+CURVE_PANELS = {
+    "nll_ref": {"metric": "student_nll_ref", "title": "NLL of the dataset responses",
+                "ylabel": "nats per token"},
+    "kd_term": {"metric": "distill", "objectives": _KD, "title": "KD term: divergence to the teacher",
+                "ylabel": "nats per token"},
+    "dpkd_token_term": {"metric": "distill", "objectives": ("dpkd_token",),
+                        "title": "DPKD-token term −log σ(βΔ)", "ylabel": "per position",
+                        "ref": (math.log(2), "ln 2: argmaxes agree")},
+    "dpkd_seq_term": {"metric": "distill", "objectives": ("dpkd_seq",),
+                      "title": "DPKD-seq term −log σ(βΔ)", "ylabel": "per sequence pair",
+                      "ref": (math.log(2), "ln 2: no preference")},
+    "token_margin": {"metric": "reward_margin", "objectives": ("dpkd_token",),
+                     "title": "DPKD-token reward margin β·Δ (≤ 0 by construction)",
+                     "ylabel": "per position", "ref": (0.0, "0: argmaxes agree")},
+    "seq_margin": {"metric": "reward_margin", "objectives": ("dpkd_seq",),
+                   "title": "DPKD-seq reward margin β·Δ", "ylabel": "per sequence pair",
+                   "ref": (0.0, "0: no preference")},
+    "argmax_disagree": {"metric": "argmax_disagree", "objectives": ("dpkd_token",),
+                        "title": "DPKD-token: positions whose argmaxes differ", "ylabel": "share of positions"},
+    "grad_weight": {"metric": "grad_weight", "objectives": ("dpkd_token", "dpkd_seq"),
+                    "title": "preference term's gradient weight", "ylabel": "|∂ℓ/∂ log q(chosen)|"},
+}
+
+
+@contextlib.contextmanager
+def style():
+    """The study's figure style as a context: ``with report.style(): fig, ax = plt.subplots()``.
+    Keeps the interactive flag as the figure left it: a notebook's inline backend switches it
+    on at the first figure, and rc_context would switch it off again on leaving, so that no
+    later figure of the kernel is shown."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+    with plt.rc_context(STYLE):
+        try:
+            yield
+        finally:
+            interactive = matplotlib.is_interactive()
+    matplotlib.interactive(interactive)
+
+
+def _styled(fn):
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with style():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+def family(method: str, objective: str | None = None) -> str:
+    """The objective family a method's colour follows: its objective where known (an arm's
+    ``alone_kd`` is KD), else the method name without the ``alone_`` prefix."""
+    if method in ("teacher", "student_init"):
+        return method
+    if objective and isinstance(objective, str):
+        return objective
+    return str(method).removeprefix("alone_")
+
+
+def method_colour(method: str, objective: str | None = None) -> str:
+    return FAMILY_COLOURS.get(family(method, objective), "#17BECF")
+
+
+def line_looks(runs) -> dict:
+    """{method: (colour, linestyle)} for the runs of one figure: the family colour; solid for
+    arm (a), dashed for the objective-alone arm, and a further style (dash-dot, dotted) for a
+    second method of the same family and arm. When a family has more methods than styles
+    (ablations of one objective) or is unknown, every method gets its own colour from
+    tab10/tab20 instead, solid."""
+    import matplotlib.pyplot as plt
+
+    order = list(dict.fromkeys(runs["method"]))
+    objectives = dict(zip(runs["method"], runs["objective"])) if "objective" in runs else {}
+    groups = dict(zip(runs["method"], runs["group"])) if "group" in runs else {}
+    styles = {False: ["-", "-."], True: ["--", ":"]}
+    looks, used = {}, {}
+    for m in order:
+        fam = family(m, objectives.get(m))
+        alone = groups.get(m) == "alone" or str(m).startswith("alone_")
+        k = used.get((fam, alone), 0)
+        used[(fam, alone)] = k + 1
+        if fam not in FAMILY_COLOURS or k >= len(styles[alone]):
+            break
+        looks[m] = (FAMILY_COLOURS[fam], styles[alone][k])
+    else:
+        return looks
+    cmap = plt.get_cmap("tab10" if len(order) <= 10 else "tab20")
+    return {m: (cmap(i % cmap.N), "-") for i, m in enumerate(order)}
+
+
+def _panel_runs(runs, panel: dict):
+    wanted = panel.get("objectives")
+    if wanted is None or "objective" not in runs:
+        return runs
+    return runs[runs["objective"].isin(wanted)]
+
+
+def textwrap_label(text: str, width: int) -> str:
+    import textwrap
+    return "\n".join(textwrap.wrap(str(text), width)) or str(text)
+
+
+def arm_table(df, arm: dict, splits: Sequence[str], metrics: Sequence[str] = ("rouge_l", "nll", "repetition_rate")):
+    """One arm's compact table for the notebooks: teacher, start and the arm's methods, mean ±
+    sd over seeds on each split (`main_table`)."""
+    methods = ["teacher", "student_init"] + [arm.get("prefix", "") + m for m in arm["methods"]]
+    return main_table(df, methods=methods, splits=splits, metrics=metrics, label_col="label")
+
+
+def split_table(split_df):
+    """`update_split` as one compact row per method: each term's share of the raw gradient
+    in %, (and of the AdamW update where logged), the number of probes."""
+    import pandas as pd
+
+    if split_df.empty:
+        return pd.DataFrame()
+    adam = next((c for c in ADAM_SHARE_COLUMNS if c in split_df and split_df[c].notna().any()), None)
+    rows = []
+    for method, g in split_df.groupby("method", sort=False):
+        row = {"method": g["label"].iloc[0]}
+        for term, name in TERM_LABELS.items():
+            t = g[g["term"] == term]
+            row[f"{name} %"] = "–" if t.empty else f"{100 * float(t['share'].iloc[0]):.0f}"
+            if adam:
+                row[f"{name} % of step"] = "–" if t.empty else f"{100 * float(t[adam].iloc[0]):.0f}"
+        row["runs × probes"] = f"{int(g['n_runs'].max())} × {int(g['n_probes'].max()) // max(1, int(g['n_runs'].max()))}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+
+# ----------------------------------------------------------------------------- notebook text
+
+def comparisons_brief(comparisons: Sequence[dict]):
+    """The declared comparisons as a compact table for a notebook: a − b, split, Δ with its
+    interval, the interval's (Bonferroni) level, Holm p, verdict, seeds; the minimum detectable
+    difference where the statistics give one (``mdd``)."""
+    import pandas as pd
+
+    rows = []
+    for r in comparisons:
+        digits = 3 if r["metric"] in ("nll", "token_acc") else 1
+        row = {"comparison": f"{label(r['a'])} − {label(r['b'])}", "split": r["split"],
+               f"Δ {METRIC_LABELS.get(r['metric'], r['metric'])} [interval]": _ci(r, digits),
+               "level": f"{100 * r['ci_level']:.1f} %", "Holm p": f"{r['p_holm']:.3f}", "verdict": r["verdict"]}
+        if r.get("mdd") is not None:
+            row["detectable ±"] = f"{r['mdd']:.{digits}f}"
+        if "n_seeds_a" in r:
+            row["seeds"] = f"{r['n_seeds_a']}/{r['n_seeds_b']}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def moved_brief(moved: Sequence[dict]):
+    """How far each method moved the start (`gap_closed`) for a notebook: one row per method,
+    one column per split, 'change [interval]' (a single-seed row says its interval is prompt
+    sampling only); `moved_table` is the full table written to tables/."""
+    import pandas as pd
+
+    splits = list(dict.fromkeys(m["split"] for m in moved))
+    rows = {}
+    for m in moved:
+        row = rows.setdefault(m["method"], {"method": m["label"]})
+        one_seed = " (1 seed: prompt sampling only)" if m.get("n_seeds", 2) < 2 else ""
+        row[f"{m['split']}: change from the start [{m.get('level', 0.95):.0%}]"] = \
+            f"{m['moved']:+.1f} [{m['moved_ci'][0]:+.1f}, {m['moved_ci'][1]:+.1f}]{one_seed}"
+    for split in splits:
+        first = next(m for m in moved if m["split"] == split)
+        rows.setdefault("teacher", {"method": "teacher (the gap)"})[
+            f"{split}: change from the start [{first.get('level', 0.95):.0%}]"] = f"{first['gap']:+.1f}"
+    return pd.DataFrame(list(rows.values()))
+
+
+def _moved_words(m: dict) -> str:
+    lo, hi = m["moved_ci"]
+    ci = f"{m['moved']:+.1f} [{lo:+.1f}, {hi:+.1f}]"
+    if m.get("n_seeds", 2) < 2:   # no seed-to-seed variation in the interval
+        ci += ", one seed: prompt sampling only"
+    if lo > 0:
+        return f"moved the starting student up ({ci}; the interval excludes 0)"
+    if hi < 0:
+        return f"moved the starting student down ({ci}; the interval excludes 0)"
+    return f"is not shown to move the starting student ({ci}; the interval includes 0)"
+
+
+def verdict_text(comparisons: Sequence[dict]) -> str:
+    """The answer's headline from the intervals: how many declared comparisons are called
+    (each called one in a sentence, `comparison_sentence`), and the range of differences the
+    intervals leave open."""
+    called = [r for r in comparisons if r["verdict"] != "no difference shown"]
+    m = len(comparisons)
+    if not comparisons:
+        return "No declared comparison could be computed (no evaluated runs)."
+    if not called:
+        head = f"**None of the {m} declared comparisons is called**: every interval includes 0."
+    else:
+        head = f"**{len(called)} of the {m} declared comparisons {'is' if len(called) == 1 else 'are'} called.**"
+    name = METRIC_LABELS.get(comparisons[0]["metric"], comparisons[0]["metric"])
+    lo = min(comparisons, key=lambda r: r["ci_lo"])
+    hi = max(comparisons, key=lambda r: r["ci_hi"])
+    lines = [head, ""] + [f"- {comparison_sentence(r)}" for r in called]
+    lines.append(f"- The intervals leave open differences from {lo['ci_lo']:+.1f} {name} "
+                 f"({label(lo['a'])} − {label(lo['b'])}, {lo['split']}) to {hi['ci_hi']:+.1f} "
+                 f"({label(hi['a'])} − {label(hi['b'])}, {hi['split']}): true differences of that size, "
+                 f"either way, are not ruled out by these seeds and prompts.")
+    return "\n".join(lines)
+
+
+def mechanism_text(split_df, moved: Sequence[dict], split: str) -> str:
+    """Why, in words generated from the numbers: in the mixed arm, the share of the raw
+    gradient each method's own objective term carries (`update_split`); then what each
+    objective did alone on `split` (its change from the start and whether its 95 % interval
+    excludes 0)."""
+    lines = []
+    if split_df is not None and not split_df.empty:
+        mixed = split_df[~split_df["method"].astype(str).str.startswith("alone_")]
+        shares = {}
+        for method, g in mixed.groupby("method", sort=False):
+            own = g.loc[g["term"] == "distill", "share"]
+            if own.empty:
+                continue
+            ce = float(g.loc[g["term"].isin(["ce", "pt_ce"]), "share"].sum())
+            shares[method] = float(own.iloc[0])
+            lines.append(f"In the mixed arm, {g['label'].iloc[0]}'s own term carries {100 * shares[method]:.0f} % "
+                         f"of the raw gradient; the two cross-entropy terms carry {100 * ce:.0f} %.")
+        dpkd = {m: v for m, v in shares.items() if str(m).startswith("dpkd")}
+        if dpkd and max(dpkd.values()) < 0.5:
+            lines.append(f"So in every mixed DPKD run the cross-entropy terms, not the DPKD term, drive most "
+                         f"of the update (the DPKD term at most {100 * max(dpkd.values()):.0f} %).")
+    for m in moved:
+        if m["split"] == split and str(m["method"]).startswith("alone_"):
+            lines.append(f"Alone ({split}), {m['label']} {_moved_words(m)}.")
+    return "\n".join(f"- {line}" for line in lines)
+
+
+# every figure of this module in the one style
+main_figure, difference_figure, buckets_figure, curves, update_split_figure = (
+    _styled(main_figure), _styled(difference_figure), _styled(buckets_figure), _styled(curves),
+    _styled(update_split_figure))
 
 
 if __name__ == "__main__":

@@ -157,10 +157,19 @@ def run_grid(base_params: str | Path, runs: Iterable, results_root: str | Path, 
         export_run(run_dir, results_root)   # the committed record: data/<name> (rundata.py)
         summaries.append(summary)
         if verbose:
-            print(f"[grid {i}/{len(configs)}] {name}: {'reused' if reused else 'trained'} in "
-                  f"{time.time() - tick:.0f} s (run wall time {summary.get('wall_time_s', 0):.0f} s)",
-                  flush=True)
+            print(f"[{i}/{len(configs)}] {run_line(name, summary, reused, time.time() - tick)}", flush=True)
     return summaries
+
+
+def run_line(name: str, summary: dict, reused: bool, seconds: float) -> str:
+    """A run in one line: name, steps, time, and its headline numbers (greedy ROUGE-L on each
+    evaluated split, the validation NLL): what a notebook prints per run instead of a bar."""
+    took = f"reused ({summary.get('wall_time_s', 0):.0f} s when trained)" if reused else f"{seconds:.0f} s"
+    scores = [f"{split} ROUGE-L {summary[f'{split}_rouge_l']:.1f}"
+              for split in (summary.get("eval") or {}) if summary.get(f"{split}_rouge_l") is not None]
+    if summary.get("valid_nll") is not None:
+        scores.append(f"valid NLL {summary['valid_nll']:.3f}")
+    return f"{name}: {summary.get('steps', '?')} steps, {took}" + (f"; {', '.join(scores)}" if scores else "")
 
 
 def run_overrides(results_root: str | Path, name: str) -> list[str]:

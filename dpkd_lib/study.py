@@ -36,8 +36,9 @@ fresh token, so re-running 01 re-runs 04, which reads its results, but not 00.
 ``--force`` is also passed to the notebooks, which pass it on to the training runs.
 
 Progress: the notebooks use ``tqdm.auto``. The driver sets ``DPKD_BATCH=1`` in the kernel's
-environment; `notebook_setup` then switches ``tqdm.auto`` to the plain text bar, so
-papermill's log shows text bars, while the same notebook in JupyterLab shows widgets.
+environment; `notebook_setup` then silences every bar (each run prints one line instead), so
+an executed copy holds no progress walls, while the same notebook in JupyterLab shows a live
+bar.
 """
 from __future__ import annotations
 
@@ -86,34 +87,232 @@ def _short_warning(message, category, filename, lineno, line=None) -> str:
     return f"{category.__name__}: {message}\n"
 
 
-def notebook_setup(profile: str, stem: str, results_root: str | None = None) -> dict:
-    """First call of every notebook: cwd = the repo root, text progress bars under papermill,
-    warnings without file paths, and the notebook's params from
-    ``params/<profile>/<stem>.yaml`` (with its ``extends`` chain). Returns the params, plus
-    ``results_root`` (default ``results/<profile>``, relative to the repo root)."""
-    import warnings
+class NotebookConfig:
+    """What a notebook runs with, read by name: ``cfg.pair``, ``cfg.arms``, ``cfg.results_root``.
+    The keys of ``params/<profile>/<stem>.yaml`` (``extends`` merged) are its attributes; a
+    name the file lacks is a one-line AttributeError naming the file and the names it has.
+    ``batch`` is true under the study driver (papermill): runs print one line each and no
+    progress bar; ``progress`` is its opposite (a live bar in JupyterLab)."""
+
+    def __init__(self, profile: str, stem: str, params: dict, results_root: str, batch: bool):
+        self.profile, self.stem, self.params = profile, stem, params
+        self.results_root, self.batch, self.progress = results_root, batch, not batch
+        self.params_file = f"params/{profile}/{stem}.yaml"
+
+    def __getattr__(self, name: str):
+        if name.startswith("_") or name == "params":
+            raise AttributeError(name)
+        try:
+            return self.params[name]
+        except KeyError:
+            raise AttributeError(f"{self.params_file} has no {name!r} (it has: "
+                                 f"{', '.join(sorted(self.params))})") from None
+
+    def get(self, name: str, default=None):
+        return self.params.get(name, default)
+
+    def __getitem__(self, name: str):      # cfg["arms"] reads like cfg.arms
+        return self.params[name] if name in self.params else getattr(self, name)
+
+    def keys(self):
+        return [*self.params, "results_root"]
+
+    def __repr__(self) -> str:
+        return f"NotebookConfig({self.params_file}, results in {self.results_root})"
+
+    def runs_here(self) -> str:
+        """One sentence: which pair on which data this notebook runs in this profile."""
+        return runs_here(self.profile, self.stem, Path("params"))
+
+
+def notebook_setup(profile: str, stem: str, results_root: str | None = None) -> NotebookConfig:
+    """First call of every notebook: cwd = the repo root, quiet under papermill (no progress
+    bars, library deprecation warnings off, warnings without file paths), and the notebook's
+    params from ``params/<profile>/<stem>.yaml`` (with its ``extends`` chain), returned as a
+    `NotebookConfig` (``results_root`` defaults to ``results/<profile>``, relative to the repo
+    root). Prints one line: the profile, what this notebook runs there, where results go."""
     root = find_repo_root()
     os.chdir(root)
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    warnings.formatwarning = _short_warning
-    from huggingface_hub.utils import disable_progress_bars
-    from transformers.utils import logging as hf_logging
-    disable_progress_bars()            # weight loading / shard writing bars: noise in a notebook
-    hf_logging.disable_progress_bar()
-    if os.environ.get("DPKD_BATCH") == "1":
-        # tqdm.auto picks the widget bar inside any kernel; under papermill nobody sees
-        # widgets, so bind the text bar before any dpkd_lib module imports tqdm.auto.
-        import tqdm.auto
-        import tqdm.std
-        tqdm.auto.tqdm = tqdm.std.tqdm
+    batch = os.environ.get("DPKD_BATCH") == "1"
+    _quiet_libraries(batch)
     _path_check_switches()
     params = load_params(Path("params"), profile, stem)
     if "skip" in params:
         raise SystemExit(f"profile {profile!r} skips this notebook: {params['skip']}")
-    params["results_root"] = results_root or f"results/{profile}"
-    print(f"profile {profile!r}: params/{profile}/{stem}.yaml, results in {params['results_root']}")
-    return params
+    cfg = NotebookConfig(profile, stem, params, results_root or f"results/{profile}", batch)
+    print(f"profile {profile!r}: params/{profile}/{stem}.yaml, results in {cfg.results_root}. "
+          f"{cfg.runs_here()}")
+    return cfg
+
+
+class _SilentBar:
+    """Stands in for tqdm under papermill: nobody watches a bar there, and every refresh is
+    an output line in the executed copy. Takes what tqdm takes, shows nothing."""
+
+    def __init__(self, iterable=None, *args, **kwargs):
+        self.iterable, self.n = iterable, kwargs.get("initial", 0)
+
+    def __iter__(self):
+        return iter(self.iterable if self.iterable is not None else ())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def __getattr__(self, name):           # update, set_postfix, close, refresh, ...
+        return lambda *a, **k: None
+
+    @classmethod
+    def write(cls, s, *args, **kwargs):
+        print(s)
+
+
+def _quiet_libraries(batch: bool) -> None:
+    """Warnings as one line without a path; deprecation notices from the libraries (e.g.
+    transformers' FutureWarnings) off: they are addressed to this code's maintainers, not to
+    a reader. Hub and transformers bars off everywhere; under papermill every tqdm.auto bar
+    (ours and the libraries') becomes `_SilentBar`, bound before any module imports it."""
+    import warnings
+    warnings.formatwarning = _short_warning
+    for category in (FutureWarning, DeprecationWarning, PendingDeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+    disable_progress_bars()            # weight loading / shard writing bars: noise in a notebook
+    hf_logging.disable_progress_bar()
+    if batch:
+        hf_logging.set_verbosity_error()
+        import tqdm
+        import tqdm.auto
+        tqdm.auto.tqdm = tqdm.tqdm = _SilentBar
+
+
+MODEL_NAMES = {"smollm2": ("SmolLM2-135M-Instruct", 30)}
+
+
+def describe_model(section: dict | None) -> str:
+    """A model section of the params in a few words (for the notebooks' setup lines)."""
+    from .config import ModelConfig
+    m = {k: v for k, v in ModelConfig().__dict__.items()} | dict(section or {})
+    source = m["source"]
+    if source == "tiny":
+        text = f"a tiny random model ({m.get('n_layer', '?')} layers, width {m.get('n_embd', '?')})"
+    elif source in MODEL_NAMES:
+        name, layers = MODEL_NAMES[source]
+        text = name + (f" cut to its first {m['prune_to']} of {layers} layers" if m.get("prune_to") else "")
+    else:
+        text = str(m.get("name_or_path", source))
+    if m.get("prune_to") and source == "tiny":
+        text += f", pruned to {m['prune_to']}"
+    if m.get("lora"):
+        text += f" + LoRA r{m['lora_r']}"
+    if m.get("quantization") not in (None, "", "none"):
+        text += f" ({m['quantization']})"
+    return text
+
+
+def _describe_role(how: dict) -> str:
+    if "model" in how:
+        return describe_model(how["model"])
+    build = how.get("build", {})
+    steps = build.get("train.max_steps")
+    where = build.get("data.train_slice")
+    return (describe_model(build.get("student")) + ", trained with SFT"
+            + (f" for {steps} steps" if steps else "") + (f" on train[{where})" if where else ""))
+
+
+def describe_data(base: dict) -> str:
+    d = base.get("data", {}) or {}
+    source = d.get("source", "synthetic")
+    if source == "synthetic":
+        sizes = ", ".join(f"{d[k]} {k[2:]}" for k in ("n_train", "n_test", "n_heldout") if k in d)
+        return f"synthetic Dolly-format instructions ({sizes}; heldout: unseen templates)"
+    if source == "dolly_hub":
+        return "databricks-dolly-15k (MiniLLM's processing)"
+    return f"{source} records ({d.get('path', '')})"
+
+
+def describe_setup(profile: str, stem: str, params_dir: str | os.PathLike = "params") -> dict:
+    """{teacher, student, data} of a notebook in a profile, in words, from its params (and
+    notebook 01's pair where it reuses it); {} for a notebook that trains nothing."""
+    from .config import load_yaml
+    params_dir = Path(params_dir)
+    params = load_params(params_dir, profile, stem)
+    if "skip" in params or "base_params" not in params:
+        return {}
+    base = load_yaml(params_dir.parent / params["base_params"])
+    pair = params.get("pair")
+    if pair is None and params.get("use_built_pair"):
+        pair = load_params(params_dir, profile, "01_gpt2_120m").get("pair")
+    if pair is None:
+        roles = {role: dict(base.get(role) or {}) for role in ("teacher", "student")}
+        for key, value in (params.get("common") or {}).items():   # e.g. 02's teacher.quantization
+            role, _, field = key.partition(".")
+            if role in roles and "." not in field:
+                roles[role][field] = value
+        pair = {role: {"model": section} for role, section in roles.items()}
+    return {"teacher": _describe_role(pair["teacher"]), "student": _describe_role(pair["student"]),
+            "data": describe_data(base)}
+
+
+def runs_here(profile: str, stem: str, params_dir: str | os.PathLike = "params") -> str:
+    """The sentence each notebook's title cell and setup line carry, generated from the
+    params: '01_gpt2_120m runs in the cpu profile: teacher SmolLM2-135M-Instruct + ...'."""
+    params = load_params(Path(params_dir), profile, stem)
+    if "skip" in params:
+        return f"{stem} is skipped in the {profile} profile ({params['skip']})."
+    setup = describe_setup(profile, stem, params_dir)
+    if not setup:
+        if "steps" in params:
+            return f"{stem} needs no model: toy distributions, the same in every profile."
+        return f"{stem} reads only results/{profile}/ (the runs of 01-03) and needs no model."
+    reuse = " (notebook 01's pair)" if params.get("use_built_pair") else ""
+    return (f"{stem} runs in the {profile} profile{reuse}: teacher {setup['teacher']}; "
+            f"student {setup['student']}; data: {setup['data']}.")
+
+
+def setup_table(cfg: NotebookConfig):
+    """The setup of a notebook as a short two-column table: the pair, the data, the budget of
+    each arm or grid, and what is declared before any run."""
+    import pandas as pd
+    from .config import load_yaml
+    from .runs import DISPLAY
+
+    rows = list(describe_setup(cfg.profile, cfg.stem, "params").items())
+    base = load_yaml(cfg.base_params) if "base_params" in cfg.params else {}
+    from .config import TrainConfig
+    base_train = TrainConfig().__dict__ | (base.get("train", {}) or {})
+
+    def budget(common: dict) -> str:
+        steps = common.get("train.max_steps", base_train.get("max_steps"))
+        lr = common.get("train.lr", base_train.get("lr"))
+        batch = common.get("train.batch_size", base_train.get("batch_size"))
+        return ", ".join(x for x in (f"{steps} steps" if steps else "", f"lr {float(lr):g}" if lr else "",
+                                     f"batch {batch}" if batch else "") if x)
+
+    def methods(spec: dict) -> str:
+        return ", ".join(f"{m.get('label') or DISPLAY.get(k, k)} ×{len(m.get('seeds', [1]))}"
+                         for k, m in spec.items())
+
+    for name, arm in (cfg.get("arms") or {}).items():
+        rows.append((f"arm: {arm.get('label', name)}", f"{methods(arm['methods'])} (× seeds); "
+                     f"{budget(arm.get('common') or {})} each"))
+    if cfg.get("methods"):
+        rows.append(("runs", f"{methods(cfg.methods)} (× seeds); {budget(cfg.get('common') or {})} each"))
+    if cfg.get("ablations"):
+        rows.append(("ablations", f"{len(cfg.ablations)} variants, one change each from notebook 01's "
+                     f"{', '.join(cfg.reference_runs.values())}; one seed each"))
+    primary = cfg.get("primary")
+    if primary:
+        tests = len(primary["comparisons"]) * len(primary["splits"])
+        rows.append(("declared", f"{primary['metric']} ({primary['decoding']}) on {', '.join(primary['splits'])}: "
+                     + ", ".join(f"{DISPLAY.get(a, a)} vs {DISPLAY.get(b, b)}" for a, b in primary["comparisons"])
+                     + f"; α {primary['alpha']}, Holm over {tests} tests"))
+    return pd.DataFrame(rows, columns=["setup", "in this run"])
 
 
 def _path_check_switches() -> None:

@@ -57,11 +57,51 @@ def test_committed_without_outputs_with_a_user_parameters_cell(path):
               for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)}
     assert values == {"profile": "cpu", "results_root": None, "force": False}   # only what a user sets
     assert set(values) == set(study.INJECTED)
-    # the first cell installs the repo on Colab / Kaggle: tools/colab_setup.py as it is (tested there)
-    assert code[0].source == (ROOT / "tools" / "colab_setup.py").read_text().rstrip("\n")
+    # the first cell fetches the repo on Colab / Kaggle and hands over to tools/colab_setup.py
+    # (tests/test_colab_setup.py runs it): short, the same in every notebook, collapsed
+    first = nbformat.read(NOTEBOOKS[0], as_version=4).cells[0].source
+    assert code[0].source == first and len(first.splitlines()) <= 15 and "tools/colab_setup.py" in first
     assert code[0].metadata.get("jupyter", {}).get("source_hidden")
-    assert f'notebook_setup(profile, "{path.stem}", results_root)' in code[2].source
+    # settings by name: cfg = notebook_setup(...), then cfg.pair, cfg.arms; nothing poured into globals()
+    assert code[2].source.splitlines()[-1] == f'cfg = notebook_setup(profile, "{path.stem}", results_root)'
+    assert not any("globals()" in c.source for c in code)
     assert "upstream" in nb.metadata.get("dpkd", {})
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=STEMS)
+def test_title_cell_states_what_the_default_profile_runs(path):
+    """The title cell says which pair on which data the default profile runs, in the words
+    generated from the params (study.runs_here), so it cannot drift from them."""
+    nb = nbformat.read(path, as_version=4)
+    title = nb.cells[1]
+    assert title.cell_type == "markdown" and title.source.startswith(f"# {path.stem[:2]} · ")
+    assert study.runs_here("cpu", path.stem, ROOT / "params") in title.source
+
+
+def test_notebook_setup_is_quiet_under_the_driver_and_live_in_jupyterlab():
+    """Under the driver (DPKD_BATCH=1) every tqdm.auto bar is silent and library
+    deprecation warnings are off; opened by hand the bar stays (cfg.progress)."""
+    import subprocess
+    import sys
+    script = (
+        "import warnings, tqdm.auto\n"
+        "from dpkd_lib.study import notebook_setup\n"
+        "cfg = notebook_setup('smoke', '01_gpt2_120m')\n"
+        "bar = tqdm.auto.tqdm(range(3), desc='bar-shown')\n"
+        "list(bar); bar.close()\n"
+        "warnings.warn('old api', FutureWarning)\n"
+        "print('progress', cfg.progress, type(cfg.arms).__name__, cfg.results_root)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("DPKD_BATCH", "TQDM_DISABLE")}   # conftest sets it
+    live = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    batch = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=dict(env, DPKD_BATCH="1"),
+                           capture_output=True, text=True, timeout=300)
+    assert live.returncode == batch.returncode == 0, live.stderr + batch.stderr
+    assert "bar-shown" in live.stderr and "progress True dict results/smoke" in live.stdout
+    assert "bar-shown" not in batch.stderr and "progress False dict results/smoke" in batch.stdout
+    assert "FutureWarning" not in live.stderr + batch.stderr
+    with pytest.raises(AttributeError, match=r"params/smoke/00_theory.yaml has no 'arms' \(it has: seed, steps\)"):
+        study.NotebookConfig("smoke", "00_theory", {"seed": 0, "steps": 1}, "r", True).arms
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -161,6 +201,23 @@ def test_every_notebook_executes_in_order_with_no_absolute_path(smoke):
     assert not list(out.glob(".*.running.ipynb"))
 
 
+def test_executed_notebooks_are_quiet_and_compact(smoke):
+    """No progress-bar walls, no leaked warnings, no raw DataFrame dumps, no long output:
+    what a reader of the executed copy sees is tables, figures and one line per run."""
+    root, _ = smoke
+    for stem in STEMS:
+        nb = nbformat.read(root / "notebooks" / f"{stem}.ipynb", as_version=4)
+        for i, cell in enumerate(c for c in nb.cells if c.cell_type == "code"):
+            text = ""
+            for out in cell.get("outputs", []):
+                assert out.get("name") != "stderr", f"{stem} code cell {i}: stderr output {out.get('text', '')[:200]!r}"
+                assert "text/html" not in out.get("data", {}), f"{stem} code cell {i}: a raw DataFrame"
+                text += out.get("text", "") + out.get("data", {}).get("text/markdown", "")
+            assert "it/s]" not in text and "%|" not in text, f"{stem} code cell {i}: a progress bar"
+            assert "Warning" not in text, f"{stem} code cell {i}: {text[:300]}"
+            assert len(text.splitlines()) <= 40, f"{stem} code cell {i}: {len(text.splitlines())} lines"
+
+
 def test_figures_notebook_wrote_the_answer_from_the_runs(smoke):
     root, _ = smoke
     main_params = study.load_params(ROOT / "params", "smoke", "01_gpt2_120m")
@@ -187,6 +244,11 @@ def test_figures_notebook_wrote_the_answer_from_the_runs(smoke):
     moved = [m for s in primary["splits"] for m in report.gap_closed(ex, every_method, s, labels=labels)]
     assert {m["method"] for m in moved} >= {"alone_sft", "sft"} and "SFT (alone)" in report.answer_text([], moved)
     assert (tables / "answer.md").read_text().strip() == report.answer_text(comps, moved)
+    # notebook 01 states the same verdict, generated from the same intervals
+    shown = [o.get("data", {}).get("text/markdown", "") for c in
+             nbformat.read(root / "notebooks" / "01_gpt2_120m.ipynb", as_version=4).cells if c.cell_type == "code"
+             for o in c.get("outputs", [])]
+    assert report.verdict_text(comps) in shown
     assert len(pd.read_csv(tables / "comparisons.csv")) == len(primary["comparisons"]) * len(primary["splits"])
     ablations = pd.read_csv(tables / "ablations.csv")
     assert len(ablations) == len(abl_params["ablations"]) + len(set(abl_params["reference_runs"].values()))

@@ -1,11 +1,13 @@
-"""The notebooks' first cell on Colab / Kaggle: fetch this repository and install it without
-replacing the GPU build of torch that the runtime already has. Elsewhere it does nothing.
+"""Installs this repository on Colab / Kaggle without replacing the GPU build of torch that
+the runtime already has. Elsewhere it does nothing.
 
-It runs before the repository is installed, so it is standalone (standard library only): it
-*is* the first cell of every notebook, collapsed (tests/test_notebooks.py checks they are the
-same text). Where the code comes from, first match wins:
+The notebooks' first cell (about a dozen lines, the same in every notebook; tests/
+test_colab_setup.py runs it) finds this file — in a ``dpkd-study`` folder it cloned from
+``DPKD_REPO_URL``, or inside an uploaded ``dpkd-study*.zip`` or ``dpkd-study*`` folder — and
+hands over to `setup`. It runs before the repository is installed, so it is standalone
+(standard library only). Where the code comes from, first match wins:
 
-1. a ``dpkd-study`` folder already in the working directory (a re-run of the cell);
+1. the working directory itself, or a ``dpkd-study`` folder in it (a re-run of the cell);
 2. ``DPKD_REPO_URL``: a git URL to clone (``os.environ["DPKD_REPO_URL"] = "https://..."`` in a
    cell above, or a Colab/Kaggle secret exported as that variable);
 3. an uploaded ``dpkd-study*.zip`` (``git archive`` or GitHub's "Download ZIP") in the working
@@ -45,8 +47,9 @@ def _is_repo(path: str) -> bool:
 def find_source(workdir: str):
     """(kind, where) of the code to install: present | git | zip | folder; None if nothing."""
     target = os.path.join(workdir, REPO_DIR)
-    if _is_repo(target):
-        return "present", target
+    for here in (workdir, target):   # a re-run: the cell before it moved into the repository
+        if _is_repo(here) and os.path.isfile(os.path.join(here, "tools", "colab_setup.py")):
+            return "present", here
     if os.environ.get("DPKD_REPO_URL"):
         return "git", os.environ["DPKD_REPO_URL"]
     places = [workdir, *sorted(glob.glob("/kaggle/input/*"))]
@@ -63,6 +66,8 @@ def find_source(workdir: str):
 def fetch(kind: str, where: str, workdir: str) -> str:
     """Put the repository at ``workdir/dpkd-study``; returns that path."""
     target = os.path.join(workdir, REPO_DIR)
+    if kind == "present":
+        return where
     if kind == "git":
         subprocess.run(["git", "clone", "--depth", "1", where, target], check=True)
     elif kind == "zip":
