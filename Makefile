@@ -75,7 +75,7 @@ reproduce: setup
 # Every table, interval, figure and answer sentence of results/$(PROFILE) from its committed
 # data/ alone (per-prompt rows, per-step logs, summaries of every run; no run folder, no model).
 tables: setup
-	$(PY) -m dpkd_lib.report rebuild results/$(PROFILE)
+	$(PY) -m dpkd_lib.study.report rebuild results/$(PROFILE)
 
 # JupyterLab on the repo (tools/lab.sh: also as root, no browser; open the URL it prints).
 # Extra options: make lab LAB_ARGS="--port=8899 --ip=0.0.0.0"
@@ -86,12 +86,12 @@ bench: setup
 	$(PY) -m dpkd_lib.perf.bench --mode $(BENCH)
 
 # Each GPU profile's code path on full-size stand-ins, measured against the memory planner
-# (dpkd_lib/perf/gpu_check.py; results/gpu_check/<card>.{json,md}). Needs a CUDA torch, so it
+# (dpkd_lib/gpu/gpu_check.py; results/gpu_check/<card>.{json,md}). Needs a CUDA torch, so it
 # runs the Python that has one: .venv's when it exists (refuses on a CPU build), else python3
 # (Colab, Kaggle): make gpu-check [GPU_PYTHON=python3]. No network.
 GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 gpu-check:
-	$(GPU_PYTHON) -m dpkd_lib.perf.gpu_check
+	$(GPU_PYTHON) -m dpkd_lib.gpu.gpu_check
 
 clean:
 	rm -rf results/smoke .pytest_cache .cache build *.egg-info

@@ -617,7 +617,7 @@ def load_records(source: str, path: str | os.PathLike | None = None, seed: int =
     if source not in DATA_SOURCES:
         raise ValueError(f"unknown data source {source!r}; valid sources: {', '.join(DATA_SOURCES)}")
     if source == "synthetic":
-        from .synthetic import generate_synthetic
+        from .datasets.synthetic import generate_synthetic
 
         return generate_synthetic(seed=seed, **sizes)
     split_sizes = {k: sizes[k] for k in ("n_valid", "n_test", "tokenizer", "min_response_tokens",

@@ -37,7 +37,7 @@ def default_corpus_texts(n_synthetic: int = 2000, seed: int = 0) -> list[str]:
     the formatted prompts and responses of the synthetic train split, so the tokenizer
     covers both the pre-train corpus and the task (held-out and test text is not used)."""
     from .data import format_prompt, pydoc_corpus
-    from .synthetic import generate_synthetic
+    from .datasets.synthetic import generate_synthetic
 
     records = generate_synthetic(n_train=n_synthetic, n_valid=0, n_test=0, n_heldout=0, seed=seed)["train"]
     return pydoc_corpus() + [format_prompt(r) + r["response"] for r in records]

@@ -11,7 +11,7 @@ import torch
 
 from dpkd_lib import data as D
 from dpkd_lib.errors import DataError
-from dpkd_lib.synthetic import generate_synthetic
+from dpkd_lib.datasets.synthetic import generate_synthetic
 from dpkd_lib.tokenization import gpt2_tokenizer
 
 EOS = 50256

@@ -1,4 +1,4 @@
-"""The figure and notebook-text functions of dpkd_lib.report on small fake run folders: what
+"""The figure and notebook-text functions of dpkd_lib.study.report on small fake run folders: what
 each figure shows (the teacher does not set the scale, one quantity per panel, the measured
 quantity named on the axis) and words that follow the intervals."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from dpkd_lib import report, study
+from dpkd_lib.study import report, driver as study
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

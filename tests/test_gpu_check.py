@@ -1,4 +1,4 @@
-"""`make gpu-check` (dpkd_lib/perf/gpu_check.py) on a CPU: it refuses in one line without
+"""`make gpu-check` (dpkd_lib/gpu/gpu_check.py) on a CPU: it refuses in one line without
 --cpu-scale, and with it runs the same path — each GPU profile's params through train.train on
 scaled-down stand-ins (4-bit teacher cache built then unloaded, QLoRA student with gradient
 checkpointing, a DPKD-token step, batched generation) — and writes every key. This is also
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 
-from dpkd_lib import memory
-from dpkd_lib.perf import gpu_check
+from dpkd_lib.gpu import memory
+from dpkd_lib.gpu import gpu_check
 
 
 def test_refuses_on_cpu_in_one_line(capsys):

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from dpkd_lib import errors
-from dpkd_lib import memory as M
+from dpkd_lib.gpu import memory as M
 from dpkd_lib.config import load_config
-from dpkd_lib.perf import calibrate
+from dpkd_lib.gpu import calibrate
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2 = M.ModelShape.of("HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -172,10 +172,10 @@ def test_cards_say_what_fits_and_what_to_change():
 
 
 def test_gpu_memory_page_is_current():
-    """docs/gpu_memory.md is generated (python -m dpkd_lib.memory --doc) and current, with
+    """docs/gpu_memory.md is generated (python -m dpkd_lib.gpu.memory --doc) and current, with
     the 4-bit pairs' exact caches fitting a T4 and their host memory and disk shown."""
     assert M.update_doc(ROOT / "docs" / "gpu_memory.md", check=True), \
-        "docs/gpu_memory.md is stale: python -m dpkd_lib.memory --doc"
+        "docs/gpu_memory.md is stale: python -m dpkd_lib.gpu.memory --doc"
     text = (ROOT / "docs" / "gpu_memory.md").read_text()
     table = M.card_table()
     assert table in text

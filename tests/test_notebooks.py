@@ -1,5 +1,5 @@
 """The study notebooks: the committed .ipynb files are the source; executed with papermill in
-the smoke profile, in order, exactly as `make reproduce PROFILE=smoke` does (dpkd_lib.study).
+the smoke profile, in order, exactly as `make reproduce PROFILE=smoke` does (dpkd_lib.study.driver).
 
 Checks that every notebook runs, that the figure notebook writes the tables, answer and
 figures it builds from what 01-03 wrote (and needs no model to do so), that executed copies
@@ -17,7 +17,7 @@ import nbformat
 import pandas as pd
 import pytest
 
-from dpkd_lib import report, study
+from dpkd_lib.study import report, driver as study
 from dpkd_lib.config import ConfigError
 
 pytestmark = pytest.mark.notebook
@@ -85,7 +85,7 @@ def test_notebook_setup_is_quiet_under_the_driver_and_live_in_jupyterlab():
     import sys
     script = (
         "import warnings, tqdm.auto\n"
-        "from dpkd_lib.study import notebook_setup\n"
+        "from dpkd_lib.study.driver import notebook_setup\n"
         "cfg = notebook_setup('smoke', '01_gpt2_120m')\n"
         "bar = tqdm.auto.tqdm(range(3), desc='bar-shown')\n"
         "list(bar); bar.close()\n"
@@ -292,7 +292,7 @@ def test_figures_notebook_needs_no_model(smoke, tmp_path):
 
 
 def test_every_table_and_figure_rebuilds_from_the_exported_data_alone(smoke, tmp_path):
-    """`python -m dpkd_lib.report rebuild` (make tables) on a copy of the study's data/ alone,
+    """`python -m dpkd_lib.study.report rebuild` (make tables) on a copy of the study's data/ alone,
     no run folder, no model, no table: every table the notebooks wrote comes back identical,
     and every figure built from runs (the theory figures of 00 come from formulas)."""
     import subprocess
@@ -301,7 +301,7 @@ def test_every_table_and_figure_rebuilds_from_the_exported_data_alone(smoke, tmp
     copy = tmp_path / "smoke"
     shutil.copytree(root / "data", copy / "data")
     assert {p.name for p in (copy / "data").iterdir()} == {p.name for p in (root / "runs").iterdir() if p.is_dir()}
-    done = subprocess.run([sys.executable, "-m", "dpkd_lib.report", "rebuild", str(copy), "--profile", "smoke"],
+    done = subprocess.run([sys.executable, "-m", "dpkd_lib.study.report", "rebuild", str(copy), "--profile", "smoke"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     written = sorted((root / "tables").iterdir())
@@ -355,7 +355,7 @@ def test_gpu_profile_notebooks_execute_on_cpu_with_standins(profile, monkeypatch
     """The paper and colab notebooks under papermill as `make reproduce` runs them, with hub
     ids built as scaled-down random stand-ins (DPKD_STANDINS) and every run shrunk
     (DPKD_CHECK_OVERRIDES): a notebook step those profiles need cannot rot unseen."""
-    from dpkd_lib import runs
+    from dpkd_lib.study import runs
     monkeypatch.setenv("DPKD_STANDINS", "24,64")
     monkeypatch.setenv(runs.CHECK_OVERRIDES_ENV, ";".join(GPU_PROFILE_SHRINK))
     root = ROOT / "results" / f".test-{profile}-{uuid.uuid4().hex[:8]}"

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpkd_lib import memory, models, precision
+from dpkd_lib.gpu import memory
+from dpkd_lib import models, precision
 from dpkd_lib.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent

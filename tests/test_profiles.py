@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from dpkd_lib import models, runs, standins
+from dpkd_lib import models
+from dpkd_lib.study import runs
+from dpkd_lib.gpu import standins
 from dpkd_lib.choices import OBJECTIVES, TEACHER_OBJECTIVES, TOKEN_OBJECTIVES
 from dpkd_lib.config import load_yaml, teacher_use
 from dpkd_lib.tokenization import build_tokenizer
@@ -126,7 +128,7 @@ def test_notebook_01_pilot_and_arms_resolve(tmp_path, profile):
     control no_distill among them, with the same kd_ratio and lm_coef as the mix), the pilot's
     readouts on the valid split, and the learning-rate grid of each objective alone
     (runs.lr_grid_runs: every method of the arm at every rate, nothing else changed)."""
-    from dpkd_lib import study
+    from dpkd_lib.study import driver as study
     from dpkd_lib.config import ConfigError
     params = study.load_params(ROOT / "params", profile, "01_gpt2_120m")
     base, pilot, arms = ROOT / params["base_params"], params["pilot"], params["arms"]

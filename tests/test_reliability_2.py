@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 import dpkd_lib.train as train_mod
 from dpkd_lib import config as config_mod
-from dpkd_lib import study
+from dpkd_lib.study import driver as study
 from dpkd_lib.config import ConfigError, load_config
 from dpkd_lib.errors import ModelLoadError, RunBusy, TrainingFault
 from dpkd_lib.io import read_json, read_jsonl

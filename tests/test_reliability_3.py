@@ -353,7 +353,7 @@ def _study_repo(tmp_path, cell: str) -> Path:
     nbformat.write(nb, repo / "notebooks" / "00_work.ipynb")
     (repo / "params" / "p" / "00_work.yaml").write_text("x: 1\n")
     (repo / "drive.py").write_text(
-        "import sys\nfrom pathlib import Path\nimport dpkd_lib.study as s\n"
+        "import sys\nfrom pathlib import Path\nimport dpkd_lib.study.driver as s\n"
         "s.REPO_ROOT = Path(sys.argv[1])\n"
         "sys.exit(s.main(['--profile', 'p', '--results-root', sys.argv[2], '--quiet', *sys.argv[3:]]))\n")
     return repo
@@ -465,7 +465,7 @@ def test_a_finished_run_on_a_read_only_mount_is_reused_without_a_lock(tmp_path, 
     """Case 12, first half (old: `[Errno 30] … '.lock'`: a finished run on a read-only mount
     could not be reused). Now train, run_grid and evaluate_models read it from there, writing
     nothing; an unfinished one is refused in one line."""
-    from dpkd_lib.runs import evaluate_models, run_grid
+    from dpkd_lib.study.runs import evaluate_models, run_grid
     base = ROOT / "params" / "smoke" / "base_train.yaml"
     results = tmp_path / "results"
     grid = [("sft_s1", ["train.max_steps=1", "eval.max_examples=2", "eval.max_new_tokens=4"])]
@@ -580,7 +580,7 @@ def test_save_every_0_still_checkpoints_before_the_final_evaluation(tmp_path, mo
 def test_evaluate_models_holds_the_run_lock(tmp_path):
     """Old: runs.evaluate_models wrote params, manifest and eval files without the run
     folder's lock, under a process that held it. Now it takes the lock: RunBusy, nothing written."""
-    from dpkd_lib.runs import evaluate_models
+    from dpkd_lib.study.runs import evaluate_models
     base = ROOT / "params" / "smoke" / "base_train.yaml"
     results = tmp_path / "results"
     holder = RunDir(results / "runs" / "student_init")

@@ -15,7 +15,7 @@ from dpkd_lib import models
 from dpkd_lib.config import ConfigError, DataConfig, TokenizerConfig, load_config, parse_override
 from dpkd_lib.errors import DataError, VocabularyMismatch
 from dpkd_lib.io import read_json
-from dpkd_lib.synthetic import generate_synthetic
+from dpkd_lib.datasets.synthetic import generate_synthetic
 from dpkd_lib.tokenization import build_tokenizer
 from dpkd_lib.train import train
 

@@ -1,4 +1,4 @@
-"""dpkd_lib.report on fabricated runs (exported as a study exports them, rundata.py):
+"""dpkd_lib.study.report on fabricated runs (exported as a study exports them, rundata.py):
 collection, tables, the paired per-seed intervals, Holm at the Bonferroni level, and the
 answer's words, which must follow the intervals. Expected numbers are worked out by hand in
 the comments or computed independently (numpy over per-seed means, not the library's path)."""
@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from dpkd_lib import report, rundata, stats
+from dpkd_lib.study import report, stats
+from dpkd_lib.study import rundata
 
 
 def fake_run(root, name, *, method, seed, test_rl, test_em=0.0, heldout_rl=None, group="released",

@@ -1,10 +1,10 @@
-"""dpkd_lib.runs: how a notebook's params become run configs, and that every run of every
+"""dpkd_lib.study.runs: how a notebook's params become run configs, and that every run of every
 profile's notebooks resolves (types, ranges, unused settings) in milliseconds."""
 from pathlib import Path
 
 import pytest
 
-from dpkd_lib import runs, study
+from dpkd_lib.study import runs, driver as study
 from dpkd_lib.choices import TEACHER_OBJECTIVES
 from dpkd_lib.config import ConfigError, parse_slice, teacher_use
 

@@ -1,4 +1,4 @@
-"""Stand-ins (dpkd_lib/standins.py): every checkpoint's architecture against its published size
+"""Stand-ins (dpkd_lib/gpu/standins.py): every checkpoint's architecture against its published size
 (counted on the meta device: nothing is allocated), the planner reading the same numbers,
 scaled builds that keep the architecture, in-memory 4-bit that survives a save and reload,
 and hub ids served as stand-ins only inside `use_standins`."""
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dpkd_lib import config as C
-from dpkd_lib import hub, memory, models, standins
+from dpkd_lib import hub, models
+from dpkd_lib.gpu import memory, standins
 from dpkd_lib.errors import ModelLoadError
 
 

@@ -1,4 +1,4 @@
-"""dpkd_lib.stats: the t distribution against mpmath and closed forms, Holm by hand, the
+"""dpkd_lib.study.stats: the t distribution against mpmath and closed forms, Holm by hand, the
 paired interval by hand, power against simulated t tests, and the coverage of the study's
 interval on simulated data with the cpu study's variance components, beside the former
 bootstrap's (which the study no longer uses; its estimator is rebuilt here to show why)."""
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from dpkd_lib import stats
+from dpkd_lib.study import stats
 
 mpmath = pytest.importorskip("mpmath")
 

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from dpkd_lib import synthetic
-from dpkd_lib.synthetic import CATEGORIES, SPLITS, generate_synthetic, templates
+from dpkd_lib.datasets import synthetic
+from dpkd_lib.datasets.synthetic import CATEGORIES, SPLITS, generate_synthetic, templates
 
 FIELDS = ("id", "instruction", "context", "response", "category", "template")
 
@@ -50,7 +50,7 @@ def test_same_seed_same_records_other_seed_differs(data):
 
 def test_deterministic_across_processes_and_hash_seeds():
     """String-seeded RNGs and no set iteration: PYTHONHASHSEED must not matter."""
-    code = ("import hashlib, json; from dpkd_lib.synthetic import generate_synthetic as g; "
+    code = ("import hashlib, json; from dpkd_lib.datasets.synthetic import generate_synthetic as g; "
             "print(hashlib.sha256(json.dumps(g(300, 30, 30, 30, seed=3)).encode()).hexdigest())")
     outs = []
     for hash_seed in ("1", "2"):
@@ -63,7 +63,7 @@ def test_deterministic_across_processes_and_hash_seeds():
 
 
 def test_synthetic_module_does_not_import_torch():
-    code = "import sys, dpkd_lib.synthetic; print('torch' in sys.modules)"
+    code = "import sys, dpkd_lib.datasets.synthetic; print('torch' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
     assert res.stdout.strip() == "False", res.stderr

@@ -46,7 +46,7 @@ Figures (keys of summary.json):
   ``train.train`` on the same pair, with the student's samples drawn every step
   (``train.rejected_every`` 1) or every 4 steps in one batch (4).
 * ``memory_planner_max_rel_error``: worst |predicted − measured| / measured peak over the
-  planner's calibration workloads (fresh subprocess each; see dpkd_lib/perf/calibrate.py).
+  planner's calibration workloads (fresh subprocess each; see dpkd_lib/gpu/calibrate.py).
 * The exact teacher cache on disk (issue 26; ``--only cache_disk`` runs this stage alone
   into ``cache_disk.{json,md}``), 10 KB per position as a 13-14B teacher's fp16 hidden
   state: ``teacher_cache_read_ms_per_step`` (one batch's rows read from the file, page cache
@@ -85,7 +85,7 @@ import torch  # noqa: E402
 from .. import losses
 from ..data import left_pad
 from ..io import atomic_write_text, read_jsonl, write_json
-from .calibrate import calibrate
+from ..gpu.calibrate import calibrate
 
 OUT_DIR = Path("results/bench")
 REPO_ROOT = Path(__file__).resolve().parents[2]

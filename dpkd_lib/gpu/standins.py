@@ -8,7 +8,7 @@ come from — and :func:`build` makes a randomly initialised model of it with no
 
 * at full size, directly on the target device in the target dtype, 4-bit quantised layer by
   layer from memory (the full-precision model never exists at once): the GPU check
-  (``python -m dpkd_lib.perf.gpu_check``);
+  (``python -m dpkd_lib.gpu.gpu_check``);
 * scaled down in depth and width (``depth=4`` keeps a quarter of the layers, ``width=16``
   divides the head size and the MLP width by 16, keeping the number of heads, the GQA
   grouping and the vocabulary) so that the same code runs on a CPU in seconds (tests).
@@ -28,8 +28,8 @@ import functools
 from dataclasses import dataclass
 from typing import Optional
 
-from . import hub
-from .errors import ModelLoadError
+from .. import hub
+from ..errors import ModelLoadError
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ def find(name: str) -> Optional[Spec]:
 def spec(name: str) -> Spec:
     found = find(name)
     if found is None:
-        raise ModelLoadError(f"no stand-in for {name!r}: dpkd_lib/standins.py knows "
+        raise ModelLoadError(f"no stand-in for {name!r}: dpkd_lib/gpu/standins.py knows "
                              f"{', '.join(SPECS)} (and their aliases); add its config numbers there")
     return found
 
@@ -192,7 +192,7 @@ def build(name: str | Spec, *, depth: int = 1, width: int = 1, dtype: str = "flo
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from . import models, precision
+    from .. import models, precision
 
     s = scaled(spec(name) if isinstance(name, str) else name, depth, width)
     device = str(device or precision.default_device())
@@ -248,7 +248,7 @@ def offline_tokenizer(vocab: int):
     """An offline tokenizer whose ids all fit a model of ``vocab`` logits: GPT-2's BPE
     (50,257) when it fits, else SmolLM2's (49,152), else a local BPE of 2,048 tokens. The
     model keeps its checkpoint's vocabulary size; the extra rows are never used."""
-    from . import tokenization as tok_lib
+    from .. import tokenization as tok_lib
     if vocab >= 50257:
         return tok_lib.gpt2_tokenizer()
     if vocab >= 49152:

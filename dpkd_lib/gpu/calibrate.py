@@ -1,10 +1,10 @@
 """Calibration of the memory planner: run a workload, measure its peak, compare with the plan.
 
 Each workload is a JSON-able spec (:data:`WORKLOAD_DEFAULTS`) that maps 1:1 to a
-:class:`dpkd_lib.memory.MemoryPlan` (:func:`plan_for_workload`) and to code that runs it
+:class:`dpkd_lib.gpu.memory.MemoryPlan` (:func:`plan_for_workload`) and to code that runs it
 (:func:`run_workload`: tiny models or SmolLM2 and its pruned students, built as the library
 builds them, stepped with ``objectives.step_loss``). :func:`measure_workload` runs one in a
-fresh interpreter (``python -m dpkd_lib.perf.calibrate --run-workload SPEC``), so the peak is
+fresh interpreter (``python -m dpkd_lib.gpu.calibrate --run-workload SPEC``), so the peak is
 that workload's alone; :func:`calibrate` runs the bench's set of workloads
 (``python -m dpkd_lib.perf.bench`` reports ``memory_planner_max_rel_error``).
 
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from ..memory import MemoryPlan, ModelShape, estimate
+from .memory import MemoryPlan, ModelShape, estimate
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -256,7 +256,7 @@ def measure_workload(spec: Mapping, timeout: float = 900,
     removes heap fragmentation; the prediction then has no allocator-overhead term.
     """
     s = _spec(spec)
-    cmd = [sys.executable, "-m", "dpkd_lib.perf.calibrate", "--run-workload", json.dumps(s)]
+    cmd = [sys.executable, "-m", "dpkd_lib.gpu.calibrate", "--run-workload", json.dumps(s)]
     env = _child_env()
     if mmap_threshold:
         env["MALLOC_MMAP_THRESHOLD_"] = str(int(mmap_threshold))
@@ -334,7 +334,7 @@ def calibrate(mode: str = "quick", threads: int = 1, progress: bool = True) -> d
 
 def _main(argv=None) -> int:
     import argparse
-    parser = argparse.ArgumentParser(prog="python -m dpkd_lib.perf.calibrate",
+    parser = argparse.ArgumentParser(prog="python -m dpkd_lib.gpu.calibrate",
                                      description="memory planner calibration: run one workload "
                                                  "(--run-workload SPEC) or a mode's set")
     parser.add_argument("--run-workload", default=None, help="a workload spec (JSON): run it here")

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Callable
 
-from .choices import SPLITS
+from ..choices import SPLITS
 
 CATEGORY_WEIGHTS = {
     "closed_qa": 0.18,

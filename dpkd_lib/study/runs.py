@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .config import ConfigError, apply_overrides, from_dict, load_yaml, merge, teacher_use_of, to_dict
-from .errors import out_of_resources
+from ..config import ConfigError, apply_overrides, from_dict, load_yaml, merge, teacher_use_of, to_dict
+from ..errors import out_of_resources
 from .rundata import export_run
 
 #: the keys of a model section that say where its weights come from (a pair replaces them)
@@ -115,12 +115,12 @@ def run_config(base_params: str | Path, name: str, overrides: Sequence[str], res
 
 
 def _finished(run_dir: Path) -> bool:
-    from .rundir import RunDir
+    from ..rundir import RunDir
     return RunDir(run_dir).is_finished()
 
 
 def _write_json_if_changed(path: Path, obj: dict) -> None:
-    from .io import write_json
+    from ..io import write_json
     try:
         if json.loads(path.read_text()) == obj:
             return
@@ -138,7 +138,7 @@ def run_grid(base_params: str | Path, runs: Iterable, results_root: str | Path, 
     params is reused; ``force`` recomputes. Every config is resolved (and so validated)
     before the first run starts: a bad override costs a second, not an hour.
     """
-    from .train import train
+    from ..train import train
     specs = [(name, as_overrides(ov), dict(rest[0]) if rest else {}) for name, ov, *rest in runs]
     names = [s[0] for s in specs]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -254,11 +254,11 @@ def _evaluate_model(cfg, name: str, section: dict, results_root: str | Path, *, 
                     progress: bool) -> dict:
     """One model of `evaluate_models`, holding its run folder's lock (a second process gets
     RunBusy; a finished folder on a read-only mount is read without one)."""
-    from .evaluate import evaluate_model
-    from .io import read_json, write_json, write_yaml
-    from .models import build_model
-    from .rundir import RunDir, code_fingerprint, run_id
-    from .tokenization import build_tokenizer
+    from ..evaluate import evaluate_model
+    from ..io import read_json, write_json, write_yaml
+    from ..models import build_model
+    from ..rundir import RunDir, code_fingerprint, run_id
+    from ..tokenization import build_tokenizer
     params = to_dict(cfg)
     run = RunDir(cfg.output_dir)
     with run.lock(read_only_ok=True):

@@ -1,9 +1,9 @@
 """`make gpu-check`: run each GPU profile's own code path on stand-ins, measure it, and compare
 with the memory planner. One command for any machine with a CUDA GPU, no network.
 
-    python -m dpkd_lib.perf.gpu_check [--out results/gpu_check] [--steps 3] [--budget-s 420]
+    python -m dpkd_lib.gpu.gpu_check [--out results/gpu_check] [--steps 3] [--budget-s 420]
 
-For each run of :data:`dpkd_lib.memory.PROFILE_RUNS` whose teacher is cached (the colab
+For each run of :data:`dpkd_lib.gpu.memory.PROFILE_RUNS` whose teacher is cached (the colab
 Qwen2.5 14B → 7B and Llama-2 13B → 7B QLoRA runs, the paper and colab GPT-2 runs) it calls
 ``train.train`` itself — the profile's params with the hub checkpoints served as full-size
 random stand-ins of the same architecture (``standins.use_standins``: built directly on the
@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from .. import memory, standins
+from . import memory, standins
 from ..config import load_config
 from ..io import atomic_write_text, write_json
 from .calibrate import _reset_peak, _vm_hwm
@@ -378,7 +378,7 @@ def write_report(report: dict, stem: Path) -> tuple[Path, Path]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dpkd_lib.perf.gpu_check",
+    parser = argparse.ArgumentParser(prog="python -m dpkd_lib.gpu.gpu_check",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(OUT_DIR))
     parser.add_argument("--steps", type=int, default=3, help="training steps per run (default 3)")

@@ -58,9 +58,9 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError, RunBusy, StudyError
+from ..errors import ConfigError, RunBusy, StudyError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 OFFLINE_PROFILES = ("smoke", "cpu", "cpu_full")
 INJECTED = ("profile", "results_root", "force")
 STATUS_FILE = "status.json"
@@ -196,7 +196,7 @@ MODEL_NAMES = {"smollm2": ("SmolLM2-135M-Instruct", 30)}
 
 def describe_model(section: dict | None) -> str:
     """A model section of the params in a few words (for the notebooks' setup lines)."""
-    from .config import ModelConfig
+    from ..config import ModelConfig
     m = {k: v for k, v in ModelConfig().__dict__.items()} | dict(section or {})
     source = m["source"]
     if source == "tiny":
@@ -239,7 +239,7 @@ def describe_data(base: dict) -> str:
 def describe_setup(profile: str, stem: str, params_dir: str | os.PathLike = "params") -> dict:
     """{teacher, student, data} of a notebook in a profile, in words, from its params (and
     notebook 01's pair where it reuses it); {} for a notebook that trains nothing."""
-    from .config import load_yaml
+    from ..config import load_yaml
     params_dir = Path(params_dir)
     params = load_params(params_dir, profile, stem)
     if "skip" in params or "base_params" not in params:
@@ -279,12 +279,12 @@ def setup_table(cfg: NotebookConfig):
     """The setup of a notebook as a short two-column table: the pair, the data, the budget of
     each arm or grid, and what is declared before any run."""
     import pandas as pd
-    from .config import load_yaml
+    from ..config import load_yaml
     from .runs import DISPLAY
 
     rows = list(describe_setup(cfg.profile, cfg.stem, "params").items())
     base = load_yaml(cfg.base_params) if "base_params" in cfg.params else {}
-    from .config import TrainConfig
+    from ..config import TrainConfig
     base_train = TrainConfig().__dict__ | (base.get("train", {}) or {})
 
     def budget(common: dict) -> str:
@@ -318,12 +318,13 @@ def setup_table(cfg: NotebookConfig):
 def _path_check_switches() -> None:
     """Two environment switches for checking a GPU profile's notebooks on a CPU with no
     network (tests/test_notebooks.py): ``DPKD_STANDINS="depth,width"`` builds every hub id as
-    a random stand-in of its architecture scaled down by those factors (dpkd_lib/standins.py),
+    a random stand-in of its architecture scaled down by those factors (dpkd_lib/gpu/standins.py),
     and ``DPKD_CHECK_OVERRIDES`` shrinks every run (runs.py). Both are announced."""
     from .runs import CHECK_OVERRIDES_ENV, check_overrides
     scale = os.environ.get("DPKD_STANDINS")
     if scale:
-        from . import hub, standins
+        from .. import hub
+        from ..gpu import standins
         try:
             depth, width = (int(x) for x in scale.split(","))
         except ValueError:
@@ -374,7 +375,7 @@ def select(notebooks: list[Path], only: str | None) -> list[Path]:
 def load_params(params_dir: Path, profile: str, stem: str) -> dict:
     """A notebook's params (``extends`` merged). A missing file or a YAML error is a one-line
     ConfigError naming the file (and the line)."""
-    from .config import load_yaml
+    from ..config import load_yaml
     path = Path(params_dir) / profile / f"{stem}.yaml"
     if not path.exists():
         have = sorted(p.name for p in (Path(params_dir) / profile).glob("*.yaml")) \
@@ -410,7 +411,7 @@ def read_status(folder: Path) -> dict:
 
 
 def write_status(folder: Path, status: dict) -> None:
-    from .io import write_json
+    from ..io import write_json
     write_json(folder / STATUS_FILE, status)
 
 
@@ -442,7 +443,7 @@ def _relative_paths(path: Path, repo: Path, final: Path) -> None:
 def remove_stale_running(out_dir: Path) -> list[str]:
     """Temporary notebooks of drivers that died (called holding the results root's lock:
     a name without a pid is an older driver's)."""
-    from .rundir import _alive
+    from ..rundir import _alive
     removed = []
     for path in Path(out_dir).glob(".*running.ipynb"):
         found = _RUNNING.match(path.name)
@@ -511,7 +512,7 @@ def run_study(profile: str, *, force: bool = False, only: str | None = None,
     `params_dir` is read for the checks before anything runs (the notebooks read
     ``params/`` of the repo).
     """
-    from .rundir import lock_file
+    from ..rundir import lock_file
 
     root = Path(results_root or REPO_ROOT / "results" / profile).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -529,7 +530,7 @@ def _run_study(profile: str, *, force: bool, only: str | None, root: Path, noteb
                kernel: str, log_output: bool, asked: dict) -> dict:
     import papermill as pm
 
-    from .rundir import code_change, code_fingerprint
+    from ..rundir import code_change, code_fingerprint
     repo = REPO_ROOT
     notebooks_dir = Path(notebooks_dir or repo / "notebooks")
     params_dir = Path(params_dir or repo / "params")
@@ -556,7 +557,7 @@ def _run_study(profile: str, *, force: bool, only: str | None, root: Path, noteb
         for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
             os.environ[key] = "1"
 
-    from .rundir import machine
+    from ..rundir import machine
     status = read_status(out_dir)
     status.setdefault("notebooks", {})
     status["profile"] = profile
@@ -663,7 +664,7 @@ def main(argv=None) -> int:
                              "(default: say so and reuse)")
     args = parser.parse_args(argv)
     if args.strict_code:  # read by rundir.code_change, here and in the kernels (inherited)
-        from .rundir import STRICT_CODE_ENV
+        from ..rundir import STRICT_CODE_ENV
         os.environ[STRICT_CODE_ENV] = "1"
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     for noisy in ("papermill.translators", "traitlets", "asyncio"):

@@ -3,7 +3,7 @@ committed record of each run under ``<results_root>/data`` (rundata.py: summarie
 rows, per-step logs; no model, no run folder), so `write_results` rebuilds every table,
 interval, figure and answer sentence of ``results/<profile>`` from git alone:
 
-    python -m dpkd_lib.report rebuild results/<profile>      (make tables PROFILE=<profile>)
+    python -m dpkd_lib.study.report rebuild results/<profile>      (make tables PROFILE=<profile>)
 
 Statistics (docs/design.md §7; the numbers are stats.py's). Training seeds are the unit of
 replication: a comparison of methods a and b pairs seed s of a with seed s of b (same batches,
@@ -31,9 +31,9 @@ import numpy as np
 import yaml
 
 from . import stats
-from .evaluate import bucket_table as run_bucket_table
-from .evaluate import mean_sd
-from .io import atomic_write_text
+from ..evaluate import bucket_table as run_bucket_table
+from ..evaluate import mean_sd
+from ..io import atomic_write_text
 from .rundata import exported_runs, read_eval_rows, read_metric_rows
 from .runs import DISPLAY, strip_seed
 
@@ -1028,7 +1028,7 @@ def study_design(profile: str, params_dir: str | Path = "params") -> dict:
     """What `write_results` needs from a profile's params: notebook 01's primary (the declared
     comparisons) and arms, notebook 03's reference runs (None when the profile skips 03),
     notebook 04's paper_column."""
-    from .study import load_params
+    from .driver import load_params
     main = load_params(Path(params_dir), profile, DESIGN_NOTEBOOKS["main"])
     abl = load_params(Path(params_dir), profile, DESIGN_NOTEBOOKS["ablations"])
     fig = load_params(Path(params_dir), profile, DESIGN_NOTEBOOKS["figures"])
@@ -1069,7 +1069,7 @@ def _require_data(root: Path) -> None:
     if not exported_runs(root):
         raise ValueError(f"no exported runs under {root / 'data'}: run the study first "
                          f"(python -m dpkd_lib.study), or export older runs with "
-                         f"python -m dpkd_lib.report export {root}")
+                         f"python -m dpkd_lib.study.report export {root}")
 
 
 def write_results(results_root: str | Path, design: dict) -> dict:
@@ -1078,7 +1078,7 @@ def write_results(results_root: str | Path, design: dict) -> dict:
     recorded as data/design.json, so a later rebuild needs nothing else). Returns
     {"paths": written files, "tables": {name: DataFrame}, "figures": {name: Figure},
     "comparisons", "moved", "answer"}; a results root with no exported run is a ValueError."""
-    from .io import dumps
+    from ..io import dumps
 
     root = Path(results_root)
     _require_data(root)
@@ -1161,14 +1161,14 @@ def rebuild(results_root: str | Path, profile: str | None = None, params_dir: st
 
 
 def main(argv=None) -> int:
-    """``python -m dpkd_lib.report rebuild RESULTS_ROOT [--profile P]`` and
-    ``python -m dpkd_lib.report export RESULTS_ROOT`` (run folders → data/)."""
+    """``python -m dpkd_lib.study.report rebuild RESULTS_ROOT [--profile P]`` and
+    ``python -m dpkd_lib.study.report export RESULTS_ROOT`` (run folders → data/)."""
     import argparse
 
-    from .errors import ConfigError
+    from ..errors import ConfigError
     from .rundata import export_all
 
-    parser = argparse.ArgumentParser(prog="python -m dpkd_lib.report",
+    parser = argparse.ArgumentParser(prog="python -m dpkd_lib.study.report",
                                      description="Rebuild a results root's tables, figures and answer.")
     sub = parser.add_subparsers(dest="command", required=True)
     rb = sub.add_parser("rebuild", help="every table, interval, figure and answer sentence from data/")

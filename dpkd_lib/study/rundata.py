@@ -17,7 +17,7 @@ JSON lines, gzipped with no time stamp (the same rows give the same bytes, so re
 changes nothing in git): a lossless copy of the run's own eval.jsonl and metrics.jsonl,
 types included (None stays None, an empty answer stays ""), so what is rebuilt from here is
 what the run folders give. `export_run` writes it when a run finishes (runs.run_grid,
-runs.evaluate_models); ``python -m dpkd_lib.report export RESULTS_ROOT`` exports the
+runs.evaluate_models); ``python -m dpkd_lib.study.report export RESULTS_ROOT`` exports the
 finished runs of an older results root.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .io import dumps, read_jsonl
+from ..io import dumps, read_jsonl
 
 DATA = "data"
 COPIED = ("summary.json", "params.yaml", "labels.json", "manifest.json")

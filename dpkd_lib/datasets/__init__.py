@@ -1,0 +1,1 @@
+"""Data sets the study makes itself: the synthetic instruction generator."""
