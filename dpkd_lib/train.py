@@ -38,6 +38,7 @@ from .choices import TEACHER_SIGNAL_OBJECTIVES
 from .config import RunConfig, position_needs, teacher_use, to_dict
 from .errors import OutOfResources, TrainingFault, human_bytes, is_disk_full, out_of_resources
 from .io import read_json, read_jsonl, write_json, write_jsonl
+from .signals import routed
 from .rundir import RunDir, free_space, run_id
 from .tokenization import build_tokenizer
 
@@ -165,17 +166,8 @@ def stop_requests():
         if not (asked["defer"] and first):
             raise KeyboardInterrupt(f"interrupted ({asked['signal']}); rerun the same command to resume")
 
-    old = {}
-    try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            old[sig] = signal.signal(sig, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        pass
-    try:
+    with routed(handler):
         yield asked
-    finally:
-        for sig, h in old.items():
-            signal.signal(sig, h)
 
 
 # ----------------------------------------------------------------------------- the run

@@ -103,7 +103,7 @@ def split_rows(adam=False):
         for term, share in shares.items():
             rows.append({"method": method, "label": lab, "term": term, "share": share, "share_sd": 0.01,
                          "gnorm": 1.0, "gcos": 0.9, "n_runs": 3, "n_probes": 12,
-                         **({"update_share": share * 0.8} if adam else {})})
+                         **({"adam_share": share * 0.8} if adam else {})})
     return pd.DataFrame(rows)
 
 

@@ -56,9 +56,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..errors import ConfigError, RunBusy, StudyError
+from ..signals import routed
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OFFLINE_PROFILES = ("smoke", "cpu", "cpu_full")
@@ -487,17 +486,8 @@ def _stop_requests():
         if not kernels:
             raise KeyboardInterrupt(asked["signal"])
 
-    old = {}
-    try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            old[sig] = signal.signal(sig, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        pass
-    try:
+    with routed(handler):
         yield asked
-    finally:
-        for sig, h in old.items():
-            signal.signal(sig, h)
 
 
 def run_study(profile: str, *, force: bool = False, only: str | None = None,

@@ -630,9 +630,11 @@ TERM_LABELS = {"ce": "CE (dataset)", "distill": "objective term", "pt_ce": "CE (
 
 def update_split(df, methods: Sequence[str] | None = None):
     """Where each method's update comes from: per run, the mean over its gradient-probe steps
-    of each loss term's share of the update (its gradient projected on the total gradient,
-    |g_t|·cos(g_t, g) / |g|; the shares sum to 1), its gradient norm and cosine; then the
-    mean over seeds. Long format: method, term, share, share_sd, gnorm, gcos, n_probes."""
+    of each loss term's share of the raw gradient (its gradient projected on the total,
+    |g_t|·cos(g_t, g) / |g|; the shares sum to 1), its gradient norm and cosine, and, for runs
+    logged with it, its share of the AdamW update (``adam_share``: the term's gradient through
+    the optimiser's preconditioner, projected on the whole update); then the mean over seeds.
+    Long format: method, term, share, share_sd, gnorm, gcos, n_runs, n_probes[, adam_share]."""
     import pandas as pd
 
     rows = []
@@ -648,9 +650,12 @@ def update_split(df, methods: Sequence[str] | None = None):
             if f"gnorm_{term}" not in probes:
                 continue
             share = probes[f"gnorm_{term}"] * probes[f"gcos_{term}"] / probes["gnorm_total"]
+            # the term's share of the AdamW update (runs logged with it; objectives.gradient_split)
+            adam = probes[f"adam_share_{term}"].dropna() if f"adam_share_{term}" in probes else []
             rows.append({"method": r["method"], "label": r["label"], "run": r["run"], "term": term,
                          "share": float(share.mean()), "gnorm": float(probes[f"gnorm_{term}"].mean()),
-                         "gcos": float(probes[f"gcos_{term}"].mean()), "n_probes": len(probes)})
+                         "gcos": float(probes[f"gcos_{term}"].mean()), "n_probes": len(probes),
+                         "adam_share": float(adam.mean()) if len(adam) else float("nan")})
     per_run = pd.DataFrame(rows)
     if per_run.empty:
         return per_run
@@ -659,8 +664,9 @@ def update_split(df, methods: Sequence[str] | None = None):
         share, sd, n = mean_sd(g["share"])
         out.append({"method": method, "label": g["label"].iloc[0], "term": term, "share": share,
                     "share_sd": sd, "gnorm": float(g["gnorm"].mean()), "gcos": float(g["gcos"].mean()),
-                    "n_runs": n, "n_probes": int(g["n_probes"].sum())})
-    return pd.DataFrame(out)
+                    "n_runs": n, "n_probes": int(g["n_probes"].sum()), "adam_share": float(g["adam_share"].mean())})
+    out = pd.DataFrame(out)
+    return out.drop(columns="adam_share") if out["adam_share"].isna().all() else out
 
 
 def update_split_figure(split_df, title: str = "Which loss term drives the gradient"):
@@ -1212,9 +1218,9 @@ STYLE = {"figure.dpi": 100, "savefig.dpi": 120, "axes.spines.top": False, "axes.
 FAMILY_COLOURS = {"sft": "#4C72B0", "kd": "#DD8452", "rkl": "#8172B3", "jsd": "#937860", "skl": "#DA8BC3",
                   "srkl": "#8C8C8C", "seqkd": "#CCB974", "dpkd_token": "#55A868", "dpkd_seq": "#C44E52",
                   "teacher": "#333333", "student_init": "#AAAAAA"}
-#: update_split columns that hold a term's share of the AdamW update (the method helper's
-#: probe; absent in runs logged before it)
-ADAM_SHARE_COLUMNS = ("update_share", "adam_share", "adamw_share")
+#: the update_split column that holds a term's share of the AdamW update (absent for runs
+#: logged before the probe measured it)
+ADAM_SHARE_COLUMNS = ("adam_share",)
 #: units of the logged quantities (metrics.jsonl), for panels drawn from a raw column
 QUANTITY_UNITS = {"loss": "total loss (its terms differ by method)", "ce": "nats per token",
                   "student_nll_ref": "nats per token", "distill": "objective term",
