@@ -501,8 +501,13 @@ class Trainer:
         self.saved_step = step
 
     def load_checkpoint(self) -> int:
-        """The step of the newest readable checkpoint (0: none), with its state restored."""
-        state = self.run.load_checkpoint()
+        """The step of the newest readable checkpoint (0: none), with its state restored. The
+        main process checks (and moves a damaged one aside) first; the others then read what it
+        left, so no two processes rename one file or resume from different steps."""
+        state = self.run.load_checkpoint() if self.is_main else None
+        self.accelerator.wait_for_everyone()
+        if not self.is_main:
+            state = self.run.load_checkpoint()
         if state is None:
             return 0
         model = self.accelerator.unwrap_model(self.student)

@@ -37,13 +37,14 @@ from ..io import atomic_write_text
 from .rundata import exported_runs, read_eval_rows, read_metric_rows
 from .runs import DISPLAY, strip_seed
 
-METHOD_ORDER = ["teacher", "student_init", "sft", "kd", "rkl", "jsd", "skl", "srkl", "seqkd",
+METHOD_ORDER = ["teacher", "student_init", "sft", "no_distill", "kd", "rkl", "jsd", "skl", "srkl", "seqkd",
                 "dpkd_token", "dpkd_seq"]
 METRIC_LABELS = {"rouge_l": "ROUGE-L", "exact_match": "EM", "nll": "NLL", "token_acc": "tok-acc",
                  "response_tokens": "resp. len", "distinct_2": "distinct-2", "repetition_rate": "repetition",
                  "sample_rouge_l": "ROUGE-L (T=1)", "sample_exact_match": "EM (T=1)",
+                 "ended_rate": "ended by EOS", "empty_rate": "empty", "kl": "KL(teacher‖student)",
                  "valid_nll": "valid NLL", "wall_time_s": "wall s"}
-LOWER_IS_BETTER = {"nll", "valid_nll", "repetition_rate"}
+LOWER_IS_BETTER = {"nll", "valid_nll", "repetition_rate", "kl"}
 #: groups of models built once and shared by every seed of every method (a fixed reference)
 FIXED_GROUPS = ("pair",)
 #: power at which the minimum detectable difference of a comparison is stated
@@ -69,9 +70,9 @@ PARAM_COLUMNS = {
     "length_normalize": ("train", "length_normalize"), "teacher_mode": ("train", "teacher_mode"),
     "student_lora": ("student", "lora"), "teacher_quantization": ("teacher", "quantization"),
 }
-SPLIT_METRICS = ("rouge_l", "exact_match", "response_tokens", "distinct_2", "repetition_rate",
-                 "truncated_rate", "n", "sample_rouge_l", "sample_rouge_l_sd", "sample_exact_match",
-                 "nll", "token_acc")
+SPLIT_METRICS = ("rouge_l", "exact_match", "response_tokens", "ended_rate", "empty_rate", "distinct_2",
+                 "repetition_rate", "truncated_rate", "n", "sample_rouge_l", "sample_rouge_l_sd",
+                 "sample_exact_match", "nll", "token_acc", "kl")
 
 
 def label(method: str) -> str:
@@ -188,8 +189,11 @@ def fmt_mean_sd(mean: float, sd: float, digits: int = 1) -> str:
     return f"{mean:.{digits}f}" if sd is None or math.isnan(sd) else f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
-def _digits(metric: str, digits: int) -> int:
-    return 3 if metric in ("nll", "valid_nll", "token_acc", "repetition_rate") else digits
+def _digits(metric: str, digits: int = 1) -> int:
+    """Decimals to print a metric with: per-token quantities 3, shares 2, scores `digits`."""
+    if metric in ("nll", "valid_nll", "token_acc", "repetition_rate", "kl"):
+        return 3
+    return 2 if metric in ("ended_rate", "empty_rate", "truncated_rate") else digits
 
 
 def main_table(df, *, methods: Sequence[str] | None = None, splits: Sequence[str] = ("test", "heldout"),
@@ -420,10 +424,6 @@ def study_answer(df, arms: dict, primary: dict, splits: Sequence[str] | None = N
     return comparisons, moved, answer_text(comparisons, moved)
 
 
-def _digits_of(metric: str) -> int:
-    return 3 if metric in ("nll", "token_acc", "valid_nll") else 1
-
-
 def _ci(r: dict, digits: int = 1) -> str:
     return f"{r['delta']:+.{digits}f} [{r['ci_lo']:+.{digits}f}, {r['ci_hi']:+.{digits}f}]"
 
@@ -436,7 +436,7 @@ def _seeds_words(r: dict) -> str:
 def comparison_sentence(r: dict) -> str:
     """One plain sentence per comparison, from its interval and power (and nothing else)."""
     a, b, name = label(r["a"]), label(r["b"]), METRIC_LABELS.get(r["metric"], r["metric"])
-    k = _digits_of(r["metric"])
+    k = _digits(r["metric"])
     if r["verdict"] == "not compared (one seed)":
         return (f"{a} and {b} are not compared on {r['split']} {name}: they share one training seed, "
                 f"so Δ = {_ci(r, k)} ({100 * r['ci_level']:.1f} % CI) is prompt sampling only.")
@@ -474,7 +474,7 @@ def answer_text(comparisons: Sequence[dict], moved: Sequence[dict] = ()) -> str:
     for key in dict.fromkeys((m["split"], m.get("metric", "rouge_l")) for m in moved):
         sel = [m for m in moved if (m["split"], m.get("metric", "rouge_l")) == key]
         split, metric = key
-        k, gap, lower = _digits_of(metric), sel[0]["gap"], metric in LOWER_IS_BETTER
+        k, gap, lower = _digits(metric), sel[0]["gap"], metric in LOWER_IS_BETTER
         towards = gap < 0 if lower else gap > 0
 
         def item(m):
@@ -742,16 +742,18 @@ def pilot_table(results_root: str | Path, *, metrics: Sequence[str] = ("rouge_l"
     if df.empty:
         return pd.DataFrame()
     labels = {r: json.loads((Path(d) / "labels.json").read_text()) for r, d in zip(df["run"], df["run_dir"])}
+    # the pilot's own name of a method (labels "objective": an arm's method, e.g. alone_dpkd_token_b1),
+    # not the params' train.objective, which two methods of one arm may share
     df = df.assign(start=[labels[r].get("start") for r in df["run"]],
-                   setting=[labels[r].get("setting") for r in df["run"]])
+                   setting=[labels[r].get("setting") for r in df["run"]],
+                   pilot_method=[labels[r].get("objective") for r in df["run"]])
     pilot = df[df["group"] == "pilot"]
-    teacher = pilot[pilot["method"] == "pilot_teacher"]
-    starts = pilot[pilot["method"].str.startswith("pilot_start_")]
+    teacher = df[df["method"] == "pilot_teacher"]   # evaluated as a ready-made model (group "pair")
     rows = []
-    for (start, objective, setting), g in pilot[pilot["setting"].notna()].groupby(
-            ["start", "objective", "setting"], sort=False):
-        row = {"start": start, "method": label(objective), "setting": setting, "seeds": g["run"].nunique()}
-        base = starts[starts["start"] == start]
+    for (start, method, setting), g in pilot[pilot["setting"].notna()].groupby(
+            ["start", "pilot_method", "setting"], sort=False):
+        row = {"start": start, "method": label(method), "setting": setting, "seeds": g["run"].nunique()}
+        base = df[df["method"] == f"pilot_start_{start}"]
         for m in metrics:
             mean, sd, _ = mean_sd(g[m])
             row[m] = fmt_mean_sd(mean, sd, _digits(m, 1))
@@ -860,7 +862,8 @@ def difference_figure(comparisons: Sequence[dict]):
     from matplotlib.lines import Line2D
 
     fig, ax = plt.subplots(figsize=(7.2, 0.42 * len(comparisons) + 1.5))
-    verdicts = {"better": "#55A868", "worse": "#C44E52", "no difference shown": "#555555"}
+    verdicts = {"better": "#55A868", "worse": "#C44E52", "no difference shown": "#555555",
+                "not compared (one seed)": "#BBBBBB"}
     for i, r in enumerate(comparisons):
         colour = verdicts.get(r["verdict"], "#555555")
         ax.errorbar(r["delta"], i, xerr=[[r["delta"] - r["ci_lo"]], [r["ci_hi"] - r["delta"]]], fmt="o",
@@ -883,7 +886,8 @@ def difference_figure(comparisons: Sequence[dict]):
         handles.append(Line2D([], [], color="gray", marker="|", ls="", ms=10, label="± minimum detectable"))
     ax.set_title("The declared comparisons")
     fig.tight_layout(rect=(0, 0.3 / fig.get_figheight(), 1, 1))
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles))
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=len(handles))
     return fig
 
 
@@ -1103,7 +1107,8 @@ def write_results(results_root: str | Path, design: dict) -> dict:
         out["figures"][name] = fig
         out["paths"].append(savefig(fig, root, name))
 
-    metrics = ("rouge_l", "exact_match", "nll", "repetition_rate")
+    # response length (mean new tokens, share ended by EOS, share empty) always beside ROUGE-L
+    metrics = ("rouge_l", "exact_match", "nll", "response_tokens", "ended_rate", "empty_rate", "repetition_rate")
     for name, arm in arms.items():
         methods = ["teacher", "student_init"] + [arm.get("prefix", "") + m for m in arm["methods"]]
         frame = main_table(df, methods=methods, splits=splits, metrics=metrics, label_col="label")
@@ -1113,7 +1118,8 @@ def write_results(results_root: str | Path, design: dict) -> dict:
             frame.insert(1, "paper: DollyEval ROUGE-L", [f"{paper[m]:.1f}" if m in paper else "–" for m in present])
         table(f"main_{name}", frame)
     table("main_numeric", aggregate(df, by=("method", "split"), metrics=(
-        "rouge_l", "exact_match", "nll", "token_acc", "repetition_rate", "sample_rouge_l", "wall_time_s")), ".3f")
+        "rouge_l", "exact_match", "nll", "token_acc", "kl", "response_tokens", "ended_rate", "empty_rate",
+        "repetition_rate", "sample_rouge_l", "wall_time_s")), ".3f")
 
     comparisons, moved, answer = study_answer(df, arms, primary, splits)
     table("comparisons", comparisons_table(comparisons), ".3f")
@@ -1217,7 +1223,7 @@ STYLE = {"figure.dpi": 100, "savefig.dpi": 120, "axes.spines.top": False, "axes.
 #: dashed line or open marker); the teacher and the start in greys
 FAMILY_COLOURS = {"sft": "#4C72B0", "kd": "#DD8452", "rkl": "#8172B3", "jsd": "#937860", "skl": "#DA8BC3",
                   "srkl": "#8C8C8C", "seqkd": "#CCB974", "dpkd_token": "#55A868", "dpkd_seq": "#C44E52",
-                  "teacher": "#333333", "student_init": "#AAAAAA"}
+                  "no_distill": "#64B5CD", "teacher": "#333333", "student_init": "#AAAAAA"}
 #: the update_split column that holds a term's share of the AdamW update (absent for runs
 #: logged before the probe measured it)
 ADAM_SHARE_COLUMNS = ("adam_share",)
@@ -1419,7 +1425,7 @@ def verdict_text(comparisons: Sequence[dict]) -> str:
     """The answer's headline from the intervals: how many declared comparisons are called
     (each called one in a sentence, `comparison_sentence`), and the range of differences the
     intervals leave open."""
-    called = [r for r in comparisons if r["verdict"] != "no difference shown"]
+    called = [r for r in comparisons if r["verdict"] in ("better", "worse")]
     m = len(comparisons)
     if not comparisons:
         return "No declared comparison could be computed (no evaluated runs)."
@@ -1428,9 +1434,13 @@ def verdict_text(comparisons: Sequence[dict]) -> str:
     else:
         head = f"**{len(called)} of the {m} declared comparisons {'is' if len(called) == 1 else 'are'} called.**"
     name = METRIC_LABELS.get(comparisons[0]["metric"], comparisons[0]["metric"])
-    lo = min(comparisons, key=lambda r: r["ci_lo"])
-    hi = max(comparisons, key=lambda r: r["ci_hi"])
-    lines = [head, ""] + [f"- {comparison_sentence(r)}" for r in called]
+    lines = [head, ""] + [f"- {comparison_sentence(r)}" for r in comparisons
+                          if r in called or r["verdict"] == "not compared (one seed)"]
+    over_seeds = [r for r in comparisons if r["verdict"] != "not compared (one seed)"]
+    if not over_seeds:   # the range below is about seed-replicated intervals only
+        return "\n".join(lines)
+    lo = min(over_seeds, key=lambda r: r["ci_lo"])
+    hi = max(over_seeds, key=lambda r: r["ci_hi"])
     lines.append(f"- The intervals leave open differences from {lo['ci_lo']:+.1f} {name} "
                  f"({label(lo['a'])} − {label(lo['b'])}, {lo['split']}) to {hi['ci_hi']:+.1f} "
                  f"({label(hi['a'])} − {label(hi['b'])}, {hi['split']}): true differences of that size, "

@@ -11,6 +11,8 @@ results root (``results/<profile>``)::
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import re
@@ -264,6 +266,8 @@ def _evaluate_model(cfg, name: str, section: dict, results_root: str | Path, *, 
     with run.lock(read_only_ok=True):
         if run.read_only:  # reuse a finished run from there, or a one-line refusal
             run.prepare(params, force=force)
+            with contextlib.suppress(OSError):   # data/ may sit on the same read-only mount
+                export_run(run.path, results_root)
             return read_json(run.file("summary.json"))
         if run.is_finished() and not force and run.stored_params() == params:
             run.check_code()
@@ -320,9 +324,8 @@ def lr_grid_runs(pilot: dict, arms: dict) -> list[tuple[str, list, dict]]:
     arm = arms[grid["arm"]]
     out = []
     for method, spec in arm["methods"].items():
-        if "train.lr" in (spec.get("overrides") or {}):
-            raise ConfigError(f"pilot.lr_grid: arm {grid['arm']!r} method {method!r} sets train.lr itself; "
-                              f"the grid sets it (remove it from the method's overrides)")
+        # the rate chosen by an earlier pilot sits in the method's overrides: the grid replaces it
+        spec = dict(spec, overrides={k: v for k, v in (spec.get("overrides") or {}).items() if k != "train.lr"})
         for lr in grid["lrs"]:
             common = dict(arm.get("common") or {}) | {"train.lr": lr}
             one = {method: dict(spec, seeds=grid.get("seeds", [1]))}
