@@ -70,6 +70,7 @@ from . import data as data_lib
 from . import losses
 from .objectives import response_hidden
 from .choices import CACHE_FORMATS
+from .errors import OutOfResources
 from .io import atomic_write_text, read_json, write_json, write_jsonl
 
 #: 4: streamed file, hidden states and head in the teacher's own dtype (3: fp32, in memory)
@@ -496,16 +497,16 @@ def _open_complete(folder: Path, fmt: str, examples, warn: bool = True) -> Optio
     return None
 
 
-def _disk_full(exc: OSError, folder: Path, needed: Optional[int]) -> OSError:
+def _disk_full(exc: OSError, folder: Path, needed: Optional[int]) -> OutOfResources:
     """One line for a full disk: what could not be written, what it needed, what is free."""
     try:
         free = size_text(shutil.disk_usage(folder.parent).free)
     except OSError:
         free = "unknown"
     need = f"needs {size_text(needed)}" if needed else "size unknown"
-    return OSError(exc.errno, f"no space left for the teacher cache {folder / SIGNALS} ({need}, "
-                              f"{free} free on its disk; nothing was kept): free space or point "
-                              f"cache_dir at a larger disk, then rerun")
+    return OutOfResources(f"no space left for the teacher cache {folder / SIGNALS} ({need}, "
+                          f"{free} free on its disk; nothing was kept): free space or point "
+                          f"cache_dir at a larger disk, then rerun")
 
 
 def build(folder: Path, teacher, examples, pad_id: int, k: int, *, meta: dict, fmt: str,

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from dpkd_lib.study import report, driver as study
+from dpkd_lib.study import report, rundata, driver as study
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -26,6 +26,7 @@ def run(root, name, *, method, objective, group="released", metrics=None, label=
                                                **({"label": label} if label else {})}))
     rows = metrics or [{"step": s, "student_nll_ref": 3.0 - 0.1 * s, "distill": 0.7} for s in range(1, 5)]
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rundata.export_run(d, root)   # what report reads: the run's committed record under data/
 
 
 def moved(method, split, delta, lo, hi, gap):
@@ -136,7 +137,8 @@ def test_buckets_figure_lets_the_methods_set_the_scale(monkeypatch):
 
 def comparison(a, b, delta, lo, hi, verdict, level=0.95):
     return {"a": a, "b": b, "split": "test", "metric": "rouge_l", "delta": delta, "ci_lo": lo, "ci_hi": hi,
-            "ci_level": level, "p_holm": 0.01 if verdict != "no difference shown" else 1.0, "verdict": verdict}
+            "ci_level": level, "p_holm": 0.01 if verdict != "no difference shown" else 1.0, "verdict": verdict,
+            "n_seeds": 3, "n_prompts": 150, "interval": "seeds", "mdd": 2.5}
 
 
 def test_verdict_and_mechanism_words_follow_the_intervals():

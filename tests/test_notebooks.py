@@ -300,7 +300,8 @@ def test_every_table_and_figure_rebuilds_from_the_exported_data_alone(smoke, tmp
     root, _ = smoke
     copy = tmp_path / "smoke"
     shutil.copytree(root / "data", copy / "data")
-    assert {p.name for p in (copy / "data").iterdir()} == {p.name for p in (root / "runs").iterdir() if p.is_dir()}
+    assert {p.name for p in (copy / "data").iterdir() if p.is_dir()} == \
+        {p.name for p in (root / "runs").iterdir() if p.is_dir()}
     done = subprocess.run([sys.executable, "-m", "dpkd_lib.study.report", "rebuild", str(copy), "--profile", "smoke"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -27,6 +27,7 @@ from dpkd_lib import objectives as obj_lib
 from dpkd_lib import teacher_cache as tc
 from dpkd_lib.config import TrainConfig
 from dpkd_lib.data import collate_sft
+from dpkd_lib.errors import OutOfResources
 from dpkd_lib.perf import bench
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -299,11 +300,11 @@ def test_a_full_disk_during_the_build_is_one_line_and_leaves_nothing(tmp_path, m
         return real(self, name, tensor)
     monkeypatch.setattr(tc.SignalWriter, "append", append)
     folder = tmp_path / "cache" / "key"
-    with pytest.raises(OSError) as err:
+    with pytest.raises(OutOfResources) as err:
         tc.load_or_build(folder, lambda: bench.WideTeacher(V, H), _examples(), 0, 0, meta={},
                          fmt="hidden", batch_size=8, progress=False)
     msg = str(err.value)
-    assert err.value.errno == errno.ENOSPC and "\n" not in msg
+    assert "\n" not in msg
     ex = _examples()
     rows = sum(c for _, c in tc.plan_index(ex, 8)[1].values())
     needed = (rows * H + V * H) * 4  # fp32 hidden states and head
@@ -323,7 +324,7 @@ def test_a_disk_too_small_fails_before_the_teacher_pass(tmp_path, monkeypatch):
         def forward(self, *a, **kw):
             passes.append(1)
             return super().forward(*a, **kw)
-    with pytest.raises(OSError, match="no space left for the teacher cache"):
+    with pytest.raises(OutOfResources, match="no space left for the teacher cache"):
         tc.load_or_build(tmp_path / "key", lambda: Counting(V, H), _examples(), 0, 0, meta={},
                          fmt="hidden", batch_size=8, progress=False)
     assert len(passes) == 1, "the file's size is reserved after the first batch, before the rest"
@@ -340,7 +341,7 @@ def test_a_full_disk_in_a_run_fails_its_manifest_in_one_line(tmp_path, monkeypat
     cfg = load_config(ROOT / "params/smoke/train.yaml",
                       [f"output_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}",
                        "train.teacher_mode=cache", "train.max_steps=1", "eval.splits=[]"])
-    with pytest.raises(OSError, match="no space left for the teacher cache"):
+    with pytest.raises(OutOfResources, match="no space left for the teacher cache"):
         train(cfg, progress=False)
     manifest = read_json(tmp_path / "run" / "manifest.json")
     assert manifest["status"] == "failed" and "no space left for the teacher cache" in manifest["error"]
