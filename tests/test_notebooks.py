@@ -151,6 +151,29 @@ def test_failed_notebook_is_kept_and_named(tmp_path):
     assert status["notebooks"]["00_fail"]["status"] == "failed"
 
 
+def test_an_edited_text_cell_makes_the_executed_copy_stale(tmp_path):
+    """The executed copy is what a reader opens: a changed sentence re-executes the notebook
+    (a reused copy once kept the text it was run with), an unchanged notebook is reused."""
+    nbdir, pdir = tmp_path / "nb", tmp_path / "params" / "p"
+    nbdir.mkdir()
+    pdir.mkdir(parents=True)
+    _tiny_notebook(nbdir, "00_a", "y = 1")
+    (pdir / "00_a.yaml").write_text("x: 3\n")
+    res = tmp_path / "res"
+
+    def run():
+        study.run_study("p", results_root=res, notebooks_dir=nbdir, params_dir=tmp_path / "params",
+                        log_output=False)
+        return nbformat.read(res / "notebooks" / "00_a.ipynb", as_version=4)
+
+    first = run()
+    assert run().cells[1].outputs == first.cells[1].outputs   # unchanged: reused
+    nb = nbformat.read(nbdir / "00_a.ipynb", as_version=4)
+    nb.cells.insert(1, nbformat.v4.new_markdown_cell("## A section added after the first run"))
+    nbformat.write(nb, nbdir / "00_a.ipynb")
+    assert [c.source for c in run().cells if c.cell_type == "markdown"] == ["## A section added after the first run"]
+
+
 def test_a_profile_can_skip_a_notebook(tmp_path):
     """`skip: <reason>` leaves a notebook out of a profile; the others still run, and a skip
     with other parameters beside it is an error before anything runs."""

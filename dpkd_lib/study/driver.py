@@ -395,11 +395,13 @@ def load_params(params_dir: Path, profile: str, stem: str) -> dict:
 
 
 def notebook_source_digest(path: Path) -> tuple[str, list[str] | None]:
-    """Digest of the code cells (outputs and metadata ignored) and the declared upstream."""
+    """Digest of every cell's type and source (outputs and metadata ignored: they are what
+    execution writes) and the declared upstream. Text cells count too: the executed copy is
+    what a reader opens, so an edited sentence makes it stale like an edited line of code."""
     nb = json.loads(Path(path).read_text())
-    code = ["".join(c.get("source", "")) for c in nb.get("cells", []) if c.get("cell_type") == "code"]
+    cells = [(c.get("cell_type"), "".join(c.get("source", ""))) for c in nb.get("cells", [])]
     upstream = nb.get("metadata", {}).get("dpkd", {}).get("upstream")
-    return _digest(code), upstream
+    return _digest(cells), upstream
 
 
 def read_status(folder: Path) -> dict:
