@@ -115,8 +115,8 @@ def test_update_split_figure_names_what_it_measures():
     fig = report.update_split_figure(split_rows(adam=True))
     assert len(fig.axes) == 2 and "AdamW update" in fig.axes[1].get_ylabel()
     table = report.split_table(split_rows(adam=True)).set_index("method")
-    assert table.loc["DPKD-token", "objective term %"] == "5" and table.loc["DPKD-token", "objective term % of step"] == "4"
-    assert table.loc["SFT", "objective term %"] == "–" and table.loc["SFT", "runs × probes"] == "3 × 4"
+    assert table.loc["DPKD-token", "objective term: % of gradient"] == "5" and table.loc["DPKD-token", "objective term: % of AdamW update"] == "4"
+    assert table.loc["SFT", "objective term: % of gradient"] == "–" and table.loc["SFT", "runs × probes"] == "3 × 4"
     plt.close("all")
 
 

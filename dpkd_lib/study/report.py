@@ -1358,9 +1358,9 @@ def split_table(split_df):
         row = {"method": g["label"].iloc[0]}
         for term, name in TERM_LABELS.items():
             t = g[g["term"] == term]
-            row[f"{name} %"] = "–" if t.empty else f"{100 * float(t['share'].iloc[0]):.0f}"
+            row[f"{name}: % of gradient"] = "–" if t.empty else f"{100 * float(t['share'].iloc[0]):.0f}"
             if adam:
-                row[f"{name} % of step"] = "–" if t.empty else f"{100 * float(t[adam].iloc[0]):.0f}"
+                row[f"{name}: % of AdamW update"] = "–" if t.empty else f"{100 * float(t[adam].iloc[0]):.0f}"
         row["runs × probes"] = f"{int(g['n_runs'].max())} × {int(g['n_probes'].max()) // max(1, int(g['n_runs'].max()))}"
         rows.append(row)
     return pd.DataFrame(rows)
