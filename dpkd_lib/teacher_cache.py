@@ -70,7 +70,7 @@ from . import data as data_lib
 from . import losses
 from .objectives import response_hidden
 from .choices import CACHE_FORMATS
-from .errors import OutOfResources
+from .errors import OutOfResources, human_bytes
 from .io import atomic_write_text, read_json, write_json, write_jsonl
 
 #: 4: streamed file, hidden states and head in the teacher's own dtype (3: fp32, in memory)
@@ -89,14 +89,6 @@ def cache_key(**identity) -> str:
     """A short stable key of what made a cache (teacher, tokenizer, data, format, ...)."""
     blob = json.dumps(dict(identity, v=CACHE_VERSION), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def size_text(n: float) -> str:
-    """Bytes for a message: 1.23 GiB, 45.6 MiB, 7.8 KiB."""
-    for unit, scale in (("GiB", 1024 ** 3), ("MiB", 1024 ** 2), ("KiB", 1024)):
-        if n >= scale:
-            return f"{n / scale:.{2 if unit == 'GiB' else 1}f} {unit}"
-    return f"{int(n)} bytes"
 
 
 # ----------------------------------------------------------------------------- the file
@@ -500,10 +492,10 @@ def _open_complete(folder: Path, fmt: str, examples, warn: bool = True) -> Optio
 def _disk_full(exc: OSError, folder: Path, needed: Optional[int]) -> OutOfResources:
     """One line for a full disk: what could not be written, what it needed, what is free."""
     try:
-        free = size_text(shutil.disk_usage(folder.parent).free)
+        free = human_bytes(shutil.disk_usage(folder.parent).free)
     except OSError:
         free = "unknown"
-    need = f"needs {size_text(needed)}" if needed else "size unknown"
+    need = f"needs {human_bytes(needed)}" if needed else "size unknown"
     return OutOfResources(f"no space left for the teacher cache {folder / SIGNALS} ({need}, "
                           f"{free} free on its disk; nothing was kept): free space or point "
                           f"cache_dir at a larger disk, then rerun")

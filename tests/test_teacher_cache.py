@@ -27,7 +27,7 @@ from dpkd_lib import objectives as obj_lib
 from dpkd_lib import teacher_cache as tc
 from dpkd_lib.config import TrainConfig
 from dpkd_lib.data import collate_sft
-from dpkd_lib.errors import OutOfResources
+from dpkd_lib.errors import OutOfResources, human_bytes
 from dpkd_lib.perf import bench
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -308,7 +308,7 @@ def test_a_full_disk_during_the_build_is_one_line_and_leaves_nothing(tmp_path, m
     ex = _examples()
     rows = sum(c for _, c in tc.plan_index(ex, 8)[1].values())
     needed = (rows * H + V * H) * 4  # fp32 hidden states and head
-    assert str(folder / tc.SIGNALS) in msg and f"needs {tc.size_text(needed)}," in msg
+    assert str(folder / tc.SIGNALS) in msg and f"needs {human_bytes(needed)}," in msg
     assert "free on its disk" in msg and "cache_dir" in msg
     assert sorted(p.name for p in folder.parent.iterdir()) == ["key.lock"]  # no temp folder
 
