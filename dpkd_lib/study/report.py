@@ -1047,6 +1047,13 @@ def study_design(profile: str, params_dir: str | Path = "params") -> dict:
             "paper_column": bool(fig.get("paper_column", False))}
 
 
+def monitor_runs(df):
+    """The runs notebook 03 watches for reward hacking: the ablations and the DPKD runs of the
+    released mix (arm (a))."""
+    return df[(df["group"] == "ablation") | ((df["group"] == "released")
+                                             & df["objective"].isin(["dpkd_token", "dpkd_seq"]))]
+
+
 #: the monitors' panels: (x column, x label, y column, y label)
 MONITOR_AXES = (("reward_margin", "reward margin β·Δ (last steps)", "student_nll_ref", "NLL of the data (nats per token)"),
                 ("grad_weight", "gradient weight |∂ℓ/∂ log q(chosen)|", "rouge_l", "test ROUGE-L (greedy)"),
@@ -1138,9 +1145,8 @@ def write_results(results_root: str | Path, design: dict) -> dict:
 
     if design.get("reference_runs") and not df[df["group"] == "ablation"].empty:
         table("ablations", ablation_table(df, design["reference_runs"], splits=splits))
-    if design.get("reference_runs"):   # notebook 03's monitors: the ablations and the DPKD runs of arm (a)
-        fam = df[(df["group"] == "ablation") | ((df["group"] == "released")
-                                                & df["objective"].isin(["dpkd_token", "dpkd_seq"]))]
+    if design.get("reference_runs"):   # notebook 03's monitors
+        fam = monitor_runs(df)
         if not fam.empty:
             figure("monitors_scatter", monitors_figure(final_monitors(fam, last=10)))
             figure("monitors_curves", curves(fam, metrics=MONITOR_CURVES, ncols=3))
