@@ -405,3 +405,50 @@ def test_gpu_profile_notebooks_execute_on_cpu_with_standins(profile, monkeypatch
         assert any("standin:" in p.read_text() for p in (root / "teacher_cache").rglob("*.json"))
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_pilot_reads_valid_only_and_sizes_the_design_from_its_rows(smoke):
+    """Notebook 01's pilot stage 2 (runs.pilot_runs) in the smoke study: every pilot run read
+    the valid split only; the rerun changed what it says (threads); each readout's seed sd is
+    the sd of the runs' own summaries; the design table's Δ of reference NLL is rebuilt by hand
+    from the per-prompt rows (per seed Σnll/Σtokens, a − b, mean over the seeds both ran) and
+    its mdd falls as seeds grow; the learning-rate table and the chosen rate follow the runs."""
+    import gzip
+    import statistics
+    import yaml
+    root, _ = smoke
+    data = root / "data"
+    pilot_runs = [p for p in data.iterdir() if p.name.startswith("pilot_")]
+    assert len(pilot_runs) >= 6 + 1 + 4
+    for run in pilot_runs:
+        assert list(json.loads((run / "summary.json").read_text())["eval"]) == ["valid"], run.name
+    threads = lambda name: yaml.safe_load((data / name / "params.yaml").read_text())["threads"]  # noqa: E731
+    assert (threads("pilot_rerun_sft_s1"), threads("pilot_var_sft_s1")) == (2, 1)
+
+    pf = report.pilot_frame(root)
+    noise = report.pilot_noise(pf)
+    summary = lambda name: json.loads((data / name / "summary.json").read_text())  # noqa: E731
+    nll = {s: summary(f"pilot_var_sft_s{s}")["valid_nll"] for s in (1, 2)}
+    row = noise[(noise["readout"] == "reference NLL") & (noise["method"] == "SFT")].iloc[0]
+    assert row["seed sd"] == pytest.approx(statistics.stdev(nll.values()))
+    start = summary("pilot_start_student_init")["valid_nll"]
+    assert row["move from start"] == pytest.approx(statistics.mean(nll.values()) - start)
+    assert row["rerun Δ"] == pytest.approx(summary("pilot_rerun_sft_s1")["valid_nll"] - nll[1], abs=1e-9)
+    assert noise[noise["method"] == "KD"]["rerun Δ"].isna().all()   # no rerun of KD: nothing claimed
+
+    def ratio(name):
+        rows = [json.loads(line) for line in gzip.open(data / name / "eval_rows.jsonl.gz", "rt")]
+        tf = [r for r in rows if r["decoding"] == "teacher_forced"]
+        return sum(r["nll_sum"] for r in tf) / sum(r["n_tokens"] for r in tf)
+    design = report.pilot_design(pf, [["dpkd_token", "sft"], ["dpkd_token", "kd"]], m=4)
+    d = design[(design["readout"] == "reference NLL") & (design["comparison"] == "DPKD-token − SFT")].iloc[0]
+    assert d["Δ"] == pytest.approx(statistics.mean(ratio(f"pilot_var_dpkd_token_s{s}") - ratio(f"pilot_var_sft_s{s}")
+                                                   for s in (1, 2)), abs=1e-9)
+    mdds = [d[f"mdd S={s}"] for s in (3, 4, 5, 6, 8)]
+    assert all(a > b > 0 for a, b in zip(mdds, mdds[1:]))
+
+    lrs = report.pilot_lrs(pf)
+    assert len(lrs) == 1 + 2 * 2 and lrs.iloc[0]["objective"] == "start"
+    kl = {lr: summary(f"pilot_lr_kd_{lr}_s1")["valid_kl"] for lr in ("0.001", "0.002")}
+    assert report.pilot_chosen_rates(pf, "KL(teacher‖student)")["kd"] == float(min(kl, key=kl.get))
+    assert (root / "tables" / "pilot_design.csv").exists() and (root / "tables" / "pilot_lrs.csv").exists()

@@ -126,8 +126,9 @@ def test_offline_profiles_train_a_step(tmp_path, base, objective, extra):
 def test_notebook_01_pilot_and_arms_resolve(tmp_path, profile):
     """Notebook 01's declared runs resolve on the profile's base: every arm's methods (the
     control no_distill among them, with the same kd_ratio and lm_coef as the mix), the pilot's
-    readouts on the valid split, and the learning-rate grid of each objective alone
-    (runs.lr_grid_runs: every method of the arm at every rate, nothing else changed)."""
+    readouts on the valid split, the learning-rate grid of each objective alone (every method
+    named at every rate, nothing else changed), the variance stage (the arm's own training
+    params) and the rerun (its one change applied)."""
     from dpkd_lib.study import driver as study
     from dpkd_lib.config import ConfigError
     params = study.load_params(ROOT / "params", profile, "01_gpt2_120m")
@@ -147,20 +148,40 @@ def test_notebook_01_pilot_and_arms_resolve(tmp_path, profile):
     assert readouts.eval.splits == ["valid"] and readouts.eval.teacher_kl and readouts.teacher is not None
     assert len(readouts.eval.sample_seeds) >= 2
     assert "eval.teacher_kl" not in " ".join(runs.pilot_overrides(pilot, kl=False))
-    if "lr_grid" not in pilot:
-        return
-    grid = pilot["lr_grid"]
-    specs = runs.lr_grid_runs(pilot, arms)
-    arm = arms[grid["arm"]]
-    assert len(specs) == len(arm["methods"]) * len(grid["lrs"]) * len(grid.get("seeds", [1]))
-    seen = set()
-    for name, ov, labels in specs:
-        cfg = runs.run_config(base, name, ov, tmp_path, pair)
-        assert cfg.train.lr in grid["lrs"] and cfg.eval.splits == ["valid"] and cfg.eval.teacher_kl
-        alone = runs.run_config(base, "same", [o for o in ov if not o.startswith(("train.lr=", "eval."))], tmp_path, pair)
-        assert alone.train.objective == cfg.train.objective and alone.train.kd_ratio == cfg.train.kd_ratio
-        seen.add((labels["objective"], cfg.train.lr))
-    assert len(seen) == len(arm["methods"]) * len(grid["lrs"])
-    bad = dict(pilot, lr_grid=dict(grid, arm="nowhere"))
-    with pytest.raises(ConfigError, match="not an arm"):
-        runs.lr_grid_runs(bad, arms)
+    if "lr_grid" in pilot:
+        grid = pilot["lr_grid"]
+        specs = runs.pilot_stage_runs(pilot, arms, "lr_grid")
+        arm = arms[grid["arm"]]
+        methods = grid.get("methods") or list(arm["methods"])
+        assert len(specs) == len(methods) * len(grid["lrs"]) * len(grid.get("seeds", [1]))
+        seen = set()
+        for name, ov, labels in specs:
+            cfg = runs.run_config(base, name, ov, tmp_path, pair)
+            assert cfg.train.lr in grid["lrs"] and cfg.eval.splits == ["valid"] and cfg.eval.teacher_kl
+            alone = runs.run_config(base, "same", [o for o in ov if not o.startswith(("train.lr=", "eval."))], tmp_path, pair)
+            assert alone.train.objective == cfg.train.objective and alone.train.kd_ratio == cfg.train.kd_ratio
+            seen.add((labels["objective"], cfg.train.lr))
+        assert len(seen) == len(methods) * len(grid["lrs"])
+        with pytest.raises(ConfigError, match="not an arm"):
+            runs.pilot_runs(dict(pilot, lr_grid=dict(grid, arm="nowhere")), arms)
+        with pytest.raises(ConfigError, match=r"pilot.lr_grid: unknown key\(s\) \['lr'\]; its keys are arm, lrs, methods, seeds"):
+            runs.pilot_runs(dict(pilot, lr_grid=dict(grid, lr=1e-4)), arms)
+    if "variance" in pilot:
+        # the design's methods at the design's budget: the same resolved params as the arm's own
+        # runs but for the readouts (eval.*) and the pilot's common settings (threads)
+        var = runs.pilot_stage_runs(pilot, arms, "variance")
+        arm = arms[pilot["variance"]["arm"]]
+        for name, ov, labels in var:
+            seed = int(name.rsplit("_s", 1)[1])
+            one = {labels["objective"]: dict(arm["methods"][labels["objective"]], seeds=[seed])}
+            [(_, own, _)] = runs.method_runs(one, common=arm.get("common"))
+            a = runs.run_config(base, "x", ov, tmp_path, pair).train
+            b = runs.run_config(base, "x", own, tmp_path, pair).train
+            assert a == b and labels["stage"] == "variance"
+        with pytest.raises(ConfigError, match="not in arm"):
+            runs.pilot_runs(dict(pilot, variance=dict(pilot["variance"], methods=["nothing"])), arms)
+    if "rerun" in pilot:   # a rerun changes what it says it changes, after the pilot's common settings
+        for name, ov, labels in runs.pilot_stage_runs(pilot, arms, "rerun"):
+            cfg = runs.run_config(base, name, ov, tmp_path, pair)
+            for key, value in pilot["rerun"]["overrides"].items():
+                assert getattr(cfg, key) == value

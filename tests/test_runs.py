@@ -134,3 +134,16 @@ def test_the_offline_design(profile, tmp_path):
     for c in alone.values():
         if c is not alg1[0]:
             assert c.train.lm_coef == 0.0 and (c.train.objective == "sft" or c.train.kd_ratio == 1.0)
+
+
+def test_the_declaration_is_checked_and_its_family_counts_every_metric():
+    """primary: a key nothing reads is refused by name before any run; m (Holm's family) is
+    metrics × pairs × splits, so declaring two readouts doubles it."""
+    primary = {"metric": "rouge_l", "decoding": "greedy", "splits": ["test", "heldout"], "alpha": 0.05,
+               "comparisons": [["dpkd_token", "sft"], ["dpkd_token", "kd"]]}
+    assert runs.family_size(primary) == 4
+    assert runs.family_size(dict(primary, metric=["nll", "kl"])) == 8
+    assert runs.family_size(primary, ["test"]) == 2
+    assert runs.check_primary(dict(primary, planned_mdd={"nll": 0.01})) is not None
+    with pytest.raises(ConfigError, match=r"primary: unknown key\(s\) \['mdd'\]"):
+        runs.check_primary(dict(primary, mdd=0.01))

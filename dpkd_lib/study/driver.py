@@ -140,6 +140,9 @@ def notebook_setup(profile: str, stem: str, results_root: str | None = None) -> 
     params = load_params(Path("params"), profile, stem)
     if "skip" in params:
         raise SystemExit(f"profile {profile!r} skips this notebook: {params['skip']}")
+    if "primary" in params:   # the declaration is checked before any run, not after two hours
+        from .runs import check_primary
+        check_primary(params["primary"])
     cfg = NotebookConfig(profile, stem, params, results_root or f"results/{profile}", batch)
     print(f"profile {profile!r}: params/{profile}/{stem}.yaml, results in {cfg.results_root}. "
           f"{cfg.runs_here()}")
@@ -279,7 +282,7 @@ def setup_table(cfg: NotebookConfig):
     each arm or grid, and what is declared before any run."""
     import pandas as pd
     from ..config import load_yaml
-    from .runs import DISPLAY
+    from .runs import DISPLAY, family_size
 
     rows = list(describe_setup(cfg.profile, cfg.stem, "params").items())
     base = load_yaml(cfg.base_params) if "base_params" in cfg.params else {}
@@ -307,7 +310,7 @@ def setup_table(cfg: NotebookConfig):
                      f"{', '.join(cfg.reference_runs.values())}; one seed each"))
     primary = cfg.get("primary")
     if primary:
-        tests = len(primary["comparisons"]) * len(primary["splits"])
+        tests = family_size(primary)
         rows.append(("declared", f"{primary['metric']} ({primary['decoding']}) on {', '.join(primary['splits'])}: "
                      + ", ".join(f"{DISPLAY.get(a, a)} vs {DISPLAY.get(b, b)}" for a, b in primary["comparisons"])
                      + f"; α {primary['alpha']}, Holm over {tests} tests"))

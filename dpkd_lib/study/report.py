@@ -35,7 +35,7 @@ from ..evaluate import bucket_table as run_bucket_table
 from ..evaluate import mean_sd
 from ..io import atomic_write_text
 from .rundata import exported_runs, read_eval_rows, read_metric_rows
-from .runs import DISPLAY, strip_seed
+from .runs import DISPLAY, check_primary, family_size, strip_seed
 
 METHOD_ORDER = ["teacher", "student_init", "sft", "no_distill", "kd", "rkl", "jsd", "skl", "srkl", "seqkd",
                 "dpkd_token", "dpkd_seq"]
@@ -142,17 +142,21 @@ def per_example(df, *, metric: str = "rouge_l", decoding: str = "greedy"):
     """Per-(run, split, example) values of `metric` from the runs' exported rows: columns
     run, method, group, seed, split, id, sample_seed, num, den (the metric is Σnum/Σden:
     ROUGE-L and EM ×100 with den 1; teacher-forced ``nll`` / ``token_acc`` as sums over a
-    reference's tokens, whatever `decoding` says)."""
+    reference's tokens, and ``kl`` (KL(teacher ‖ student), eval.teacher_kl) as each reference's mean
+    over its positions, whatever `decoding` says)."""
     import pandas as pd
 
     out = []
     for _, r in df.drop_duplicates("run").iterrows():
         for row in read_rows(r["run_dir"]):
-            if metric in ("nll", "token_acc"):
-                if row.get("decoding") != "teacher_forced":
+            if metric in ("nll", "token_acc", "kl"):
+                if row.get("decoding") != "teacher_forced" or (metric == "kl" and "kl" not in row):
                     continue
-                num = row["nll_sum"] if metric == "nll" else row["correct"]
-                den = row["n_tokens"]
+                if metric == "kl":   # the mean over a reference's positions, then over prompts (summary's kl)
+                    num, den = row["kl"], 1.0
+                else:
+                    num = row["nll_sum"] if metric == "nll" else row["correct"]
+                    den = row["n_tokens"]
             else:
                 if row.get("decoding", "greedy") != decoding:
                     continue
@@ -357,16 +361,18 @@ def _holm_verdicts(results: list[dict], alpha: float) -> list[dict]:
 
 def compare_all(df, primary: dict, splits: Sequence[str] | None = None) -> list[dict]:
     """Every declared comparison of notebook 01's ``primary`` (metric: one name or a list;
-    decoding; splits; alpha; comparisons; optional effect, a number or {metric: number}) as
-    one Holm family over metrics × pairs × splits."""
+    decoding; splits; alpha; comparisons; optional effect, the effect sought, and
+    planned_mdd, the pilot's minimum detectable difference at the declared seeds: each a
+    number or {metric: number}) as one Holm family over metrics × pairs × splits."""
+    check_primary(primary)
     splits = list(primary["splits"] if splits is None else splits)
-    metrics = _as_list(primary["metric"])
-    m = len(metrics) * len(primary["comparisons"]) * len(splits)
+    m = family_size(primary, splits)
     results = []
-    for metric in metrics:
+    for metric in _as_list(primary["metric"]):
         ex = per_example(df, metric=metric, decoding=primary.get("decoding", "greedy"))
-        results += compare(ex, primary["comparisons"], splits, metric=metric, alpha=primary["alpha"],
-                           effect=_effect_of(primary.get("effect"), metric), m=m, holm_correct=False)
+        found = compare(ex, primary["comparisons"], splits, metric=metric, alpha=primary["alpha"],
+                        effect=_effect_of(primary.get("effect"), metric), m=m, holm_correct=False)
+        results += [dict(r, planned_mdd=_effect_of(primary.get("planned_mdd"), metric)) for r in found]
     return _holm_verdicts(results, primary["alpha"])
 
 
@@ -505,6 +511,7 @@ def comparisons_table(comparisons: Sequence[dict]):
         "ci_level": r["ci_level"], "half_width": (r["ci_hi"] - r["ci_lo"]) / 2, "p": r["p"],
         "p_holm": r["p_holm"], "verdict": r["verdict"], "mdd": r["mdd"],
         "effect": float("nan") if r.get("effect") is None else r["effect"],
+        "planned_mdd": float("nan") if r.get("planned_mdd") is None else r["planned_mdd"],
         "seeds": ",".join(str(s) for s in r["seeds"]) if r["interval"] == stats.SEEDS else "1",
         "n_seeds": r["n_seeds"], "runs": f"{r['n_seeds_a']}/{r['n_seeds_b']}", "interval": r["interval"],
         "mean_a": r["mean_a"], "mean_b": r["mean_b"], "seed_sd": r["seed_sd"], "se": r["se"], "df": r["df"],
@@ -732,21 +739,56 @@ def final_monitors(df, *, last: int = 10, split: str = "test"):
     return pd.DataFrame(rows)
 
 
+# ----------------------------------------------------------------------------- the design pilot
+# Notebook 01 §2; runs.run_pilot makes the runs, valid split only. Stage 1 chose the start
+# and the budget (`pilot_table`: each setting's gain over the start in units of its seed sd).
+# Stage 2 sizes the final design: `pilot_noise` (each candidate readout's seed sd, move from
+# the start and move on a rerun), `pilot_design` (per declared comparison and readout, the
+# variance components of the paired difference and the minimum detectable difference at the
+# corrected level as seeds grow, also as a share of SFT's move, which puts readouts of
+# different units on one scale) and `pilot_lrs` / `pilot_chosen_rates` (each objective alone at each
+# rate of pilot.lr_grid).
+
+# readout name -> (metric of per_example / collect's column, decoding)
+PILOT_READOUTS = {
+    "greedy ROUGE-L": ("rouge_l", "greedy", "rouge_l"),
+    "sampled ROUGE-L": ("rouge_l", "sample", "sample_rouge_l"),
+    "reference NLL": ("nll", "teacher_forced", "nll"),
+    "KL(teacher‖student)": ("kl", "teacher_forced", "kl"),
+}
+PILOT_START = "pilot_start_student_init"
+
+
+def _pilot_labelled(df):
+    """collect's frame with each run's pilot labels (stage, objective, setting, start)."""
+    labels = {r: json.loads((Path(d) / "labels.json").read_text()) for r, d in zip(df["run"], df["run_dir"])}
+    # the pilot's own name of a method ("objective" in its labels: an arm's method, e.g.
+    # dpkd_token_b1), not the params' train.objective, which two methods of one arm may share
+    return df.assign(stage=[labels[r].get("stage") for r in df["run"]],
+                     pilot_method=[labels[r].get("objective") for r in df["run"]],
+                     setting=[labels[r].get("setting") for r in df["run"]],
+                     start=[labels[r].get("start") for r in df["run"]])
+
+
+def pilot_frame(runs, split: str = "valid"):
+    """The runs on `split` with their pilot labels (stage, pilot_method, setting, start), from
+    a results root or collect's frame of one."""
+    df = collect(runs) if isinstance(runs, (str, Path)) else runs
+    if df.empty:
+        return df.assign(stage=[])
+    return _pilot_labelled(df[df["split"] == split].reset_index(drop=True))
+
+
 def pilot_table(results_root: str | Path, *, metrics: Sequence[str] = ("rouge_l", "nll")):
-    """The design pilot (runs.run_pilot) on its split: per start × method × setting, the
-    mean ± sd over seeds of each metric, the starting student's and the teacher's value, and
-    the gain over the start in units of the seed sd."""
+    """Stage 1 (and any pilot run with a setting), on its split: per start × method ×
+    setting, the mean ± sd over seeds of each metric, the starting student's and the teacher's
+    value, and the gain over the start in units of the seed sd."""
     import pandas as pd
 
     df = collect(results_root)
     if df.empty:
         return pd.DataFrame()
-    labels = {r: json.loads((Path(d) / "labels.json").read_text()) for r, d in zip(df["run"], df["run_dir"])}
-    # the pilot's own name of a method (labels "objective": an arm's method, e.g. alone_dpkd_token_b1),
-    # not the params' train.objective, which two methods of one arm may share
-    df = df.assign(start=[labels[r].get("start") for r in df["run"]],
-                   setting=[labels[r].get("setting") for r in df["run"]],
-                   pilot_method=[labels[r].get("objective") for r in df["run"]])
+    df = _pilot_labelled(df)
     pilot = df[df["group"] == "pilot"]
     teacher = df[df["method"] == "pilot_teacher"]   # evaluated as a ready-made model (group "pair")
     rows = []
@@ -763,6 +805,110 @@ def pilot_table(results_root: str | Path, *, metrics: Sequence[str] = ("rouge_l"
             row[f"{m} gain/sd"] = gain / sd if sd and not math.isnan(sd) else float("nan")
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _value(df, method: str, column: str) -> np.ndarray:
+    return df.loc[df["method"] == method, column].to_numpy(float)
+
+
+def pilot_noise(df, *, readouts: Sequence[str] = tuple(PILOT_READOUTS)):
+    """Stage 2's noise per readout × method of ``pilot.variance`` (`pilot_frame`): mean and
+    seed sd over training seeds, the move from the start (mean − start), |move| / seed sd,
+    and the rerun's move (``pilot.rerun``: the same seed under one changed setting) beside
+    the seed sd. Response length (mean new tokens, share ended by EOS, share empty) follows
+    the greedy readout."""
+    import pandas as pd
+
+    var = df[df["stage"] == "variance"]
+    rerun = df[df["stage"] == "rerun"]
+    rows = []
+    for name in readouts:
+        column = PILOT_READOUTS[name][2]
+        start = _value(df, PILOT_START, column)
+        for objective, g in var.groupby("pilot_method", sort=False):
+            vals = g[column].to_numpy(float)
+            mean, sd = float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else float("nan")
+            move = mean - float(start.mean()) if start.size else float("nan")
+            again = rerun[rerun["pilot_method"] == objective]
+            first = g[g["seed"].isin(again["seed"])]
+            re = (float(again[column].mean() - first[column].mean())
+                  if not again.empty and not first.empty else float("nan"))
+            row = {"readout": name, "method": label(objective), "seeds": len(vals),
+                   "mean": mean, "seed sd": sd, "move from start": move,
+                   "|move| / sd": abs(move) / sd if sd else float("nan"), "rerun Δ": re}
+            if name == "greedy ROUGE-L":
+                row |= {"new tokens": float(g["response_tokens"].mean()),
+                        "ended %": 100 * float(g["ended_rate"].mean()),
+                        "empty %": 100 * float(g["empty_rate"].mean())}
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def pilot_design(df, comparisons: Sequence[Sequence[str]], *, m: int, alpha: float = 0.05,
+                 seeds: Sequence[int] = (3, 4, 5, 6, 8), readouts: Sequence[str] = tuple(PILOT_READOUTS),
+                 split: str = "valid", power: float = 0.8):
+    """For each readout × declared comparison (a, b) of the ``pilot.variance`` methods: Δ on
+    `split`, the variance components of the paired difference (seed_sd, prompt_sd), the sd of
+    one seed's mean difference, and the MDD at each number of `seeds` per method at the
+    Bonferroni level α/m (80 % power), in the readout's units and as a share of SFT's move
+    from the start ("mdd/SFT move": the smallest difference found, against what SFT did)."""
+    import pandas as pd
+
+    var = df[df["stage"] == "variance"]
+    name_of = dict(zip(var["pilot_method"], var["method"]))
+    rows = []
+    for readout in readouts:
+        metric, decoding, column = PILOT_READOUTS[readout]
+        ex = per_example(df, metric=metric, decoding=decoding if decoding != "teacher_forced" else "greedy")
+        sft_move = abs(float(_value(var, name_of.get("sft", ""), column).mean() - _value(df, PILOT_START, column).mean())) \
+            if "sft" in name_of else float("nan")
+        for a, b in comparisons:
+            if a not in name_of or b not in name_of:
+                continue
+            pdiff = paired_differences(ex, name_of[a], name_of[b], split)
+            vc = stats.variance_components(pdiff["d"])
+            row = {"readout": readout, "comparison": f"{label(a)} − {label(b)}",
+                   "seeds": len(pdiff["seeds"]), "Δ": float(pdiff["d"].mean()),
+                   "seed sd": vc["seed_sd"], "prompt sd": vc["prompt_sd"],
+                   "sd of a seed's Δ": stats.seed_sd_of_mean(vc["seed_sd"], vc["prompt_sd"], vc["n_prompts"])}
+            for s in seeds:
+                mdd = stats.mdd_for_seeds(s, vc["seed_sd"], vc["prompt_sd"], vc["n_prompts"],
+                                          alpha=alpha, m=m, power=power)
+                row[f"mdd S={s}"] = mdd
+                row[f"mdd/SFT move S={s}"] = mdd / sft_move if sft_move else float("nan")
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def pilot_lrs(df, *, readouts: Sequence[str] = tuple(PILOT_READOUTS)):
+    """``pilot.lr_grid``: each objective alone at each rate on the pilot's split, every
+    readout and the response length, with the start's values as the first row."""
+    import pandas as pd
+
+    grid = df[df["stage"] == "lr_grid"]
+    rows = []
+    start = df[df["method"] == PILOT_START]
+    for who, g in [("start", start)] + [(o, x) for o, x in grid.groupby("pilot_method", sort=False)]:
+        for lr, h in (g.groupby("lr", sort=True) if who != "start" else [(float("nan"), g)]):
+            row = {"objective": "start" if who == "start" else label(who),
+                   "lr": "–" if who == "start" else f"{lr:g}"}
+            for name in readouts:
+                row[name] = float(h[PILOT_READOUTS[name][2]].mean())
+            row |= {"new tokens": float(h["response_tokens"].mean()),
+                    "ended %": 100 * float(h["ended_rate"].mean()), "empty %": 100 * float(h["empty_rate"].mean())}
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def pilot_chosen_rates(df, readout: str) -> dict:
+    """{objective: the rate of ``pilot.lr_grid`` with the best `readout` on the pilot's split}."""
+    column = PILOT_READOUTS[readout][2]
+    grid = df[df["stage"] == "lr_grid"]
+    out = {}
+    for objective, g in grid.groupby("pilot_method", sort=False):
+        means = g.groupby("lr")[column].mean()
+        out[objective] = float(means.idxmin() if column in LOWER_IS_BETTER else means.idxmax())
+    return out
 
 
 def run_means(df, column: str):
@@ -1155,6 +1301,14 @@ def write_results(results_root: str | Path, design: dict) -> dict:
         table("lora_4bit", main_table(lora, splits=splits, metrics=("rouge_l", "exact_match", "nll"),
                                       label_col="label"))
 
+    pilot = pilot_frame(df)   # notebook 01 §2, on the valid split
+    if (pilot["stage"] == "variance").any():
+        table("pilot_noise", pilot_noise(pilot), ".3f")
+        table("pilot_design", pilot_design(pilot, primary["comparisons"], m=family_size(primary),
+                                           alpha=primary["alpha"]), ".3f")
+    if (pilot["stage"] == "lr_grid").any():
+        table("pilot_lrs", pilot_lrs(pilot), ".3f")
+
     released = [arms["released"].get("prefix", "") + m for m in arms["released"]["methods"]] \
         if "released" in arms else []
     for split in splits:
@@ -1383,12 +1537,14 @@ def comparisons_brief(comparisons: Sequence[dict]):
 
     rows = []
     for r in comparisons:
-        digits = 3 if r["metric"] in ("nll", "token_acc") else 1
+        digits = _digits(r["metric"])
         row = {"comparison": f"{label(r['a'])} − {label(r['b'])}", "split": r["split"],
-               f"Δ {METRIC_LABELS.get(r['metric'], r['metric'])} [interval]": _ci(r, digits),
+               "metric": METRIC_LABELS.get(r["metric"], r["metric"]), "Δ [interval]": _ci(r, digits),
                "level": f"{100 * r['ci_level']:.1f} %", "Holm p": f"{r['p_holm']:.3f}", "verdict": r["verdict"]}
         if r.get("mdd") is not None:
             row["detectable ±"] = f"{r['mdd']:.{digits}f}"
+        if r.get("planned_mdd") is not None:
+            row["planned ±"] = f"{r['planned_mdd']:.{digits}f}"
         if "n_seeds_a" in r:
             row["seeds"] = f"{r['n_seeds_a']}/{r['n_seeds_b']}"
         rows.append(row)

@@ -61,6 +61,25 @@ def as_overrides(overrides) -> list[str]:
     return [str(o) for o in overrides]
 
 
+PRIMARY_KEYS = {"metric", "decoding", "splits", "alpha", "comparisons", "effect", "planned_mdd"}
+
+
+def check_primary(primary: dict) -> dict:
+    """Notebook 01's declaration (``primary``), refused early when it has a key nothing reads."""
+    unknown = sorted(set(primary) - PRIMARY_KEYS)
+    if unknown:
+        raise ConfigError(f"primary: unknown key(s) {unknown}; known: {', '.join(sorted(PRIMARY_KEYS))}")
+    return primary
+
+
+def family_size(primary: dict, splits: Sequence[str] | None = None) -> int:
+    """m, the number of tests notebook 01's ``primary`` declares and Holm corrects together:
+    metrics (one name or a list) × pairs × splits."""
+    metrics = primary["metric"]
+    splits = primary["splits"] if splits is None else splits
+    return (1 if isinstance(metrics, str) else len(metrics)) * len(primary["comparisons"]) * len(splits)
+
+
 def strip_seed(name: str) -> str:
     return re.sub(r"_s\d+$", "", name)
 
@@ -240,14 +259,16 @@ def pair_from_results(results_root: str | Path, *, teacher: bool = True, student
 
 
 def evaluate_models(base_params: str | Path, models: dict, results_root: str | Path, *,
-                    overrides: Sequence[str] = (), force: bool = False, progress: bool = True) -> list[dict]:
+                    overrides: Sequence[str] = (), teacher: dict | None = None, force: bool = False,
+                    progress: bool = True) -> list[dict]:
     """Evaluate ready-made models (hub checkpoints of the paper profile) like any run, into
     ``runs/<name>`` folders that report.collect reads. ``models`` maps a name (``teacher``,
-    ``student_init``, ...) to a model section; ``overrides`` change the eval settings."""
+    ``student_init``, ...) to a model section; ``overrides`` change the eval settings;
+    ``teacher`` (a model section) is the teacher of ``eval.teacher_kl``."""
     out = []
     for name, section in models.items():
         cfg = run_config(base_params, name, ["train.objective=sft", *overrides], results_root,
-                         {"student": section, "teacher": None})
+                         {"student": section, "teacher": teacher})
         out.append(_evaluate_model(cfg, name, section, results_root, force=force, progress=progress))
     return out
 
@@ -302,59 +323,98 @@ def _evaluate_model(cfg, name: str, section: dict, results_root: str | Path, *, 
 
 def pilot_overrides(pilot: dict, *, kl: bool = True) -> list[str]:
     """What every pilot run evaluates: its split (valid) and its readouts (``pilot.readouts``,
-    eval overrides: greedy and sampled ROUGE-L, NLL and KL on the references). ``kl`` False
-    drops eval.teacher_kl (the teacher itself, or a model with no teacher beside it)."""
+    eval overrides: greedy and sampled ROUGE-L, NLL and KL on the references), after the
+    pilot's ``common`` overrides (e.g. threads). ``kl`` False drops eval.teacher_kl (the
+    teacher itself, or a model with no teacher beside it)."""
     readouts = dict(pilot.get("readouts") or {})
     if not kl:
         readouts.pop("eval.teacher_kl", None)
-    return [f"eval.splits={json.dumps([pilot.get('split', 'valid')])}"] + as_overrides(readouts)
+    return (as_overrides(pilot.get("common")) + [f"eval.splits={json.dumps([pilot.get('split', 'valid')])}"]
+            + as_overrides(readouts))
 
 
-def lr_grid_runs(pilot: dict, arms: dict) -> list[tuple[str, list, dict]]:
-    """Each objective alone at its own learning rate, chosen on the pilot's split:
-    ``pilot.lr_grid`` = {"arm": an arm of the params (its common and method overrides),
-    "lrs": [...], "seeds": [...]}; every method of that arm × rate × seed becomes the run
-    ``pilot_lr_<method>_<lr>_s<seed>`` from the pair's start, with `pilot_overrides`."""
-    grid = pilot["lr_grid"]
-    unknown = set(grid) - {"arm", "lrs", "seeds"}
-    if unknown or not {"arm", "lrs"} <= set(grid):
-        raise ConfigError(f"pilot.lr_grid: expected keys arm, lrs (and seeds), got {sorted(grid)}")
-    if grid["arm"] not in arms:
-        raise ConfigError(f"pilot.lr_grid.arm: {grid['arm']!r} is not an arm of the params ({', '.join(arms)})")
-    arm = arms[grid["arm"]]
+# The stages of the pilot that train an arm's methods from the pair's start (pilot.<stage>):
+# their keys, and what a stage's run is named after.
+PILOT_STAGES = {
+    # between-seed noise of every readout at the design's own budget
+    "variance": {"keys": {"arm", "methods", "seeds"}, "prefix": "pilot_var"},
+    # the same seed again under one changed setting (``overrides``: e.g. another thread count,
+    # another summation order, as another CPU gives): how far a readout moves on a rerun
+    "rerun": {"keys": {"arm", "methods", "seeds", "overrides", "label"}, "prefix": "pilot_rerun"},
+    # each objective alone at its own learning rate
+    "lr_grid": {"keys": {"arm", "methods", "seeds", "lrs"}, "prefix": "pilot_lr"},
+}
+
+
+def pilot_stage_runs(pilot: dict, arms: dict, stage: str) -> list[tuple[str, list, dict]]:
+    """The runs of one pilot stage (`PILOT_STAGES`): ``pilot.<stage>`` = {"arm": an arm of the
+    params (its common and method overrides), "methods": [...] (default: all of the arm's),
+    "seeds": [...]} plus, for ``lr_grid``, "lrs": [...] (each method × rate × seed; the rate
+    replaces the arm's) and, for ``rerun``, "overrides" (what the rerun changes). Every run
+    starts from the pair's start and evaluates `pilot_overrides`; it is named
+    ``<prefix>_<method>[_<lr>]_s<seed>`` and labelled with its stage, method and setting."""
+    spec, known = pilot[stage], PILOT_STAGES[stage]
+    unknown, required = set(spec) - known["keys"], {"arm"} | ({"lrs"} if stage == "lr_grid" else set())
+    if unknown or not required <= set(spec):
+        what = f"unknown key(s) {sorted(unknown)}" if unknown else f"missing {sorted(required - set(spec))}"
+        raise ConfigError(f"pilot.{stage}: {what}; its keys are {', '.join(sorted(known['keys']))} "
+                          f"(required: {', '.join(sorted(required))})")
+    if spec["arm"] not in arms:
+        raise ConfigError(f"pilot.{stage}.arm: {spec['arm']!r} is not an arm of the params ({', '.join(arms)})")
+    arm = arms[spec["arm"]]
+    methods = spec.get("methods") or list(arm["methods"])
+    missing = [m for m in methods if m not in arm["methods"]]
+    if missing:
+        raise ConfigError(f"pilot.{stage}.methods: {missing} not in arm {spec['arm']!r} "
+                          f"({', '.join(arm['methods'])})")
+    lrs = spec.get("lrs", [None])
     out = []
-    for method, spec in arm["methods"].items():
-        # the rate chosen by an earlier pilot sits in the method's overrides: the grid replaces it
-        spec = dict(spec, overrides={k: v for k, v in (spec.get("overrides") or {}).items() if k != "train.lr"})
-        for lr in grid["lrs"]:
-            common = dict(arm.get("common") or {}) | {"train.lr": lr}
-            one = {method: dict(spec, seeds=grid.get("seeds", [1]))}
+    for method in methods:
+        mspec = arm["methods"][method] or {}
+        if lrs != [None]:  # the rate chosen by an earlier pilot sits in the method's overrides: the grid replaces it
+            mspec = dict(mspec, overrides={k: v for k, v in (mspec.get("overrides") or {}).items() if k != "train.lr"})
+        for lr in lrs:
+            common = dict(arm.get("common") or {}) | ({} if lr is None else {"train.lr": lr})
+            one = {method: dict(mspec, seeds=spec.get("seeds", [1]))}
+            key = f"{known['prefix']}_{method}" + ("" if lr is None else f"_{lr:g}")
+            setting = f"lr {lr:g}" if lr is not None else spec.get("label", "design budget")
             for name, ov, labels in method_runs(one, common=common, group="pilot"):
-                key = f"pilot_lr_{method}_{lr:g}"
-                out.append((f"{key}_s{name.rsplit('_s', 1)[1]}", ov + pilot_overrides(pilot),
+                out.append((f"{key}_s{name.rsplit('_s', 1)[1]}",
+                            ov + pilot_overrides(pilot) + as_overrides(spec.get("overrides")),
                             dict(labels, method=key, start="student_init", objective=method,
-                                 setting=f"lr {lr:g}")))
+                                 stage=stage, setting=setting)))
     return out
+
+
+def pilot_runs(pilot: dict, arms: dict | None) -> list[tuple[str, list, dict]]:
+    """Every run of the pilot's arm stages (`pilot_stage_runs`), in the order run_pilot runs them."""
+    stages = [s for s in PILOT_STAGES if s in pilot]
+    if stages and arms is None:
+        raise ConfigError(f"pilot.{stages[0]} names an arm: pass the params' arms (run_pilot(..., arms=params['arms']))")
+    return [run for stage in stages for run in pilot_stage_runs(pilot, arms, stage)]
 
 
 def run_pilot(base_params: str | Path, results_root: str | Path, pilot: dict, pair: dict, *,
               arms: dict | None = None, force: bool = False, progress: bool = True) -> None:
-    """The design pilot of notebook 01, on the validation split only: each candidate starting
-    student (``pilot.starts``: student-build overrides), then each method × setting × seed
-    trained from it (``pilot.methods``, ``pilot.settings``, ``pilot.seeds``), the teacher
-    evaluated on the same split, and with ``pilot.lr_grid`` each objective of an arm alone
-    at each learning rate of the grid from the pair's start (`lr_grid_runs`; needs
-    ``arms``). Every run measures ``pilot.readouts`` (`pilot_overrides`). Runs are named
-    ``pilot_*`` (group "pilot"); read them with report.pilot_table."""
-    if "lr_grid" in pilot and arms is None:
-        raise ConfigError("pilot.lr_grid names an arm: pass the params' arms (run_pilot(..., arms=params['arms']))")
+    """The design pilot of notebook 01, on the validation split only. The pair's teacher and
+    start are evaluated with every readout (``pilot_teacher``, ``pilot_start_student_init``);
+    then, where given: each candidate starting student (``pilot.starts``: student-build
+    overrides) with each method × setting × seed trained from it (``pilot.methods``,
+    ``pilot.settings``, ``pilot.seeds``); and the arm stages from the pair's start
+    (`pilot_runs`: ``variance``, ``rerun``, ``lr_grid``). Every run measures
+    ``pilot.readouts`` (`pilot_overrides`). Runs are named ``pilot_*`` (group "pilot"); read
+    them with report.pilot_table, pilot_noise, pilot_design and pilot_lrs."""
+    arm_runs_ = pilot_runs(pilot, arms)   # validated before anything runs
+    evaluate_models(base_params, {"pilot_teacher": pair["teacher"]}, results_root,
+                    overrides=pilot_overrides(pilot, kl=False), force=force, progress=progress)
+    evaluate_models(base_params, {"pilot_start_student_init": pair["student"]}, results_root,
+                    overrides=pilot_overrides(pilot), teacher=pair["teacher"], force=force, progress=progress)
     split = pilot_overrides(pilot)
     starts = [(f"pilot_start_{k}", as_overrides(v) + split,
                {"method": f"pilot_start_{k}", "group": "pilot", "start": k, "label": f"start {k}"})
-              for k, v in pilot["starts"].items()]
-    run_grid(base_params, starts, results_root, pair={"teacher": pair["teacher"]}, force=force, progress=progress)
-    evaluate_models(base_params, {"pilot_teacher": pair["teacher"]}, results_root,
-                    overrides=pilot_overrides(pilot, kl=False), force=force, progress=progress)
+              for k, v in (pilot.get("starts") or {}).items()]
+    if starts:
+        run_grid(base_params, starts, results_root, pair={"teacher": pair["teacher"]}, force=force, progress=progress)
     for start, _, _ in starts:
         grid = []
         for method, spec in pilot["methods"].items():
@@ -368,5 +428,5 @@ def run_pilot(base_params: str | Path, results_root: str | Path, pilot: dict, pa
         run_grid(base_params, grid, results_root, pair={"teacher": pair["teacher"],
                                                        "student": _saved(Path(results_root) / "runs" / start)},
                  force=force, progress=progress)
-    if "lr_grid" in pilot:
-        run_grid(base_params, lr_grid_runs(pilot, arms), results_root, pair=pair, force=force, progress=progress)
+    if arm_runs_:
+        run_grid(base_params, arm_runs_, results_root, pair=pair, force=force, progress=progress)
