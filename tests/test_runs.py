@@ -1,5 +1,6 @@
 """dpkd_lib.study.runs: how a notebook's params become run configs, and that every run of every
 profile's notebooks resolves (types, ranges, unused settings) in milliseconds."""
+import json
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,21 @@ def test_the_declaration_is_checked_and_its_family_counts_every_metric():
     assert runs.check_primary(dict(primary, planned_mdd={"nll": 0.01})) is not None
     with pytest.raises(ConfigError, match=r"primary: unknown key\(s\) \['mdd'\]"):
         runs.check_primary(dict(primary, mdd=0.01))
+
+
+def test_progress_lines_estimate_the_time_left(tmp_path):
+    """One line per run and per notebook says how much is left: runs from the mean time of
+    the runs trained so far, notebooks from the time each took when it last ran (the driver's
+    status, else papermill's duration in the executed copy)."""
+    assert runs.eta_text(0, [60.0]) == ""
+    assert runs.eta_text(3, []) == " · 3 runs left"
+    assert runs.eta_text(3, [60.0, 180.0]) == " · 3 runs left, about 6 min"
+    (tmp_path / "01_x.ipynb").write_text(json.dumps({"metadata": {"papermill": {"duration": 1800.0}}}))
+    status = {"notebooks": {"00_y": {"wall_s": 120.0}}}
+    assert study.recorded_wall("01_x", status, tmp_path) == 1800.0
+    assert study.recorded_wall("00_y", status, tmp_path) == 120.0
+    assert study.recorded_wall("02_z", status, tmp_path) is None
+    text = study._time_left(["01_x", "02_z"], status, tmp_path)
+    assert text == ("it took 30 min last time; about 30 min left for the 2 notebook(s) to run "
+                    "(02_z not counted: never run here)")
+    assert study._time_left(["02_z"], status, tmp_path) == "no recorded time for it"

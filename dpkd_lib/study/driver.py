@@ -495,6 +495,34 @@ def _stop_requests():
         yield asked
 
 
+def recorded_wall(stem: str, status: dict, out_dir: Path) -> float | None:
+    """How long notebook `stem` took when it last ran here: the driver's status, else the
+    duration papermill wrote into the executed copy (committed with the results)."""
+    wall = (status.get("notebooks", {}).get(stem) or {}).get("wall_s")
+    if wall:
+        return float(wall)
+    try:
+        meta = json.loads((out_dir / f"{stem}.ipynb").read_text())["metadata"].get("papermill", {})
+        return float(meta["duration"]) if meta.get("duration") else None
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _time_left(stems: list[str], status: dict, out_dir: Path) -> str:
+    """'this one took 12 min last time; about 40 min left in all' from the recorded times of
+    the notebooks still to run (`recorded_wall`), saying which ones have none."""
+    walls = {s: recorded_wall(s, status, out_dir) for s in stems}
+    known = [w for w in walls.values() if w is not None]
+    mine = walls[stems[0]]
+    text = f"it took {mine / 60:.0f} min last time" if mine is not None else "no recorded time for it"
+    if known:
+        unknown = [s for s, w in walls.items() if w is None]
+        text += f"; about {sum(known) / 60:.0f} min left for the {len(stems)} notebook(s) to run"
+        if unknown:
+            text += f" ({', '.join(unknown)} not counted: never run here)"
+    return text
+
+
 def run_study(profile: str, *, force: bool = False, only: str | None = None,
               results_root: str | os.PathLike | None = None,
               notebooks_dir: str | os.PathLike | None = None,
@@ -589,8 +617,9 @@ def _run_study(profile: str, *, force: bool, only: str | None, root: Path, noteb
                 timings.append((stem, entry.get("wall_s", 0.0), "reused"))
                 continue
             running = out_dir / f".{stem}.{os.getpid()}.running.ipynb"  # this driver's own
-            print(f"[study] {stem}: executing with {params_dir / profile / (stem + '.yaml')}",
-                  flush=True)
+            ahead = [p.stem for p in chosen[chosen.index(nb_path):] if "skip" not in params[p.stem]]
+            print(f"[study] {stem} ({len(timings) + 1} of {len(chosen)}): executing with "
+                  f"{params_dir / profile / (stem + '.yaml')}; {_time_left(ahead, status, out_dir)}", flush=True)
             started = time.time()
             entry = {"status": "running", "fingerprint": fingerprint, "upstream": upstream,
                      "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "code": code_fingerprint(),

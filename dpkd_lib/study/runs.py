@@ -167,7 +167,7 @@ def run_grid(base_params: str | Path, runs: Iterable, results_root: str | Path, 
         raise ConfigError(f"duplicate run names: {dup}")
     configs = [(name, run_config(base_params, name, ov, results_root, pair), labels, ov)
                for name, ov, labels in specs]
-    summaries = []
+    summaries, trained = [], []
     for i, (name, cfg, labels, ov) in enumerate(configs, 1):
         run_dir = Path(cfg.output_dir)
         reused = _finished(run_dir) and not force
@@ -177,9 +177,23 @@ def run_grid(base_params: str | Path, runs: Iterable, results_root: str | Path, 
             "name": name, "method": labels.get("method", strip_seed(name)), **labels, "overrides": ov})
         export_run(run_dir, results_root)   # the committed record: data/<name> (rundata.py)
         summaries.append(summary)
+        if not reused:
+            trained.append(time.time() - tick)
         if verbose:
-            print(f"[{i}/{len(configs)}] {run_line(name, summary, reused, time.time() - tick)}", flush=True)
+            left = [c for c in configs[i:] if force or not _finished(Path(c[1].output_dir))]
+            print(f"[{i}/{len(configs)}] {run_line(name, summary, reused, time.time() - tick)}"
+                  f"{eta_text(len(left), trained)}", flush=True)
     return summaries
+
+
+def eta_text(left: int, seconds: Sequence[float]) -> str:
+    """' · 5 runs left, about 20 min' from the mean time of the runs trained so far (nothing
+    when none is left; no estimate before one has been trained)."""
+    if not left:
+        return ""
+    if not seconds:
+        return f" · {left} run{'s' if left != 1 else ''} left"
+    return f" · {left} run{'s' if left != 1 else ''} left, about {left * sum(seconds) / len(seconds) / 60:.0f} min"
 
 
 def run_line(name: str, summary: dict, reused: bool, seconds: float) -> str:
