@@ -175,6 +175,8 @@ def tokenize_example(record: Mapping[str, Any], tokenizer, max_length: int, max_
     input_ids = [bos?] + prompt ids + response ids + [eos]
     labels    = -100 over the prompt, then response ids + [eos]   (unshifted, HF convention)
 
+    No EOS when the record says ``response_ended: false`` (a teacher sample cut at its limit).
+
     Too long is dropped, never truncated: a truncated response teaches the model to stop
     mid-sentence, and a truncated prompt changes the task. Returns a dict with id,
     input_ids, labels, prompt_len, response_len (response tokens + eos), prompt, response.
@@ -190,7 +192,8 @@ def tokenize_example(record: Mapping[str, Any], tokenizer, max_length: int, max_
     if len(response_ids) < min_response_tokens:
         return Dropped("response_too_short",
                        f"{len(response_ids)} response tokens < min_response_tokens {min_response_tokens}")
-    target = response_ids + [_eos_id(tokenizer)]
+    # a teacher sample cut at its length limit (``response_ended`` false) did not end: no EOS
+    target = response_ids + ([_eos_id(tokenizer)] if record.get("response_ended", True) else [])
     total = len(prompt_ids) + len(target)
     if total > max_length:
         return Dropped("too_long", f"{total} tokens > max_length {max_length}")

@@ -591,17 +591,20 @@ def scores_path(cache_dir, key: str) -> Path:
 
 def load_or_sample(path: Path, records, sample, *, write: bool = True) -> list[dict]:
     """`records` with the teacher's sampled response in place of the dataset's: read from
-    `path` when it holds exactly these records, else `sample(records)` (one string per
-    record; an empty sample keeps the dataset response) and written there."""
+    `path` when it holds exactly these records (each with ``response_ended``), else
+    `sample(records)` (one (text, ended by EOS) pair per record; an empty sample keeps the
+    dataset response, which ends) and written there."""
     if path.exists():
         try:
             cached = data_lib.read_jsonl(path)
-            if [c.get("id") for c in cached] == [r.get("id") for r in records]:
+            if [c.get("id") for c in cached] == [r.get("id") for r in records] and \
+                    all("response_ended" in c for c in cached):   # older files did not say: sample again
                 return cached
         except Exception as exc:  # noqa: BLE001 - unreadable: sample again
             log.warning("warning: %s is unreadable (%s): sampling again", path, type(exc).__name__)
     samples = sample(records)
-    out = [dict(r, response=s if s.strip() else r["response"]) for r, s in zip(records, samples)]
+    out = [dict(r, response=text, response_ended=bool(ended)) if text.strip() else dict(r, response_ended=True)
+           for r, (text, ended) in zip(records, samples)]
     if write:
         write_jsonl(path, out)
     return out

@@ -320,20 +320,25 @@ class Trainer:
         return obj_lib.CachedTeacher(*caches, device=self.accelerator.device)
 
     def teacher_responses(self, records):
-        """Teacher-sampled responses to the prompts of `records` (SeqKD's data, DPKD-seq's
-        chosen side), sampled once per (teacher, data, length) into the cache folder and
-        shared by every run that needs them, whatever its training seed: like MiniLLM's
-        SeqKD data, one set drawn once (TEACHER_SAMPLE_SEED), so a seed's cost is its training."""
+        """Teacher-sampled responses to the prompts of `records` (SeqKD's data, and the
+        released runner's ``train_on: teacher_samples``), sampled once per (teacher, data,
+        length) into the cache folder and shared by every run that needs them, whatever its
+        training seed: like MiniLLM's SeqKD data, one set drawn once (TEACHER_SAMPLE_SEED), so a
+        seed's cost is its training. A sample cut at ``seq_max_new_tokens`` is marked
+        ``response_ended: false`` and tokenised without EOS (data.tokenize_example), so SeqKD does
+        not learn to stop where the sampler ran out of room."""
         t, e = self.cfg.train, self.cfg.eval
         key = tc.cache_key(**self.teacher_identity, data=data_lib.data_hash(records),
                            seed=TEACHER_SAMPLE_SEED, max_new_tokens=t.seq_max_new_tokens)
 
-        def sample(recs):
-            return eval_lib.generate(self.teacher_model, self.tokenizer,
-                                     [data_lib.format_prompt(r) for r in recs],
-                                     max_new_tokens=t.seq_max_new_tokens, batch_size=e.batch_size,
-                                     seed=TEACHER_SAMPLE_SEED, keys=[r["id"] for r in recs],
-                                     progress=self.progress)
+        def sample(recs):   # (text, ended by EOS): a sample cut at the limit gets no EOS (response_row's rule)
+            ids = eval_lib.generate_ids(self.teacher_model, self.tokenizer,
+                                        [data_lib.format_prompt(r) for r in recs],
+                                        max_new_tokens=t.seq_max_new_tokens, batch_size=e.batch_size,
+                                        seed=TEACHER_SAMPLE_SEED, keys=[r["id"] for r in recs],
+                                        progress=self.progress)
+            return [(self.tokenizer.decode(x, skip_special_tokens=True).strip(), len(x) < t.seq_max_new_tokens)
+                    for x in ids]
         return tc.load_or_sample(tc.responses_path(self.cfg.cache_dir, key), records, sample,
                                  write=self.is_main)
 

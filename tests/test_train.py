@@ -1,5 +1,6 @@
 """The training loop: every objective learns on a fixed batch; cached teacher == online;
 4-bit teacher + LoRA student; the step loss is the documented mix of its parts."""
+import json
 import math
 
 import pytest
@@ -309,6 +310,39 @@ def test_dpkd_seq_chosen_and_rejected_follow_one_eos_rule(tmp_path, monkeypatch)
     assert all("rejected_ended_share" in r and "chosen_new_tokens" in r for r in metrics)
 
 
+def test_seqkd_teacher_samples_cut_at_the_limit_get_no_eos(tmp_path, monkeypatch):
+    """SeqKD trains on the teacher's samples under DPKD-seq's EOS rule: a sample that stopped
+    on its own ends in EOS, one cut at seq_max_new_tokens does not (it used to be re-tokenised
+    with an EOS, teaching "stop within the limit"). A responses file written before samples
+    said whether they ended is sampled again."""
+    import dpkd_lib.train as train_mod
+    original = train_mod.eval_lib.generate_ids
+
+    def some_stop_early(model, tok, prompts, **k):
+        out = original(model, tok, prompts, **k)
+        return [ids[: 1 + j % 2] if j % 2 else ids for j, ids in enumerate(out)]
+    monkeypatch.setattr(train_mod.eval_lib, "generate_ids", some_stop_early)
+    limit = 4
+    cfg = load_config(SMOKE, [f"output_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}",
+                              "train.objective=seqkd", f"train.seq_max_new_tokens={limit}",
+                              "train.max_steps=1", "eval.splits=[]", "train.save_every=0"])
+    tr = Trainer(cfg, progress=False)
+    tr.setup()
+    eos = tr.tokenizer.eos_token_id
+    records = {r["id"]: r for r in tr.teacher_responses(tr.splits["train"])}
+    ended = [records[ex["id"]]["response_ended"] for ex in tr.train_set]
+    assert True in ended and False in ended
+    for ex, e in zip(tr.train_set, ended):
+        assert (ex["labels"][-1] == eos) == e, (ex["id"], e)
+    # an older file (no response_ended) is not trusted: the samples are drawn again
+    [path] = (tmp_path / "cache" / "responses").glob("*.jsonl")
+    path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "response_ended"}) + "\n"
+                            for r in records.values()))
+    monkeypatch.setattr(train_mod.eval_lib, "generate_ids", lambda *a, **k: pytest.fail("resampled") or [])
+    with pytest.raises(pytest.fail.Exception, match="resampled"):
+        tr.teacher_responses(tr.splits["train"])
+
+
 def test_dpkd_seq_batch_on_policy_samples_every_k_steps(tmp_path, monkeypatch):
     """rejected_every = k: the student's samples for k steps are drawn at once (one generate
     call per k steps), each step still gets its own batch's prompts."""
@@ -334,9 +368,9 @@ def test_teacher_responses_are_sampled_once_and_shared_by_every_seed(tmp_path, m
     with TEACHER_SAMPLE_SEED); another sample length draws a new set."""
     import dpkd_lib.train as train_mod
     calls = []
-    original = train_mod.eval_lib.generate
-    monkeypatch.setattr(train_mod.eval_lib, "generate",
-                        lambda *a, **k: calls.append(k["seed"]) or original(*a, **k))
+    original = train_mod.eval_lib.generate_ids
+    monkeypatch.setattr(train_mod.eval_lib, "generate_ids",
+                        lambda *a, **k: calls.append((k["seed"], k["max_new_tokens"])) or original(*a, **k))
     responses = {}
     for name, objective, seed, length in (("a", "dpkd_seq", 1, 8), ("b", "seqkd", 1, 8), ("c", "dpkd_seq", 2, 8),
                                           ("d", "seqkd", 2, 6)):
@@ -345,7 +379,8 @@ def test_teacher_responses_are_sampled_once_and_shared_by_every_seed(tmp_path, m
                                          f"cache_dir={tmp_path / 'cache'}"]), progress=False)
         tr.setup()
         responses[name] = [r["response"] for r in tr.teacher_responses(tr.splits["train"])]
-    assert calls == [train_mod.TEACHER_SAMPLE_SEED] * 2     # drawn for length 8 once, then for 6
+    # drawn once each: DPKD-seq's token ids at length 8, the texts at length 8, then at 6
+    assert calls == [(train_mod.TEACHER_SAMPLE_SEED, 8)] * 2 + [(train_mod.TEACHER_SAMPLE_SEED, 6)]
     assert responses["a"] == responses["b"] == responses["c"] != responses["d"]
     # 2 text sets (length 8 and 6) and DPKD-seq's token ids at length 8, shared by seeds 1 and 2
     assert len(list((tmp_path / "cache" / "responses").glob("*.jsonl"))) == 3
