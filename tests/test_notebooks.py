@@ -452,3 +452,25 @@ def test_pilot_reads_valid_only_and_sizes_the_design_from_its_rows(smoke):
     kl = {lr: summary(f"pilot_lr_kd_{lr}_s1")["valid_kl"] for lr in ("0.001", "0.002")}
     assert report.pilot_chosen_rates(pf, "KL(teacher‖student)")["kd"] == float(min(kl, key=kl.get))
     assert (root / "tables" / "pilot_design.csv").exists() and (root / "tables" / "pilot_lrs.csv").exists()
+
+
+def test_lora_notebook_measures_memory_and_step_time_beside_the_plan(smoke):
+    """Notebook 02 trains with run_grid(measure=True): each run's memory.json (exported with its
+    record) gives the measured peak per phase, which the tables set beside the planner's bytes
+    for the same shapes; its time per step is set beside notebook 01's full-precision run of
+    the same method and seed."""
+    root, _ = smoke
+    mem = pd.read_csv(root / "tables" / "lora_4bit_memory.csv")
+    lora_runs = {p.name for p in (root / "data").iterdir() if p.name.startswith("lora4bit_")}
+    assert set(mem["run"]) == lora_runs and len(lora_runs) == 2
+    for run in lora_runs:
+        record = json.loads((root / "data" / run / "memory.json").read_text())
+        assert record["device"] == "cpu" and record["peak_bytes"] > record["baseline_bytes"] > 0
+        steps = mem[(mem["run"] == run) & mem["phase"].isin(["forward", "backward", "optimizer"])]
+        assert len(steps) == 3
+        assert ((steps["measured / planned"] > 0.5) & (steps["measured / planned"] < 2.0)).all(), steps
+        assert steps["measured GiB"].tolist() == pytest.approx(
+            [record["phases"][p]["peak_bytes"] / 2 ** 30 for p in steps["phase"]], abs=1e-3)
+    times = pd.read_csv(root / "tables" / "lora_4bit_step_time.csv")
+    assert sorted(times["against"]) == ["dpkd_token_s1", "sft_s1"]
+    assert (times["s / step"] > 0).all() and (times["its s / step"] > 0).all()

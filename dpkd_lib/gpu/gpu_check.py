@@ -46,7 +46,7 @@ from typing import Any, Optional
 from . import memory, standins
 from ..config import load_config
 from ..io import atomic_write_text, write_json
-from .calibrate import _reset_peak, _vm_hwm
+from .calibrate import _reset_peak, _rss_now, _vm_hwm
 
 OUT_DIR = Path("results/gpu_check")
 #: the order runs are tried in (the colab 4-bit path first: the one a 16 GB card needs most)
@@ -97,6 +97,7 @@ class PhaseProbe:
         self.current: Optional[str] = None
         self.started = time.perf_counter()
         self.batch: dict[str, float] = {}
+        self.baseline = 0 if cuda else _rss_now()
         self._reset()
 
     def _reset(self) -> None:
@@ -123,6 +124,14 @@ class PhaseProbe:
             entry["count"] += 1
         self.current = None
 
+    def record(self) -> dict:
+        """What a run keeps (memory.json): the device, the peak over all phases, the RSS the
+        process held before its first phase (CPU: interpreter and libraries, which a GPU plan
+        does not count), and per phase its peak bytes, time and count."""
+        return {"device": "cuda" if self.cuda else "cpu", "baseline_bytes": self.baseline,
+                "peak_bytes": max((p["peak_bytes"] for p in self.phases.values()), default=0),
+                "phases": self.phases, "batch": self.batch}
+
     def __call__(self, name: str, trainer) -> None:
         self.close()
         if name == "forward" and not self.batch:
@@ -130,6 +139,34 @@ class PhaseProbe:
         if name != "end":
             self.current = name
             self._reset()
+
+
+def planned_against_measured(cfg, measured: dict, *, device: str = "cpu", capability=None,
+                             shapes=None) -> dict:
+    """Per measured phase (a `PhaseProbe.record`, e.g. a run's memory.json): its peak bytes,
+    time and count beside the planner's bytes for the same phase (`PLAN_PHASES`; None where
+    the planner has none), planned for the shapes the run trained on (its batch, its longest
+    sequence). On CUDA the allocator's peak has no CUDA context, so the plan's framework term
+    is taken off; on CPU the process's RSS is compared as it is."""
+    b = measured["batch"]
+    plan = memory.plan_from_config(cfg, device=device, capability=capability, shapes=shapes,
+                                   seq_len=b["seq_len"], response_fraction=b["response_fraction"])
+    est = memory.estimate(plan)
+    predicted = dict(est["phases"])
+    build_plan = memory.teacher_cache_plan(plan, cfg.eval.batch_size)
+    if build_plan is not None:
+        predicted["build"] = memory.estimate(dataclasses.replace(build_plan, seq_len=b["seq_len"]))["total"]
+    cuda = measured.get("device") == "cuda"
+    out = {}
+    for name in PHASES:
+        got = measured["phases"].get(name)
+        if got is None:
+            continue
+        want = predicted.get(PLAN_PHASES.get(name, ""), None)
+        want = want - est["components"]["framework"] if (want is not None and cuda) else want
+        out[name] = {"peak_bytes": int(got["peak_bytes"]), "time_s": got["time_s"], "count": int(got["count"]),
+                     "predicted_bytes": None if want is None else int(want)}
+    return out
 
 
 def batch_shapes(tr) -> dict:
@@ -200,26 +237,9 @@ def check_run(label: str, path: str, overrides: tuple, *, steps: int, n_gen: int
             if cuda:
                 torch.cuda.empty_cache()
     record["wall_time_s"] = time.perf_counter() - started
-    # the planner for the shapes this run trained on (same batch, its longest sequence)
     b = probe.batch
-    plan = memory.plan_from_config(cfg, device=device, capability=capability, shapes=shapes,
-                                   seq_len=b["seq_len"], response_fraction=b["response_fraction"])
-    framework = memory.estimate(plan)["components"]["framework"]
-    predicted = dict(memory.estimate(plan)["phases"])
-    build_plan = memory.teacher_cache_plan(plan, cfg.eval.batch_size)
-    if build_plan is not None:
-        build_plan = dataclasses.replace(build_plan, seq_len=b["seq_len"])
-        predicted["build"] = memory.estimate(build_plan)["total"]
-    for name in PHASES:
-        got = probe.phases.get(name)
-        if got is None:
-            continue
-        want = predicted.get(PLAN_PHASES.get(name, ""), None)
-        # CUDA: the allocator's peak has no CUDA context; the plan's framework term is it
-        want = want - framework if (want is not None and cuda) else want
-        record["phases"][name] = {"peak_bytes": int(got["peak_bytes"]), "time_s": got["time_s"],
-                                  "count": int(got["count"]),
-                                  "predicted_bytes": None if want is None else int(want)}
+    record["phases"] = planned_against_measured(cfg, probe.record(), device=device, capability=capability,
+                                                shapes=shapes)
     ratios = [p["peak_bytes"] / p["predicted_bytes"] for p in record["phases"].values()
               if p["predicted_bytes"]]
     record["ratio_measured_to_planned"] = max(ratios) if ratios else None

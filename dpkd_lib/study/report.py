@@ -911,6 +911,75 @@ def pilot_chosen_rates(df, readout: str) -> dict:
     return out
 
 
+def step_seconds(run_dir: str | Path) -> float:
+    """A run's median time per optimiser step (metrics.jsonl ``time_s``), the first step left
+    out (it warms up kernels and caches); NaN when nothing was logged."""
+    m = read_metrics(run_dir)
+    if "time_s" not in m or m.empty:
+        return float("nan")
+    times = m["time_s"].to_numpy(float)
+    return float(np.median(times[1:] if len(times) > 1 else times))
+
+
+def memory_table(df):
+    """Notebook 02: for each run that was measured (`runs.run_grid(measure=True)`:
+    data/<run>/memory.json), per phase the planner's bytes for the shapes it trained on (from
+    its recorded params) beside the measured peak (GiB; CPU: the process's RSS, which also
+    holds the interpreter and libraries, given as "before training"), their ratio, and the
+    phase's time."""
+    import pandas as pd
+    from ..config import from_dict
+    from ..gpu.gpu_check import planned_against_measured
+    from .rundata import MEMORY_FILE
+
+    gib = 2 ** 30
+    rows = []
+    for run, folder in dict(zip(df["run"], df["run_dir"])).items():
+        path = Path(folder) / MEMORY_FILE
+        if not path.exists():
+            continue
+        measured = json.loads(path.read_text())
+        cfg = from_dict(yaml.safe_load((Path(folder) / "params.yaml").read_text()))
+        rows.append({"run": run, "phase": "before training", "planned GiB": float("nan"),
+                     "measured GiB": measured["baseline_bytes"] / gib, "measured / planned": float("nan"),
+                     "time s": float("nan")})
+        for phase, p in planned_against_measured(cfg, measured, device=measured["device"]).items():
+            want = p["predicted_bytes"]
+            rows.append({"run": run, "phase": phase, "planned GiB": want / gib if want else float("nan"),
+                         "measured GiB": p["peak_bytes"] / gib,
+                         "measured / planned": p["peak_bytes"] / want if want else float("nan"),
+                         "time s": p["time_s"]})
+    return pd.DataFrame(rows)
+
+
+def reference_runs_of(df) -> dict:
+    """{run: the run it is set against} from the runs' labels (``reference_run``)."""
+    out = {}
+    for run, folder in dict(zip(df["run"], df["run_dir"])).items():
+        ref = json.loads((Path(folder) / "labels.json").read_text()).get("reference_run")
+        if ref:
+            out[run] = ref
+    return out
+
+
+def step_time_table(df, pairs: dict):
+    """Seconds per optimiser step (`step_seconds`) of each run beside the run it is set
+    against: ``pairs`` = {run: reference run} (notebook 02: each LoRA + 4-bit run against
+    notebook 01's full-precision run of the same method and seed)."""
+    import pandas as pd
+
+    where = dict(zip(df["run"], df["run_dir"]))
+    rows = []
+    for run, ref in pairs.items():
+        if run not in where:
+            continue
+        mine = step_seconds(where[run])
+        theirs = step_seconds(where[ref]) if ref in where else float("nan")
+        rows.append({"run": run, "s / step": mine, "against": ref, "its s / step": theirs,
+                     "ratio": mine / theirs if theirs else float("nan")})
+    return pd.DataFrame(rows)
+
+
 def run_means(df, column: str):
     """The mean of a logged column (metrics.jsonl) over each run's steps, by run."""
     out = {}
@@ -1297,9 +1366,11 @@ def write_results(results_root: str | Path, design: dict) -> dict:
             figure("monitors_scatter", monitors_figure(final_monitors(fam, last=10)))
             figure("monitors_curves", curves(fam, metrics=MONITOR_CURVES, ncols=3))
     lora = df[df["group"] == "lora"]
-    if not lora.empty:
+    if not lora.empty:   # notebook 02: its runs, their measured memory and time per step
         table("lora_4bit", main_table(lora, splits=splits, metrics=("rouge_l", "exact_match", "nll"),
                                       label_col="label"))
+        table("lora_4bit_memory", memory_table(lora), ".3f")
+        table("lora_4bit_step_time", step_time_table(df, reference_runs_of(lora)), ".3f")
 
     pilot = pilot_frame(df)   # notebook 01 §2, on the valid split
     if (pilot["stage"] == "variance").any():

@@ -31,7 +31,8 @@ from pathlib import Path
 from ..io import dumps, read_jsonl
 
 DATA = "data"
-COPIED = ("summary.json", "params.yaml", "labels.json", "manifest.json")
+COPIED = ("summary.json", "params.yaml", "labels.json", "manifest.json",
+          MEMORY_FILE := "memory.json")   # the measured peak per phase, when the run was measured
 EVAL_ROWS, METRICS = "eval_rows.jsonl.gz", "metrics.jsonl.gz"
 #: eval row fields that belong to the data split, not to the run (the same in every run)
 SPLIT_FIELDS = ("prompt", "reference", "references")

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 
 from ..config import ConfigError, apply_overrides, from_dict, load_yaml, merge, teacher_use_of, to_dict
 from ..errors import out_of_resources
-from .rundata import export_run
+from .rundata import MEMORY_FILE, export_run
 
 #: the keys of a model section that say where its weights come from (a pair replaces them)
 WEIGHT_KEYS = ("source", "name_or_path", "arch", "n_layer", "n_embd", "n_head", "seed", "prune_to")
@@ -152,12 +152,14 @@ def _write_json_if_changed(path: Path, obj: dict) -> None:
 
 def run_grid(base_params: str | Path, runs: Iterable, results_root: str | Path, *,
              force: bool = False, pair: dict | None = None, progress: bool = True,
-             verbose: bool = True) -> list[dict]:
+             verbose: bool = True, measure: bool = False) -> list[dict]:
     """Train (or reuse) every run into ``<results_root>/runs/<name>``; returns their summaries.
 
     ``runs``: (name, overrides[, labels]) tuples. A finished run with the same resolved
     params is reused; ``force`` recomputes. Every config is resolved (and so validated)
-    before the first run starts: a bad override costs a second, not an hour.
+    before the first run starts: a bad override costs a second, not an hour. ``measure``:
+    each run trained now records its peak memory and time per phase (`measure_phases`) in
+    its ``memory.json`` (exported with its record).
     """
     from ..train import train
     specs = [(name, as_overrides(ov), dict(rest[0]) if rest else {}) for name, ov, *rest in runs]
@@ -172,7 +174,11 @@ def run_grid(base_params: str | Path, runs: Iterable, results_root: str | Path, 
         run_dir = Path(cfg.output_dir)
         reused = _finished(run_dir) and not force
         tick = time.time()
-        summary = train(cfg, force=force, progress=progress)
+        probe = measure_phases() if measure and not reused else None
+        summary = train(cfg, force=force, progress=progress, on_phase=probe)
+        if probe is not None:
+            probe.close()
+            _write_json_if_changed(run_dir / MEMORY_FILE, probe.record())
         _write_json_if_changed(run_dir / "labels.json", {
             "name": name, "method": labels.get("method", strip_seed(name)), **labels, "overrides": ov})
         export_run(run_dir, results_root)   # the committed record: data/<name> (rundata.py)
@@ -184,6 +190,14 @@ def run_grid(base_params: str | Path, runs: Iterable, results_root: str | Path, 
             print(f"[{i}/{len(configs)}] {run_line(name, summary, reused, time.time() - tick)}"
                   f"{eta_text(len(left), trained)}", flush=True)
     return summaries
+
+
+def measure_phases():
+    """The probe `run_grid(measure=True)` passes to train(on_phase=...): peak memory (CUDA:
+    max allocated; CPU: the process's peak RSS, reset at each phase) and time per phase."""
+    import torch
+    from ..gpu.gpu_check import PhaseProbe
+    return PhaseProbe(cuda=torch.cuda.is_available())
 
 
 def eta_text(left: int, seconds: Sequence[float]) -> str:
