@@ -276,6 +276,14 @@ def test_figures_notebook_wrote_the_answer_from_the_runs(smoke):
     ablations = pd.read_csv(tables / "ablations.csv")
     assert len(ablations) == len(abl_params["ablations"]) + len(set(abl_params["reference_runs"].values()))
     assert "grad weight" in ablations
+    # an ablation run on two seeds is compared with its reference on both (t over the seeds),
+    # one on one seed is not compared; each against its own base method
+    cmp = pd.read_csv(tables / "ablation_comparisons.csv")
+    assert len(cmp) == len(abl_params["ablations"]) * len(abl_params["primary_splits"])
+    two = cmp[cmp["a"] == "token: β 0.5"]
+    assert set(two["interval"]) == {"seeds"} and set(two["seeds"]) == {"1,2"} and (two["b"] == "DPKD-token").all()
+    assert set(cmp[cmp["a"] != "token: β 0.5"]["verdict"]) == {"not compared (one seed)"}
+    assert set(cmp[cmp["a"].str.startswith("seq")]["b"]) == {"DPKD-seq"}
     split = pd.read_csv(tables / "update_split.csv")
     sums = split.groupby("method")["share"].sum()
     assert ((sums - 1).abs() < 1e-4).all(), "each method's update shares sum to one (fp32 norms)"

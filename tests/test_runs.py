@@ -69,9 +69,8 @@ def notebook_runs(profile, tmp_path):
     out["ablations"] = []
     if "skip" not in abl:
         ov_of = {name: ov for name, ov, _ in specs}
-        for key, spec in abl["ablations"].items():
-            ov = ov_of[abl["reference_runs"][spec["base"]]] + runs.as_overrides(spec["overrides"])
-            out["ablations"].append(runs.run_config(ROOT / abl["base_params"], key, ov, tmp_path,
+        for name, ov, _ in runs.ablation_runs(abl["ablations"], abl["reference_runs"], ov_of.__getitem__):
+            out["ablations"].append(runs.run_config(ROOT / abl["base_params"], name, ov, tmp_path,
                                                     built if abl["use_built_pair"] else None))
     return main, out
 

@@ -310,7 +310,7 @@ def _plain_seed(seed):
     return seed.item() if isinstance(seed, np.generic) else seed
 
 
-def _as_list(metric) -> list[str]:
+def as_list(metric) -> list[str]:
     return [metric] if isinstance(metric, str) else list(metric)
 
 
@@ -368,7 +368,7 @@ def compare_all(df, primary: dict, splits: Sequence[str] | None = None) -> list[
     splits = list(primary["splits"] if splits is None else splits)
     m = family_size(primary, splits)
     results = []
-    for metric in _as_list(primary["metric"]):
+    for metric in as_list(primary["metric"]):
         ex = per_example(df, metric=metric, decoding=primary.get("decoding", "greedy"))
         found = compare(ex, primary["comparisons"], splits, metric=metric, alpha=primary["alpha"],
                         effect=_effect_of(primary.get("effect"), metric), m=m, holm_correct=False)
@@ -423,7 +423,7 @@ def study_answer(df, arms: dict, primary: dict, splits: Sequence[str] | None = N
     comparisons = compare_all(runs, primary, splits)
     labels = dict(zip(df["method"], df["label"]))
     moved = []
-    for metric in _as_list(primary["metric"]):
+    for metric in as_list(primary["metric"]):
         ex = per_example(runs, metric=metric, decoding=primary.get("decoding", "greedy"))
         moved += [m for split in splits for m in gap_closed(ex, arm_methods(arms), split, labels=labels,
                                                             metric=metric)]
@@ -505,7 +505,7 @@ def comparisons_table(comparisons: Sequence[dict]):
     (means of both sides on the paired seeds, the per-seed sd of the difference, se, df)."""
     import pandas as pd
     return pd.DataFrame([{
-        "a": label(r["a"]), "b": label(r["b"]), "split": r["split"],
+        "a": r.get("a_label") or label(r["a"]), "b": label(r["b"]), "split": r["split"],
         "metric": METRIC_LABELS.get(r["metric"], r["metric"]), "delta": r["delta"],
         "ci": f"[{r['ci_lo']:+.2f}, {r['ci_hi']:+.2f}]", "ci_lo": r["ci_lo"], "ci_hi": r["ci_hi"],
         "ci_level": r["ci_level"], "half_width": (r["ci_hi"] - r["ci_lo"]) / 2, "p": r["p"],
@@ -989,28 +989,50 @@ def run_means(df, column: str):
     return out
 
 
+def _ablation_labels(abl) -> dict:
+    return {r: json.loads((Path(d) / "labels.json").read_text()) for r, d in zip(abl["run"], abl["run_dir"])}
+
+
 def ablation_table(df, reference_runs: dict, *, splits: Sequence[str] = ("test", "heldout"),
                    metrics: Sequence[str] = ("rouge_l", "exact_match", "nll")):
-    """Each ablation beside the run it changes one thing of (its reference, from notebook
-    01), with the effective gradient weight of its preference term (`grad_weight`: the mean
-    over training of |dℓ/d log q(chosen)|, objectives.chosen_grad_weight) and its share of
-    the update when gradient probes were logged."""
+    """Each ablation beside the runs it changes one thing of (its reference method's runs of
+    notebook 01 on the ablation's seeds; ``reference_runs`` names seed 1's, for an ablation
+    made before runs were labelled), mean ± sd over seeds, with the effective gradient weight
+    of its preference term (`grad_weight`: the mean over training and seeds of |dℓ/d log
+    q(chosen)|, objectives.chosen_grad_weight)."""
     import pandas as pd
 
     abl = df[df["group"] == "ablation"]
-    orders = {r: json.loads((Path(d) / "labels.json").read_text()).get("order", 99)
-              for r, d in zip(abl["run"], abl["run_dir"])}
-    abl = abl.assign(_order=[orders[r] for r in abl["run"]]).sort_values("_order", kind="stable")
-    ref = df[df["run"].isin(set(reference_runs.values()))].copy()
-    ref["label"] = [f"{label(m)} (reference, seed {s})" for m, s in zip(ref["method"], ref["seed"])]
-    ref["method"] = "ref_" + ref["run"]
+    labels = _ablation_labels(abl)
+    abl = abl.assign(_order=[labels[r].get("order", 99) for r in abl["run"]]).sort_values("_order", kind="stable")
+    wanted = {labels[r].get("reference_run") for r in abl["run"]} - {None} or set(reference_runs.values())
+    ref = df[df["run"].isin(wanted)].copy()
+    ref["label"] = [f"{label(m)} (reference)" for m in ref["method"]]
+    ref["method"] = "ref_" + ref["method"]
     both = pd.concat([ref, abl], ignore_index=True)
     order = list(dict.fromkeys(ref["method"])) + list(dict.fromkeys(abl["method"]))
     table = main_table(both, methods=order, splits=splits, metrics=metrics, label_col="label")
     weights = run_means(both, "grad_weight")
-    table["grad weight"] = [weights.get(both.loc[both["method"] == m, "run"].iloc[0], float("nan"))
+    table["grad weight"] = [float(np.nanmean([weights.get(r, float("nan")) for r in set(both.loc[both["method"] == m, "run"])]))
                             for m in order if m in set(both["method"])]
     return table
+
+
+def ablation_comparisons(df, splits: Sequence[str], *, metric: str = "rouge_l", alpha: float = 0.05,
+                         decoding: str = "greedy") -> list[dict]:
+    """Each ablation against its reference method (the run of notebook 01 it changes one thing
+    of) on the seeds both ran, as `compare` does it: t over the paired seeds, Holm over the
+    ablations × splits, each interval at the Bonferroni level. An ablation with one common
+    seed is "not compared (one seed)": its interval is prompt sampling only."""
+    abl = df[df["group"] == "ablation"]
+    if abl.empty:
+        return []
+    labels = _ablation_labels(abl)
+    pairs = list(dict.fromkeys((labels[r]["method"], labels[r]["base"]) for r in abl["run"]))
+    bases = {b for _, b in pairs}
+    ex = per_example(df[(df["group"] == "ablation") | df["method"].isin(bases)], metric=metric, decoding=decoding)
+    names = {labels[r]["method"]: labels[r].get("label") for r in abl["run"]}
+    return [dict(r, a_label=names.get(r["a"])) for r in compare(ex, pairs, splits, metric=metric, alpha=alpha)]
 
 
 def main_figure(df, methods: Sequence[str], splits: Sequence[str], metric: str = "rouge_l", *,
@@ -1360,6 +1382,9 @@ def write_results(results_root: str | Path, design: dict) -> dict:
 
     if design.get("reference_runs") and not df[df["group"] == "ablation"].empty:
         table("ablations", ablation_table(df, design["reference_runs"], splits=splits))
+        table("ablation_comparisons", comparisons_table(
+            [r for metric in as_list(primary["metric"]) for r in ablation_comparisons(
+                df, splits, metric=metric, alpha=primary["alpha"], decoding=primary.get("decoding", "greedy"))]), ".3f")
     if design.get("reference_runs"):   # notebook 03's monitors
         fam = monitor_runs(df)
         if not fam.empty:
@@ -1609,7 +1634,7 @@ def comparisons_brief(comparisons: Sequence[dict]):
     rows = []
     for r in comparisons:
         digits = _digits(r["metric"])
-        row = {"comparison": f"{label(r['a'])} − {label(r['b'])}", "split": r["split"],
+        row = {"comparison": f"{r.get('a_label') or label(r['a'])} − {label(r['b'])}", "split": r["split"],
                "metric": METRIC_LABELS.get(r["metric"], r["metric"]), "Δ [interval]": _ci(r, digits),
                "level": f"{100 * r['ci_level']:.1f} %", "Holm p": f"{r['p_holm']:.3f}", "verdict": r["verdict"]}
         if r.get("mdd") is not None:

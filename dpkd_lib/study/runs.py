@@ -349,6 +349,33 @@ def _evaluate_model(cfg, name: str, section: dict, results_root: str | Path, *, 
     return summary
 
 
+ABLATION_KEYS = {"base", "overrides", "label", "seeds"}
+
+
+def ablation_runs(ablations: dict, reference_runs: dict, overrides_of) -> list[tuple[str, list, dict]]:
+    """Notebook 03's runs: each ablation (``{"base": a method of reference_runs, "overrides":
+    {...}, "label": ..., "seeds": [...] (default: the seed of its reference run)}``) is its
+    reference run of notebook 01 exactly as it ran (``overrides_of(run name)``: its overrides),
+    then one change; one run ``abl_<key>_s<seed>`` per seed, against the reference method's run
+    of the same seed (``reference_runs`` names one: dpkd_token_s1 -> dpkd_token_s<seed>)."""
+    out = []
+    for order, (key, spec) in enumerate(ablations.items()):
+        unknown = set(spec) - ABLATION_KEYS
+        if unknown:
+            raise ConfigError(f"ablations.{key}: unknown key(s) {sorted(unknown)}; its keys are "
+                              f"{', '.join(sorted(ABLATION_KEYS))}")
+        if spec.get("base") not in reference_runs:
+            raise ConfigError(f"ablations.{key}.base: {spec.get('base')!r} is not one of reference_runs "
+                              f"({', '.join(reference_runs)})")
+        first = reference_runs[spec["base"]]
+        for seed in spec.get("seeds") or [int(first.rsplit("_s", 1)[1])]:   # default (or null): the reference run's seed
+            ref = f"{strip_seed(first)}_s{seed}"
+            out.append((f"abl_{key}_s{seed}", overrides_of(ref) + as_overrides(spec.get("overrides")),
+                        {"method": f"abl_{key}", "group": "ablation", "label": spec.get("label", key),
+                         "base": spec["base"], "reference_run": ref, "order": order}))
+    return out
+
+
 def pilot_overrides(pilot: dict, *, kl: bool = True) -> list[str]:
     """What every pilot run evaluates: its split (valid) and its readouts (``pilot.readouts``,
     eval overrides: greedy and sampled ROUGE-L, NLL and KL on the references), after the
