@@ -147,6 +147,11 @@ def test_the_declaration_is_checked_and_its_family_counts_every_metric():
     assert runs.check_primary(dict(primary, planned_mdd={"nll": 0.01})) is not None
     with pytest.raises(ConfigError, match=r"primary: unknown key\(s\) \['mdd'\]"):
         runs.check_primary(dict(primary, mdd=0.01))
+    with pytest.raises(ConfigError, match=r"pilot: unknown key\(s\) \['lr_gird'\]"):
+        runs.check_pilot({"run": False, "lr_gird": {}})
+    for profile in PROFILES:   # every profile's own declaration passes
+        main = study.load_params(ROOT / "params", profile, "01_gpt2_120m")
+        runs.check_primary(main["primary"]) and runs.check_pilot(main.get("pilot") or {})
 
 
 def test_progress_lines_estimate_the_time_left(tmp_path):

@@ -141,8 +141,9 @@ def notebook_setup(profile: str, stem: str, results_root: str | None = None) -> 
     if "skip" in params:
         raise SystemExit(f"profile {profile!r} skips this notebook: {params['skip']}")
     if "primary" in params:   # the declaration is checked before any run, not after two hours
-        from .runs import check_primary
+        from .runs import check_pilot, check_primary
         check_primary(params["primary"])
+        check_pilot(params.get("pilot") or {})
     cfg = NotebookConfig(profile, stem, params, results_root or f"results/{profile}", batch)
     print(f"profile {profile!r}: params/{profile}/{stem}.yaml, results in {cfg.results_root}. "
           f"{cfg.runs_here()}")

@@ -72,6 +72,18 @@ def check_primary(primary: dict) -> dict:
     return primary
 
 
+PILOT_KEYS = {"run", "split", "common", "readouts", "variance", "rerun", "lr_grid", "starts", "methods",
+              "settings", "seeds", "recorded", "chosen", "results_root"}
+
+
+def check_pilot(pilot: dict) -> dict:
+    """Notebook 01's ``pilot``, refused early when it has a key nothing reads."""
+    unknown = sorted(set(pilot) - PILOT_KEYS)
+    if unknown:
+        raise ConfigError(f"pilot: unknown key(s) {unknown}; known: {', '.join(sorted(PILOT_KEYS))}")
+    return pilot
+
+
 def family_size(primary: dict, splits: Sequence[str] | None = None) -> int:
     """m, the number of tests notebook 01's ``primary`` declares and Holm corrects together:
     metrics (one name or a list) × pairs × splits."""
