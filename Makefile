@@ -55,7 +55,7 @@ lock:
 	rm -rf $(LOCK_VENV)
 
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=12 tests   # the 12 slowest, to keep the suite under 20 min
 
 # The notebooks in a real browser (tests/test_browser.py): the JupyterLab server of `make lab`
 # in headless Chromium; fails on an error output, leaked warning, broken image, widget that does

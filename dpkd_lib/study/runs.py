@@ -404,20 +404,21 @@ def pilot_overrides(pilot: dict, *, kl: bool = True) -> list[str]:
 # their keys, and what a stage's run is named after.
 PILOT_STAGES = {
     # between-seed noise of every readout at the design's own budget
-    "variance": {"keys": {"arm", "methods", "seeds"}, "prefix": "pilot_var"},
+    "variance": {"keys": {"arm", "methods", "seeds", "overrides"}, "prefix": "pilot_var"},
     # the same seed again under one changed setting (``overrides``: e.g. another thread count,
     # another summation order, as another CPU gives): how far a readout moves on a rerun
     "rerun": {"keys": {"arm", "methods", "seeds", "overrides", "label"}, "prefix": "pilot_rerun"},
     # each objective alone at its own learning rate
-    "lr_grid": {"keys": {"arm", "methods", "seeds", "lrs"}, "prefix": "pilot_lr"},
+    "lr_grid": {"keys": {"arm", "methods", "seeds", "lrs", "overrides"}, "prefix": "pilot_lr"},
 }
 
 
 def pilot_stage_runs(pilot: dict, arms: dict, stage: str) -> list[tuple[str, list, dict]]:
     """The runs of one pilot stage (`PILOT_STAGES`): ``pilot.<stage>`` = {"arm": an arm of the
     params (its common and method overrides), "methods": [...] (default: all of the arm's),
-    "seeds": [...]} plus, for ``lr_grid``, "lrs": [...] (each method × rate × seed; the rate
-    replaces the arm's) and, for ``rerun``, "overrides" (what the rerun changes). Every run
+    "seeds": [...], "overrides": {...} (after the readouts: e.g. fewer readouts where a stage
+    needs fewer)} plus, for ``lr_grid``, "lrs": [...] (each method × rate × seed; the rate
+    replaces the arm's); for ``rerun`` the overrides are what the rerun changes. Every run
     starts from the pair's start and evaluates `pilot_overrides`; it is named
     ``<prefix>_<method>[_<lr>]_s<seed>`` and labelled with its stage, method and setting."""
     spec, known = pilot[stage], PILOT_STAGES[stage]
