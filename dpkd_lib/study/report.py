@@ -851,7 +851,8 @@ def pilot_design(df, comparisons: Sequence[Sequence[str]], *, m: int, alpha: flo
     `split`, the variance components of the paired difference (seed_sd, prompt_sd), the sd of
     one seed's mean difference, and the MDD at each number of `seeds` per method at the
     Bonferroni level α/m (80 % power), in the readout's units and as a share of SFT's move
-    from the start ("mdd/SFT move": the smallest difference found, against what SFT did)."""
+    from the start ("mdd/SFT move": the smallest difference found, against what SFT did).
+    A comparison with fewer than two shared seeds has no row (no seed component to measure)."""
     import pandas as pd
 
     var = df[df["stage"] == "variance"]
@@ -866,6 +867,8 @@ def pilot_design(df, comparisons: Sequence[Sequence[str]], *, m: int, alpha: flo
             if a not in name_of or b not in name_of:
                 continue
             pdiff = paired_differences(ex, name_of[a], name_of[b], split)
+            if len(pdiff["seeds"]) < 2:   # one shared seed: no seed component to measure yet
+                continue
             vc = stats.variance_components(pdiff["d"])
             row = {"readout": readout, "comparison": f"{label(a)} − {label(b)}",
                    "seeds": len(pdiff["seeds"]), "Δ": float(pdiff["d"].mean()),
