@@ -1354,6 +1354,17 @@ def write_results(results_root: str | Path, design: dict) -> dict:
         out["figures"][name] = fig
         out["paths"].append(savefig(fig, root, name))
 
+    pilot = pilot_frame(df)   # notebook 01 §2, on the valid split
+    if (pilot["stage"] == "variance").any():
+        table("pilot_noise", pilot_noise(pilot), ".3f")
+        table("pilot_design", pilot_design(pilot, primary["comparisons"], m=family_size(primary),
+                                           alpha=primary["alpha"]), ".3f")
+    if (pilot["stage"] == "lr_grid").any():
+        table("pilot_lrs", pilot_lrs(pilot), ".3f")
+    if not df["group"].isin(list(arms)).any():   # a pilot's own folder (pilot.results_root): its tables only
+        out.update(comparisons=[], moved=[], answer="")
+        return out
+
     # response length (mean new tokens, share ended by EOS, share empty) always beside ROUGE-L
     metrics = ("rouge_l", "exact_match", "nll", "response_tokens", "ended_rate", "empty_rate", "repetition_rate")
     for name, arm in arms.items():
@@ -1399,14 +1410,6 @@ def write_results(results_root: str | Path, design: dict) -> dict:
                                       label_col="label"))
         table("lora_4bit_memory", memory_table(lora), ".3f")
         table("lora_4bit_step_time", step_time_table(df, reference_runs_of(lora)), ".3f")
-
-    pilot = pilot_frame(df)   # notebook 01 §2, on the valid split
-    if (pilot["stage"] == "variance").any():
-        table("pilot_noise", pilot_noise(pilot), ".3f")
-        table("pilot_design", pilot_design(pilot, primary["comparisons"], m=family_size(primary),
-                                           alpha=primary["alpha"]), ".3f")
-    if (pilot["stage"] == "lr_grid").any():
-        table("pilot_lrs", pilot_lrs(pilot), ".3f")
 
     released = [arms["released"].get("prefix", "") + m for m in arms["released"]["methods"]] \
         if "released" in arms else []
