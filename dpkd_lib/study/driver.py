@@ -308,11 +308,14 @@ def setup_table(cfg: NotebookConfig):
         rows.append(("runs", f"{methods(cfg.methods)} (× seeds); {budget(cfg.get('common') or {})} each"))
     if cfg.get("ablations"):
         rows.append(("ablations", f"{len(cfg.ablations)} variants, one change each from notebook 01's "
-                     f"{', '.join(cfg.reference_runs.values())}; one seed each"))
+                     f"{', '.join(cfg.reference_runs.values())}; "
+                     f"{sum(len((spec or {}).get('seeds') or [1]) for spec in cfg.ablations.values())} runs"))
     primary = cfg.get("primary")
     if primary:
         tests = family_size(primary)
-        rows.append(("declared", f"{primary['metric']} ({primary['decoding']}) on {', '.join(primary['splits'])}: "
+        metrics = [primary["metric"]] if isinstance(primary["metric"], str) else primary["metric"]
+        rows.append(("declared", f"{' and '.join(metrics)} ({primary['decoding']} decoding for the scores) on "
+                     f"{', '.join(primary['splits'])}: "
                      + ", ".join(f"{DISPLAY.get(a, a)} vs {DISPLAY.get(b, b)}" for a, b in primary["comparisons"])
                      + f"; α {primary['alpha']}, Holm over {tests} tests"))
     return pd.DataFrame(rows, columns=["setup", "in this run"])
