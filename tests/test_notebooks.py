@@ -134,16 +134,26 @@ def _tiny_notebook(folder, stem, body):
     nbformat.write(nb, folder / f"{stem}.ipynb")
 
 
-def test_failed_notebook_is_kept_and_named(tmp_path):
-    nbdir, pdir = tmp_path / "nb", tmp_path / "params" / "p"
+def _tiny_profile(tmp_path, notebooks: dict):
+    """Profile "p" of tiny notebooks ({stem: (body, params yaml)}) in tmp_path; returns their
+    folder, the profile's params folder, the results root and `run` (run_study on them)."""
+    nbdir, pdir, res = tmp_path / "nb", tmp_path / "params" / "p", tmp_path / "res"
     nbdir.mkdir()
     pdir.mkdir(parents=True)
-    _tiny_notebook(nbdir, "00_fail", "raise ValueError(f'boom {profile}')")
-    (pdir / "00_fail.yaml").write_text("{}\n")
-    res = tmp_path / "res"
+    for stem, (body, params) in notebooks.items():
+        _tiny_notebook(nbdir, stem, body)
+        (pdir / f"{stem}.yaml").write_text(params)
+
+    def run():
+        return study.run_study("p", results_root=res, notebooks_dir=nbdir, params_dir=tmp_path / "params",
+                               log_output=False)
+    return nbdir, pdir, res, run
+
+
+def test_failed_notebook_is_kept_and_named(tmp_path):
+    _, _, res, run = _tiny_profile(tmp_path, {"00_fail": ("raise ValueError(f'boom {profile}')", "{}\n")})
     with pytest.raises(study.StudyError) as err:
-        study.run_study("p", results_root=res, notebooks_dir=nbdir, params_dir=tmp_path / "params",
-                        log_output=False)
+        run()
     assert "00_fail" in str(err.value) and "ValueError: boom p" in str(err.value) and "cell" in str(err.value)
     assert (res / "notebooks" / "00_fail.failed.ipynb").exists()
     assert not (res / "notebooks" / "00_fail.ipynb").exists()
@@ -154,16 +164,10 @@ def test_failed_notebook_is_kept_and_named(tmp_path):
 def test_an_edited_text_cell_makes_the_executed_copy_stale(tmp_path):
     """The executed copy is what a reader opens: a changed sentence re-executes the notebook
     (a reused copy once kept the text it was run with), an unchanged notebook is reused."""
-    nbdir, pdir = tmp_path / "nb", tmp_path / "params" / "p"
-    nbdir.mkdir()
-    pdir.mkdir(parents=True)
-    _tiny_notebook(nbdir, "00_a", "y = 1")
-    (pdir / "00_a.yaml").write_text("x: 3\n")
-    res = tmp_path / "res"
+    nbdir, _, res, run_study = _tiny_profile(tmp_path, {"00_a": ("y = 1", "x: 3\n")})
 
     def run():
-        study.run_study("p", results_root=res, notebooks_dir=nbdir, params_dir=tmp_path / "params",
-                        log_output=False)
+        run_study()
         return nbformat.read(res / "notebooks" / "00_a.ipynb", as_version=4)
 
     first = run()
@@ -177,23 +181,16 @@ def test_an_edited_text_cell_makes_the_executed_copy_stale(tmp_path):
 def test_a_profile_can_skip_a_notebook(tmp_path):
     """`skip: <reason>` leaves a notebook out of a profile; the others still run, and a skip
     with other parameters beside it is an error before anything runs."""
-    nbdir, pdir = tmp_path / "nb", tmp_path / "params" / "p"
-    nbdir.mkdir()
-    pdir.mkdir(parents=True)
-    _tiny_notebook(nbdir, "00_a", "y = 1")
-    _tiny_notebook(nbdir, "01_b", "raise ValueError('must not run')")
-    (pdir / "00_a.yaml").write_text("x: 3\n")
-    (pdir / "01_b.yaml").write_text("skip: not part of this profile\n")
-    res = tmp_path / "res"
-    status = study.run_study("p", results_root=res, notebooks_dir=nbdir, params_dir=tmp_path / "params",
-                             log_output=False)
+    _, pdir, res, run = _tiny_profile(tmp_path, {"00_a": ("y = 1", "x: 3\n"),
+                                                 "01_b": ("raise ValueError('must not run')",
+                                                          "skip: not part of this profile\n")})
+    status = run()
     assert status["notebooks"]["00_a"]["status"] == "finished"
     assert status["notebooks"]["01_b"] == {"status": "skipped", "reason": "not part of this profile"}
     assert not (res / "notebooks" / "01_b.ipynb").exists() and not (res / "notebooks" / "01_b.failed.ipynb").exists()
     (pdir / "01_b.yaml").write_text("skip: reason\nx: 2\n")
     with pytest.raises(ConfigError, match="'skip' takes the reason"):
-        study.run_study("p", results_root=res, notebooks_dir=nbdir, params_dir=tmp_path / "params",
-                        log_output=False)
+        run()
 
 
 # ----------------------------------------------------------------------------- the smoke study
