@@ -759,9 +759,14 @@ PILOT_READOUTS = {
 PILOT_START = "pilot_start_student_init"
 
 
+def run_labels(df) -> dict:
+    """{run: its labels.json} for every run of collect's frame `df` (read once per run)."""
+    return {r: json.loads((Path(d) / "labels.json").read_text()) for r, d in dict(zip(df["run"], df["run_dir"])).items()}
+
+
 def _pilot_labelled(df):
     """collect's frame with each run's pilot labels (stage, objective, setting, start)."""
-    labels = {r: json.loads((Path(d) / "labels.json").read_text()) for r, d in zip(df["run"], df["run_dir"])}
+    labels = run_labels(df)
     # the pilot's own name of a method ("objective" in its labels: an arm's method, e.g.
     # dpkd_token_b1), not the params' train.objective, which two methods of one arm may share
     return df.assign(stage=[labels[r].get("stage") for r in df["run"]],
@@ -957,12 +962,7 @@ def memory_table(df):
 
 def reference_runs_of(df) -> dict:
     """{run: the run it is set against} from the runs' labels (``reference_run``)."""
-    out = {}
-    for run, folder in dict(zip(df["run"], df["run_dir"])).items():
-        ref = json.loads((Path(folder) / "labels.json").read_text()).get("reference_run")
-        if ref:
-            out[run] = ref
-    return out
+    return {run: labels["reference_run"] for run, labels in run_labels(df).items() if labels.get("reference_run")}
 
 
 def step_time_table(df, pairs: dict):
@@ -992,10 +992,6 @@ def run_means(df, column: str):
     return out
 
 
-def _ablation_labels(abl) -> dict:
-    return {r: json.loads((Path(d) / "labels.json").read_text()) for r, d in zip(abl["run"], abl["run_dir"])}
-
-
 def ablation_table(df, reference_runs: dict, *, splits: Sequence[str] = ("test", "heldout"),
                    metrics: Sequence[str] = ("rouge_l", "exact_match", "nll")):
     """Each ablation beside the runs it changes one thing of (its reference method's runs of
@@ -1006,7 +1002,7 @@ def ablation_table(df, reference_runs: dict, *, splits: Sequence[str] = ("test",
     import pandas as pd
 
     abl = df[df["group"] == "ablation"]
-    labels = _ablation_labels(abl)
+    labels = run_labels(abl)
     abl = abl.assign(_order=[labels[r].get("order", 99) for r in abl["run"]]).sort_values("_order", kind="stable")
     wanted = {labels[r].get("reference_run") for r in abl["run"]} - {None} or set(reference_runs.values())
     ref = df[df["run"].isin(wanted)].copy()
@@ -1030,7 +1026,7 @@ def ablation_comparisons(df, splits: Sequence[str], *, metric: str = "rouge_l", 
     abl = df[df["group"] == "ablation"]
     if abl.empty:
         return []
-    labels = _ablation_labels(abl)
+    labels = run_labels(abl)
     pairs = list(dict.fromkeys((labels[r]["method"], labels[r]["base"]) for r in abl["run"]))
     bases = {b for _, b in pairs}
     ex = per_example(df[(df["group"] == "ablation") | df["method"].isin(bases)], metric=metric, decoding=decoding)
