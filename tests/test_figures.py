@@ -171,7 +171,8 @@ def test_setup_table_and_title_line_come_from_the_params():
     assert "Qwen/Qwen2.5-14B-Instruct (4bit)" in study.runs_here("colab", "02_lora_4bit")
     params = study.load_params(study.Path("params"), "cpu", "01_gpt2_120m")
     table = study.setup_table(study.NotebookConfig("cpu", "01_gpt2_120m", params, "r", True)).set_index("setup")
-    assert "SFT ×3" in table.loc["arm: released mix", "in this run"]
+    assert "SFT ×4" in table.loc["arm: released mix", "in this run"]
     assert "80 steps, lr 0.0005, batch 8" in table.loc["arm: released mix", "in this run"]
-    assert "Holm over 8 tests" in table.loc["declared", "in this run"]
+    assert "nll and kl (greedy decoding for the scores)" in table.loc["declared", "in this run"]
+    assert "Holm over 16 tests" in table.loc["declared", "in this run"]
     assert len(table) == 6
