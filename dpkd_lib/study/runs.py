@@ -61,15 +61,23 @@ def as_overrides(overrides) -> list[str]:
     return [str(o) for o in overrides]
 
 
+def check_keys(where: str, spec: dict, known, required=()) -> dict:
+    """A notebook params section refused early, in one line naming it, when it has a key
+    nothing reads or lacks a required one."""
+    unknown, missing = sorted(set(spec) - set(known)), sorted(set(required) - set(spec))
+    if unknown or missing:
+        what = f"unknown key(s) {unknown}" if unknown else f"missing {missing}"
+        needs = f" (required: {', '.join(sorted(required))})" if required else ""
+        raise ConfigError(f"{where}: {what}; its keys are {', '.join(sorted(known))}{needs}")
+    return spec
+
+
 PRIMARY_KEYS = {"metric", "decoding", "splits", "alpha", "comparisons", "effect", "planned_mdd"}
 
 
 def check_primary(primary: dict) -> dict:
     """Notebook 01's declaration (``primary``), refused early when it has a key nothing reads."""
-    unknown = sorted(set(primary) - PRIMARY_KEYS)
-    if unknown:
-        raise ConfigError(f"primary: unknown key(s) {unknown}; known: {', '.join(sorted(PRIMARY_KEYS))}")
-    return primary
+    return check_keys("primary", primary, PRIMARY_KEYS)
 
 
 PILOT_KEYS = {"run", "split", "common", "readouts", "variance", "rerun", "lr_grid", "starts", "methods",
@@ -78,10 +86,7 @@ PILOT_KEYS = {"run", "split", "common", "readouts", "variance", "rerun", "lr_gri
 
 def check_pilot(pilot: dict) -> dict:
     """Notebook 01's ``pilot``, refused early when it has a key nothing reads."""
-    unknown = sorted(set(pilot) - PILOT_KEYS)
-    if unknown:
-        raise ConfigError(f"pilot: unknown key(s) {unknown}; known: {', '.join(sorted(PILOT_KEYS))}")
-    return pilot
+    return check_keys("pilot", pilot, PILOT_KEYS)
 
 
 def family_size(primary: dict, splits: Sequence[str] | None = None) -> int:
@@ -372,10 +377,7 @@ def ablation_runs(ablations: dict, reference_runs: dict, overrides_of) -> list[t
     of the same seed (``reference_runs`` names one: dpkd_token_s1 -> dpkd_token_s<seed>)."""
     out = []
     for order, (key, spec) in enumerate(ablations.items()):
-        unknown = set(spec) - ABLATION_KEYS
-        if unknown:
-            raise ConfigError(f"ablations.{key}: unknown key(s) {sorted(unknown)}; its keys are "
-                              f"{', '.join(sorted(ABLATION_KEYS))}")
+        check_keys(f"ablations.{key}", spec, ABLATION_KEYS)
         if spec.get("base") not in reference_runs:
             raise ConfigError(f"ablations.{key}.base: {spec.get('base')!r} is not one of reference_runs "
                               f"({', '.join(reference_runs)})")
@@ -422,11 +424,7 @@ def pilot_stage_runs(pilot: dict, arms: dict, stage: str) -> list[tuple[str, lis
     starts from the pair's start and evaluates `pilot_overrides`; it is named
     ``<prefix>_<method>[_<lr>]_s<seed>`` and labelled with its stage, method and setting."""
     spec, known = pilot[stage], PILOT_STAGES[stage]
-    unknown, required = set(spec) - known["keys"], {"arm"} | ({"lrs"} if stage == "lr_grid" else set())
-    if unknown or not required <= set(spec):
-        what = f"unknown key(s) {sorted(unknown)}" if unknown else f"missing {sorted(required - set(spec))}"
-        raise ConfigError(f"pilot.{stage}: {what}; its keys are {', '.join(sorted(known['keys']))} "
-                          f"(required: {', '.join(sorted(required))})")
+    check_keys(f"pilot.{stage}", spec, known["keys"], {"arm"} | ({"lrs"} if stage == "lr_grid" else set()))
     if spec["arm"] not in arms:
         raise ConfigError(f"pilot.{stage}.arm: {spec['arm']!r} is not an arm of the params ({', '.join(arms)})")
     arm = arms[spec["arm"]]
