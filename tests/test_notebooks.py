@@ -457,6 +457,11 @@ def test_pilot_reads_valid_only_and_sizes_the_design_from_its_rows(smoke):
     assert len(lrs) == 1 + 2 * 2 and lrs.iloc[0]["objective"] == "start"
     kl = {lr: summary(f"pilot_lr_kd_{lr}_s1")["valid_kl"] for lr in ("0.001", "0.002")}
     assert report.pilot_chosen_rates(pf, "KL(teacher‖student)")["kd"] == float(min(kl, key=kl.get))
+    # the rate each arm-(b) method trains at, beside the grid's best on the declared readout
+    nll_kd = {lr: summary(f"pilot_lr_kd_{lr}_s1")["valid_nll"] for lr in ("0.001", "0.002")}
+    rates = pd.read_csv(root / "tables" / "pilot_rates.csv", dtype=str).set_index("objective")
+    assert rates.loc["KD", "best on valid (reference NLL)"] == min(nll_kd, key=nll_kd.get)
+    assert rates.loc["SFT", "best on valid (reference NLL)"] == "not in the grid"
     assert (root / "tables" / "pilot_design.csv").exists() and (root / "tables" / "pilot_lrs.csv").exists()
 
 

@@ -164,7 +164,7 @@ def test_notebook_01_pilot_and_arms_resolve(tmp_path, profile):
         assert len(seen) == len(methods) * len(grid["lrs"])
         with pytest.raises(ConfigError, match="not an arm"):
             runs.pilot_runs(dict(pilot, lr_grid=dict(grid, arm="nowhere")), arms)
-        with pytest.raises(ConfigError, match=r"pilot.lr_grid: unknown key\(s\) \['lr'\]; its keys are arm, lrs, methods, overrides, seeds"):
+        with pytest.raises(ConfigError, match=r"pilot.lr_grid: unknown key\(s\) \['lr'\]; its keys are arm, choose_on, lrs, methods, overrides, seeds"):
             runs.pilot_runs(dict(pilot, lr_grid=dict(grid, lr=1e-4)), arms)
     if "variance" in pilot:
         # the design's methods at the design's budget: the same resolved params as the arm's own

@@ -149,9 +149,12 @@ def test_the_declaration_is_checked_and_its_family_counts_every_metric():
         runs.check_primary(dict(primary, mdd=0.01))
     with pytest.raises(ConfigError, match=r"pilot: unknown key\(s\) \['lr_gird'\]"):
         runs.check_pilot({"run": False, "lr_gird": {}})
+    arms = {"alone": {"methods": {"kd": {}}}}
+    with pytest.raises(ConfigError, match=r"pilot.lr_grid.choose_on: 'NLL' is not a pilot readout \(greedy ROUGE-L, "):
+        runs.check_pilot({"lr_grid": {"arm": "alone", "lrs": [1e-4], "choose_on": "NLL"}}, arms)
     for profile in PROFILES:   # every profile's own declaration passes
         main = study.load_params(ROOT / "params", profile, "01_gpt2_120m")
-        runs.check_primary(main["primary"]) and runs.check_pilot(main.get("pilot") or {})
+        runs.check_primary(main["primary"]) and runs.check_pilot(main.get("pilot") or {}, main.get("arms"))
 
 
 def test_progress_lines_estimate_the_time_left(tmp_path):

@@ -143,7 +143,7 @@ def notebook_setup(profile: str, stem: str, results_root: str | None = None) -> 
     if "primary" in params:   # the declaration is checked before any run, not after two hours
         from .runs import check_pilot, check_primary
         check_primary(params["primary"])
-        check_pilot(params.get("pilot") or {})
+        check_pilot(params.get("pilot") or {}, params.get("arms"))
     cfg = NotebookConfig(profile, stem, params, results_root or f"results/{profile}", batch)
     print(f"profile {profile!r}: params/{profile}/{stem}.yaml, results in {cfg.results_root}. "
           f"{cfg.runs_here()}")

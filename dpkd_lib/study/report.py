@@ -35,7 +35,7 @@ from ..evaluate import bucket_table as run_bucket_table
 from ..evaluate import mean_sd
 from ..io import atomic_write_text
 from .rundata import exported_runs, read_eval_rows, read_metric_rows
-from .runs import DISPLAY, check_primary, family_size, strip_seed
+from .runs import DISPLAY, PILOT_READOUTS, check_primary, family_size, strip_seed
 
 METHOD_ORDER = ["teacher", "student_init", "sft", "no_distill", "kd", "rkl", "jsd", "skl", "srkl", "seqkd",
                 "dpkd_token", "dpkd_seq"]
@@ -746,16 +746,9 @@ def final_monitors(df, *, last: int = 10, split: str = "test"):
 # the start and move on a rerun), `pilot_design` (per declared comparison and readout, the
 # variance components of the paired difference and the minimum detectable difference at the
 # corrected level as seeds grow, also as a share of SFT's move, which puts readouts of
-# different units on one scale) and `pilot_lrs` / `pilot_chosen_rates` (each objective alone at each
+# different units on one scale) and `pilot_lrs` / `pilot_chosen_rates` / `pilot_rates` (each objective alone at each
 # rate of pilot.lr_grid).
 
-# readout name -> (metric of per_example / collect's column, decoding)
-PILOT_READOUTS = {
-    "greedy ROUGE-L": ("rouge_l", "greedy", "rouge_l"),
-    "sampled ROUGE-L": ("rouge_l", "sample", "sample_rouge_l"),
-    "reference NLL": ("nll", "teacher_forced", "nll"),
-    "KL(teacher‖student)": ("kl", "teacher_forced", "kl"),
-}
 PILOT_START = "pilot_start_student_init"
 
 
@@ -917,6 +910,29 @@ def pilot_chosen_rates(df, readout: str) -> dict:
         means = g.groupby("lr")[column].mean()
         out[objective] = float(means.idxmin() if column in LOWER_IS_BETTER else means.idxmax())
     return out
+
+
+def pilot_rates(df, lr_grid: dict, arms: dict):
+    """``pilot.lr_grid``'s choice beside what its arm trains at: for each method of the arm,
+    its objective, the grid's rate with the best ``choose_on`` readout on the pilot's split
+    (a method shares its objective's rate: β 1 DPKD-token's, Algorithm 1 DPKD-seq's), and the
+    ``train.lr`` its overrides (else the arm's common) give the final run."""
+    import pandas as pd
+
+    readout = lr_grid["choose_on"]
+    chosen = pilot_chosen_rates(df, readout)
+    arm = arms[lr_grid["arm"]]
+    rows = []
+    for method, spec in arm["methods"].items():
+        spec = spec or {}
+        objective = spec.get("objective", method)
+        trains_at = (spec.get("overrides") or {}).get("train.lr", (arm.get("common") or {}).get("train.lr"))
+        pick = chosen.get(objective)
+        rows.append({"method": spec.get("label", label(method)), "objective": label(objective),
+                     f"best on valid ({readout})": "not in the grid" if pick is None else f"{pick:g}",
+                     "the final run trains at": "base params" if trains_at is None else f"{float(trains_at):g}",
+                     "as chosen": None if pick is None else bool(trains_at is not None and float(trains_at) == pick)})
+    return pd.DataFrame(rows)
 
 
 def step_seconds(run_dir: str | Path) -> float:
@@ -1272,13 +1288,14 @@ DESIGN_FILE = "design.json"
 
 def study_design(profile: str, params_dir: str | Path = "params") -> dict:
     """What `write_results` needs from a profile's params: notebook 01's primary (the declared
-    comparisons) and arms, notebook 03's reference runs (None when the profile skips 03),
-    notebook 04's paper_column."""
+    comparisons), arms and pilot.lr_grid (the rate each objective alone trains at), notebook
+    03's reference runs (None when the profile skips 03), notebook 04's paper_column."""
     from .driver import load_params
     main = load_params(Path(params_dir), profile, DESIGN_NOTEBOOKS["main"])
     abl = load_params(Path(params_dir), profile, DESIGN_NOTEBOOKS["ablations"])
     fig = load_params(Path(params_dir), profile, DESIGN_NOTEBOOKS["figures"])
     return {"profile": profile, "primary": main["primary"], "arms": main["arms"],
+            "lr_grid": (main.get("pilot") or {}).get("lr_grid"),
             "reference_runs": None if "skip" in abl else abl.get("reference_runs"),
             "paper_column": bool(fig.get("paper_column", False))}
 
@@ -1357,6 +1374,8 @@ def write_results(results_root: str | Path, design: dict) -> dict:
                                            alpha=primary["alpha"]), ".3f")
     if (pilot["stage"] == "lr_grid").any():
         table("pilot_lrs", pilot_lrs(pilot), ".3f")
+        if (design.get("lr_grid") or {}).get("choose_on"):
+            table("pilot_rates", pilot_rates(pilot, design["lr_grid"], arms))
     if not df["group"].isin(list(arms)).any():   # a pilot's own folder (pilot.results_root): its tables only
         out.update(comparisons=[], moved=[], answer="")
         return out

@@ -84,9 +84,13 @@ PILOT_KEYS = {"run", "split", "common", "readouts", "variance", "rerun", "lr_gri
               "settings", "seeds", "recorded", "chosen", "results_root"}
 
 
-def check_pilot(pilot: dict) -> dict:
-    """Notebook 01's ``pilot``, refused early when it has a key nothing reads."""
-    return check_keys("pilot", pilot, PILOT_KEYS)
+def check_pilot(pilot: dict, arms: dict | None = None) -> dict:
+    """Notebook 01's ``pilot``, refused early when it has a key nothing reads; with the params'
+    ``arms``, its stages too (`pilot_runs`: keys, arm, methods, choose_on)."""
+    check_keys("pilot", pilot, PILOT_KEYS)
+    if arms is not None:
+        pilot_runs(pilot, arms)
+    return pilot
 
 
 def family_size(primary: dict, splits: Sequence[str] | None = None) -> int:
@@ -402,6 +406,15 @@ def pilot_overrides(pilot: dict, *, kl: bool = True) -> list[str]:
             + as_overrides(readouts))
 
 
+# The pilot's candidate readouts: name -> (metric of report.per_example, decoding, the column
+# of report.collect). pilot.lr_grid.choose_on names one of them.
+PILOT_READOUTS = {
+    "greedy ROUGE-L": ("rouge_l", "greedy", "rouge_l"),
+    "sampled ROUGE-L": ("rouge_l", "sample", "sample_rouge_l"),
+    "reference NLL": ("nll", "teacher_forced", "nll"),
+    "KL(teacher‖student)": ("kl", "teacher_forced", "kl"),
+}
+
 # The stages of the pilot that train an arm's methods from the pair's start (pilot.<stage>):
 # their keys, and what a stage's run is named after.
 PILOT_STAGES = {
@@ -410,8 +423,8 @@ PILOT_STAGES = {
     # the same seed again under one changed setting (``overrides``: e.g. another thread count,
     # another summation order, as another CPU gives): how far a readout moves on a rerun
     "rerun": {"keys": {"arm", "methods", "seeds", "overrides", "label"}, "prefix": "pilot_rerun"},
-    # each objective alone at its own learning rate
-    "lr_grid": {"keys": {"arm", "methods", "seeds", "lrs", "overrides"}, "prefix": "pilot_lr"},
+    # each objective alone at its own learning rate; ``choose_on``: the readout that picks it
+    "lr_grid": {"keys": {"arm", "methods", "seeds", "lrs", "overrides", "choose_on"}, "prefix": "pilot_lr"},
 }
 
 
@@ -427,6 +440,9 @@ def pilot_stage_runs(pilot: dict, arms: dict, stage: str) -> list[tuple[str, lis
     check_keys(f"pilot.{stage}", spec, known["keys"], {"arm"} | ({"lrs"} if stage == "lr_grid" else set()))
     if spec["arm"] not in arms:
         raise ConfigError(f"pilot.{stage}.arm: {spec['arm']!r} is not an arm of the params ({', '.join(arms)})")
+    if spec.get("choose_on", next(iter(PILOT_READOUTS))) not in PILOT_READOUTS:
+        raise ConfigError(f"pilot.{stage}.choose_on: {spec['choose_on']!r} is not a pilot readout "
+                          f"({', '.join(PILOT_READOUTS)})")
     arm = arms[spec["arm"]]
     methods = spec.get("methods") or list(arm["methods"])
     missing = [m for m in methods if m not in arm["methods"]]
