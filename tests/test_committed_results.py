@@ -30,3 +30,22 @@ def test_committed_tables_rebuild_from_the_committed_data(folder, tmp_path):
         rebuilt = copy / "tables" / table.name
         assert rebuilt.exists(), f"{table.name} is committed but the data no longer makes it"
         assert rebuilt.read_text() == table.read_text(), f"{folder.name}/tables/{table.name} differs from its rebuild"
+
+
+@pytest.mark.parametrize("folder", COMMITTED, ids=[p.name for p in COMMITTED])
+def test_each_objective_alone_trains_at_the_rate_its_committed_pilot_chose(folder):
+    """The params follow their pilot: every arm-(b) method whose objective the committed
+    learning-rate grid covered trains at the grid's best rate on the declared readout
+    (pilot.lr_grid.choose_on), read from the committed per-run data, not from a table."""
+    import json
+    from dpkd_lib.study import driver, report
+    design = json.loads((folder / "data" / "design.json").read_text())
+    main = driver.load_params(ROOT / "params", design["profile"], "01_gpt2_120m")
+    grid = (main.get("pilot") or {}).get("lr_grid")
+    pf = report.pilot_frame(folder)
+    if not grid or not (pf["stage"] == "lr_grid").any():
+        pytest.skip(f"{folder.name}: no learning-rate grid in its data")
+    rates = report.pilot_rates(pf, grid, main["arms"])
+    chosen = rates[rates["as chosen"].notna()]
+    assert len(chosen) >= len(grid["methods"])
+    assert chosen["as chosen"].all(), rates.to_string()
