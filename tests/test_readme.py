@@ -180,3 +180,36 @@ def test_every_relative_link_resolves(page):
     dead = [target for target in LINK.findall(text)
             if not re.match(r"[a-z]+:", target) and not (page.parent / target).exists()]
     assert not dead, f"{page.relative_to(ROOT)}: dead links {dead}"
+
+
+def test_the_pilots_learning_rate_table_is_its_committed_data():
+    """docs/results.md §8's table of each objective alone at each rate: every cell is
+    results/cpu_pilot/tables/pilot_lrs.csv's value (rates ascending, as the cell lists them),
+    rounded as printed; the rate in bold is the one the params train that objective at."""
+    lrs = pd.read_csv(ROOT / "results" / "cpu_pilot" / "tables" / "pilot_lrs.csv", dtype={"lr": str})
+    text = _section(RESULTS_DOC.read_text(encoding="utf-8"), "8. The pilot")
+    head, rows = None, []
+    for line in text.split("### Each objective alone", 1)[1].splitlines():
+        if line.startswith("| objective"):
+            head = [c.strip() for c in line.strip("|").split("|")]
+        elif head and line.startswith("| ") and not line.startswith("|---"):
+            rows.append(dict(zip(head, (c.strip() for c in line.strip("|").split("|")))))
+    assert len(rows) == 4
+    column = {"greedy ROUGE-L": "greedy ROUGE-L", "reference NLL": "reference NLL", "KL": "KL(teacher‖student)",
+              "new tokens": "new tokens", "ended %": "ended %"}
+    for row in rows:
+        name = row["objective"].split(" (")[0]
+        data = lrs[lrs["objective"] == name].assign(rate=lambda d: pd.to_numeric(d["lr"], errors="coerce"))
+        data = data.sort_values("rate")
+        assert len(data), name
+        for shown, col in column.items():
+            cells = [c.strip("* ") for c in row[shown].split(" / ")]
+            assert len(cells) == len(data), (name, shown)
+            for cell, value in zip(cells, data[col]):
+                decimals = len(cell.split(".")[1]) if "." in cell else 0
+                assert float(cell) == pytest.approx(round(float(value), decimals), abs=1e-9), (name, shown, cell, value)
+        bold = re.search(r"\*\*([\d.e-]+)\*\*", row["lr"])
+        if bold:
+            rates = pd.read_csv(ROOT / "results" / "cpu_pilot" / "tables" / "pilot_rates.csv", dtype=str)
+            trains = set(rates[rates["objective"] == name]["the final run trains at"])
+            assert {f"{float(bold.group(1)):g}"} == trains, (name, trains)
