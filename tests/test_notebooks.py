@@ -247,7 +247,7 @@ def test_figures_notebook_wrote_the_answer_from_the_runs(smoke):
     for name in ("main_released", "main_alone", "main_numeric", "comparisons", "update_split", "ablations",
                  "lora_4bit", "buckets_test", "buckets_heldout"):
         assert (tables / f"{name}.csv").exists() and (tables / f"{name}.md").exists(), name
-    for name in ("main_rouge_l", "comparisons", "update_split", "buckets", "curves", "monitors_scatter",
+    for name in ("main_moved", "comparisons", "update_split", "buckets", "curves", "monitors_scatter",
                  "theory_kl_modes", "theory_token_vs_sequence"):
         assert (figures / f"{name}.png").stat().st_size > 1000, name
     main = pd.read_csv(tables / "main_released.csv")
@@ -256,27 +256,36 @@ def test_figures_notebook_wrote_the_answer_from_the_runs(smoke):
     assert main.set_index("method").loc["SFT", "seeds"] == len(arms["released"]["methods"]["sft"]["seeds"])
     # the answer is exactly what the run folders imply (04 reads only results/)
     df = report.collect(root)
-    ex = report.per_example(df[df["group"].isin(["pair", *arms])], metric=primary["metric"],
-                            decoding=primary["decoding"])
-    comps = report.compare(ex, primary["comparisons"], primary["splits"], metric=primary["metric"])
+    runs = df[df["group"].isin(["pair", *arms])]
     every_method = [arm.get("prefix", "") + m for arm in arms.values() for m in arm["methods"]]
     labels = dict(zip(df["method"], df["label"]))
-    moved = [m for s in primary["splits"] for m in report.gap_closed(ex, every_method, s, labels=labels)]
+    metrics = report.as_list(primary["metric"])
+    assert metrics == ["nll", "kl"], "smoke declares both teacher-forced readouts"
+    comps, moved = report.compare_all(runs, primary), []
+    for metric in metrics:   # every declared metric is read, each from its own per-prompt rows
+        ex = report.per_example(runs, metric=metric, decoding=primary["decoding"])
+        assert {"teacher", "student_init", "sft"} <= set(ex["method"]), metric   # the start and teacher read too
+        moved += [m for s in primary["splits"] for m in report.gap_closed(ex, every_method, s, labels=labels,
+                                                                          metric=metric)]
+    assert {(r["metric"], r["a"], r["b"]) for r in comps} == {
+        (m, a, b) for m in metrics for a, b in primary["comparisons"]}
     assert {m["method"] for m in moved} >= {"alone_sft", "sft"} and "SFT (alone)" in report.answer_text([], moved)
+    assert {m["metric"] for m in moved} == set(metrics)
     assert (tables / "answer.md").read_text().strip() == report.answer_text(comps, moved)
     # notebook 01 states the same verdict, generated from the same intervals
     shown = [o.get("data", {}).get("text/markdown", "") for c in
              nbformat.read(root / "notebooks" / "01_gpt2_120m.ipynb", as_version=4).cells if c.cell_type == "code"
              for o in c.get("outputs", [])]
     assert report.verdict_text(comps) in shown
-    assert len(pd.read_csv(tables / "comparisons.csv")) == len(primary["comparisons"]) * len(primary["splits"])
+    assert len(pd.read_csv(tables / "comparisons.csv")) == len(metrics) * len(primary["comparisons"]) * len(
+        primary["splits"])
     ablations = pd.read_csv(tables / "ablations.csv")
     assert len(ablations) == len(abl_params["ablations"]) + len(set(abl_params["reference_runs"].values()))
     assert "grad weight" in ablations
     # an ablation run on two seeds is compared with its reference on both (t over the seeds),
     # one on one seed is not compared; each against its own base method
     cmp = pd.read_csv(tables / "ablation_comparisons.csv")
-    assert len(cmp) == len(abl_params["ablations"]) * len(abl_params["primary_splits"])
+    assert len(cmp) == len(metrics) * len(abl_params["ablations"]) * len(abl_params["primary_splits"])
     two = cmp[cmp["a"] == "token: β 0.5"]
     assert set(two["interval"]) == {"seeds"} and set(two["seeds"]) == {"1,2"} and (two["b"] == "DPKD-token").all()
     assert set(cmp[cmp["a"] != "token: β 0.5"]["verdict"]) == {"not compared (one seed)"}

@@ -183,7 +183,7 @@ def test_generation_past_a_loaded_gpt2s_positions_is_refused_before_training(tmp
     check covered `source: tiny` only). Now the student is checked once loaded, before step 1."""
     folder = _saved_gpt2(tmp_path / "gpt2", tok384, positions=320)
     cfg = load_config(BASE, [f"output_dir={tmp_path / 'run'}", f"student={{source: {source}, name_or_path: '{folder}'}}",
-                             "eval.max_new_tokens=100"])
+                             "eval.max_new_tokens=100", "data.max_length=320", "data.max_prompt=256"])
     with pytest.raises(ConfigError) as err:
         train(cfg, progress=False)
     message = str(err.value)

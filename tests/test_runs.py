@@ -52,7 +52,9 @@ def notebook_runs(profile, tmp_path):
     saved.mkdir(exist_ok=True)
     built = {role: ({"source": "saved", "name_or_path": str(saved)} if "build" in how else how["model"])
              for role, how in main["pair"].items()}
-    out = {"pair": [runs.run_config(base, role, runs.as_overrides(how["build"]), tmp_path)
+    # as runs.prepare_pair: the teacher first, the start beside it (a run that uses it gets it)
+    out = {"pair": [runs.run_config(base, role, runs.as_overrides(how["build"]), tmp_path,
+                                    {"teacher": built["teacher"]} if role == "student" else None)
                     for role, how in main["pair"].items() if "build" in how]}
     specs = [run for name, arm in main["arms"].items() for run in runs.arm_runs(name, arm)]
     out["arms"] = {name: runs.run_config(base, name, ov, tmp_path, built) for name, ov, _ in specs}

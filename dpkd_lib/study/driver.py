@@ -141,9 +141,11 @@ def notebook_setup(profile: str, stem: str, results_root: str | None = None) -> 
     if "skip" in params:
         raise SystemExit(f"profile {profile!r} skips this notebook: {params['skip']}")
     if "primary" in params:   # the declaration is checked before any run, not after two hours
-        from .runs import check_pilot, check_primary
+        from .runs import check_pilot, check_primary, check_readouts
         check_primary(params["primary"])
         check_pilot(params.get("pilot") or {}, params.get("arms"))
+        if params.get("arms") and params.get("base_params"):
+            check_readouts(params["primary"], params["arms"], params["base_params"], params.get("pair"))
     cfg = NotebookConfig(profile, stem, params, results_root or f"results/{profile}", batch)
     print(f"profile {profile!r}: params/{profile}/{stem}.yaml, results in {cfg.results_root}. "
           f"{cfg.runs_here()}")
@@ -283,7 +285,7 @@ def setup_table(cfg: NotebookConfig):
     each arm or grid, and what is declared before any run."""
     import pandas as pd
     from ..config import load_yaml
-    from .runs import DISPLAY, family_size
+    from .runs import DISPLAY, as_list, family_size
 
     rows = list(describe_setup(cfg.profile, cfg.stem, "params").items())
     base = load_yaml(cfg.base_params) if "base_params" in cfg.params else {}
@@ -313,8 +315,7 @@ def setup_table(cfg: NotebookConfig):
     primary = cfg.get("primary")
     if primary:
         tests = family_size(primary)
-        metrics = [primary["metric"]] if isinstance(primary["metric"], str) else primary["metric"]
-        rows.append(("declared", f"{' and '.join(metrics)} ({primary['decoding']} decoding for the scores) on "
+        rows.append(("declared", f"{' and '.join(as_list(primary['metric']))} ({primary['decoding']} decoding for the scores) on "
                      f"{', '.join(primary['splits'])}: "
                      + ", ".join(f"{DISPLAY.get(a, a)} vs {DISPLAY.get(b, b)}" for a, b in primary["comparisons"])
                      + f"; α {primary['alpha']}, Holm over {tests} tests"))
@@ -631,9 +632,13 @@ def _run_study(profile: str, *, force: bool, only: str | None, root: Path, noteb
             status["notebooks"][stem] = entry
             write_status(out_dir, status)
             try:
+                # log_output streams the cells' printed lines (the runs' one-line progress) to the
+                # terminal; papermill's own logging of them would add an "Executing Cell N" line
+                # per cell and repeat every line as a log record
+                stream = {"stdout_file": sys.stdout, "stderr_file": sys.stderr} if log_output else {}
                 pm.execute_notebook(str(nb_path), str(running), parameters=nb_params,
-                                    kernel_name=kernel, cwd=str(repo), log_output=log_output,
-                                    progress_bar=False, request_save_on_cell_execute=True)
+                                    kernel_name=kernel, cwd=str(repo), log_output=False,
+                                    progress_bar=False, request_save_on_cell_execute=True, **stream)
             except BaseException as err:  # noqa: BLE001 - keep the failed copy, then re-raise
                 wall = time.time() - started
                 if isinstance(err, KeyboardInterrupt) or asked["signal"]:
@@ -695,7 +700,7 @@ def main(argv=None) -> int:
         from ..rundir import STRICT_CODE_ENV
         os.environ[STRICT_CODE_ENV] = "1"
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    for noisy in ("papermill.translators", "traitlets", "asyncio"):
+    for noisy in ("papermill", "traitlets", "asyncio"):   # our [study] lines say what runs
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         run_study(args.profile, force=args.force, only=args.only, results_root=args.results_root,

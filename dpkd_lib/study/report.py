@@ -35,7 +35,7 @@ from ..evaluate import bucket_table as run_bucket_table
 from ..evaluate import mean_sd
 from ..io import atomic_write_text
 from .rundata import exported_runs, read_eval_rows, read_metric_rows
-from .runs import DISPLAY, PILOT_READOUTS, check_primary, family_size, strip_seed
+from .runs import DISPLAY, PILOT_READOUTS, as_list, check_primary, family_size, strip_seed
 
 METHOD_ORDER = ["teacher", "student_init", "sft", "no_distill", "kd", "rkl", "jsd", "skl", "srkl", "seqkd",
                 "dpkd_token", "dpkd_seq"]
@@ -143,17 +143,23 @@ def per_example(df, *, metric: str = "rouge_l", decoding: str = "greedy"):
     run, method, group, seed, split, id, sample_seed, num, den (the metric is Σnum/Σden:
     ROUGE-L and EM ×100 with den 1; teacher-forced ``nll`` / ``token_acc`` as sums over a
     reference's tokens, and ``kl`` (KL(teacher ‖ student), eval.teacher_kl) as each reference's mean
-    over its positions, whatever `decoding` says)."""
+    over its positions, whatever `decoding` says; the pair's teacher, never scored against
+    itself, has KL 0 on every reference it was scored on)."""
     import pandas as pd
 
     out = []
     for _, r in df.drop_duplicates("run").iterrows():
         for row in read_rows(r["run_dir"]):
             if metric in ("nll", "token_acc", "kl"):
-                if row.get("decoding") != "teacher_forced" or (metric == "kl" and "kl" not in row):
+                if row.get("decoding") != "teacher_forced":
                     continue
                 if metric == "kl":   # the mean over a reference's positions, then over prompts (summary's kl)
-                    num, den = row["kl"], 1.0
+                    if "kl" in row:
+                        num, den = row["kl"], 1.0
+                    elif r["method"] == "teacher" and r.get("group") == "pair":
+                        num, den = 0.0, 1.0   # KL(teacher || teacher) = 0: the pair's teacher, not scored against itself
+                    else:
+                        continue
                 else:
                     num = row["nll_sum"] if metric == "nll" else row["correct"]
                     den = row["n_tokens"]
@@ -277,8 +283,11 @@ def paired_differences(ex, a: str, b: str, split: str) -> dict:
     frames = [pick_a(s) for s in seeds] + [pick_b(s) for s in seeds]
     ids = sorted(set.intersection(*(set(f.index) for f in frames)))
     if len(ids) < 2:
-        raise ValueError(f"{a} vs {b} on {split}: {len(ids)} prompt(s) scored for both; the runs were "
-                         f"evaluated on different prompts (check eval.max_examples)")
+        scored = min(len(f.index) for f in frames)
+        why = ("the runs were evaluated on different prompts (check eval.max_examples)" if scored >= 2 else
+               "too few prompts were scored at all (teacher-forced readouts keep only the references "
+               "that fit data.max_length and data.max_prompt; check those and eval.max_examples)")
+        raise ValueError(f"{a} vs {b} on {split}: {len(ids)} prompt(s) scored for both; {why}")
     side = lambda pick: stats.ratio_contributions(  # noqa: E731
         np.stack([pick(s).loc[ids, "num"].to_numpy(float) for s in seeds]),
         np.stack([pick(s).loc[ids, "den"].to_numpy(float) for s in seeds]))
@@ -310,8 +319,14 @@ def _plain_seed(seed):
     return seed.item() if isinstance(seed, np.generic) else seed
 
 
-def as_list(metric) -> list[str]:
-    return [metric] if isinstance(metric, str) else list(metric)
+#: what every per-method table shows after the declared metrics: ROUGE-L always with the
+#: response length beside it (mean new tokens, share ended by EOS, share empty)
+REPORTED = ("rouge_l", "exact_match", "nll", "response_tokens", "ended_rate", "empty_rate", "repetition_rate")
+
+
+def shown_metrics(primary: dict, rest: Sequence[str] = REPORTED) -> tuple[str, ...]:
+    """The columns of a per-method table: the declared metrics first, then `rest`."""
+    return tuple(dict.fromkeys([*as_list(primary["metric"]), *rest]))
 
 
 def _effect_of(effect, metric: str):
@@ -1065,44 +1080,48 @@ def main_figure(df, methods: Sequence[str], splits: Sequence[str], metric: str =
         moved = [m for split in splits for m in gap_closed(ex, methods, split, labels=labels, metric=metric)]
     moved = [m for m in moved if m["split"] in splits]
     families = dict(zip(df["method"], df["objective"])) if "objective" in df else {}
-    fig, axes = plt.subplots(1, len(splits), figsize=(4.4 * len(splits) + 1.6, 0.42 * len(methods) + 1.6),
+    metrics = list(dict.fromkeys(m.get("metric", metric) for m in moved)) or [metric]   # one row of panels each
+    fig, axes = plt.subplots(len(metrics), len(splits), figsize=(4.4 * len(splits) + 1.6,
+                                                                 (0.42 * len(methods) + 1.6) * len(metrics)),
                              squeeze=False, sharey=True)
-    for ax, split in zip(axes[0], splits):
-        sel = [m for m in moved if m["split"] == split]
-        if not sel:
-            ax.set_title(f"{split}: no runs")
-            continue
-        lo = min(m["moved_ci"][0] for m in sel)
-        hi = max(m["moved_ci"][1] for m in sel)
-        for i, m in enumerate(sel):
-            colour = method_colour(m["method"], families.get(m["method"]))
-            alone = str(m["method"]).startswith("alone_")
-            ax.errorbar(m["moved"], i, xerr=[[m["moved"] - m["moved_ci"][0]], [m["moved_ci"][1] - m["moved"]]],
-                        fmt="o", color=colour, mfc="white" if alone else colour, capsize=3, ms=6)
-        ax.axvline(0, color="black", lw=0.8)
-        gap = sel[0]["gap"]
-        span = max(hi, 0) - min(lo, 0)
-        if gap is not None and not math.isnan(gap) and min(lo, 0) - 0.1 * span <= gap <= max(hi, 0) + 0.6 * span:
-            ax.axvline(gap, color="gray", ls="--", lw=1)
-            ax.annotate(f"teacher {gap:+.1f}", (gap, 1.0), xycoords=("data", "axes fraction"), ha="center",
-                        va="bottom", fontsize=7, color="gray")
-        elif gap is not None and not math.isnan(gap):
-            ax.annotate(f"teacher: {gap:+.1f} {'→' if gap > 0 else '←'}\n(off this scale)",
-                        (0.98 if gap > 0 else 0.02, 0.02), xycoords="axes fraction",
-                        ha="right" if gap > 0 else "left", va="bottom", fontsize=7, color="gray")
-        ax.set_yticks(range(len(sel)), [m["label"] for m in sel])
-        arms = [str(m["method"]).startswith("alone_") for m in sel]
-        if any(arms) and not all(arms):   # arm (a) above, the objective-alone arm (b) below
-            cut = arms.index(True) - 0.5
-            ax.axhline(cut, color="gray", lw=0.6)
-            ax.annotate("objective alone ↓", (0.99, cut), xycoords=("axes fraction", "data"), ha="right",
-                        va="top", fontsize=7, color="gray", xytext=(0, -2), textcoords="offset points")
-        ax.set_xlabel(f"change in {METRIC_LABELS.get(metric, metric)} from the start")
-        ax.set_title(f"{split}")
-        ax.grid(axis="y", visible=False)
+    for row, met in enumerate(metrics):
+        name, k = METRIC_LABELS.get(met, met), _digits(met)
+        for ax, split in zip(axes[row], splits):
+            sel = [m for m in moved if m["split"] == split and m.get("metric", metric) == met]
+            if not sel:
+                ax.set_title(f"{split}: no runs")
+                continue
+            lo = min(m["moved_ci"][0] for m in sel)
+            hi = max(m["moved_ci"][1] for m in sel)
+            for i, m in enumerate(sel):
+                colour = method_colour(m["method"], families.get(m["method"]))
+                alone = str(m["method"]).startswith("alone_")
+                ax.errorbar(m["moved"], i, xerr=[[m["moved"] - m["moved_ci"][0]], [m["moved_ci"][1] - m["moved"]]],
+                            fmt="o", color=colour, mfc="white" if alone else colour, capsize=3, ms=6)
+            ax.axvline(0, color="black", lw=0.8)
+            gap = sel[0]["gap"]
+            span = max(hi, 0) - min(lo, 0)
+            if gap is not None and not math.isnan(gap) and min(lo, 0) - 0.1 * span <= gap <= max(hi, 0) + 0.6 * span:
+                ax.axvline(gap, color="gray", ls="--", lw=1)
+                ax.annotate(f"teacher {gap:+.{k}f}", (gap, 1.0), xycoords=("data", "axes fraction"), ha="center",
+                            va="bottom", fontsize=7, color="gray")
+            elif gap is not None and not math.isnan(gap):
+                ax.annotate(f"teacher: {gap:+.{k}f} {'→' if gap > 0 else '←'}\n(off this scale)",
+                            (0.98 if gap > 0 else 0.02, 0.02), xycoords="axes fraction",
+                            ha="right" if gap > 0 else "left", va="bottom", fontsize=7, color="gray")
+            ax.set_yticks(range(len(sel)), [m["label"] for m in sel])
+            arms = [str(m["method"]).startswith("alone_") for m in sel]
+            if any(arms) and not all(arms):   # arm (a) above, the objective-alone arm (b) below
+                cut = arms.index(True) - 0.5
+                ax.axhline(cut, color="gray", lw=0.6)
+                ax.annotate("objective alone ↓", (0.99, cut), xycoords=("axes fraction", "data"), ha="right",
+                            va="top", fontsize=7, color="gray", xytext=(0, -2), textcoords="offset points")
+            ax.set_xlabel(f"change in {name} from the start" + (" (lower is better)" if met in LOWER_IS_BETTER else ""))
+            ax.set_title(split if len(metrics) == 1 else f"{split}: {name}")
+            ax.grid(axis="y", visible=False)
     axes[0][0].invert_yaxis()   # shared: once, the first method on top
     fig.suptitle(f"How far each method moved the starting student (95 % intervals; 0 = the start)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))   # the teacher's label clear of the title
     return fig
 
 
@@ -1123,14 +1142,17 @@ def difference_figure(comparisons: Sequence[dict]):
         mdd = r.get("mdd")
         if mdd is not None and not (isinstance(mdd, float) and math.isnan(mdd)):
             ax.plot([-mdd, mdd], [i, i], "|", color="gray", ms=10, mew=1.5)
-        ax.annotate(f"{r['delta']:+.1f} [{r['ci_lo']:+.1f}, {r['ci_hi']:+.1f}]  {100 * r['ci_level']:.1f} %",
+        k = _digits(r["metric"])
+        ax.annotate(f"{r['delta']:+.{k}f} [{r['ci_lo']:+.{k}f}, {r['ci_hi']:+.{k}f}]  {100 * r['ci_level']:.1f} %",
                     (1.01, i), xycoords=("axes fraction", "data"), va="center", fontsize=7)
     ax.axvline(0, color="black", lw=0.8)
-    ax.set_yticks(range(len(comparisons)), [f"{label(r['a'])} − {label(r['b'])}  ({r['split']})"
-                                            for r in comparisons])
+    names = list(dict.fromkeys(METRIC_LABELS.get(r["metric"], r["metric"]) for r in comparisons))
+    ax.set_yticks(range(len(comparisons)), [
+        f"{label(r['a'])} − {label(r['b'])}  ({r['split']}" + (f", {METRIC_LABELS.get(r['metric'], r['metric'])})"
+                                                              if len(names) > 1 else ")") for r in comparisons])
     ax.invert_yaxis()
-    name = METRIC_LABELS.get(comparisons[0]["metric"], comparisons[0]["metric"]) if comparisons else ""
-    ax.set_xlabel(f"difference in {name} (a − b), t interval over paired seeds at its Bonferroni level")
+    what = f"difference in {names[0]}" if len(names) == 1 else "difference in each readout's own unit"
+    ax.set_xlabel(f"{what} (a − b), t interval over paired seeds at its Bonferroni level")
     ax.grid(axis="y", visible=False)
     handles = [Line2D([], [], color=c, marker="o", ls="", label=v) for v, c in verdicts.items()
                if any(r["verdict"] == v for r in comparisons)]
@@ -1380,8 +1402,7 @@ def write_results(results_root: str | Path, design: dict) -> dict:
         out.update(comparisons=[], moved=[], answer="")
         return out
 
-    # response length (mean new tokens, share ended by EOS, share empty) always beside ROUGE-L
-    metrics = ("rouge_l", "exact_match", "nll", "response_tokens", "ended_rate", "empty_rate", "repetition_rate")
+    metrics = shown_metrics(primary)
     for name, arm in arms.items():
         methods = ["teacher", "student_init"] + [arm.get("prefix", "") + m for m in arm["methods"]]
         frame = main_table(df, methods=methods, splits=splits, metrics=metrics, label_col="label")
@@ -1402,7 +1423,7 @@ def write_results(results_root: str | Path, design: dict) -> dict:
     out.update(comparisons=comparisons, moved=moved, answer=answer)
     if comparisons:
         figure("comparisons", difference_figure(comparisons))
-    figure("main_rouge_l", main_figure(df, arm_methods(arms), splits, moved=moved))
+    figure("main_moved", main_figure(df, arm_methods(arms), splits, moved=moved))   # the declared metrics
 
     split_df = update_split(df[df["group"].isin(list(arms))])
     if not split_df.empty:
@@ -1646,26 +1667,42 @@ def split_table(split_df):
 
 # ----------------------------------------------------------------------------- notebook text
 
-def comparisons_brief(comparisons: Sequence[dict]):
+def comparisons_brief(comparisons: Sequence[dict], *, wide: bool = False):
     """The declared comparisons as a compact table for a notebook: a − b, split, Δ with its
     interval, the interval's (Bonferroni) level, Holm p, verdict, seeds; the minimum detectable
-    difference where the statistics give one (``mdd``)."""
+    difference where the statistics give one (``mdd``). ``wide``: one row per comparison and
+    split, each metric's Δ [interval] and verdict side by side (many comparisons on several
+    metrics: notebook 03; tables/ has the long form)."""
     import pandas as pd
+
+    def num(x, digits):
+        return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
     rows = []
     for r in comparisons:
         digits = _digits(r["metric"])
         row = {"comparison": f"{r.get('a_label') or label(r['a'])} − {label(r['b'])}", "split": r["split"],
                "metric": METRIC_LABELS.get(r["metric"], r["metric"]), "Δ [interval]": _ci(r, digits),
-               "level": f"{100 * r['ci_level']:.1f} %", "Holm p": f"{r['p_holm']:.3f}", "verdict": r["verdict"]}
+               "level": f"{100 * r['ci_level']:.1f} %", "Holm p": num(r["p_holm"], 3), "verdict": r["verdict"]}
         if r.get("mdd") is not None:
-            row["detectable ±"] = f"{r['mdd']:.{digits}f}"
+            row["detectable ±"] = num(r["mdd"], digits)
         if r.get("planned_mdd") is not None:
-            row["planned ±"] = f"{r['planned_mdd']:.{digits}f}"
+            row["planned ±"] = num(r["planned_mdd"], digits)
         if "n_seeds_a" in r:
             row["seeds"] = f"{r['n_seeds_a']}/{r['n_seeds_b']}"
         rows.append(row)
-    return pd.DataFrame(rows)
+    long = pd.DataFrame(rows)
+    if not wide or long.empty:
+        return long
+    out = {}
+    for row in rows:
+        one = out.setdefault((row["comparison"], row["split"]), {"comparison": row["comparison"], "split": row["split"]})
+        one[f"{row['metric']}: Δ [interval]"] = row["Δ [interval]"]
+        one[f"{row['metric']}: verdict"] = row["verdict"]
+        one["_level"], one["_seeds"] = row["level"], row.get("seeds")
+    frame = pd.DataFrame(list(out.values()))
+    frame = frame[[c for c in frame.columns if not c.startswith("_")] + ["_level", "_seeds"]]   # shared columns last
+    return frame.rename(columns={"_level": "level", "_seeds": "seeds"}).dropna(axis=1, how="all")
 
 
 def moved_brief(moved: Sequence[dict]):

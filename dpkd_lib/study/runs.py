@@ -75,9 +75,44 @@ def check_keys(where: str, spec: dict, known, required=()) -> dict:
 PRIMARY_KEYS = {"metric", "decoding", "splits", "alpha", "comparisons", "effect", "planned_mdd"}
 
 
+def as_list(metric) -> list[str]:
+    """primary.metric, one name or a list, as a list."""
+    return [metric] if isinstance(metric, str) else list(metric)
+
+
 def check_primary(primary: dict) -> dict:
     """Notebook 01's declaration (``primary``), refused early when it has a key nothing reads."""
     return check_keys("primary", primary, PRIMARY_KEYS)
+
+
+#: the eval switch each declarable metric is read from (report.per_example): a declared metric
+#: whose switch is off for a run of an arm, or for the start, is refused before any run
+METRIC_SWITCH = {"rouge_l": "eval.greedy", "exact_match": "eval.greedy", "nll": "eval.teacher_forced",
+                 "token_acc": "eval.teacher_forced", "kl": "eval.teacher_kl"}
+
+
+def check_readouts(primary: dict, arms: dict, base_params: str | Path, pair: dict | None = None) -> None:
+    """Every declared metric is evaluated by every run of every arm and by the start (a
+    ``pair.student.build``'s overrides, else the base params): its switch (`METRIC_SWITCH`)
+    on in the method's overrides, else the arm's common, else the base params' eval. One
+    line naming the metric, the switch and where to set it, before the first run."""
+    from ..config import EvalConfig
+    base_eval = load_yaml(base_params).get("eval") or {}
+    for metric in as_list(primary["metric"]):
+        switch = METRIC_SWITCH.get(metric)
+        if switch is None:
+            continue
+        default = base_eval.get(switch.split(".", 1)[1], getattr(EvalConfig(), switch.split(".", 1)[1]))
+        where = {f"arms.{name}.methods.{method}": ((spec or {}).get("overrides") or {}).get(
+                     switch, (arm.get("common") or {}).get(switch, default))
+                 for name, arm in arms.items() for method, spec in arm["methods"].items()}
+        start = ((pair or {}).get("student") or {})
+        where["pair.student"] = (start.get("build") or {}).get(switch, default)
+        off = [w for w, on in where.items() if not on]
+        if off:
+            raise ConfigError(f"primary.metric {metric!r} is read from {switch}, which is off for "
+                              f"{', '.join(off[:3])}{' ...' if len(off) > 3 else ''}: set {switch}: true "
+                              f"in each arm's common and in pair.student.build")
 
 
 PILOT_KEYS = {"run", "split", "common", "readouts", "variance", "rerun", "lr_grid", "starts", "methods",
@@ -96,9 +131,8 @@ def check_pilot(pilot: dict, arms: dict | None = None) -> dict:
 def family_size(primary: dict, splits: Sequence[str] | None = None) -> int:
     """m, the number of tests notebook 01's ``primary`` declares and Holm corrects together:
     metrics (one name or a list) × pairs × splits."""
-    metrics = primary["metric"]
     splits = primary["splits"] if splits is None else splits
-    return (1 if isinstance(metrics, str) else len(metrics)) * len(primary["comparisons"]) * len(splits)
+    return len(as_list(primary["metric"])) * len(primary["comparisons"]) * len(splits)
 
 
 def strip_seed(name: str) -> str:
@@ -269,18 +303,24 @@ def prepare_pair(base_params: str | Path, results_root: str | Path, spec: dict, 
     if unknown:
         raise ConfigError(f"pair: unknown role(s) {sorted(unknown)}; use teacher and student")
     names = {"teacher": "teacher", "student": "student_init"}
-    builds, pair = [], {}
     for role, how in spec.items():
         if set(how) not in ({"build"}, {"model"}):
             raise ConfigError(f"pair.{role}: give either build (overrides) or model (a model section)")
+    pair: dict = {}
+    # the teacher first: the start is then evaluated beside it where its eval asks for the
+    # teacher (eval.teacher_kl: the start's KL(teacher || student)); run_config gives the
+    # teacher only to a run that uses one
+    for role in [r for r in ("teacher", "student") if r in spec]:
+        how, name = spec[role], names[role]
         if "build" in how:
-            builds.append((names[role], as_overrides(how["build"]),
-                           {"method": names[role], "group": "pair", "label": DISPLAY[names[role]]}))
-    run_grid(base_params, builds, results_root, force=force, progress=progress)
-    models = {names[role]: how["model"] for role, how in spec.items() if "model" in how}
-    evaluate_models(base_params, models, results_root, force=force, progress=progress)
-    for role, how in spec.items():
-        pair[role] = how["model"] if "model" in how else _saved(Path(results_root) / "runs" / names[role])
+            run_grid(base_params, [(name, as_overrides(how["build"]),
+                                    {"method": name, "group": "pair", "label": DISPLAY[name]})],
+                     results_root, force=force, progress=progress, pair=pair or None)
+            pair[role] = _saved(Path(results_root) / "runs" / name)
+        else:
+            evaluate_models(base_params, {name: how["model"]}, results_root, teacher=pair.get("teacher"),
+                            force=force, progress=progress)
+            pair[role] = how["model"]
     return pair
 
 
