@@ -20,6 +20,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from dpkd_lib.study.runs import DISPLAY
+
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = ROOT / "results" / "cpu" / "tables"
 README = ROOT / "README.md"
@@ -44,9 +46,13 @@ def block() -> str:
     return text[text.index(rr.BEGIN) + len(rr.BEGIN):text.index(rr.END)]
 
 
-def method_key(label: str) -> str:
-    """The README's column label -> main_numeric.csv's method key."""
-    return {"student (start)": "student_init"}.get(label, label.lower().replace("-", "_"))
+def method_key(label: str, profile: str = "cpu") -> str:
+    """The README's column label -> main_numeric.csv's method key: the released arm's labels
+    in the profile's params, else the display names."""
+    released = yaml.safe_load((ROOT / "params" / profile / "01_gpt2_120m.yaml").read_text())["arms"]["released"]
+    labels = {v: k for k, v in DISPLAY.items()}
+    labels.update({spec["label"]: m for m, spec in released["methods"].items() if (spec or {}).get("label")})
+    return labels[label]
 
 
 def close(shown: str, value: float, digits: int = 1) -> bool:
@@ -57,49 +63,53 @@ def test_blocks_are_current():
     assert rr.main(["--check"]) == 0, "python tools/readme_results.py"
 
 
+#: the README table's readout -> main_numeric.csv's column
+READOUT_COLUMN = {"NLL": "nll", "KL(teacher‖student)": "kl", "ROUGE-L": "rouge_l", "resp. len": "response_tokens"}
+
+
 def test_the_score_table_matches_the_raw_means():
     lines = [l for l in block().splitlines() if l.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = [[c.strip() for c in l.strip("|").split("|")] for l in lines[2:]]
-    raw = pd.read_csv(TABLES / "main_numeric.csv").set_index(["method", "split"])["rouge_l"]
-    assert header[0] == "split" and len(rows) == 2
+    raw = pd.read_csv(TABLES / "main_numeric.csv").set_index(["method", "split"])
+    declared = list(dict.fromkeys(pd.read_csv(TABLES / "comparisons.csv")["metric"]))
+    assert header[:2] == ["split", "readout"]
+    shown = [(SPLIT_OF[row[0]], row[1].removesuffix(" (declared)")) for row in rows]
+    # every declared readout is shown, marked, on every split, with ROUGE-L beside it
+    assert {(s, m) for s in SPLIT_OF.values() for m in declared + ["ROUGE-L"]} <= set(shown)
+    assert all(row[1].endswith(" (declared)") == (m in declared) for row, (_, m) in zip(rows, shown))
     checked = 0
-    for row in rows:
-        split = SPLIT_OF[row[0]]
-        for label, shown in zip(header[1:], row[1:]):
-            value = raw[(method_key(label), split)]
-            assert close(shown, value), f"README {label} {split}: {shown}, table {value:.3f}"
+    for row, (split, readout) in zip(rows, shown):
+        column = READOUT_COLUMN[readout]
+        for label, cell in zip(header[2:], row[2:]):
+            value = raw.loc[(method_key(label), split), column]
+            if cell == "–":
+                assert pd.isna(value), f"README {label} {split} {readout}: –, table {value}"
+            else:
+                assert close(cell, value, rr.digits(readout)), f"README {label} {split} {readout}: {cell}, table {value:.4f}"
             checked += 1
-    assert checked == 2 * (len(header) - 1) >= 8
-
-
-def test_the_score_ranges_match_the_raw_means():
-    raw = pd.read_csv(TABLES / "main_numeric.csv")
-    lines = [l for l in block().splitlines() if l.startswith("|")]
-    shown = [method_key(c.strip()) for c in lines[0].strip("|").split("|")[1:]]
-    methods = [m for m in shown if m not in ("teacher", "student_init")]
-    bullet = next(l for l in block().splitlines() if l.startswith("- **Scores**"))
-    ranges = re.findall(r"(\d+\.\d)–(\d+\.\d)", bullet)
-    groups = [raw[raw["method"].isin(methods)], raw[raw["method"] == "student_init"],
-              raw[raw["method"] == "teacher"]]
-    assert len(ranges) == 3 and len(groups[0]) == 2 * len(methods)
-    for (lo, hi), rows in zip(ranges, groups):
-        assert close(lo, rows["rouge_l"].min()) and close(hi, rows["rouge_l"].max()), (lo, hi)
+    assert checked == len(rows) * (len(header) - 2) >= 12
 
 
 def test_every_comparison_and_its_verdict_match_the_table():
     table = pd.read_csv(TABLES / "comparisons.csv")
-    bullets = re.findall(r"\*\*(.+?) − (.+?)\*\*: (.+?): ([a-z ;:-]+)\.\n", block())
-    assert len(bullets) == table.groupby(["a", "b"]).ngroups >= 4
+    bullets = re.findall(r"\*\*(.+?) − (.+?)\*\*, (.+?): (.+?): ([a-z ;:-]+)\.\n", block())
+    assert len(bullets) == table.groupby(["metric", "a", "b"]).ngroups >= 4
     seen = 0
-    for a, b, parts, verdict in bullets:
-        for m in re.finditer(r"(\S+) \[(\S+), (\S+)\] on (test|held-out templates) \((\d+\.\d) %\)", parts):
-            delta, lo, hi, split, level = m.groups()
-            row = table[(table["a"] == a) & (table["b"] == b) & (table["split"] == SPLIT_OF[split])].iloc[0]
+    for a, b, metric, parts, verdict in bullets:
+        k = rr.digits(metric)
+        for m in re.finditer(r"(\S+) \[(\S+), (\S+)\] on (test|held-out templates) \((\d+\.\d) %(?:; detects ±(\S+))?\)",
+                             parts):
+            delta, lo, hi, split, level, mdd = m.groups()
+            row = table[(table["metric"] == metric) & (table["a"] == a) & (table["b"] == b)
+                        & (table["split"] == SPLIT_OF[split])].iloc[0]
             ci_lo, ci_hi = rr.interval(row)
-            assert close(delta, row["delta"]), (a, b, split, delta, row["delta"])
-            assert close(lo, ci_lo) and close(hi, ci_hi), (a, b, split, lo, hi, ci_lo, ci_hi)
+            assert close(delta, row["delta"], k), (a, b, split, delta, row["delta"])
+            assert close(lo, ci_lo, k) and close(hi, ci_hi, k), (a, b, split, lo, hi, ci_lo, ci_hi)
             assert close(level, row["ci_level"] * 100), (a, b, split, level)
+            assert (mdd is None) == pd.isna(row.get("mdd", float("nan"))), (a, b, split, mdd)
+            if mdd is not None:
+                assert close(mdd, row["mdd"], k), (a, b, split, mdd, row["mdd"])
             assert row["verdict"] in verdict, (a, b, split, verdict, row["verdict"])
             # the words follow the test: a difference is claimed exactly when Holm rejects at
             # the declared α, with the sign of the estimate

@@ -43,46 +43,73 @@ def interval(row) -> tuple[float, float]:
     return lo, hi
 
 
+#: readouts in nats: three decimals; scores (ROUGE-L, ×100) and lengths: one
+NATS = ("NLL", "KL(teacher‖student)")
+SHOWN = ("ROUGE-L", "resp. len")   # reported beside the declared readouts, never tested
+
+
+def digits(metric: str) -> int:
+    return 3 if metric in NATS else 1
+
+
+def declared(tables: Path = TABLES) -> list[str]:
+    """The declared readouts, in their order: the metric column of comparisons.csv."""
+    df = pd.read_csv(tables / "comparisons.csv")
+    return list(dict.fromkeys(df["metric"])) if "metric" in df else ["ROUGE-L"]
+
+
 def scores(tables: Path = TABLES) -> pd.DataFrame:
-    """Greedy ROUGE-L per method of the released mix (rows) and split (columns): the first
-    number of each cell of main_released.csv (mean over seeds)."""
+    """Per method of the released mix (columns), one row per split × readout (the declared
+    ones, then ROUGE-L and response length): the first number of each cell of
+    main_released.csv (the mean over seeds)."""
     df = pd.read_csv(tables / "main_released.csv")
-    cols = {split: f"{split} ROUGE-L" for split in SPLITS}
-    out = pd.DataFrame({split: df[col].astype(str).str.split().str[0].astype(float)
-                        for split, col in cols.items()})
-    out.index = df["method"]
-    return out
+    rows = {}
+    for split in SPLITS:
+        for metric in dict.fromkeys([*declared(tables), *SHOWN]):
+            col = f"{split} {metric}"
+            if col in df:
+                rows[(split, metric)] = pd.to_numeric(df[col].astype(str).str.split().str[0], errors="coerce").values
+    return pd.DataFrame(rows, index=df["method"]).T
+
+
+def _cell(v: float, metric: str) -> str:
+    return "–" if pd.isna(v) else f"{v:.{digits(metric)}f}"
 
 
 def comparison_lines(tables: Path = TABLES) -> list[str]:
     df = pd.read_csv(tables / "comparisons.csv")
+    if "metric" not in df:
+        df["metric"] = "ROUGE-L"
     lines = []
-    for (a, b), rows in df.groupby(["a", "b"], sort=False):
-        parts, verdicts = [], []
+    for (metric, a, b), rows in df.groupby(["metric", "a", "b"], sort=False):
+        k, parts, verdicts = digits(metric), [], []
         for _, r in rows.iterrows():
             lo, hi = interval(r)
             level = float(r["ci_level"]) * 100
-            parts.append(f"{signed(r['delta'])} [{signed(lo)}, {signed(hi)}] on {SPLITS.get(r['split'], r['split'])} "
-                         f"({level:.1f} %)")
+            mdd = f"; detects ±{r['mdd']:.{k}f}" if "mdd" in r and pd.notna(r["mdd"]) else ""
+            parts.append(f"{signed(r['delta'], k)} [{signed(lo, k)}, {signed(hi, k)}] on "
+                         f"{SPLITS.get(r['split'], r['split'])} ({level:.1f} %{mdd})")
             verdicts.append(str(r["verdict"]))
         verdict = verdicts[0] if len(set(verdicts)) == 1 else "; ".join(
             f"{SPLITS.get(s, s)}: {v}" for s, v in zip(rows["split"], verdicts))
-        lines.append(f"- **{a} − {b}**: {', '.join(parts)}: {verdict}.")
+        lines.append(f"- **{a} − {b}**, {metric}: {', '.join(parts)}: {verdict}.")
     return lines
 
 
 def answer_line(tables: Path = TABLES) -> str:
     """The answer in one sentence, from the verdicts of the declared comparisons."""
     df = pd.read_csv(tables / "comparisons.csv")
+    metric = df["metric"] if "metric" in df else pd.Series("ROUGE-L", index=df.index)
     shown = df[df["verdict"].isin(["better", "worse"])]
     n = len(df)
     pairs = (f"{' and '.join(dict.fromkeys(df['a']))} against {' and '.join(dict.fromkeys(df['b']))}, "
+             f"on {' and '.join(dict.fromkeys(metric))}, "
              f"on {' and '.join(SPLITS.get(x, x) for x in dict.fromkeys(df['split']))}")
     if shown.empty:
         return (f"- **The answer**: none of the {n} declared comparisons ({pairs}) shows a "
                 "difference at this budget: no method is shown to beat another, nor to be worse.")
-    found = "; ".join(f"{r['a']} {r['verdict']} than {r['b']} on {SPLITS.get(r['split'], r['split'])}"
-                      for _, r in shown.iterrows())
+    found = "; ".join(f"{r['a']} {r['verdict']} than {r['b']} on {metric[i]}, {SPLITS.get(r['split'], r['split'])}"
+                      for i, r in shown.iterrows())
     return (f"- **The answer**: {len(shown)} of the {n} declared comparisons ({pairs}) show a "
             f"difference: {found}; the others show none.")
 
@@ -99,26 +126,22 @@ def split_line(tables: Path = TABLES) -> str:
 
 
 def results_block(tables: Path = TABLES) -> str:
-    s = scores(tables)
-    header = "| split | " + " | ".join(s.index) + " |"
-    rule = "|---|" + "---:|" * len(s.index)
-    rows = [f"| {SPLITS[split]} | " + " | ".join(f"{v:.1f}" for v in s[split]) + " |" for split in SPLITS]
-    methods = [m for m in s.index if m not in ("teacher", "student (start)")]
-    lo = min(s.loc[methods].min())
-    hi = max(s.loc[methods].max())
+    s, tested = scores(tables), declared(tables)
+    header = "| split | readout | " + " | ".join(s.columns) + " |"
+    rule = "|---|---|" + "---:|" * len(s.columns)
+    rows = [f"| {SPLITS[split]} | {metric}{' (declared)' if metric in tested else ''} | "
+            + " | ".join(_cell(v, metric) for v in s.loc[(split, metric)]) + " |" for split, metric in s.index]
     return "\n".join([
         BEGIN,
-        "Greedy ROUGE-L (×100), mean over seeds, on the test prompts and on prompts of held-out "
-        "templates (`results/cpu/tables/main_released.md`):",
+        f"The declared readouts ({', '.join(tested)}) and, reported beside them, greedy "
+        "ROUGE-L (×100) and response length (new tokens); mean over seeds, on the test prompts and "
+        "on prompts of held-out templates (`results/cpu/tables/main_released.md`):",
         "",
         header, rule, *rows,
         "",
         answer_line(tables),
-        f"- **Scores**: every method of the released mix scores {lo:.1f}–{hi:.1f} on the two "
-        f"splits, the start {s.loc['student (start)'].min():.1f}–{s.loc['student (start)'].max():.1f} "
-        f"and the teacher {s.loc['teacher'].min():.1f}–{s.loc['teacher'].max():.1f}.",
-        "- **The declared comparisons** (difference in ROUGE-L, interval at its Holm level, "
-        "`tables/comparisons.md`):",
+        "- **The declared comparisons** (difference and its interval at the level shown; where "
+        "recorded, the smallest difference the seeds detect with 80 % power; `tables/comparisons.md`):",
         *["  " + line for line in comparison_lines(tables)],
         split_line(tables),
         END,
