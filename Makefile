@@ -25,7 +25,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 .PHONY: setup lock test browser-test reproduce tables lab bench gpu-check clean help
 
 help:
-	@echo "make setup | lock | test | browser-test | reproduce [PROFILE=cpu|cpu_full|smoke|paper|colab] [ONLY=03] [FORCE=1] | tables [PROFILE=...] | lab | bench [BENCH=quick] | gpu-check | clean"
+	@echo "make setup | lock | test | browser-test | reproduce [PROFILE=cpu|cpu_full|smoke|paper|colab] [ONLY=03] [RESUME=1] [FORCE=1] | tables [PROFILE=...] | lab | bench [BENCH=quick] | gpu-check | clean"
 
 # The venv is installed from requirements.lock (every package, exact version), with --no-deps
 # so nothing resolves differently later. pip's and torch's lines go first: torch==2.13.0 then
@@ -70,7 +70,7 @@ browser-test: setup
 	  $(PY) -m pytest -q -p no:cacheprovider tests/test_browser.py
 
 reproduce: setup
-	$(PY) -m dpkd_lib.study --profile $(PROFILE) $(if $(filter 1,$(FORCE)),--force,) $(if $(ONLY),--only $(ONLY),)
+	$(PY) -m dpkd_lib.study --profile $(PROFILE) $(if $(filter 1,$(FORCE)),--force,) $(if $(ONLY),--only $(ONLY),) $(if $(filter 1,$(RESUME)),--resume,)
 
 # Every table, interval, figure and answer sentence of results/$(PROFILE) from its committed
 # data/ alone (per-prompt rows, per-step logs, summaries of every run; no run folder, no model).

@@ -178,3 +178,39 @@ def test_progress_lines_estimate_the_time_left(tmp_path):
     assert text == ("it took 30 min last time; about 30 min left for the 2 notebook(s) to run "
                     "(02_z not counted: never run here)")
     assert study._time_left(["02_z"], status, tmp_path) == "no recorded time for it"
+
+
+def test_a_study_continues_from_its_committed_record(tmp_path):
+    """`make reproduce RESUME=1` on a machine that kept only git (results/<profile>/data, no
+    run folders, no weights): the finished method runs are put back from their record and
+    reused, not trained again; the pair is built again and must evaluate exactly as its
+    record says, else the restored runs came from another pair and the study stops."""
+    import gzip
+    import shutil
+    from dpkd_lib.study import rundata
+    main = study.load_params(ROOT / "params", "smoke", "01_gpt2_120m")
+    base, root = ROOT / main["base_params"], tmp_path / "res"
+    grid = [("kd_s1", ["train.objective=kd", "train.seed=1"], {"method": "kd", "group": "main", "label": "KD"})]
+    pair = runs.prepare_pair(base, root, main["pair"], progress=False)
+    runs.run_grid(base, grid, root, pair=pair, progress=False, verbose=False)
+    record = {p.name: p.read_bytes() for p in (root / "data" / "kd_s1").iterdir()}
+    shutil.rmtree(root / "runs")                                   # a fresh clone: data/ only
+
+    assert rundata.restore_runs(root) == ["kd_s1"]                 # the pair is not restored: no weights
+    assert not (root / "runs" / "teacher").exists()
+    assert runs.run_overrides(root, "kd_s1") == grid[0][1]         # an ablation of 03 starts from it
+    pair = runs.prepare_pair(base, root, main["pair"], progress=False)   # rebuilt, and it matches its record
+    again = runs.run_grid(base, grid, root, pair=pair, progress=False, verbose=False)[0]
+    assert again == json.loads(record["summary.json"]) and not (root / "runs" / "kd_s1" / "metrics.jsonl").exists(), "reused, not trained"
+    assert {p.name: p.read_bytes() for p in (root / "data" / "kd_s1").iterdir()} == record
+
+    # a pair that evaluates differently from its record (another machine, other code): refused
+    shutil.rmtree(root / "runs" / "teacher")
+    rows = rundata.read_eval_rows(root / "data" / "teacher")
+    rows[0]["rouge_l"] = rows[0]["rouge_l"] + 0.5
+    (root / "data" / "teacher" / rundata.EVAL_ROWS).write_bytes(
+        gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode(), mtime=0))
+    with pytest.raises(ConfigError, match="rebuilt teacher .* evaluates differently from its committed record"):
+        runs.prepare_pair(base, root, main["pair"], progress=False)
+    with pytest.raises(ConfigError, match="--resume .* --force"):
+        study.run_study("smoke", results_root=tmp_path / "x", resume=True, force=True, log_output=False)

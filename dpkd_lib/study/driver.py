@@ -1,6 +1,6 @@
 """The study driver: execute the notebooks in order with papermill, for one profile.
 
-    python -m dpkd_lib.study --profile cpu [--force] [--only 01] [--results-root DIR]
+    python -m dpkd_lib.study --profile cpu [--force] [--only 01] [--resume] [--results-root DIR]
 
 The notebooks in ``notebooks/`` are the source (edit them in JupyterLab). Each has a
 ``parameters`` cell holding only what a user sets: ``profile``, ``results_root`` (default
@@ -532,8 +532,10 @@ def run_study(profile: str, *, force: bool = False, only: str | None = None,
               results_root: str | os.PathLike | None = None,
               notebooks_dir: str | os.PathLike | None = None,
               params_dir: str | os.PathLike | None = None,
-              kernel: str = "python3", log_output: bool = True) -> dict:
-    """Execute the study's notebooks for `profile`; returns the status dict.
+              kernel: str = "python3", log_output: bool = True, resume: bool = False) -> dict:
+    """Execute the study's notebooks for `profile`; returns the status dict. ``resume``:
+    continue from the committed record (`rundata.restore_runs`: the runs in data/ are
+    reused, the pair is built again and checked against its record).
 
     Raises StudyError naming the notebook and cell when one fails, RunBusy when another
     driver holds the results root, KeyboardInterrupt (one line) on SIGINT / SIGTERM.
@@ -542,12 +544,20 @@ def run_study(profile: str, *, force: bool = False, only: str | None = None,
     """
     from ..rundir import lock_file
 
+    if resume and force:
+        raise ConfigError("--resume reuses the committed runs and --force recomputes them: give one")
     root = Path(results_root or REPO_ROOT / "results" / profile).resolve()
     root.mkdir(parents=True, exist_ok=True)
     shown_root = str(root.relative_to(REPO_ROOT)) if root.is_relative_to(REPO_ROOT) else str(root)
     fd = lock_file(root / LOCK_FILE, f"results root {shown_root} (a study driver)", detail=True)
     try:
         with _stop_requests() as asked:
+            if resume:
+                from .rundata import restore_runs
+                restored = restore_runs(root)
+                print(f"[study] continuing from {shown_root}/data: {len(restored)} finished run"
+                      f"{'s' if len(restored) != 1 else ''} restored (reused, not trained again); the pair "
+                      f"is built again and checked against its record", flush=True)
             return _run_study(profile, force=force, only=only, root=root, notebooks_dir=notebooks_dir,
                               params_dir=params_dir, kernel=kernel, log_output=log_output, asked=asked)
     finally:
@@ -689,6 +699,9 @@ def main(argv=None) -> int:
     parser.add_argument("--force", action="store_true",
                         help="re-execute every notebook and recompute every run")
     parser.add_argument("--only", default=None, help="one notebook: stem or prefix, e.g. 03")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a study from its committed record (results/<profile>/data): its "
+                             "finished runs are reused, not trained again; the pair is rebuilt and checked")
     parser.add_argument("--results-root", default=None, help="default results/<profile>")
     parser.add_argument("--kernel", default="python3", help="Jupyter kernel (default python3 = this venv)")
     parser.add_argument("--quiet", action="store_true", help="do not stream cell outputs")
@@ -704,7 +717,7 @@ def main(argv=None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         run_study(args.profile, force=args.force, only=args.only, results_root=args.results_root,
-                  kernel=args.kernel, log_output=not args.quiet)
+                  kernel=args.kernel, log_output=not args.quiet, resume=args.resume)
     except (ConfigError, RunBusy) as err:  # a params error (the file and the line), a busy root
         print(f"error: {err}", file=sys.stderr)
         return 2

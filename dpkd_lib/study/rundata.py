@@ -34,6 +34,8 @@ DATA = "data"
 COPIED = ("summary.json", "params.yaml", "labels.json", "manifest.json",
           MEMORY_FILE := "memory.json")   # the measured peak per phase, when the run was measured
 EVAL_ROWS, METRICS = "eval_rows.jsonl.gz", "metrics.jsonl.gz"
+#: marks a run folder rebuilt from its record (`restore_runs`): no weights, nothing to export
+RESTORED = "restored.json"
 #: eval row fields that belong to the data split, not to the run (the same in every run)
 SPLIT_FIELDS = ("prompt", "reference", "references")
 
@@ -71,6 +73,8 @@ def export_run(run_dir: str | os.PathLike, results_root: str | os.PathLike) -> P
     """Copy a finished run's record into ``<results_root>/data/<run name>``; returns that
     folder, or None when the run is not finished (nothing is written)."""
     run_dir = Path(run_dir)
+    if (run_dir / RESTORED).exists():   # made from data/<run>: the record is already the source
+        return data_root(results_root) / run_dir.name
     try:
         if json.loads((run_dir / "manifest.json").read_text()).get("status") != "finished":
             return None
@@ -86,6 +90,34 @@ def export_run(run_dir: str | os.PathLike, results_root: str | os.PathLike) -> P
     metrics = read_jsonl(run_dir / "metrics.jsonl", torn_ok=True) if (run_dir / "metrics.jsonl").exists() else []
     _write_if_changed(out / METRICS, _jsonl_gz(metrics))
     return out
+
+
+def restore_runs(results_root: str | os.PathLike) -> list[str]:
+    """A study continued from its committed record (``make reproduce RESUME=1``; a long
+    study run in parts on machines that keep only git): every finished run recorded in
+    ``data/`` whose ``runs/<run>`` folder is missing gets one rebuilt from the record
+    (params, summary, manifest, labels; no weights, no eval rows), so that `runs.run_grid`
+    reuses it instead of training it again. A run other runs start from is not restored (its
+    weights are what they need): the pair (group ``pair``) is built again and checked against
+    its record (`runs.prepare_pair`); a pilot's starts are trained again. Returns the
+    restored run names."""
+    runs, restored = Path(results_root) / "runs", []
+    for record in exported_runs(results_root):
+        try:
+            labels = json.loads((record / "labels.json").read_text())
+            finished = json.loads((record / "manifest.json").read_text()).get("status") == "finished"
+        except (FileNotFoundError, json.JSONDecodeError):
+            continue
+        run_dir = runs / record.name
+        starts_others = labels.get("group") == "pair" or str(labels.get("method", "")).startswith("pilot_start_")
+        if starts_others or not finished or (run_dir / "manifest.json").exists():
+            continue
+        for name in COPIED:
+            if (record / name).exists():
+                _write_if_changed(run_dir / name, (record / name).read_bytes())
+        _write_if_changed(run_dir / RESTORED, (dumps({"from": f"{DATA}/{record.name}"}) + "\n").encode())
+        restored.append(record.name)
+    return restored
 
 
 def export_all(results_root: str | os.PathLike) -> list[Path]:
