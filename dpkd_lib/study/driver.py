@@ -273,7 +273,7 @@ def runs_here(profile: str, stem: str, params_dir: str | os.PathLike = "params")
     setup = describe_setup(profile, stem, params_dir)
     if not setup:
         if "steps" in params:
-            return f"{stem} needs no model: toy distributions, the same in every profile."
+            return f"{stem} needs no model: toy distributions, the same in every profile (only the number of steps differs)."
         return f"{stem} reads only results/{profile}/ (the runs of 01-03) and needs no model."
     reuse = " (notebook 01's pair)" if params.get("use_built_pair") else ""
     return (f"{stem} runs in the {profile} profile{reuse}: teacher {setup['teacher']}; "
