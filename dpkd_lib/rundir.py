@@ -246,6 +246,10 @@ def machine() -> dict:
     return facts
 
 
+#: a run folder rebuilt from its committed record (study.rundata.restore_runs): params,
+#: summary, manifest and labels only, no weights and no training state
+RESTORED = "restored.json"
+
 class RunDir:
     """One run's folder. `prepare` enforces the no-clobber rule before any work starts."""
 
@@ -340,7 +344,10 @@ class RunDir:
             log.info("removed temporaries of an earlier process in %s: %s", self.path, ", ".join(removed))
 
     def no_progress(self) -> bool:
-        """A run that stopped (failed, interrupted) before its first checkpoint."""
+        """A run that stopped (failed, interrupted) before its first checkpoint, or a folder
+        rebuilt from a committed record (`RESTORED`: a copy, nothing trained here)."""
+        if self.file(RESTORED).exists():
+            return True
         return self.manifest.get("status") in ("failed", "interrupted") and not self.has_checkpoint()
 
     def _move_aside(self) -> None:

@@ -204,13 +204,45 @@ def test_a_study_continues_from_its_committed_record(tmp_path):
     assert again == json.loads(record["summary.json"]) and not (root / "runs" / "kd_s1" / "metrics.jsonl").exists(), "reused, not trained"
     assert {p.name: p.read_bytes() for p in (root / "data" / "kd_s1").iterdir()} == record
 
-    # a pair that evaluates differently from its record (another machine, other code): refused
-    shutil.rmtree(root / "runs" / "teacher")
+    assert not (root / "runs" / rundata.PAIR_CHECK).exists(), "both checked, the check is done"
+
+    # a pair that evaluates differently from its record (another machine, other code): refused,
+    # and the restored runs go with the refusal, so the next attempt trains them from this pair
+    shutil.rmtree(root / "runs")
     rows = rundata.read_eval_rows(root / "data" / "teacher")
     rows[0]["rouge_l"] = rows[0]["rouge_l"] + 0.5
     (root / "data" / "teacher" / rundata.EVAL_ROWS).write_bytes(
         gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode(), mtime=0))
+    assert rundata.restore_runs(root) == ["kd_s1"]
     with pytest.raises(ConfigError, match="rebuilt teacher .* evaluates differently from its committed record"):
         runs.prepare_pair(base, root, main["pair"], progress=False)
+    assert not (root / "runs" / "kd_s1").exists() and not (root / "runs" / rundata.PAIR_CHECK).exists()
+    runs.prepare_pair(base, root, main["pair"], progress=False)   # the rebuilt pair stands
+    runs.run_grid(base, grid, root, pair=runs.pair_from_results(root), progress=False, verbose=False)
+    assert (root / "runs" / "kd_s1" / "metrics.jsonl").exists(), "trained again from this pair"
+    # a restored run whose params changed holds no progress: it is replaced, not refused
+    shutil.rmtree(root / "runs" / "kd_s1")
+    assert rundata.restore_runs(root) == ["kd_s1"]
+    changed = [(n, ov + ["train.max_steps=3"], lab) for n, ov, lab in grid]
+    runs.run_grid(base, changed, root, pair=runs.pair_from_results(root), progress=False, verbose=False)
+    assert json.loads((root / "data" / "kd_s1" / "summary.json").read_text()) != json.loads(record["summary.json"])
     with pytest.raises(ConfigError, match="--resume .* --force"):
         study.run_study("smoke", results_root=tmp_path / "x", resume=True, force=True, log_output=False)
+
+
+def test_a_study_is_not_continued_on_another_model_of_machine(tmp_path, monkeypatch):
+    """Another CPU's vector units give other sums (the same seeds moved NLL by up to 0.07 on
+    two CPUs): the record's machine is compared before anything is restored or built."""
+    from dpkd_lib import rundir
+    from dpkd_lib.study import rundata
+    record = tmp_path / "res" / "data" / "sft_s1"
+    record.mkdir(parents=True)
+    (record / "summary.json").write_text("{}")
+    (record / "labels.json").write_text(json.dumps({"method": "sft", "group": "main"}))
+    here = rundir.machine()
+    (record / "manifest.json").write_text(json.dumps({"status": "finished", "machine": here}))
+    assert rundata.restore_runs(tmp_path / "res") == ["sft_s1"]            # the same machine: restored
+    (record / "manifest.json").write_text(json.dumps({"status": "finished", "machine": dict(
+        here, cpu_model="Other CPU @ 1.00GHz", vector_extensions=["sse4_2", "avx2"])}))
+    with pytest.raises(ValueError, match=r"made on \('Other CPU @ 1.00GHz', \('sse4_2', 'avx2'\).*without RESUME=1"):
+        rundata.restore_runs(tmp_path / "res")

@@ -23,6 +23,7 @@ finished runs of an older results root.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import tempfile
@@ -34,8 +35,8 @@ DATA = "data"
 COPIED = ("summary.json", "params.yaml", "labels.json", "manifest.json",
           MEMORY_FILE := "memory.json")   # the measured peak per phase, when the run was measured
 EVAL_ROWS, METRICS = "eval_rows.jsonl.gz", "metrics.jsonl.gz"
-#: marks a run folder rebuilt from its record (`restore_runs`): no weights, nothing to export
-RESTORED = "restored.json"
+#: the pair's committed eval rows a continued study checks its rebuilt pair against (`restore_runs`)
+PAIR_CHECK = ".restored_pair.json"
 #: eval row fields that belong to the data split, not to the run (the same in every run)
 SPLIT_FIELDS = ("prompt", "reference", "references")
 
@@ -72,18 +73,20 @@ def _jsonl_gz(rows) -> bytes:
 def export_run(run_dir: str | os.PathLike, results_root: str | os.PathLike) -> Path | None:
     """Copy a finished run's record into ``<results_root>/data/<run name>``; returns that
     folder, or None when the run is not finished (nothing is written)."""
+    from ..rundir import RESTORED   # rundir imports torch: tables are rebuilt without it
     run_dir = Path(run_dir)
-    if (run_dir / RESTORED).exists():   # made from data/<run>: the record is already the source
-        return data_root(results_root) / run_dir.name
+    restored = (run_dir / RESTORED).exists()   # made from data/<run>: its rows are the record already
     try:
         if json.loads((run_dir / "manifest.json").read_text()).get("status") != "finished":
             return None
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     out = data_root(results_root) / run_dir.name
-    for name in COPIED:
+    for name in COPIED:   # labels.json too: run_grid rewrites it with the params' current labels
         if (run_dir / name).exists():
             _write_if_changed(out / name, (run_dir / name).read_bytes())
+    if restored:
+        return out
     rows = read_jsonl(run_dir / "eval.jsonl") if (run_dir / "eval.jsonl").exists() else []
     _write_if_changed(out / EVAL_ROWS, _jsonl_gz({k: v for k, v in r.items() if k not in SPLIT_FIELDS}
                                                 for r in rows))
@@ -101,7 +104,15 @@ def restore_runs(results_root: str | os.PathLike) -> list[str]:
     weights are what they need): the pair (group ``pair``) is built again and checked against
     its record (`runs.prepare_pair`); a pilot's starts are trained again. Returns the
     restored run names."""
-    runs, restored = Path(results_root) / "runs", []
+    from ..rundir import RESTORED, machine
+    here = _numerics(machine())
+    others = sorted({str(_numerics(json.loads((r / "manifest.json").read_text()).get("machine") or {}))
+                     for r in exported_runs(results_root) if (r / "manifest.json").exists()} - {str(here)})
+    if others:   # another CPU's vector units give other sums: the study's runs come from one model of machine
+        raise ValueError(f"{data_root(results_root)} holds runs made on {'; '.join(others)}, and this machine is "
+                         f"{here}: a study continued here would mix machines (their sums differ); run it "
+                         f"without RESUME=1 to train every run here")
+    runs, restored, pair = Path(results_root) / "runs", [], {}
     for record in exported_runs(results_root):
         try:
             labels = json.loads((record / "labels.json").read_text())
@@ -109,6 +120,8 @@ def restore_runs(results_root: str | os.PathLike) -> list[str]:
         except (FileNotFoundError, json.JSONDecodeError):
             continue
         run_dir = runs / record.name
+        if labels.get("group") == "pair":
+            pair[record.name] = _digest(record / EVAL_ROWS)
         starts_others = labels.get("group") == "pair" or str(labels.get("method", "")).startswith("pilot_start_")
         if starts_others or not finished or (run_dir / "manifest.json").exists():
             continue
@@ -117,7 +130,52 @@ def restore_runs(results_root: str | os.PathLike) -> list[str]:
                 _write_if_changed(run_dir / name, (record / name).read_bytes())
         _write_if_changed(run_dir / RESTORED, (dumps({"from": f"{DATA}/{record.name}"}) + "\n").encode())
         restored.append(record.name)
+    if restored:   # what the rebuilt pair must evaluate to (runs.prepare_pair), until it has
+        _write_if_changed(runs / PAIR_CHECK, (dumps(pair, indent=1) + "\n").encode())
     return restored
+
+
+def _numerics(facts: dict) -> tuple:
+    """What of a machine (rundir.machine) decides a run's sums: CPU model, vector extensions, GPU."""
+    return (facts.get("cpu_model", ""), tuple(facts.get("vector_extensions") or ()), facts.get("gpu"))
+
+
+def _digest(path: Path) -> str | None:
+    """The rows file's hash (its bytes are a function of its rows: `_jsonl_gz`); None: no file."""
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+def check_rebuilt_pair(results_root: str | os.PathLike, name: str, role: str) -> None:
+    from ..rundir import RESTORED
+    """After a continued study built pair run ``name`` again (runs.prepare_pair): its exported
+    eval rows must be the committed ones `restore_runs` recorded, else the restored runs were
+    trained from another model: they are removed (copies of their records; data/ keeps them)
+    with the check itself, and a ValueError says so. A pass clears ``name`` from the check."""
+    runs = Path(results_root) / "runs"
+    try:
+        expected = json.loads((runs / PAIR_CHECK).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return
+    if name not in expected:
+        return
+    if expected[name] is None or _digest(data_root(results_root) / name / EVAL_ROWS) != expected[name]:
+        for marker in runs.glob(f"*/{RESTORED}"):
+            for f in marker.parent.iterdir():
+                f.unlink()
+            marker.parent.rmdir()
+        (runs / PAIR_CHECK).unlink()
+        why = ("has no committed eval rows to check it against" if expected[name] is None else
+               f"evaluates differently from its committed record in {data_root(results_root) / name} "
+               f"(git diff shows it)")
+        raise ValueError(f"the rebuilt {role} ({name}) {why}: the runs restored from data/ were trained from "
+                         f"another {role} (another machine or code), so they were removed; run again without "
+                         f"RESUME=1 to train them from this one")
+    del expected[name]
+    if expected:
+        _write_if_changed(runs / PAIR_CHECK, (dumps(expected, indent=1) + "\n").encode())
+    else:
+        (runs / PAIR_CHECK).unlink()
+
 
 
 def export_all(results_root: str | os.PathLike) -> list[Path]:

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 
 from ..config import ConfigError, apply_overrides, from_dict, load_yaml, merge, teacher_use_of, to_dict
 from ..errors import out_of_resources
-from .rundata import MEMORY_FILE, RESTORED, data_root, export_run, read_eval_rows
+from .rundata import MEMORY_FILE, check_rebuilt_pair, export_run
 
 #: the keys of a model section that say where its weights come from (a pair replaces them)
 WEIGHT_KEYS = ("source", "name_or_path", "arch", "n_layer", "n_embd", "n_head", "seed", "prune_to")
@@ -313,16 +313,13 @@ def prepare_pair(base_params: str | Path, results_root: str | Path, spec: dict, 
     for role in [r for r in ("teacher", "student") if r in spec]:
         how, name = spec[role], names[role]
         if "build" in how:
-            recorded = _recorded_pair_rows(results_root, name)
             run_grid(base_params, [(name, as_overrides(how["build"]),
                                     {"method": name, "group": "pair", "label": DISPLAY[name]})],
                      results_root, force=force, progress=progress, pair=pair or None)
-            if recorded is not None and read_eval_rows(data_root(results_root) / name) != recorded:
-                raise ConfigError(
-                    f"the rebuilt {role} ({name}) evaluates differently from its committed record in "
-                    f"{data_root(results_root) / name} (git diff shows it): the runs restored from data/ were "
-                    f"trained from another {role} (another machine or code); run again without RESUME=1, or "
-                    f"with FORCE=1, to train them from this one")
+            try:   # a continued study (RESUME=1): the rebuilt model must be the recorded one
+                check_rebuilt_pair(results_root, name, role)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
             pair[role] = _saved(Path(results_root) / "runs" / name)
         else:
             evaluate_models(base_params, {name: how["model"]}, results_root, teacher=pair.get("teacher"),
@@ -336,16 +333,6 @@ def arm_runs(name: str, arm: dict) -> list[tuple[str, list, dict]]:
     "methods"}`` (see `method_runs`); the arm's name is the runs' group."""
     runs = method_runs(arm["methods"], prefix=arm.get("prefix", ""), group=name, common=arm.get("common"))
     return [(n, ov, dict(labels, arm=arm.get("label", name))) for n, ov, labels in runs]
-
-
-def _recorded_pair_rows(results_root: str | Path, name: str) -> list[dict] | None:
-    """A continued study (`rundata.restore_runs` put runs back from data/): the committed
-    eval rows of the pair run ``name`` about to be built again, to check the rebuilt model
-    against them; None when nothing was restored or the run folder is already there."""
-    runs = Path(results_root) / "runs"
-    if _finished(runs / name) or not any(runs.glob(f"*/{RESTORED}")):
-        return None
-    return read_eval_rows(data_root(results_root) / name) or None
 
 
 def pair_from_results(results_root: str | Path, *, teacher: bool = True, student: bool = True) -> dict:
