@@ -244,5 +244,5 @@ def test_a_study_is_not_continued_on_another_model_of_machine(tmp_path, monkeypa
     assert rundata.restore_runs(tmp_path / "res") == ["sft_s1"]            # the same machine: restored
     (record / "manifest.json").write_text(json.dumps({"status": "finished", "machine": dict(
         here, cpu_model="Other CPU @ 1.00GHz", vector_extensions=["sse4_2", "avx2"])}))
-    with pytest.raises(ValueError, match=r"made on \('Other CPU @ 1.00GHz', \('sse4_2', 'avx2'\).*without RESUME=1"):
+    with pytest.raises(ConfigError, match=r"made on \('Other CPU @ 1.00GHz', \('sse4_2', 'avx2'\).*without RESUME=1"):
         rundata.restore_runs(tmp_path / "res")

@@ -554,10 +554,7 @@ def run_study(profile: str, *, force: bool = False, only: str | None = None,
         with _stop_requests() as asked:
             if resume:
                 from .rundata import restore_runs
-                try:
-                    restored = restore_runs(root)
-                except ValueError as err:
-                    raise ConfigError(str(err)) from None
+                restored = restore_runs(root)
                 print(f"[study] continuing from {shown_root}/data: {len(restored)} finished run"
                       f"{'s' if len(restored) != 1 else ''} restored (reused, not trained again); the pair "
                       f"is built again and checked against its record", flush=True)

@@ -26,9 +26,11 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
+from ..errors import ConfigError
 from ..io import dumps, read_jsonl
 
 DATA = "data"
@@ -102,35 +104,39 @@ def restore_runs(results_root: str | os.PathLike) -> list[str]:
     (params, summary, manifest, labels; no weights, no eval rows), so that `runs.run_grid`
     reuses it instead of training it again. A run other runs start from is not restored (its
     weights are what they need): the pair (group ``pair``) is built again and checked against
-    its record (`runs.prepare_pair`); a pilot's starts are trained again. Returns the
+    its record (`check_rebuilt_pair`); a pilot's starts are trained again. A record made on
+    another kind of machine is refused (ConfigError) before anything is written. Returns the
     restored run names."""
     from ..rundir import RESTORED, machine
-    here = _numerics(machine())
-    others = sorted({str(_numerics(json.loads((r / "manifest.json").read_text()).get("machine") or {}))
-                     for r in exported_runs(results_root) if (r / "manifest.json").exists()} - {str(here)})
-    if others:   # another CPU's vector units give other sums: the study's runs come from one model of machine
-        raise ValueError(f"{data_root(results_root)} holds runs made on {'; '.join(others)}, and this machine is "
-                         f"{here}: a study continued here would mix machines (their sums differ); run it "
-                         f"without RESUME=1 to train every run here")
-    runs, restored, pair = Path(results_root) / "runs", [], {}
+    records = []
     for record in exported_runs(results_root):
         try:
             labels = json.loads((record / "labels.json").read_text())
-            finished = json.loads((record / "manifest.json").read_text()).get("status") == "finished"
+            manifest = json.loads((record / "manifest.json").read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             continue
+        records.append((record, labels, manifest))
+    here = _numerics(machine())
+    others = sorted({str(_numerics(m.get("machine") or {})) for _, _, m in records} - {str(here)})
+    if others:   # another CPU's vector units give other sums: the study's runs come from one model of machine
+        raise ConfigError(f"{data_root(results_root)} holds runs made on {'; '.join(others)}, and this machine is "
+                          f"{here}: a study continued here would mix machines (their sums differ); run it "
+                          f"without RESUME=1 to train every run here")
+    runs, restored, pair = Path(results_root) / "runs", [], {}
+    for record, labels, manifest in records:
         run_dir = runs / record.name
         if labels.get("group") == "pair":
             pair[record.name] = _digest(record / EVAL_ROWS)
-        starts_others = labels.get("group") == "pair" or str(labels.get("method", "")).startswith("pilot_start_")
-        if starts_others or not finished or (run_dir / "manifest.json").exists():
+            continue
+        if (str(labels.get("method", "")).startswith("pilot_start_") or manifest.get("status") != "finished"
+                or (run_dir / "manifest.json").exists()):
             continue
         for name in COPIED:
             if (record / name).exists():
                 _write_if_changed(run_dir / name, (record / name).read_bytes())
         _write_if_changed(run_dir / RESTORED, (dumps({"from": f"{DATA}/{record.name}"}) + "\n").encode())
         restored.append(record.name)
-    if restored:   # what the rebuilt pair must evaluate to (runs.prepare_pair), until it has
+    if restored:   # what the rebuilt pair must evaluate to (check_rebuilt_pair), until it has
         _write_if_changed(runs / PAIR_CHECK, (dumps(pair, indent=1) + "\n").encode())
     return restored
 
@@ -146,11 +152,11 @@ def _digest(path: Path) -> str | None:
 
 
 def check_rebuilt_pair(results_root: str | os.PathLike, name: str, role: str) -> None:
-    from ..rundir import RESTORED
     """After a continued study built pair run ``name`` again (runs.prepare_pair): its exported
     eval rows must be the committed ones `restore_runs` recorded, else the restored runs were
     trained from another model: they are removed (copies of their records; data/ keeps them)
-    with the check itself, and a ValueError says so. A pass clears ``name`` from the check."""
+    with the check itself, and a ConfigError says so. A pass clears ``name`` from the check."""
+    from ..rundir import RESTORED
     runs = Path(results_root) / "runs"
     try:
         expected = json.loads((runs / PAIR_CHECK).read_text())
@@ -160,22 +166,19 @@ def check_rebuilt_pair(results_root: str | os.PathLike, name: str, role: str) ->
         return
     if expected[name] is None or _digest(data_root(results_root) / name / EVAL_ROWS) != expected[name]:
         for marker in runs.glob(f"*/{RESTORED}"):
-            for f in marker.parent.iterdir():
-                f.unlink()
-            marker.parent.rmdir()
+            shutil.rmtree(marker.parent)
         (runs / PAIR_CHECK).unlink()
         why = ("has no committed eval rows to check it against" if expected[name] is None else
                f"evaluates differently from its committed record in {data_root(results_root) / name} "
                f"(git diff shows it)")
-        raise ValueError(f"the rebuilt {role} ({name}) {why}: the runs restored from data/ were trained from "
-                         f"another {role} (another machine or code), so they were removed; run again without "
-                         f"RESUME=1 to train them from this one")
+        raise ConfigError(f"the rebuilt {role} ({name}) {why}: the runs restored from data/ were trained from "
+                          f"another {role} (another machine or code), so they were removed; run again without "
+                          f"RESUME=1 to train them from this one")
     del expected[name]
     if expected:
         _write_if_changed(runs / PAIR_CHECK, (dumps(expected, indent=1) + "\n").encode())
     else:
         (runs / PAIR_CHECK).unlink()
-
 
 
 def export_all(results_root: str | os.PathLike) -> list[Path]:

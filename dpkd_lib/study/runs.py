@@ -102,7 +102,8 @@ def check_readouts(primary: dict, arms: dict, base_params: str | Path, pair: dic
         switch = METRIC_SWITCH.get(metric)
         if switch is None:
             continue
-        default = base_eval.get(switch.split(".", 1)[1], getattr(EvalConfig(), switch.split(".", 1)[1]))
+        key = switch.split(".", 1)[1]
+        default = base_eval.get(key, getattr(EvalConfig(), key))
         where = {f"arms.{name}.methods.{method}": ((spec or {}).get("overrides") or {}).get(
                      switch, (arm.get("common") or {}).get(switch, default))
                  for name, arm in arms.items() for method, spec in arm["methods"].items()}
@@ -316,10 +317,7 @@ def prepare_pair(base_params: str | Path, results_root: str | Path, spec: dict, 
             run_grid(base_params, [(name, as_overrides(how["build"]),
                                     {"method": name, "group": "pair", "label": DISPLAY[name]})],
                      results_root, force=force, progress=progress, pair=pair or None)
-            try:   # a continued study (RESUME=1): the rebuilt model must be the recorded one
-                check_rebuilt_pair(results_root, name, role)
-            except ValueError as err:
-                raise ConfigError(str(err)) from None
+            check_rebuilt_pair(results_root, name, role)   # a continued study (RESUME=1): the recorded model
             pair[role] = _saved(Path(results_root) / "runs" / name)
         else:
             evaluate_models(base_params, {name: how["model"]}, results_root, teacher=pair.get("teacher"),
