@@ -52,10 +52,18 @@ def digits(metric: str) -> int:
     return 3 if metric in NATS else 1
 
 
+def comparisons(tables: Path = TABLES) -> pd.DataFrame:
+    """comparisons.csv; tables from before several readouts were declared have no metric
+    column: theirs was ROUGE-L."""
+    df = pd.read_csv(tables / "comparisons.csv")
+    if "metric" not in df:
+        df["metric"] = "ROUGE-L"
+    return df
+
+
 def declared(tables: Path = TABLES) -> list[str]:
     """The declared readouts, in their order: the metric column of comparisons.csv."""
-    df = pd.read_csv(tables / "comparisons.csv")
-    return list(dict.fromkeys(df["metric"])) if "metric" in df else ["ROUGE-L"]
+    return list(dict.fromkeys(comparisons(tables)["metric"]))
 
 
 def scores(tables: Path = TABLES) -> pd.DataFrame:
@@ -63,9 +71,9 @@ def scores(tables: Path = TABLES) -> pd.DataFrame:
     ones, then ROUGE-L and response length): the first number of each cell of
     main_released.csv (the mean over seeds)."""
     df = pd.read_csv(tables / "main_released.csv")
-    rows = {}
+    rows, readouts = {}, dict.fromkeys([*declared(tables), *SHOWN])
     for split in SPLITS:
-        for metric in dict.fromkeys([*declared(tables), *SHOWN]):
+        for metric in readouts:
             col = f"{split} {metric}"
             if col in df:
                 rows[(split, metric)] = pd.to_numeric(df[col].astype(str).str.split().str[0], errors="coerce").values
@@ -77,9 +85,7 @@ def _cell(v: float, metric: str) -> str:
 
 
 def comparison_lines(tables: Path = TABLES) -> list[str]:
-    df = pd.read_csv(tables / "comparisons.csv")
-    if "metric" not in df:
-        df["metric"] = "ROUGE-L"
+    df = comparisons(tables)
     lines = []
     for (metric, a, b), rows in df.groupby(["metric", "a", "b"], sort=False):
         k, parts, verdicts = digits(metric), [], []
@@ -98,18 +104,17 @@ def comparison_lines(tables: Path = TABLES) -> list[str]:
 
 def answer_line(tables: Path = TABLES) -> str:
     """The answer in one sentence, from the verdicts of the declared comparisons."""
-    df = pd.read_csv(tables / "comparisons.csv")
-    metric = df["metric"] if "metric" in df else pd.Series("ROUGE-L", index=df.index)
+    df = comparisons(tables)
     shown = df[df["verdict"].isin(["better", "worse"])]
     n = len(df)
     pairs = (f"{' and '.join(dict.fromkeys(df['a']))} against {' and '.join(dict.fromkeys(df['b']))}, "
-             f"on {' and '.join(dict.fromkeys(metric))}, "
+             f"on {' and '.join(dict.fromkeys(df['metric']))}, "
              f"on {' and '.join(SPLITS.get(x, x) for x in dict.fromkeys(df['split']))}")
     if shown.empty:
         return (f"- **The answer**: none of the {n} declared comparisons ({pairs}) shows a "
                 "difference at this budget: no method is shown to beat another, nor to be worse.")
-    found = "; ".join(f"{r['a']} {r['verdict']} than {r['b']} on {metric[i]}, {SPLITS.get(r['split'], r['split'])}"
-                      for i, r in shown.iterrows())
+    found = "; ".join(f"{r['a']} {r['verdict']} than {r['b']} on {r['metric']}, {SPLITS.get(r['split'], r['split'])}"
+                      for _, r in shown.iterrows())
     return (f"- **The answer**: {len(shown)} of the {n} declared comparisons ({pairs}) show a "
             f"difference: {found}; the others show none.")
 
