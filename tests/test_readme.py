@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import re
 from pathlib import Path
@@ -46,13 +47,18 @@ def block() -> str:
     return text[text.index(rr.BEGIN) + len(rr.BEGIN):text.index(rr.END)]
 
 
-def method_key(label: str, profile: str = "cpu") -> str:
-    """The README's column label -> main_numeric.csv's method key: the released arm's labels
-    in the profile's params, else the display names."""
+@functools.lru_cache
+def _method_keys(profile: str) -> dict:
     released = yaml.safe_load((ROOT / "params" / profile / "01_gpt2_120m.yaml").read_text())["arms"]["released"]
     labels = {v: k for k, v in DISPLAY.items()}
     labels.update({spec["label"]: m for m, spec in released["methods"].items() if (spec or {}).get("label")})
-    return labels[label]
+    return labels
+
+
+def method_key(label: str, profile: str = "cpu") -> str:
+    """The README's column label -> main_numeric.csv's method key: the released arm's labels
+    in the profile's params, else the display names."""
+    return _method_keys(profile)[label]
 
 
 def close(shown: str, value: float, digits: int = 1) -> bool:
@@ -72,7 +78,7 @@ def test_the_score_table_matches_the_raw_means():
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = [[c.strip() for c in l.strip("|").split("|")] for l in lines[2:]]
     raw = pd.read_csv(TABLES / "main_numeric.csv").set_index(["method", "split"])
-    declared = list(dict.fromkeys(pd.read_csv(TABLES / "comparisons.csv")["metric"]))
+    declared = rr.declared(TABLES)
     assert header[:2] == ["split", "readout"]
     shown = [(SPLIT_OF[row[0]], row[1].removesuffix(" (declared)")) for row in rows]
     # every declared readout is shown, marked, on every split, with ROUGE-L beside it
