@@ -1065,6 +1065,13 @@ def ablation_comparisons(df, splits: Sequence[str], *, metric: str = "rouge_l", 
     return [dict(r, a_label=names.get(r["a"])) for r in compare(ex, pairs, splits, metric=metric, alpha=alpha)]
 
 
+def declared_ablation_comparisons(df, splits: Sequence[str], primary: dict) -> list[dict]:
+    """`ablation_comparisons` on each metric notebook 01 declares (``primary``), at its α and
+    decoding: a Holm family per metric (what notebook 03 shows, tables/ablation_comparisons)."""
+    return [r for metric in as_list(primary["metric"]) for r in ablation_comparisons(
+        df, splits, metric=metric, alpha=primary["alpha"], decoding=primary.get("decoding", "greedy"))]
+
+
 def main_figure(df, methods: Sequence[str], splits: Sequence[str], metric: str = "rouge_l", *,
                 moved: Sequence[dict] | None = None):
     """Each method's change from the starting student on each split, with its 95 % interval
@@ -1432,9 +1439,7 @@ def write_results(results_root: str | Path, design: dict) -> dict:
 
     if design.get("reference_runs") and not df[df["group"] == "ablation"].empty:
         table("ablations", ablation_table(df, design["reference_runs"], splits=splits))
-        table("ablation_comparisons", comparisons_table(
-            [r for metric in as_list(primary["metric"]) for r in ablation_comparisons(
-                df, splits, metric=metric, alpha=primary["alpha"], decoding=primary.get("decoding", "greedy"))]), ".3f")
+        table("ablation_comparisons", comparisons_table(declared_ablation_comparisons(df, splits, primary)), ".3f")
     if design.get("reference_runs"):   # notebook 03's monitors
         fam = monitor_runs(df)
         if not fam.empty:
