@@ -1133,39 +1133,42 @@ def main_figure(df, methods: Sequence[str], splits: Sequence[str], metric: str =
 
 
 def difference_figure(comparisons: Sequence[dict]):
-    """The declared comparisons: each difference a − b with its interval at the level its
-    family needs (Bonferroni, 1 − α/m), coloured by its Holm verdict, the value written beside it; where the statistics
-    give a minimum detectable difference (``mdd``), its ±mdd is marked as grey ticks."""
+    """The declared comparisons, a panel per readout (each on its own scale: nats of NLL and of
+    KL are not one axis): each difference a − b with its interval at the level its family needs
+    (Bonferroni, 1 − α/m), coloured by its Holm verdict, the value written beside it; where the
+    statistics give a minimum detectable difference (``mdd``), its ±mdd is marked as grey ticks."""
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    fig, ax = plt.subplots(figsize=(7.2, 0.42 * len(comparisons) + 1.5))
+    groups: dict[str, list[dict]] = {}
+    for r in comparisons:
+        groups.setdefault(r["metric"], []).append(r)
+    sizes = [len(rows) for rows in groups.values()]
+    fig, axes = plt.subplots(len(groups), 1, squeeze=False, gridspec_kw={"height_ratios": sizes},
+                             figsize=(7.2, 0.42 * len(comparisons) + 1.1 * len(groups) + 0.6))
     verdicts = {"better": "#55A868", "worse": "#C44E52", "no difference shown": "#555555",
                 "not compared (one seed)": "#BBBBBB"}
-    for i, r in enumerate(comparisons):
-        colour = verdicts.get(r["verdict"], "#555555")
-        ax.errorbar(r["delta"], i, xerr=[[r["delta"] - r["ci_lo"]], [r["ci_hi"] - r["delta"]]], fmt="o",
-                    color=colour, capsize=3, ms=5)
-        mdd = r.get("mdd")
-        if mdd is not None and not (isinstance(mdd, float) and math.isnan(mdd)):
-            ax.plot([-mdd, mdd], [i, i], "|", color="gray", ms=10, mew=1.5)
-        k = _digits(r["metric"])
-        ax.annotate(f"{r['delta']:+.{k}f} [{r['ci_lo']:+.{k}f}, {r['ci_hi']:+.{k}f}]  {100 * r['ci_level']:.1f} %",
-                    (1.01, i), xycoords=("axes fraction", "data"), va="center", fontsize=7)
-    ax.axvline(0, color="black", lw=0.8)
-    names = list(dict.fromkeys(METRIC_LABELS.get(r["metric"], r["metric"]) for r in comparisons))
-    ax.set_yticks(range(len(comparisons)), [
-        f"{label(r['a'])} − {label(r['b'])}  ({r['split']}" + (f", {METRIC_LABELS.get(r['metric'], r['metric'])})"
-                                                              if len(names) > 1 else ")") for r in comparisons])
-    ax.invert_yaxis()
-    what = f"difference in {names[0]}" if len(names) == 1 else "difference in each readout's own unit"
-    ax.set_xlabel(f"{what} (a − b), t interval over paired seeds at its Bonferroni level")
-    ax.grid(axis="y", visible=False)
+    keys = {name: key for key, name in METRIC_LABELS.items()}   # rows may carry the label ("NLL")
+    for ax, (metric, rows) in zip(axes[:, 0], groups.items()):
+        k = _digits(keys.get(metric, metric))
+        for i, r in enumerate(rows):
+            ax.errorbar(r["delta"], i, xerr=[[r["delta"] - r["ci_lo"]], [r["ci_hi"] - r["delta"]]], fmt="o",
+                        color=verdicts.get(r["verdict"], "#555555"), capsize=3, ms=5)
+            mdd = r.get("mdd")
+            if mdd is not None and not (isinstance(mdd, float) and math.isnan(mdd)):
+                ax.plot([-mdd, mdd], [i, i], "|", color="gray", ms=10, mew=1.5)
+            ax.annotate(f"{r['delta']:+.{k}f} [{r['ci_lo']:+.{k}f}, {r['ci_hi']:+.{k}f}]  {100 * r['ci_level']:.1f} %",
+                        (1.01, i), xycoords=("axes fraction", "data"), va="center", fontsize=7)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_yticks(range(len(rows)), [f"{label(r['a'])} − {label(r['b'])}  ({r['split']})" for r in rows])
+        ax.set_ylim(len(rows) - 0.5, -0.5)
+        ax.set_xlabel(f"difference in {METRIC_LABELS.get(metric, metric)} (a − b)", fontsize=9)
+        ax.grid(axis="y", visible=False)
     handles = [Line2D([], [], color=c, marker="o", ls="", label=v) for v, c in verdicts.items()
                if any(r["verdict"] == v for r in comparisons)]
     if any(r.get("mdd") is not None for r in comparisons):
         handles.append(Line2D([], [], color="gray", marker="|", ls="", ms=10, label="± minimum detectable"))
-    ax.set_title("The declared comparisons")
+    axes[0, 0].set_title("The declared comparisons: t intervals over paired seeds at their Bonferroni level")
     fig.tight_layout(rect=(0, 0.3 / fig.get_figheight(), 1, 1))
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=len(handles))
