@@ -146,7 +146,13 @@ def test_verdict_and_mechanism_words_follow_the_intervals():
             comparison("dpkd_seq", "kd", 2.1, -1.3, 6.7, "no difference shown", 0.975)]
     text = report.verdict_text(none)
     assert text.startswith("**None of the 2 declared comparisons is called**")
-    assert "from -1.4 ROUGE-L (DPKD-token − SFT, test) to +6.7 (DPKD-seq − KD, test)" in text
+    assert "ROUGE-L: the intervals leave open differences from -1.4 (DPKD-token − SFT, test) to +6.7 (DPKD-seq − KD, test)" in text
+    # one training seed per method (cpu_full): no comparison is made, whatever the prompt-only intervals say
+    single = [dict(comparison("dpkd_token", "kd", 0.27, 0.195, 0.345, "not compared (one seed)"), metric="kl",
+                   n_seeds=1, interval="prompts")]
+    text = report.verdict_text(single)
+    assert text.startswith("**None of the 1 declared comparisons can be made here**") and "interval includes" not in text
+    assert "not compared on test KL(teacher‖student): they share one training seed, so Δ = +0.270 [+0.195, +0.345]" in text
     one = [none[0], comparison("dpkd_seq", "kd", 2.1, 0.3, 6.7, "better", 0.975)]
     text = report.verdict_text(one)
     assert text.startswith("**1 of the 2 declared comparisons is called.**") and "DPKD-seq beats KD" in text
@@ -155,9 +161,13 @@ def test_verdict_and_mechanism_words_follow_the_intervals():
     words = report.mechanism_text(split_rows(), moves, "test")
     assert "DPKD-token's own term carries 5 % of the raw gradient; the two cross-entropy terms carry 84 %" in words
     assert "not the DPKD term, drive most of the update (the DPKD term at most 5 %)" in words
-    assert "SFT (alone) moved the starting student up (+3.0 [+0.2, +5.9]" in words.replace("alone_sft", "SFT (alone)")
+    assert "Alone (test ROUGE-L), SFT (alone) moved the starting student up, better (+3.0 [+0.2, +5.9]" in words.replace(
+        "alone_sft", "SFT (alone)")
     assert "is not shown to move the starting student (+0.0 [-2.1, +1.8]" in words
-    assert "moved the starting student down (-3.6 [-6.2, -1.5]" in words
+    assert "moved the starting student down, worse (-3.6 [-6.2, -1.5]" in words
+    nll = [dict(moved("alone_kd", "test", -0.384, -0.51, -0.26, -2.3), metric="nll")]
+    assert "Alone (test NLL), KD alone moved the starting student down, better (-0.384 [-0.510, -0.260]" in \
+        report.mechanism_text(None, nll, "test").replace("alone_kd", "KD alone")
     assert "heldout" not in words
     big = split_rows().assign(share=lambda d: d["share"].where(d["term"] != "distill", 0.6))
     assert "drive most" not in report.mechanism_text(big, [], "test")
@@ -173,6 +183,9 @@ def test_setup_table_and_title_line_come_from_the_params():
     table = study.setup_table(study.NotebookConfig("cpu", "01_gpt2_120m", params, "r", True)).set_index("setup")
     assert "SFT ×4" in table.loc["arm: released mix", "in this run"]
     assert "80 steps, lr 0.0005, batch 8" in table.loc["arm: released mix", "in this run"]
+    alone = table.loc["arm: objective alone", "in this run"]   # each objective at its own rate says so
+    assert "DPKD-token alone, β 0.1 ×1 (lr 2e-05)" in alone and "KD alone ×1," in alone
+    assert "80 steps, lr 0.0005 unless given, batch 8" in alone
     assert "nll and kl (greedy decoding for the scores)" in table.loc["declared", "in this run"]
     assert "Holm over 16 tests" in table.loc["declared", "in this run"]
     assert len(table) == 6

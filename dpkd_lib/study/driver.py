@@ -299,15 +299,24 @@ def setup_table(cfg: NotebookConfig):
         return ", ".join(x for x in (f"{steps} steps" if steps else "", f"lr {float(lr):g}" if lr else "",
                                      f"batch {batch}" if batch else "") if x)
 
-    def methods(spec: dict) -> str:
-        return ", ".join(f"{m.get('label') or DISPLAY.get(k, k)} ×{len(m.get('seeds', [1]))}"
+    def methods(spec: dict, common: dict) -> str:
+        # a method that trains at its own rate (arm (b): each objective at the rate its grid chose) says so
+        arm_lr = common.get("train.lr", base_train.get("lr"))
+        def own(m: dict) -> str:
+            lr = (m.get("overrides") or {}).get("train.lr")
+            return f" (lr {float(lr):g})" if lr is not None and float(lr) != float(arm_lr) else ""
+        return ", ".join(f"{m.get('label') or DISPLAY.get(k, k)} ×{len(m.get('seeds', [1]))}{own(m)}"
                          for k, m in spec.items())
 
+    def line(spec: dict, common: dict) -> str:
+        listed = methods(spec, common)
+        text = f"{listed} (× seeds); {budget(common)} each"
+        return text.replace(", batch", " unless given, batch", 1) if "(lr " in listed else text
+
     for name, arm in (cfg.get("arms") or {}).items():
-        rows.append((f"arm: {arm.get('label', name)}", f"{methods(arm['methods'])} (× seeds); "
-                     f"{budget(arm.get('common') or {})} each"))
+        rows.append((f"arm: {arm.get('label', name)}", line(arm["methods"], arm.get("common") or {})))
     if cfg.get("methods"):
-        rows.append(("runs", f"{methods(cfg.methods)} (× seeds); {budget(cfg.get('common') or {})} each"))
+        rows.append(("runs", line(cfg.methods, cfg.get("common") or {})))
     if cfg.get("ablations"):
         rows.append(("ablations", f"{len(cfg.ablations)} variants, one change each from notebook 01's "
                      f"{', '.join(cfg.reference_runs.values())}; "

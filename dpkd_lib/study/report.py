@@ -1734,41 +1734,49 @@ def moved_brief(moved: Sequence[dict]):
 
 
 def _moved_words(m: dict) -> str:
-    lo, hi = m["moved_ci"]
-    ci = f"{m['moved']:+.1f} [{lo:+.1f}, {hi:+.1f}]"
+    """How far one method moved the start on one readout, in its own decimals, and which way
+    is better (lower NLL and KL are)."""
+    metric = m.get("metric", "rouge_l")
+    k, lo, hi = _digits(metric), *m["moved_ci"]
+    ci = f"{m['moved']:+.{k}f} [{lo:+.{k}f}, {hi:+.{k}f}]"
     if m.get("n_seeds", 2) < 2:   # no seed-to-seed variation in the interval
         ci += ", one seed: prompt sampling only"
-    if lo > 0:
-        return f"moved the starting student up ({ci}; the interval excludes 0)"
-    if hi < 0:
-        return f"moved the starting student down ({ci}; the interval excludes 0)"
+    if lo > 0 or hi < 0:
+        better = (hi < 0) == (metric in LOWER_IS_BETTER)
+        return (f"moved the starting student {'up' if lo > 0 else 'down'}, {'better' if better else 'worse'} "
+                f"({ci}; the interval excludes 0)")
     return f"is not shown to move the starting student ({ci}; the interval includes 0)"
 
 
 def verdict_text(comparisons: Sequence[dict]) -> str:
     """The answer's headline from the intervals: how many declared comparisons are called
-    (each called one in a sentence, `comparison_sentence`), and the range of differences the
-    intervals leave open."""
-    called = [r for r in comparisons if r["verdict"] in ("better", "worse")]
-    m = len(comparisons)
+    (each called one in a sentence, `comparison_sentence`), and, per readout, the range of
+    differences the intervals over seeds leave open. Where every pair shares one training seed
+    (cpu_full), none can be made: the headline says so rather than read the prompt-only intervals."""
     if not comparisons:
         return "No declared comparison could be computed (no evaluated runs)."
-    if not called:
-        head = f"**None of the {m} declared comparisons is called**: every interval includes 0."
+    called = [r for r in comparisons if r["verdict"] in ("better", "worse")]
+    over_seeds = [r for r in comparisons if r["verdict"] != "not compared (one seed)"]
+    m = len(comparisons)
+    if not over_seeds:
+        head = (f"**None of the {m} declared comparisons can be made here**: each pair of methods shares "
+                f"one training seed, so each difference below is prompt sampling only, not a comparison "
+                f"of methods (training seeds are the unit of replication).")
+    elif not called:
+        head = f"**None of the {m} declared comparisons is called**: every interval over seeds includes 0."
     else:
         head = f"**{len(called)} of the {m} declared comparisons {'is' if len(called) == 1 else 'are'} called.**"
-    name = METRIC_LABELS.get(comparisons[0]["metric"], comparisons[0]["metric"])
     lines = [head, ""] + [f"- {comparison_sentence(r)}" for r in comparisons
                           if r in called or r["verdict"] == "not compared (one seed)"]
-    over_seeds = [r for r in comparisons if r["verdict"] != "not compared (one seed)"]
-    if not over_seeds:   # the range below is about seed-replicated intervals only
-        return "\n".join(lines)
-    lo = min(over_seeds, key=lambda r: r["ci_lo"])
-    hi = max(over_seeds, key=lambda r: r["ci_hi"])
-    lines.append(f"- The intervals leave open differences from {lo['ci_lo']:+.1f} {name} "
-                 f"({label(lo['a'])} − {label(lo['b'])}, {lo['split']}) to {hi['ci_hi']:+.1f} "
-                 f"({label(hi['a'])} − {label(hi['b'])}, {hi['split']}): true differences of that size, "
-                 f"either way, are not ruled out by these seeds and prompts.")
+    for metric in dict.fromkeys(r["metric"] for r in over_seeds):
+        rows = [r for r in over_seeds if r["metric"] == metric]
+        k, name = _digits(metric), METRIC_LABELS.get(metric, metric)
+        lo = min(rows, key=lambda r: r["ci_lo"])
+        hi = max(rows, key=lambda r: r["ci_hi"])
+        lines.append(f"- {name}: the intervals leave open differences from {lo['ci_lo']:+.{k}f} "
+                     f"({label(lo['a'])} − {label(lo['b'])}, {lo['split']}) to {hi['ci_hi']:+.{k}f} "
+                     f"({label(hi['a'])} − {label(hi['b'])}, {hi['split']}): true differences of that size, "
+                     f"either way, are not ruled out by these seeds and prompts.")
     return "\n".join(lines)
 
 
@@ -1795,7 +1803,8 @@ def mechanism_text(split_df, moved: Sequence[dict], split: str) -> str:
                          f"of the update (the DPKD term at most {100 * max(dpkd.values()):.0f} %).")
     for m in moved:
         if m["split"] == split and str(m["method"]).startswith("alone_"):
-            lines.append(f"Alone ({split}), {m['label']} {_moved_words(m)}.")
+            name = METRIC_LABELS.get(m.get("metric", "rouge_l"), m.get("metric", "rouge_l"))
+            lines.append(f"Alone ({split} {name}), {m['label']} {_moved_words(m)}.")
     return "\n".join(f"- {line}" for line in lines)
 
 
