@@ -189,3 +189,27 @@ def test_setup_table_and_title_line_come_from_the_params():
     assert "nll and kl (greedy decoding for the scores)" in table.loc["declared", "in this run"]
     assert "Holm over 16 tests" in table.loc["declared", "in this run"]
     assert len(table) == 6
+
+
+def test_lora_words_read_the_plan_the_step_times_and_the_moves_beside_full_precision():
+    memory = pd.DataFrame({"run": ["l_sft_s1"] * 3, "phase": ["before training", "forward", "backward"],
+                           "measured / planned": [float("nan"), 1.16, 0.96]})
+    steps = pd.DataFrame({"run": ["l_sft_s1", "l_dpkd_token_s1"], "s / step": [3.5, 4.5], "against": ["sft_s1", "dpkd_token_s1"],
+                          "its s / step": [1.75, 1.5], "ratio": [2.0, 3.0]})
+
+    def mv(method, metric, delta, lo, hi):
+        return {"method": method, "label": method, "split": "test", "metric": metric, "moved": delta,
+                "moved_ci": (lo, hi), "n_seeds": 1, "gap": -2.3 if metric == "nll" else 39.0}
+    moved = [mv("l_sft", "nll", -0.1, -0.12, -0.08), mv("sft", "nll", -0.4, -0.5, -0.3),
+             mv("l_dpkd_token", "nll", -0.05, -0.07, -0.03), mv("dpkd_token", "nll", -0.5, -0.6, -0.4),
+             mv("l_sft", "rouge_l", -1.5, -3.7, 0.7), mv("sft", "rouge_l", 3.1, -0.4, 6.6)]
+    words = report.lora_words(memory, steps, moved, {"l_sft": "sft", "l_dpkd_token": "dpkd_token"})
+    assert "in the 2 phases the planner covers, the measured peak was 0.96–1.16 times the plan" in words
+    assert "2.0–3.0 times the seconds per step" in words and "l_sft_s1 3.50 s against 1.75 s" in words
+    assert ("test NLL, change from the start through LoRA against full precision: SFT -0.100 [-0.120, -0.080] "
+            "against -0.400 [-0.500, -0.300]; DPKD-token -0.050") in words
+    assert "test ROUGE-L, change from the start through LoRA against full precision: SFT -1.5 [-3.7, +0.7] against +3.1" in words
+    assert "moved NLL 10–25 % as far as full fine-tuning did" in words and "moved ROUGE-L" not in words
+    table = report.moved_brief(moved)   # two readouts: a column per split and readout, each in its decimals
+    assert list(table.columns[1:3]) == ["test NLL: change from the start [95%]", "test ROUGE-L: change from the start [95%]"]
+    assert table.set_index("method").loc["l_sft", "test NLL: change from the start [95%]"].startswith("-0.100 [-0.120, -0.080]")

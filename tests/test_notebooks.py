@@ -496,3 +496,11 @@ def test_lora_notebook_measures_memory_and_step_time_beside_the_plan(smoke):
     times = pd.read_csv(root / "tables" / "lora_4bit_step_time.csv")
     assert sorted(times["against"]) == ["dpkd_token_s1", "sft_s1"]
     assert (times["s / step"] > 0).all() and (times["its s / step"] > 0).all()
+    # the notebook reads its tables in words: the plan's ratio range and the step-time ratios it shows
+    nb = nbformat.read(root / "notebooks" / "02_lora_4bit.ipynb", as_version=4)
+    text = "\n".join(o.get("data", {}).get("text/markdown", "") for c in nb.cells if c.cell_type == "code"
+                     for o in c.outputs)
+    ratios = mem["measured / planned"].dropna()
+    assert f"the measured peak was {ratios.min():.2f}–{ratios.max():.2f} times the plan" in text
+    assert f"{times['ratio'].min():.1f}–{times['ratio'].max():.1f} times the seconds per step" in text
+    assert "NLL, change from the start through LoRA against full precision: DPKD-token" in text

@@ -1715,22 +1715,65 @@ def comparisons_brief(comparisons: Sequence[dict], *, wide: bool = False):
 
 def moved_brief(moved: Sequence[dict]):
     """How far each method moved the start (`gap_closed`) for a notebook: one row per method,
-    one column per split, 'change [interval]' (a single-seed row says its interval is prompt
-    sampling only); `moved_table` is the full table written to tables/."""
+    one column per split (and readout, where there are several), 'change [interval]' in the
+    readout's own decimals (a single-seed row says its interval is prompt sampling only);
+    `moved_table` is the full table written to tables/."""
     import pandas as pd
 
-    splits = list(dict.fromkeys(m["split"] for m in moved))
+    several = len({m.get("metric", "rouge_l") for m in moved}) > 1
     rows = {}
+
+    def column(m: dict) -> str:
+        name = f" {METRIC_LABELS.get(m.get('metric', 'rouge_l'), m.get('metric'))}" if several else ""
+        return f"{m['split']}{name}: change from the start [{m.get('level', 0.95):.0%}]"
+
     for m in moved:
+        k = _digits(m.get("metric", "rouge_l"))
         row = rows.setdefault(m["method"], {"method": m["label"]})
         one_seed = " (1 seed: prompt sampling only)" if m.get("n_seeds", 2) < 2 else ""
-        row[f"{m['split']}: change from the start [{m.get('level', 0.95):.0%}]"] = \
-            f"{m['moved']:+.1f} [{m['moved_ci'][0]:+.1f}, {m['moved_ci'][1]:+.1f}]{one_seed}"
-    for split in splits:
-        first = next(m for m in moved if m["split"] == split)
-        rows.setdefault("teacher", {"method": "teacher (the gap)"})[
-            f"{split}: change from the start [{first.get('level', 0.95):.0%}]"] = f"{first['gap']:+.1f}"
+        row[column(m)] = f"{m['moved']:+.{k}f} [{m['moved_ci'][0]:+.{k}f}, {m['moved_ci'][1]:+.{k}f}]{one_seed}"
+    for key in dict.fromkeys((m["split"], m.get("metric", "rouge_l")) for m in moved):
+        first = next(m for m in moved if (m["split"], m.get("metric", "rouge_l")) == key)
+        rows.setdefault("teacher", {"method": "teacher (the gap)"})[column(first)] = \
+            f"{first['gap']:+.{_digits(key[1])}f}"
     return pd.DataFrame(list(rows.values()))
+
+
+def lora_words(memory, steps, moved: Sequence[dict], pairs: dict) -> str:
+    """Notebook 02's reading, generated from its tables: the measured peak against the plan per
+    phase (`memory_table`), the time per step against notebook 01's full-precision run of the
+    same method and seed (`step_time_table`), and, per readout and split, how far each LoRA run
+    moved the start beside how far that full-precision run did (`gap_closed` rows of both;
+    ``pairs`` = {LoRA run's method: full-precision run's method})."""
+    lines = []
+    ratios = memory["measured / planned"].dropna() if len(memory) else []
+    if len(ratios):
+        lines.append(f"Memory: in the {len(ratios)} phases the planner covers, the measured peak was "
+                     f"{ratios.min():.2f}–{ratios.max():.2f} times the plan (on a CPU the process's resident "
+                     f"memory, interpreter and libraries included).")
+    if len(steps) and steps["ratio"].notna().any():
+        each = ", ".join(f"{run} {mine:.2f} s against {theirs:.2f} s"
+                         for run, mine, theirs in steps[["run", "s / step", "its s / step"]].to_numpy())
+        lines.append(f"Time: {steps['ratio'].min():.1f}–{steps['ratio'].max():.1f} times the seconds per step "
+                     f"of notebook 01's full-precision run of the same method and seed ({each}).")
+    by = {(m["method"], m["split"], m.get("metric", "rouge_l")): m for m in moved}
+    shares: dict[str, list[float]] = {}
+    for split, metric in dict.fromkeys((m["split"], m.get("metric", "rouge_l")) for m in moved):
+        k = _digits(metric)
+        ci = lambda x: f"{x['moved']:+.{k}f} [{x['moved_ci'][0]:+.{k}f}, {x['moved_ci'][1]:+.{k}f}]"
+        both = [(by[(m, split, metric)], by[(f, split, metric)]) for m, f in pairs.items()
+                if (m, split, metric) in by and (f, split, metric) in by]
+        if both:
+            lines.append(f"{split} {METRIC_LABELS.get(metric, metric)}, change from the start through LoRA against "
+                         f"full precision: " + "; ".join(f"{label(f['method'])} {ci(m)} against {ci(f)}" for m, f in both)
+                         + " (one seed each: prompt sampling only).")
+            if metric in LOWER_IS_BETTER:   # the per-token readouts, whose moves are far above their noise
+                shares.setdefault(METRIC_LABELS.get(metric, metric), []).extend(
+                    m["moved"] / f["moved"] for m, f in both if f["moved"])
+    for name, got in shares.items():
+        lines.append(f"So at this rate and budget the LoRA student moved {name} {100 * min(got):.0f}–"
+                     f"{100 * max(got):.0f} % as far as full fine-tuning did.")
+    return "\n".join(f"- {line}" for line in lines)
 
 
 def _moved_words(m: dict) -> str:
