@@ -213,3 +213,24 @@ def test_lora_words_read_the_plan_the_step_times_and_the_moves_beside_full_preci
     table = report.moved_brief(moved)   # two readouts: a column per split and readout, each in its decimals
     assert list(table.columns[1:3]) == ["test NLL: change from the start [95%]", "test ROUGE-L: change from the start [95%]"]
     assert table.set_index("method").loc["l_sft", "test NLL: change from the start [95%]"].startswith("-0.100 [-0.120, -0.080]")
+
+
+def test_ablation_words_set_a_one_seed_difference_against_the_seed_sd():
+    def row(a, name, metric, split, delta, verdict="not compared (one seed)"):
+        return {"a": a, "a_label": name, "b": "dpkd_token", "metric": metric, "split": split, "delta": delta,
+                "verdict": verdict}
+    comps = [row("abl_b", "token: β 0.5", "nll", "test", 0.061), row("abl_b", "token: β 0.5", "nll", "heldout", 0.082),
+             row("abl_b", "token: β 0.5", "kl", "test", -0.014), row("abl_b", "token: β 0.5", "kl", "heldout", -0.019),
+             row("abl_r", "token: reference-free", "nll", "test", 0.09), row("abl_r", "token: reference-free", "nll", "heldout", 0.07)]
+    table = pd.DataFrame({"method": ["DPKD-token (reference)", "token: β 0.5", "token: reference-free"],
+                          "grad weight": [0.04, 0.27, float("nan")]})
+    sd = {("dpkd_token", "nll"): (0.033, "the pilot, 3 seeds on valid"), ("dpkd_token", "kl"): (0.057, "the pilot")}
+    words = report.ablation_words(comps, table, sd)
+    assert ("**token: β 0.5** against DPKD-token: NLL +0.061 (test), +0.082 (heldout) = 1.8–2.5 seed sd; "
+            "KL(teacher‖student) -0.014 (test), -0.019 (heldout) = 0.2–0.3 seed sd; gradient weight 0.27 against "
+            "the reference's 0.04.") in words
+    assert "**token: reference-free** against DPKD-token: NLL +0.090 (test), +0.070 (heldout) = 2.1–2.7 seed sd." in words
+    assert "not a finding): token: reference-free (NLL)." in words and "DPKD-token NLL 0.033 (the pilot, 3 seeds on valid)" in words
+    # a compared ablation (several seeds) is not restated in seed sd
+    called = [dict(r, verdict="no difference shown") for r in comps[:2]]
+    assert "seed sd;" not in report.ablation_words(called, table, sd) and report.ablation_words([], table, sd) == ""

@@ -504,3 +504,17 @@ def test_lora_notebook_measures_memory_and_step_time_beside_the_plan(smoke):
     assert f"the measured peak was {ratios.min():.2f}–{ratios.max():.2f} times the plan" in text
     assert f"{times['ratio'].min():.1f}–{times['ratio'].max():.1f} times the seconds per step" in text
     assert "NLL, change from the start through LoRA against full precision: DPKD-token" in text
+
+
+def test_ablation_notebook_reads_each_ablation_beside_its_gradient_weight_and_seed_noise(smoke):
+    """Notebook 03 ends with its reading in words (report.ablation_words): one line per
+    ablation with its differences from its reference and its gradient weight beside the
+    reference's, and the seed sd it is measured against."""
+    root, _ = smoke
+    nb = nbformat.read(root / "notebooks" / "03_ablations_implicit_reward.ipynb", as_version=4)
+    text = "\n".join(o.get("data", {}).get("text/markdown", "") for c in nb.cells if c.cell_type == "code"
+                     for o in c.outputs)
+    params = study.load_params(ROOT / "params", "smoke", "03_ablations_implicit_reward")
+    for spec in params["ablations"].values():
+        assert f"**{spec['label']}** against " in text
+    assert "gradient weight" in text and "Seed sd used as the yardstick" in text

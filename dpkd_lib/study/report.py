@@ -1048,6 +1048,74 @@ def ablation_table(df, reference_runs: dict, *, splits: Sequence[str] = ("test",
     return table
 
 
+def ablation_seed_sd(df, bases: Sequence[str], metrics: Sequence[str], pilot_root=None) -> dict:
+    """{(base method, metric): (seed sd, where it was measured)}: how far a training seed alone
+    moves each reference method's readout, the yardstick of a one-seed ablation. From the
+    reference method's own runs when it has two seeds or more (mean of the splits' sd), else
+    from the pilot's stage 2 (`pilot_noise`, on valid) when ``pilot_root`` holds one."""
+    import pandas as pd
+
+    out = {}
+    own = aggregate(df[df["method"].isin(list(bases))], by=("method", "split"), metrics=metrics)
+    noise = None
+    for base in bases:
+        for metric in metrics:
+            mine = own[(own["method"] == base) & (own["n_seeds"] >= 2)] if len(own) else own
+            if len(mine):
+                out[(base, metric)] = (float(mine[f"{metric}_sd"].mean()), f"{int(mine['n_seeds'].min())} seeds")
+                continue
+            if noise is None:
+                pf = pilot_frame(pilot_root) if pilot_root and Path(pilot_root, "data").exists() else None
+                noise = pilot_noise(pf) if pf is not None and (pf["stage"] == "variance").any() else pd.DataFrame()
+            name = next((n for n, (m, how, _) in PILOT_READOUTS.items() if m == metric and how != "sample"), None)
+            row = noise[(noise["readout"] == name) & (noise["method"] == label(base))] if len(noise) else noise
+            if len(row) and not math.isnan(float(row["seed sd"].iloc[0])):
+                out[(base, metric)] = (float(row["seed sd"].iloc[0]), f"the pilot, {int(row['seeds'].iloc[0])} seeds on valid")
+    return out
+
+
+def ablation_words(comparisons: Sequence[dict], table, seed_sd: dict) -> str:
+    """Notebook 03's reading, generated from its tables: per ablation, its difference from its
+    reference on each declared readout and split, its preference term's gradient weight beside
+    the reference's, and, where it ran one seed (not compared), the difference in units of the
+    reference method's seed sd (`ablation_seed_sd`): a move under 2 sd is within what a seed
+    alone moves."""
+    if not comparisons:
+        return ""
+    weights = dict(zip(table["method"], table["grad weight"])) if "grad weight" in table else {}
+    lines, far = [], []
+    for a in dict.fromkeys(r["a"] for r in comparisons):
+        rows = [r for r in comparisons if r["a"] == a]
+        name, base = rows[0].get("a_label") or label(a), rows[0]["b"]
+        parts, big = [], []
+        for metric in dict.fromkeys(r["metric"] for r in rows):
+            k, readout = _digits(metric), METRIC_LABELS.get(metric, metric)
+            got = [r for r in rows if r["metric"] == metric]
+            text = f"{readout} " + ", ".join(f"{r['delta']:+.{k}f} ({r['split']})" for r in got)
+            sd = seed_sd.get((base, metric))
+            if sd and all(r["verdict"] == "not compared (one seed)" for r in got):
+                units = [abs(r["delta"]) / sd[0] for r in got]
+                text += f" = {min(units):.1f}–{max(units):.1f} seed sd"
+                if min(units) >= 2:
+                    big.append(readout)
+            elif any(r["verdict"] in ("better", "worse") for r in got):
+                big.append(readout)
+            parts.append(text)
+        w, w0 = weights.get(name, float("nan")), weights.get(f"{label(base)} (reference)", float("nan"))
+        weight = (f"; gradient weight {w:.2f} against the reference's {w0:.2f}"
+                  if not (math.isnan(w) or math.isnan(w0)) else "")
+        lines.append(f"**{name}** against {label(base)}: {'; '.join(parts)}{weight}.")
+        if big:
+            far.append(f"{name} ({', '.join(big)})")
+    sds = sorted({(label(b), METRIC_LABELS.get(m, m), v, where) for (b, m), (v, where) in seed_sd.items()})
+    if sds:
+        lines.append("Seed sd used as the yardstick: " + "; ".join(f"{b} {m} {v:.3f} ({where})" for b, m, v, where in sds) + ".")
+    lines.append(("Moved by 2 seed sd or more on every split (one seed: a lead for a seeded rerun, not a finding): "
+                  + "; ".join(far) + ".") if far else
+                 "No ablation moved a declared readout by 2 seed sd or more on every split.")
+    return "\n".join(f"- {line}" for line in lines)
+
+
 def ablation_comparisons(df, splits: Sequence[str], *, metric: str = "rouge_l", alpha: float = 0.05,
                          decoding: str = "greedy") -> list[dict]:
     """Each ablation against its reference method (the run of notebook 01 it changes one thing
