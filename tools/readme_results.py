@@ -1,12 +1,13 @@
-"""The README's results and docs/results.md's tables, written from the committed tables of the
-cpu study (results/cpu/tables/), so that no number is typed by hand.
+"""The README's results and the results pages' tables, written from the committed tables of the
+cpu study (results/cpu/tables/) and of cpu_full (results/cpu_full/tables/), so that no number
+is typed by hand.
 
     python tools/readme_results.py          # rewrite the blocks between the markers
     python tools/readme_results.py --check  # exit 1 if a block is stale (tests/test_readme.py)
 
 README.md: the block between `<!-- results:begin ... -->` and `<!-- results:end -->`.
-docs/results.md: each `<!-- table:NAME -->` ... `<!-- /table -->` block holds
-results/cpu/tables/NAME.md as it is. Run it after `make reproduce` (or `make tables`) changes
+docs/results.md (docs/results_cpu_full.md): each `<!-- table:NAME -->` ... `<!-- /table -->` block
+holds results/cpu/tables/NAME.md (results/cpu_full/tables/NAME.md) as it is. Run it after `make reproduce` (or `make tables`) changes
 the tables. Needs pandas only.
 """
 from __future__ import annotations
@@ -20,9 +21,12 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = ROOT / "results" / "cpu" / "tables"
+#: each results page and the tables its blocks copy
+PAGES = {ROOT / "docs" / "results.md": TABLES,
+         ROOT / "docs" / "results_cpu_full.md": ROOT / "results" / "cpu_full" / "tables"}
 BEGIN = "<!-- results:begin (python tools/readme_results.py; tests/test_readme.py checks it) -->"
 END = "<!-- results:end -->"
-TABLE_BLOCK = re.compile(r"(<!-- table:([a-z_]+) -->\n)(.*?)(<!-- /table -->)", re.S)
+TABLE_BLOCK = re.compile(r"(<!-- table:([a-z0-9_]+) -->\n)(.*?)(<!-- /table -->)", re.S)
 SPLITS = {"test": "test", "heldout": "held-out templates"}
 
 
@@ -164,7 +168,7 @@ def fill_tables(text: str, tables: Path = TABLES) -> str:
     def table(m):
         path = tables / f"{m.group(2)}.md"
         if not path.is_file():
-            raise SystemExit(f"docs/results.md cites {path.relative_to(ROOT)}, which does not exist")
+            raise SystemExit(f"a results page cites {path.relative_to(ROOT)}, which does not exist")
         return m.group(1) + path.read_text(encoding="utf-8").rstrip("\n") + "\n" + m.group(4)
     return TABLE_BLOCK.sub(table, text)
 
@@ -174,7 +178,8 @@ def main(argv=None) -> int:
     ap.add_argument("--check", action="store_true", help="only compare; exit 1 when stale")
     args = ap.parse_args(argv)
     stale = []
-    for path, fill in ((ROOT / "README.md", fill_readme), (ROOT / "docs" / "results.md", fill_tables)):
+    for path, fill in ((ROOT / "README.md", fill_readme),
+                       *((page, lambda text, t=tables: fill_tables(text, t)) for page, tables in PAGES.items())):
         old = path.read_text(encoding="utf-8")
         new = fill(old)
         if new != old:
@@ -184,7 +189,7 @@ def main(argv=None) -> int:
     if args.check and stale:
         print(f"stale: {', '.join(stale)}: python tools/readme_results.py", file=sys.stderr)
         return 1
-    print(("rewrote " + ", ".join(stale)) if stale else "README.md and docs/results.md are current")
+    print(("rewrote " + ", ".join(stale)) if stale else "README.md and the results pages are current")
     return 0
 
 

@@ -1397,6 +1397,7 @@ def study_design(profile: str, params_dir: str | Path = "params") -> dict:
     return {"profile": profile, "primary": main["primary"], "arms": main["arms"],
             "lr_grid": (main.get("pilot") or {}).get("lr_grid"),
             "reference_runs": None if "skip" in abl else abl.get("reference_runs"),
+            "pilot_root": (main.get("pilot") or {}).get("results_root"),   # the yardstick of one-seed ablations
             "paper_column": bool(fig.get("paper_column", False))}
 
 
@@ -1509,8 +1510,14 @@ def write_results(results_root: str | Path, design: dict) -> dict:
         figure("update_split", update_split_figure(split_df))
 
     if design.get("reference_runs") and not df[df["group"] == "ablation"].empty:
-        table("ablations", ablation_table(df, design["reference_runs"], splits=splits))
-        table("ablation_comparisons", comparisons_table(declared_ablation_comparisons(df, splits, primary)), ".3f")
+        abl = ablation_table(df, design["reference_runs"], splits=splits,
+                             metrics=shown_metrics(primary, ("rouge_l", "response_tokens")))
+        table("ablations", abl)
+        abl_comparisons = declared_ablation_comparisons(df, splits, primary)
+        table("ablation_comparisons", comparisons_table(abl_comparisons), ".3f")
+        seed_sd = ablation_seed_sd(df, list(design["reference_runs"]), as_list(primary["metric"]),
+                                   design.get("pilot_root"))
+        out["paths"].append(write_text(ablation_words(abl_comparisons, abl, seed_sd), tables_path / "ablation_words.md"))
     if design.get("reference_runs"):   # notebook 03's monitors
         fam = monitor_runs(df)
         if not fam.empty:
@@ -1520,8 +1527,12 @@ def write_results(results_root: str | Path, design: dict) -> dict:
     if not lora.empty:   # notebook 02: its runs, their measured memory and time per step
         table("lora_4bit", main_table(lora, splits=splits, metrics=("rouge_l", "exact_match", "nll"),
                                       label_col="label"))
-        table("lora_4bit_memory", memory_table(lora), ".3f")
-        table("lora_4bit_step_time", step_time_table(df, reference_runs_of(lora)), ".3f")
+        memory, steps = memory_table(lora), step_time_table(df, reference_runs_of(lora))
+        table("lora_4bit_memory", memory, ".3f")
+        table("lora_4bit_step_time", steps, ".3f")
+        moved_lora, full = lora_moved(df, splits)
+        table("lora_4bit_moved", moved_brief(moved_lora))
+        out["paths"].append(write_text(lora_words(memory, steps, moved_lora, full), tables_path / "lora_4bit_words.md"))
 
     released = [arms["released"].get("prefix", "") + m for m in arms["released"]["methods"]] \
         if "released" in arms else []
@@ -1805,6 +1816,25 @@ def moved_brief(moved: Sequence[dict]):
         rows.setdefault("teacher", {"method": "teacher (the gap)"})[column(first)] = \
             f"{first['gap']:+.{_digits(key[1])}f}"
     return pd.DataFrame(list(rows.values()))
+
+
+def lora_moved(df, splits: Sequence[str], metrics: Sequence[str] = ("rouge_l", "nll")) -> tuple[list[dict], dict]:
+    """Notebook 02's moves: how far each LoRA + 4-bit-teacher run (group ``lora``) moved the
+    start on each readout and split (`gap_closed`), beside notebook 01's full-precision run of
+    the same method and seed (its ``reference_run``). Returns (moved, {LoRA method: full method})."""
+    lora = df[df["group"] == "lora"]
+    method_of = dict(zip(df["run"], df["method"]))
+    full = {method_of[run]: method_of[ref] for run, ref in reference_runs_of(lora).items() if ref in method_of}
+    mine = list(dict.fromkeys(lora["method"]))
+    names = dict(zip(df["method"], df["label"]))
+    names |= {m: f"{names[m]} (LoRA, 4-bit teacher)" for m in mine} | {
+        m: f"{names[m]} (full precision, notebook 01)" for m in full.values()}
+    keep = df[df["method"].isin(["teacher", "student_init", *mine, *full.values()])]
+    moved = []
+    for metric in metrics:
+        ex = per_example(keep, metric=metric)
+        moved += [m for s in splits for m in gap_closed(ex, [*mine, *full.values()], s, labels=names, metric=metric)]
+    return moved, full
 
 
 def lora_words(memory, steps, moved: Sequence[dict], pairs: dict) -> str:
