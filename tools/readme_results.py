@@ -179,7 +179,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     stale = []
     for path, fill in ((ROOT / "README.md", fill_readme),
-                       *((page, lambda text, t=tables: fill_tables(text, t)) for page, tables in PAGES.items())):
+                       *((page, lambda text, t=tables: fill_tables(text, t)) for page, tables in PAGES.items()
+                         if page.exists())):
         old = path.read_text(encoding="utf-8")
         new = fill(old)
         if new != old:
