@@ -167,8 +167,8 @@ def test_progress_lines_estimate_the_time_left(tmp_path):
     the runs trained so far, notebooks from the time each took when it last ran (the driver's
     status, else papermill's duration in the executed copy)."""
     assert runs.eta_text(0, [60.0]) == ""
-    assert runs.eta_text(3, []) == " · 3 runs left"
-    assert runs.eta_text(3, [60.0, 180.0]) == " · 3 runs left, about 6 min"
+    assert runs.eta_text(3, []) == " · 3 runs to train"
+    assert runs.eta_text(3, [60.0, 180.0]) == " · 3 runs to train, about 6 min"
     (tmp_path / "01_x.ipynb").write_text(json.dumps({"metadata": {"papermill": {"duration": 1800.0}}}))
     status = {"notebooks": {"00_y": {"wall_s": 120.0}}}
     assert study.recorded_wall("01_x", status, tmp_path) == 1800.0

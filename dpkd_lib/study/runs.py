@@ -257,13 +257,14 @@ def measure_phases():
 
 
 def eta_text(left: int, seconds: Sequence[float]) -> str:
-    """' · 5 runs left, about 20 min' from the mean time of the runs trained so far (nothing
-    when none is left; no estimate before one has been trained)."""
+    """' · 5 runs to train, about 20 min' from the mean time of the runs trained so far (nothing
+    when none is left; no estimate before one has been trained). Runs to train, not runs to
+    list: a reused run costs nothing, so "[1/14] reused" may be followed by "1 run to train"."""
     if not left:
         return ""
     if not seconds:
-        return f" · {left} run{'s' if left != 1 else ''} left"
-    return f" · {left} run{'s' if left != 1 else ''} left, about {left * sum(seconds) / len(seconds) / 60:.0f} min"
+        return f" · {left} run{'s' if left != 1 else ''} to train"
+    return f" · {left} run{'s' if left != 1 else ''} to train, about {left * sum(seconds) / len(seconds) / 60:.0f} min"
 
 
 def run_line(name: str, summary: dict, reused: bool, seconds: float) -> str:
