@@ -449,6 +449,12 @@ def _ci(r: dict, digits: int = 1) -> str:
     return f"{r['delta']:+.{digits}f} [{r['ci_lo']:+.{digits}f}, {r['ci_hi']:+.{digits}f}]"
 
 
+def _moved_ci(m: dict) -> str:
+    """A `gap_closed` row's change from the start and its interval, in its readout's decimals."""
+    k = _digits(m.get("metric", "rouge_l"))
+    return f"{m['moved']:+.{k}f} [{m['moved_ci'][0]:+.{k}f}, {m['moved_ci'][1]:+.{k}f}]"
+
+
 def _seeds_words(r: dict) -> str:
     n = r["n_seeds"]
     return f"{n} paired seed{'s' if n != 1 else ''}"
@@ -502,8 +508,7 @@ def answer_text(comparisons: Sequence[dict], moved: Sequence[dict] = ()) -> str:
             how = (f"{m['n_seeds']} seeds" if m["interval"] == stats.SEEDS
                    else "one seed: prompt sampling only")
             share = f"; {100 * m['share']:.0f} % of the gap" if towards else ""
-            return (f"{m['label']} {m['moved']:+.{k}f} [{m['moved_ci'][0]:+.{k}f}, "
-                    f"{m['moved_ci'][1]:+.{k}f}] ({how}{share})")
+            return f"{m['label']} {_moved_ci(m)} ({how}{share})"
         name = METRIC_LABELS.get(metric, metric)
         gap_ci = f"{gap:+.{k}f} [{sel[0]['gap_ci'][0]:+.{k}f}, {sel[0]['gap_ci'][1]:+.{k}f}]"
         where = (f"the teacher is {gap_ci} from the starting student (prompt sampling only)" if towards else
@@ -1807,10 +1812,9 @@ def moved_brief(moved: Sequence[dict]):
         return f"{m['split']}{name}: change from the start [{m.get('level', 0.95):.0%}]"
 
     for m in moved:
-        k = _digits(m.get("metric", "rouge_l"))
         row = rows.setdefault(m["method"], {"method": m["label"]})
         one_seed = " (1 seed: prompt sampling only)" if m.get("n_seeds", 2) < 2 else ""
-        row[column(m)] = f"{m['moved']:+.{k}f} [{m['moved_ci'][0]:+.{k}f}, {m['moved_ci'][1]:+.{k}f}]{one_seed}"
+        row[column(m)] = _moved_ci(m) + one_seed
     for key in dict.fromkeys((m["split"], m.get("metric", "rouge_l")) for m in moved):
         first = next(m for m in moved if (m["split"], m.get("metric", "rouge_l")) == key)
         rows.setdefault("teacher", {"method": "teacher (the gap)"})[column(first)] = \
@@ -1857,13 +1861,11 @@ def lora_words(memory, steps, moved: Sequence[dict], pairs: dict) -> str:
     by = {(m["method"], m["split"], m.get("metric", "rouge_l")): m for m in moved}
     shares: dict[str, list[float]] = {}
     for split, metric in dict.fromkeys((m["split"], m.get("metric", "rouge_l")) for m in moved):
-        k = _digits(metric)
-        ci = lambda x: f"{x['moved']:+.{k}f} [{x['moved_ci'][0]:+.{k}f}, {x['moved_ci'][1]:+.{k}f}]"
         both = [(by[(m, split, metric)], by[(f, split, metric)]) for m, f in pairs.items()
                 if (m, split, metric) in by and (f, split, metric) in by]
         if both:
             lines.append(f"{split} {METRIC_LABELS.get(metric, metric)}, change from the start through LoRA against "
-                         f"full precision: " + "; ".join(f"{label(f['method'])} {ci(m)} against {ci(f)}" for m, f in both)
+                         f"full precision: " + "; ".join(f"{label(f['method'])} {_moved_ci(m)} against {_moved_ci(f)}" for m, f in both)
                          + " (one seed each: prompt sampling only).")
             if metric in LOWER_IS_BETTER:   # the per-token readouts, whose moves are far above their noise
                 shares.setdefault(METRIC_LABELS.get(metric, metric), []).extend(
@@ -1877,9 +1879,8 @@ def lora_words(memory, steps, moved: Sequence[dict], pairs: dict) -> str:
 def _moved_words(m: dict) -> str:
     """How far one method moved the start on one readout, in its own decimals, and which way
     is better (lower NLL and KL are)."""
-    metric = m.get("metric", "rouge_l")
-    k, lo, hi = _digits(metric), *m["moved_ci"]
-    ci = f"{m['moved']:+.{k}f} [{lo:+.{k}f}, {hi:+.{k}f}]"
+    metric, (lo, hi) = m.get("metric", "rouge_l"), m["moved_ci"]
+    ci = _moved_ci(m)
     if m.get("n_seeds", 2) < 2:   # no seed-to-seed variation in the interval
         ci += ", one seed: prompt sampling only"
     if lo > 0 or hi < 0:
