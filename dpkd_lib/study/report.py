@@ -1089,7 +1089,9 @@ def ablation_words(comparisons: Sequence[dict], table, seed_sd: dict) -> str:
         return ""
     weights = dict(zip(table["method"], table["grad weight"])) if "grad weight" in table else {}
     lines, far = [], []
-    for a in dict.fromkeys(r["a"] for r in comparisons):
+    order = {name: i for i, name in enumerate(table["method"])} if "method" in table else {}
+    for a in sorted(dict.fromkeys(r["a"] for r in comparisons),   # the table's row order (the params')
+                    key=lambda a: order.get(next(r.get("a_label") for r in comparisons if r["a"] == a), len(order))):
         rows = [r for r in comparisons if r["a"] == a]
         name, base = rows[0].get("a_label") or label(a), rows[0]["b"]
         parts, big = [], []
