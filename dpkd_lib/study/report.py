@@ -1063,6 +1063,8 @@ def ablation_seed_sd(df, bases: Sequence[str], metrics: Sequence[str], pilot_roo
     out = {}
     own = aggregate(df[df["method"].isin(list(bases))], by=("method", "split"), metrics=metrics)
     noise = None
+    readout = {metric: next((n for n, (m, how, _) in PILOT_READOUTS.items() if m == metric and how != "sample"), None)
+               for metric in metrics}   # the pilot's name of each metric's (non-sampled) readout
     for base in bases:
         for metric in metrics:
             mine = own[(own["method"] == base) & (own["n_seeds"] >= 2)] if len(own) else own
@@ -1072,8 +1074,7 @@ def ablation_seed_sd(df, bases: Sequence[str], metrics: Sequence[str], pilot_roo
             if noise is None:
                 pf = pilot_frame(pilot_root) if pilot_root and Path(pilot_root, "data").exists() else None
                 noise = pilot_noise(pf) if pf is not None and (pf["stage"] == "variance").any() else pd.DataFrame()
-            name = next((n for n, (m, how, _) in PILOT_READOUTS.items() if m == metric and how != "sample"), None)
-            row = noise[(noise["readout"] == name) & (noise["method"] == label(base))] if len(noise) else noise
+            row = noise[(noise["readout"] == readout[metric]) & (noise["method"] == label(base))] if len(noise) else noise
             if len(row) and not math.isnan(float(row["seed sd"].iloc[0])):
                 out[(base, metric)] = (float(row["seed sd"].iloc[0]), f"the pilot, {int(row['seeds'].iloc[0])} seeds on valid")
     return out
@@ -1088,11 +1089,13 @@ def ablation_words(comparisons: Sequence[dict], table, seed_sd: dict) -> str:
     if not comparisons:
         return ""
     weights = dict(zip(table["method"], table["grad weight"])) if "grad weight" in table else {}
-    lines, far = [], []
+    by_ablation: dict[str, list[dict]] = {}
+    for r in comparisons:
+        by_ablation.setdefault(r["a"], []).append(r)
     order = {name: i for i, name in enumerate(table["method"])} if "method" in table else {}
-    for a in sorted(dict.fromkeys(r["a"] for r in comparisons),   # the table's row order (the params')
-                    key=lambda a: order.get(next(r.get("a_label") for r in comparisons if r["a"] == a), len(order))):
-        rows = [r for r in comparisons if r["a"] == a]
+    lines, far = [], []
+    for a, rows in sorted(by_ablation.items(),   # the table's row order (the params')
+                          key=lambda item: order.get(item[1][0].get("a_label"), len(order))):
         name, base = rows[0].get("a_label") or label(a), rows[0]["b"]
         parts, big = [], []
         for metric in dict.fromkeys(r["metric"] for r in rows):
@@ -1215,6 +1218,10 @@ def difference_figure(comparisons: Sequence[dict]):
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
+    def has_mdd(r: dict) -> bool:
+        mdd = r.get("mdd")
+        return mdd is not None and not (isinstance(mdd, float) and math.isnan(mdd))
+
     groups: dict[str, list[dict]] = {}
     for r in comparisons:
         groups.setdefault(r["metric"], []).append(r)
@@ -1223,15 +1230,13 @@ def difference_figure(comparisons: Sequence[dict]):
                              figsize=(7.2, 0.42 * len(comparisons) + 1.1 * len(groups) + 0.6))
     verdicts = {"better": "#55A868", "worse": "#C44E52", "no difference shown": "#555555",
                 "not compared (one seed)": "#BBBBBB"}
-    keys = {name: key for key, name in METRIC_LABELS.items()}   # rows may carry the label ("NLL")
     for ax, (metric, rows) in zip(axes[:, 0], groups.items()):
-        k = _digits(keys.get(metric, metric))
+        k = _digits(metric)
         for i, r in enumerate(rows):
             ax.errorbar(r["delta"], i, xerr=[[r["delta"] - r["ci_lo"]], [r["ci_hi"] - r["delta"]]], fmt="o",
                         color=verdicts.get(r["verdict"], "#555555"), capsize=3, ms=5)
-            mdd = r.get("mdd")
-            if mdd is not None and not (isinstance(mdd, float) and math.isnan(mdd)):
-                ax.plot([-mdd, mdd], [i, i], "|", color="gray", ms=10, mew=1.5)
+            if has_mdd(r):
+                ax.plot([-r["mdd"], r["mdd"]], [i, i], "|", color="gray", ms=10, mew=1.5)
             ax.annotate(f"{r['delta']:+.{k}f} [{r['ci_lo']:+.{k}f}, {r['ci_hi']:+.{k}f}]  {100 * r['ci_level']:.1f} %",
                         (1.01, i), xycoords=("axes fraction", "data"), va="center", fontsize=7)
         ax.axvline(0, color="black", lw=0.8)
@@ -1241,9 +1246,9 @@ def difference_figure(comparisons: Sequence[dict]):
         ax.grid(axis="y", visible=False)
     handles = [Line2D([], [], color=c, marker="o", ls="", label=v) for v, c in verdicts.items()
                if any(r["verdict"] == v for r in comparisons)]
-    if any(r.get("mdd") is not None for r in comparisons):
+    if any(has_mdd(r) for r in comparisons):   # one-seed rows have none (NaN): no legend entry for it
         handles.append(Line2D([], [], color="gray", marker="|", ls="", ms=10, label="± minimum detectable"))
-    axes[0, 0].set_title("The declared comparisons: t intervals over paired seeds at their Bonferroni level")
+    axes[0, 0].set_title("The declared comparisons, each interval at its Bonferroni level")
     fig.tight_layout(rect=(0, 0.3 / fig.get_figheight(), 1, 1))
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=len(handles))
