@@ -292,26 +292,21 @@ def setup_table(cfg: NotebookConfig):
     from ..config import TrainConfig
     base_train = TrainConfig().__dict__ | (base.get("train", {}) or {})
 
-    def budget(common: dict) -> str:
+    def budget(common: dict, own_rates: bool = False) -> str:
         steps = common.get("train.max_steps", base_train.get("max_steps"))
         lr = common.get("train.lr", base_train.get("lr"))
         batch = common.get("train.batch_size", base_train.get("batch_size"))
-        return ", ".join(x for x in (f"{steps} steps" if steps else "", f"lr {float(lr):g}" if lr else "",
-                                     f"batch {batch}" if batch else "") if x)
-
-    def methods(spec: dict, common: dict) -> str:
-        # a method that trains at its own rate (arm (b): each objective at the rate its grid chose) says so
-        arm_lr = common.get("train.lr", base_train.get("lr"))
-        def own(m: dict) -> str:
-            lr = (m.get("overrides") or {}).get("train.lr")
-            return f" (lr {float(lr):g})" if lr is not None and float(lr) != float(arm_lr) else ""
-        return ", ".join(f"{m.get('label') or DISPLAY.get(k, k)} ×{len(m.get('seeds', [1]))}{own(m)}"
-                         for k, m in spec.items())
+        rate = f"lr {float(lr):g}{' unless given' if own_rates else ''}" if lr else ""
+        return ", ".join(x for x in (f"{steps} steps" if steps else "", rate, f"batch {batch}" if batch else "") if x)
 
     def line(spec: dict, common: dict) -> str:
-        listed = methods(spec, common)
-        text = f"{listed} (× seeds); {budget(common)} each"
-        return text.replace(", batch", " unless given, batch", 1) if "(lr " in listed else text
+        # a method that trains at its own rate (arm (b): each objective at the rate its grid chose) says so
+        arm_lr = float(common.get("train.lr", base_train.get("lr")))
+        own = {k: float(lr) for k, m in spec.items()
+               if (lr := (m.get("overrides") or {}).get("train.lr")) is not None and float(lr) != arm_lr}
+        listed = ", ".join(f"{m.get('label') or DISPLAY.get(k, k)} ×{len(m.get('seeds', [1]))}"
+                           + (f" (lr {own[k]:g})" if k in own else "") for k, m in spec.items())
+        return f"{listed} (× seeds); {budget(common, own_rates=bool(own))} each"
 
     for name, arm in (cfg.get("arms") or {}).items():
         rows.append((f"arm: {arm.get('label', name)}", line(arm["methods"], arm.get("common") or {})))
