@@ -6,13 +6,14 @@ is typed by hand.
     python tools/readme_results.py --check  # exit 1 if a block is stale (tests/test_readme.py)
 
 README.md: the block between `<!-- results:begin ... -->` and `<!-- results:end -->`.
-docs/results.md (docs/results_cpu_full.md): each `<!-- table:NAME -->` ... `<!-- /table -->` block
-holds results/cpu/tables/NAME.md (results/cpu_full/tables/NAME.md) as it is. Run it after `make reproduce` (or `make tables`) changes
-the tables. Needs pandas only.
+docs/results.md (docs/results_cpu_full.md): each `<!-- table:NAME -->` ... `<!-- /table -->`
+block holds results/cpu/tables/NAME.md (results/cpu_full/tables/NAME.md) as it is. Run it
+after `make reproduce` (or `make tables`) changes the tables. Needs pandas only.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import sys
 from pathlib import Path
@@ -179,7 +180,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     stale = []
     for path, fill in ((ROOT / "README.md", fill_readme),
-                       *((page, lambda text, t=tables: fill_tables(text, t)) for page, tables in PAGES.items()
+                       *((page, functools.partial(fill_tables, tables=tables)) for page, tables in PAGES.items()
                          if page.exists())):
         old = path.read_text(encoding="utf-8")
         new = fill(old)
