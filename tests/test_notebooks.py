@@ -195,6 +195,13 @@ def test_a_profile_can_skip_a_notebook(tmp_path):
 
 # ----------------------------------------------------------------------------- the smoke study
 
+def _markdown_outputs(path) -> list[str]:
+    """The Markdown a notebook displayed, one string per output (unescaped, unlike _outputs_text)."""
+    nb = nbformat.read(path, as_version=4)
+    return [o.get("data", {}).get("text/markdown", "") for c in nb.cells if c.cell_type == "code"
+            for o in c.get("outputs", [])]
+
+
 def _outputs_text(path):
     nb = nbformat.read(path, as_version=4)
     parts = [json.dumps(nb.metadata)]
@@ -273,9 +280,7 @@ def test_figures_notebook_wrote_the_answer_from_the_runs(smoke):
     assert {m["metric"] for m in moved} == set(metrics)
     assert (tables / "answer.md").read_text().strip() == report.answer_text(comps, moved)
     # notebook 01 states the same verdict, generated from the same intervals
-    shown = [o.get("data", {}).get("text/markdown", "") for c in
-             nbformat.read(root / "notebooks" / "01_gpt2_120m.ipynb", as_version=4).cells if c.cell_type == "code"
-             for o in c.get("outputs", [])]
+    shown = _markdown_outputs(root / "notebooks" / "01_gpt2_120m.ipynb")
     assert report.verdict_text(comps) in shown
     assert len(pd.read_csv(tables / "comparisons.csv")) == len(metrics) * len(primary["comparisons"]) * len(
         primary["splits"])
@@ -497,9 +502,7 @@ def test_lora_notebook_measures_memory_and_step_time_beside_the_plan(smoke):
     assert sorted(times["against"]) == ["dpkd_token_s1", "sft_s1"]
     assert (times["s / step"] > 0).all() and (times["its s / step"] > 0).all()
     # the notebook reads its tables in words: the plan's ratio range and the step-time ratios it shows
-    nb = nbformat.read(root / "notebooks" / "02_lora_4bit.ipynb", as_version=4)
-    text = "\n".join(o.get("data", {}).get("text/markdown", "") for c in nb.cells if c.cell_type == "code"
-                     for o in c.outputs)
+    text = "\n".join(_markdown_outputs(root / "notebooks" / "02_lora_4bit.ipynb"))
     ratios = mem["measured / planned"].dropna()
     assert f"the measured peak was {ratios.min():.2f}–{ratios.max():.2f} times the plan" in text
     assert f"{times['ratio'].min():.1f}–{times['ratio'].max():.1f} times the seconds per step" in text
@@ -511,9 +514,7 @@ def test_ablation_notebook_reads_each_ablation_beside_its_gradient_weight_and_se
     ablation with its differences from its reference and its gradient weight beside the
     reference's, and the seed sd it is measured against."""
     root, _ = smoke
-    nb = nbformat.read(root / "notebooks" / "03_ablations_implicit_reward.ipynb", as_version=4)
-    text = "\n".join(o.get("data", {}).get("text/markdown", "") for c in nb.cells if c.cell_type == "code"
-                     for o in c.outputs)
+    text = "\n".join(_markdown_outputs(root / "notebooks" / "03_ablations_implicit_reward.ipynb"))
     params = study.load_params(ROOT / "params", "smoke", "03_ablations_implicit_reward")
     for spec in params["ablations"].values():
         assert f"**{spec['label']}** against " in text
