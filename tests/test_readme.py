@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from dpkd_lib.study.report import LOWER_IS_BETTER, METRIC_LABELS
 from dpkd_lib.study.runs import DISPLAY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +35,8 @@ _spec.loader.exec_module(rr)
 
 NUMBER = re.compile(r"[−+-]?\d+(?:\.\d+)?")
 SPLIT_OF = {"test": "test", "held-out templates": "heldout"}
+#: a table's readout label -> its metric key
+METRIC_KEY = {label: key for key, label in METRIC_LABELS.items()}
 ALPHA = yaml.safe_load((ROOT / "params" / "cpu" / "01_gpt2_120m.yaml").read_text())["primary"]["alpha"]
 
 
@@ -118,11 +121,12 @@ def test_every_comparison_and_its_verdict_match_the_table():
                 assert close(mdd, row["mdd"], k), (a, b, split, mdd, row["mdd"])
             assert row["verdict"] in verdict, (a, b, split, verdict, row["verdict"])
             # the words follow the test: a difference is claimed exactly when Holm rejects at
-            # the declared α, with the sign of the estimate
+            # the declared α, with the sign of the estimate (lower NLL or KL is better)
             claimed = row["verdict"] in ("better", "worse")
             assert claimed == (row["p_holm"] <= ALPHA), row.to_dict()
             if claimed:
-                assert (row["delta"] > 0) == (row["verdict"] == "better"), row.to_dict()
+                lower = METRIC_KEY[metric] in LOWER_IS_BETTER
+                assert ((row["delta"] < 0) if lower else (row["delta"] > 0)) == (row["verdict"] == "better"), row.to_dict()
             seen += 1
     assert seen == len(table)
 
