@@ -498,6 +498,10 @@ def test_lora_notebook_measures_memory_and_step_time_beside_the_plan(smoke):
         assert ((steps["measured / planned"] > 0.5) & (steps["measured / planned"] < 2.0)).all(), steps
         assert steps["measured GiB"].tolist() == pytest.approx(
             [record["phases"][p]["peak_bytes"] / 2 ** 30 for p in steps["phase"]], abs=1e-3)
+        # the plan is kept in the record beside the peaks: a saved model's shapes come from its
+        # folder, which a committed record (and a rebuild from it) has not
+        assert steps["planned GiB"].tolist() == pytest.approx(
+            [record["planned_bytes"][p] / 2 ** 30 for p in steps["phase"]], abs=1e-3)
     times = pd.read_csv(root / "tables" / "lora_4bit_step_time.csv")
     assert sorted(times["against"]) == ["dpkd_token_s1", "sft_s1"]
     assert (times["s / step"] > 0).all() and (times["its s / step"] > 0).all()

@@ -141,13 +141,13 @@ class PhaseProbe:
             self._reset()
 
 
-def planned_against_measured(cfg, measured: dict, *, device: str = "cpu", capability=None,
-                             shapes=None) -> dict:
-    """Per measured phase (a `PhaseProbe.record`, e.g. a run's memory.json): its peak bytes,
-    time and count beside the planner's bytes for the same phase (`PLAN_PHASES`; None where
-    the planner has none), planned for the shapes the run trained on (its batch, its longest
-    sequence). On CUDA the allocator's peak has no CUDA context, so the plan's framework term
-    is taken off; on CPU the process's RSS is compared as it is."""
+def planned_bytes(cfg, measured: dict, *, device: str = "cpu", capability=None, shapes=None) -> dict:
+    """{phase: the planner's bytes for it, or None where the planner has none (`PLAN_PHASES`)}
+    for each phase of ``measured`` (a `PhaseProbe.record`), planned for the shapes the run
+    trained on (its batch, its longest sequence). It needs the run's models' shapes (a saved
+    model's config.json), so a measured run keeps it in its memory.json while they exist
+    (`runs.run_grid`). On CUDA the allocator's peak has no CUDA context, so the plan's
+    framework term is taken off; on CPU the process's RSS is compared as it is."""
     b = measured["batch"]
     plan = memory.plan_from_config(cfg, device=device, capability=capability, shapes=shapes,
                                    seq_len=b["seq_len"], response_fraction=b["response_fraction"])
@@ -159,14 +159,26 @@ def planned_against_measured(cfg, measured: dict, *, device: str = "cpu", capabi
     cuda = measured.get("device") == "cuda"
     out = {}
     for name in PHASES:
-        got = measured["phases"].get(name)
-        if got is None:
+        if name not in measured["phases"]:
             continue
         want = predicted.get(PLAN_PHASES.get(name, ""), None)
         want = want - est["components"]["framework"] if (want is not None and cuda) else want
-        out[name] = {"peak_bytes": int(got["peak_bytes"]), "time_s": got["time_s"], "count": int(got["count"]),
-                     "predicted_bytes": None if want is None else int(want)}
+        out[name] = None if want is None else int(want)
     return out
+
+
+def planned_against_measured(cfg, measured: dict, *, device: str = "cpu", capability=None,
+                             shapes=None) -> dict:
+    """Per measured phase (a `PhaseProbe.record`, e.g. a run's memory.json): its peak bytes,
+    time and count beside the planner's bytes for the same phase (`planned_bytes`: the
+    record's own ``planned_bytes`` when it kept them, else planned now from ``cfg``, which
+    may then be None)."""
+    planned = measured.get("planned_bytes")
+    if planned is None:
+        planned = planned_bytes(cfg, measured, device=device, capability=capability, shapes=shapes)
+    return {name: {"peak_bytes": int(got["peak_bytes"]), "time_s": got["time_s"], "count": int(got["count"]),
+                   "predicted_bytes": planned.get(name)}
+            for name in PHASES if (got := measured["phases"].get(name)) is not None}
 
 
 def batch_shapes(tr) -> dict:

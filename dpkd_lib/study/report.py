@@ -967,10 +967,10 @@ def step_seconds(run_dir: str | Path) -> float:
 
 def memory_table(df):
     """Notebook 02: for each run that was measured (`runs.run_grid(measure=True)`:
-    data/<run>/memory.json), per phase the planner's bytes for the shapes it trained on (from
-    its recorded params) beside the measured peak (GiB; CPU: the process's RSS, which also
-    holds the interpreter and libraries, given as "before training"), their ratio, and the
-    phase's time."""
+    data/<run>/memory.json), per phase the planner's bytes for the shapes it trained on (kept
+    in the record, `gpu_check.planned_bytes`) beside the measured peak (GiB; CPU: the process's
+    RSS, which also holds the interpreter and libraries, given as "before training"), their
+    ratio, and the phase's time."""
     import pandas as pd
     from ..config import from_dict
     from ..gpu.gpu_check import planned_against_measured
@@ -983,7 +983,9 @@ def memory_table(df):
         if not path.exists():
             continue
         measured = json.loads(path.read_text())
-        cfg = from_dict(yaml.safe_load((Path(folder) / "params.yaml").read_text()))
+        # the plan the run kept (runs.run_grid); a record from before it did is planned from its
+        # params, which needs its models' folders (a live run folder, not a committed record)
+        cfg = None if "planned_bytes" in measured else from_dict(yaml.safe_load((Path(folder) / "params.yaml").read_text()))
         rows.append({"run": run, "phase": "before training", "planned GiB": float("nan"),
                      "measured GiB": measured["baseline_bytes"] / gib, "measured / planned": float("nan"),
                      "time s": float("nan")})

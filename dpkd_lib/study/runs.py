@@ -217,6 +217,7 @@ def run_grid(base_params: str | Path, runs: Iterable, results_root: str | Path, 
     each run trained now records its peak memory and time per phase (`measure_phases`) in
     its ``memory.json`` (exported with its record).
     """
+    from ..gpu.gpu_check import planned_bytes
     from ..train import train
     specs = [(name, as_overrides(ov), dict(rest[0]) if rest else {}) for name, ov, *rest in runs]
     names = [s[0] for s in specs]
@@ -232,9 +233,11 @@ def run_grid(base_params: str | Path, runs: Iterable, results_root: str | Path, 
         tick = time.time()
         probe = measure_phases() if measure and not reused else None
         summary = train(cfg, force=force, progress=progress, on_phase=probe)
-        if probe is not None:
-            probe.close()
-            _write_json_if_changed(run_dir / MEMORY_FILE, probe.record())
+        if probe is not None:   # the plan is kept beside the peaks: it needs the models, which
+            probe.close()       # the committed record has not (report.memory_table reads it there)
+            measured = probe.record()
+            measured["planned_bytes"] = planned_bytes(cfg, measured, device=measured["device"])
+            _write_json_if_changed(run_dir / MEMORY_FILE, measured)
         _write_json_if_changed(run_dir / "labels.json", {
             "name": name, "method": labels.get("method", strip_seed(name)), **labels, "overrides": ov})
         export_run(run_dir, results_root)   # the committed record: data/<name> (rundata.py)
