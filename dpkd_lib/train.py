@@ -190,6 +190,9 @@ class Trainer:
         self.is_main = self.accelerator.is_main_process
         self.state = None  # fresh | resume | finished, once claim() has looked at the folder
         self.step, self.saved_step, self.skipped = 0, None, 0
+        # wall time: this attempt's start, and what earlier attempts spent up to the checkpoint
+        # it resumed from (kept in the checkpoint), so a run made in parts reports its whole cost
+        self.attempt_started, self.elapsed_before = time.time(), 0.0
         self.phase = "set-up"  # set-up | training | the final evaluation (for messages)
 
     @contextlib.contextmanager
@@ -497,6 +500,7 @@ class Trainer:
             model = self.accelerator.unwrap_model(self.student)
             self.run.save_checkpoint({
                 "step": step, "skipped": self.skipped, "optimizer": self.optimizer.state_dict(),
+                "elapsed_s": self.elapsed_s(),
                 "model": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
                         "torch": torch.get_rng_state()},
@@ -530,8 +534,14 @@ class Trainer:
         # another number of processes splits the batches otherwise: those samples are drawn again
         self.rejected = by_rank[self.accelerator.process_index] if len(by_rank) == world else {}
         self.skipped = state.get("skipped", 0)
+        self.elapsed_before = state.get("elapsed_s", 0.0)   # 0: a checkpoint from before it was kept
         self.saved_step = state["step"]
         return state["step"]
+
+    def elapsed_s(self) -> float:
+        """Wall seconds this run has cost: this attempt's so far, plus earlier attempts' up to
+        the checkpoint it resumed from (their work after it was lost and is redone here)."""
+        return self.elapsed_before + time.time() - self.attempt_started
 
     def doing(self) -> str:
         """What the run was doing, for a one-line error (memory, disk)."""
@@ -637,7 +647,8 @@ def train(cfg: RunConfig, *, force: bool = False, progress: bool = True, on_phas
 
 
 def _train(tr: Trainer, asked: dict) -> dict:
-    cfg, t, started = tr.cfg, tr.cfg.train, time.time()
+    cfg, t = tr.cfg, tr.cfg.train
+    tr.attempt_started = time.time()
     tr.setup()
     if tr.is_main:
         tr.run.start_manifest(tr.params, seed=t.seed, device=str(tr.accelerator.device),
@@ -742,7 +753,7 @@ def _train(tr: Trainer, asked: dict) -> dict:
             tr.on_phase("eval", tr)
             summary |= tr.final_eval()
         tr.on_phase("end", tr)
-        summary["wall_time_s"] = time.time() - started
+        summary["wall_time_s"] = tr.elapsed_s()
         write_json(tr.run.file("summary.json"), summary)
         tr.run.write_manifest(status="finished", wall_time_s=summary["wall_time_s"],
                               finished=time.strftime("%Y-%m-%dT%H:%M:%S"))

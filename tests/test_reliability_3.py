@@ -590,3 +590,27 @@ def test_evaluate_models_holds_the_run_lock(tmp_path):
             evaluate_models(base, {"student_init": {"source": "tiny", "n_layer": 1, "n_embd": 32}}, results,
                             progress=False)
         assert _snapshot(results) == before
+
+
+def test_a_resumed_run_reports_the_time_of_every_attempt(tmp_path, monkeypatch):
+    """A run made in parts (a study continued across sessions) reports its whole cost: the
+    resumed attempt's wall time plus what the earlier one spent up to the checkpoint it resumed
+    from (kept in the checkpoint), not the last attempt's alone."""
+    original = train_mod.Trainer.step_loss
+
+    def slow(self, i):   # the first attempt's steps 0-5 take at least 1 s each
+        time.sleep(1.0)
+        return original(self, i)
+    monkeypatch.setattr(train_mod.Trainer, "step_loss", slow)
+    _crash_at(monkeypatch, 6)   # wraps the slow steps: dies in step 7, after the step-6 checkpoint
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(_cfg(tmp_path, "run", *COMMON), progress=False)
+    monkeypatch.undo()
+    first = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    assert first["step"] == 6 and first["elapsed_s"] >= 6.0
+    tick = time.time()
+    summary = train(_cfg(tmp_path, "run", *COMMON), progress=False)
+    second = time.time() - tick
+    assert summary["steps"] == 8
+    assert summary["wall_time_s"] >= first["elapsed_s"] and summary["wall_time_s"] > second + 5.0
+    assert read_json(tmp_path / "run" / "manifest.json")["wall_time_s"] == pytest.approx(summary["wall_time_s"])
