@@ -648,7 +648,6 @@ def train(cfg: RunConfig, *, force: bool = False, progress: bool = True, on_phas
 
 def _train(tr: Trainer, asked: dict) -> dict:
     cfg, t = tr.cfg, tr.cfg.train
-    tr.attempt_started = time.time()
     tr.setup()
     if tr.is_main:
         tr.run.start_manifest(tr.params, seed=t.seed, device=str(tr.accelerator.device),

@@ -16,9 +16,11 @@ from pathlib import Path
 import nbformat
 import pandas as pd
 import pytest
+import yaml
 
 from dpkd_lib.study import report, driver as study
-from dpkd_lib.config import ConfigError
+from dpkd_lib.config import ConfigError, from_dict
+from dpkd_lib.gpu import gpu_check
 
 pytestmark = pytest.mark.notebook
 
@@ -502,6 +504,8 @@ def test_lora_notebook_measures_memory_and_step_time_beside_the_plan(smoke):
         # folder, which a committed record (and a rebuild from it) has not
         assert steps["planned GiB"].tolist() == pytest.approx(
             [record["planned_bytes"][p] / 2 ** 30 for p in steps["phase"]], abs=1e-3)
+        params = yaml.safe_load((root / "runs" / run / "params.yaml").read_text())
+        assert record["planned_bytes"] == gpu_check.planned_bytes(from_dict(params), record)
     times = pd.read_csv(root / "tables" / "lora_4bit_step_time.csv")
     assert sorted(times["against"]) == ["dpkd_token_s1", "sft_s1"]
     assert (times["s / step"] > 0).all() and (times["its s / step"] > 0).all()

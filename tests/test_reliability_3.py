@@ -602,15 +602,12 @@ def test_a_resumed_run_reports_the_time_of_every_attempt(tmp_path, monkeypatch):
         time.sleep(1.0)
         return original(self, i)
     monkeypatch.setattr(train_mod.Trainer, "step_loss", slow)
-    _crash_at(monkeypatch, 6)   # wraps the slow steps: dies in step 7, after the step-6 checkpoint
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(_cfg(tmp_path, "run", *COMMON), progress=False)
-    monkeypatch.undo()
-    first = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    run = _stopped_at_step_7(tmp_path, monkeypatch, "run")   # dies in step 7, after the step-6 checkpoint
+    first = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
     assert first["step"] == 6 and first["elapsed_s"] >= 6.0
     tick = time.time()
     summary = train(_cfg(tmp_path, "run", *COMMON), progress=False)
     second = time.time() - tick
     assert summary["steps"] == 8
     assert summary["wall_time_s"] >= first["elapsed_s"] and summary["wall_time_s"] > second + 5.0
-    assert read_json(tmp_path / "run" / "manifest.json")["wall_time_s"] == pytest.approx(summary["wall_time_s"])
+    assert read_json(run / "manifest.json")["wall_time_s"] == pytest.approx(summary["wall_time_s"])

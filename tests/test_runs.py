@@ -246,3 +246,16 @@ def test_a_study_is_not_continued_on_another_model_of_machine(tmp_path, monkeypa
         here, cpu_model="Other CPU @ 1.00GHz", vector_extensions=["sse4_2", "avx2"])}))
     with pytest.raises(ConfigError, match=r"made on \('Other CPU @ 1.00GHz', \('sse4_2', 'avx2'\).*without RESUME=1"):
         rundata.restore_runs(tmp_path / "res")
+
+
+def test_a_measured_run_keeps_its_record_when_its_memory_plan_cannot_be_made(capsys):
+    """runs._with_plan: a run resumed past its last training step measured no batch (no plan,
+    silently: there is nothing to plan for), and a plan that fails costs one line, never the
+    measured peaks (the run's record is exported after it)."""
+    measured = {"device": "cpu", "baseline_bytes": 1, "peak_bytes": 2, "phases": {"eval": {}}, "batch": {}}
+    assert runs._with_plan(None, measured, "r_s1") == measured
+    assert capsys.readouterr().out == ""
+    measured["batch"] = {"seq_len": 8, "response_fraction": 0.5}
+    assert runs._with_plan(object(), measured, "r_s1") == measured   # not a RunConfig: planning fails
+    out = capsys.readouterr().out
+    assert out.startswith("note: r_s1: no memory plan kept beside its measured peaks (AttributeError") and out.count("\n") == 1

@@ -141,14 +141,14 @@ class PhaseProbe:
             self._reset()
 
 
-def planned_bytes(cfg, measured: dict, *, device: str = "cpu", capability=None, shapes=None) -> dict:
+def planned_bytes(cfg, measured: dict, *, capability=None, shapes=None) -> dict:
     """{phase: the planner's bytes for it, or None where the planner has none (`PLAN_PHASES`)}
-    for each phase of ``measured`` (a `PhaseProbe.record`), planned for the shapes the run
-    trained on (its batch, its longest sequence). It needs the run's models' shapes (a saved
-    model's config.json), so a measured run keeps it in its memory.json while they exist
-    (`runs.run_grid`). On CUDA the allocator's peak has no CUDA context, so the plan's
-    framework term is taken off; on CPU the process's RSS is compared as it is."""
-    b = measured["batch"]
+    for each phase of ``measured`` (a `PhaseProbe.record`, with the device it ran on), planned
+    for the shapes the run trained on (its batch, its longest sequence). It needs the run's
+    models' shapes (a saved model's config.json), so a measured run keeps it in its memory.json
+    while they exist (`runs.run_grid`). On CUDA the allocator's peak has no CUDA context, so the
+    plan's framework term is taken off; on CPU the process's RSS is compared as it is."""
+    b, device = measured["batch"], measured["device"]
     plan = memory.plan_from_config(cfg, device=device, capability=capability, shapes=shapes,
                                    seq_len=b["seq_len"], response_fraction=b["response_fraction"])
     est = memory.estimate(plan)
@@ -156,26 +156,19 @@ def planned_bytes(cfg, measured: dict, *, device: str = "cpu", capability=None, 
     build_plan = memory.teacher_cache_plan(plan, cfg.eval.batch_size)
     if build_plan is not None:
         predicted["build"] = memory.estimate(dataclasses.replace(build_plan, seq_len=b["seq_len"]))["total"]
-    cuda = measured.get("device") == "cuda"
     out = {}
     for name in PHASES:
         if name not in measured["phases"]:
             continue
         want = predicted.get(PLAN_PHASES.get(name, ""), None)
-        want = want - est["components"]["framework"] if (want is not None and cuda) else want
+        want = want - est["components"]["framework"] if (want is not None and device == "cuda") else want
         out[name] = None if want is None else int(want)
     return out
 
 
-def planned_against_measured(cfg, measured: dict, *, device: str = "cpu", capability=None,
-                             shapes=None) -> dict:
+def planned_against_measured(measured: dict, planned: dict) -> dict:
     """Per measured phase (a `PhaseProbe.record`, e.g. a run's memory.json): its peak bytes,
-    time and count beside the planner's bytes for the same phase (`planned_bytes`: the
-    record's own ``planned_bytes`` when it kept them, else planned now from ``cfg``, which
-    may then be None)."""
-    planned = measured.get("planned_bytes")
-    if planned is None:
-        planned = planned_bytes(cfg, measured, device=device, capability=capability, shapes=shapes)
+    time and count beside the planner's bytes for it (``planned``: `planned_bytes`)."""
     return {name: {"peak_bytes": int(got["peak_bytes"]), "time_s": got["time_s"], "count": int(got["count"]),
                    "predicted_bytes": planned.get(name)}
             for name in PHASES if (got := measured["phases"].get(name)) is not None}
@@ -250,8 +243,9 @@ def check_run(label: str, path: str, overrides: tuple, *, steps: int, n_gen: int
                 torch.cuda.empty_cache()
     record["wall_time_s"] = time.perf_counter() - started
     b = probe.batch
-    record["phases"] = planned_against_measured(cfg, probe.record(), device=device, capability=capability,
-                                                shapes=shapes)
+    measured = probe.record()
+    record["phases"] = planned_against_measured(
+        measured, planned_bytes(cfg, measured, capability=capability, shapes=shapes))
     ratios = [p["peak_bytes"] / p["predicted_bytes"] for p in record["phases"].values()
               if p["predicted_bytes"]]
     record["ratio_measured_to_planned"] = max(ratios) if ratios else None

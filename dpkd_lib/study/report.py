@@ -973,7 +973,7 @@ def memory_table(df):
     ratio, and the phase's time."""
     import pandas as pd
     from ..config import from_dict
-    from ..gpu.gpu_check import planned_against_measured
+    from ..gpu.gpu_check import planned_against_measured, planned_bytes
     from .rundata import MEMORY_FILE
 
     gib = 2 ** 30
@@ -983,13 +983,16 @@ def memory_table(df):
         if not path.exists():
             continue
         measured = json.loads(path.read_text())
-        # the plan the run kept (runs.run_grid); a record from before it did is planned from its
-        # params, which needs its models' folders (a live run folder, not a committed record)
-        cfg = None if "planned_bytes" in measured else from_dict(yaml.safe_load((Path(folder) / "params.yaml").read_text()))
+        # the plan the run kept (runs.run_grid); a record without one is planned from its params,
+        # which needs its models' folders (a live run folder, not a committed record); a run
+        # that measured no training batch (resumed past its last step) has none
+        planned = measured.get("planned_bytes") or (planned_bytes(
+            from_dict(yaml.safe_load((Path(folder) / "params.yaml").read_text())), measured)
+            if measured.get("batch") else {})
         rows.append({"run": run, "phase": "before training", "planned GiB": float("nan"),
                      "measured GiB": measured["baseline_bytes"] / gib, "measured / planned": float("nan"),
                      "time s": float("nan")})
-        for phase, p in planned_against_measured(cfg, measured, device=measured["device"]).items():
+        for phase, p in planned_against_measured(measured, planned).items():
             want = p["predicted_bytes"]
             rows.append({"run": run, "phase": phase, "planned GiB": want / gib if want else float("nan"),
                          "measured GiB": p["peak_bytes"] / gib,

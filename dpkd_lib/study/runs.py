@@ -217,7 +217,6 @@ def run_grid(base_params: str | Path, runs: Iterable, results_root: str | Path, 
     each run trained now records its peak memory and time per phase (`measure_phases`) in
     its ``memory.json`` (exported with its record).
     """
-    from ..gpu.gpu_check import planned_bytes
     from ..train import train
     specs = [(name, as_overrides(ov), dict(rest[0]) if rest else {}) for name, ov, *rest in runs]
     names = [s[0] for s in specs]
@@ -233,11 +232,9 @@ def run_grid(base_params: str | Path, runs: Iterable, results_root: str | Path, 
         tick = time.time()
         probe = measure_phases() if measure and not reused else None
         summary = train(cfg, force=force, progress=progress, on_phase=probe)
-        if probe is not None:   # the plan is kept beside the peaks: it needs the models, which
-            probe.close()       # the committed record has not (report.memory_table reads it there)
-            measured = probe.record()
-            measured["planned_bytes"] = planned_bytes(cfg, measured, device=measured["device"])
-            _write_json_if_changed(run_dir / MEMORY_FILE, measured)
+        if probe is not None:
+            probe.close()
+            _write_json_if_changed(run_dir / MEMORY_FILE, _with_plan(cfg, probe.record(), name))
         _write_json_if_changed(run_dir / "labels.json", {
             "name": name, "method": labels.get("method", strip_seed(name)), **labels, "overrides": ov})
         export_run(run_dir, results_root)   # the committed record: data/<name> (rundata.py)
@@ -249,6 +246,23 @@ def run_grid(base_params: str | Path, runs: Iterable, results_root: str | Path, 
             print(f"[{i}/{len(configs)}] {run_line(name, summary, reused, time.time() - tick)}"
                   f"{eta_text(len(left), trained)}", flush=True)
     return summaries
+
+
+def _with_plan(cfg, measured: dict, name: str) -> dict:
+    """A measured run's record with the planner's bytes per phase beside its peaks: planned now,
+    while the run's models exist (a saved model's shapes come from its folder, which the
+    committed record has not; report.memory_table reads them there). A run resumed past its
+    last training step measured no batch, and a plan that fails must not cost the run its
+    record: either keeps no plan, with one line saying so."""
+    from ..gpu.gpu_check import planned_bytes
+    if not measured.get("batch"):
+        return measured
+    try:
+        return {**measured, "planned_bytes": planned_bytes(cfg, measured)}
+    except Exception as err:  # noqa: BLE001 - the measurement is kept; the plan is only beside it
+        print(f"note: {name}: no memory plan kept beside its measured peaks ({type(err).__name__}: "
+              f"{str(err)[:200]})", flush=True)
+        return measured
 
 
 def measure_phases():
