@@ -198,7 +198,7 @@ def limited(tmp_path_factory):
 
 def test_a_cache_larger_than_the_memory_limit_is_built_and_trained_from(limited):
     big = limited["big"]
-    assert "error" not in big, big
+    assert "error" not in big, big["error"]   # the exception the limited child met (a full disk?)
     assert big["cache_bytes"] > big["limit"], "the cache must be larger than the limit"
     assert big["steps"] == 6 and big["loss"] == big["loss"]
     # the old form (the whole cache in memory) cannot run under the same limit
@@ -213,7 +213,7 @@ def test_peak_rss_of_training_does_not_grow_with_the_cache(limited):
     rss = {}
     for name, rows in (("c1", 22_500), ("c4", 90_000)):
         res = bench.run_cache_child(dict(base, form="disk", rows=rows, folder=str(tmp / name), actions=["train"]))
-        assert res["steps"] == 6, res
+        assert res.get("steps") == 6, res.get("error", res)
         rss[name] = res["peak_rss"]
     grown = limited["big"]["cache_bytes"] - limited["small"]["cache_bytes"]  # ~690 MB
     assert abs(rss["c4"] - rss["c1"]) < 0.05 * grown, (rss, grown)
