@@ -17,6 +17,7 @@ docs/running.md says all this for users.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import fcntl
 import gc
@@ -52,6 +53,9 @@ READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
 STRICT_CODE_ENV = "DPKD_STRICT_CODE"
 #: temporaries a writer leaves when it dies: <name>.tmp-<pid>, <name>.old-<pid> (models.save_model,
 #: teacher caches), .<name>.<pid>.<random>.tmp (io.atomic_write_text)
+#: set inside `other_code_said_once`: the names of the finished runs reused though made by other
+#: code, by the fingerprint they recorded (one line for them all on leaving, not one per run)
+_OTHER_CODE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("dpkd_other_code", default=None)
 _TEMPORARY = re.compile(r"^(?:.+\.(?:tmp|old)-(?P<pid>\d+)|\..+\.(?P<pid2>\d+)\.[^.]+\.tmp)$")
 
 
@@ -121,6 +125,29 @@ def code_change(recorded: str | None, what: str) -> str | None:
         return None
     return (f"note: {what} was made by other code (code fingerprint {recorded}, now {current}); "
             f"reused as it is (--force recomputes it, --strict-code refuses)")
+
+
+@contextlib.contextmanager
+def other_code_said_once():
+    """Inside, a finished run reused though made by other code is not said run by run
+    (`RunDir.check_code`); on leaving, one line per fingerprint they recorded names them all:
+    a grid of 14 runs reused after a report-only change prints one note, not 14. Nested, the
+    outermost says it."""
+    if _OTHER_CODE.get() is not None:
+        yield
+        return
+    gathered: dict[str, list[str]] = {}
+    token = _OTHER_CODE.set(gathered)
+    try:
+        yield
+    finally:
+        _OTHER_CODE.reset(token)
+        for recorded, names in gathered.items():
+            runs = (f"the finished run {names[0]} was" if len(names) == 1 else
+                    f"{len(names)} finished runs ({', '.join(names)}) were")
+            log.warning("note: %s made by other code (code fingerprint %s, now %s); reused as %s (--force "
+                        "recomputes, --strict-code refuses)", runs, recorded, code_fingerprint(),
+                        "it is" if len(names) == 1 else "they are")
 
 
 def lock_file(path: Path, what: str, detail: bool = False) -> int:
@@ -328,7 +355,10 @@ class RunDir:
         """Say (one line) when the finished run here was made by other code; refuse under
         --strict-code (code_change)."""
         note = code_change(self.manifest.get("code"), f"the finished run in {self.path}")
-        if note:
+        gathered = _OTHER_CODE.get()
+        if note and gathered is not None:
+            gathered.setdefault(self.manifest["code"], []).append(self.path.name)
+        elif note:
             log.warning("%s", note)
 
     def clean(self) -> None:

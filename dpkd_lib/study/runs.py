@@ -217,6 +217,7 @@ def run_grid(base_params: str | Path, runs: Iterable, results_root: str | Path, 
     each run trained now records its peak memory and time per phase (`measure_phases`) in
     its ``memory.json`` (exported with its record).
     """
+    from ..rundir import other_code_said_once
     from ..train import train
     specs = [(name, as_overrides(ov), dict(rest[0]) if rest else {}) for name, ov, *rest in runs]
     names = [s[0] for s in specs]
@@ -225,26 +226,40 @@ def run_grid(base_params: str | Path, runs: Iterable, results_root: str | Path, 
         raise ConfigError(f"duplicate run names: {dup}")
     configs = [(name, run_config(base_params, name, ov, results_root, pair), labels, ov)
                for name, ov, labels in specs]
-    summaries, trained = [], []
-    for i, (name, cfg, labels, ov) in enumerate(configs, 1):
-        run_dir = Path(cfg.output_dir)
-        reused = _finished(run_dir) and not force
-        tick = time.time()
-        probe = measure_phases() if measure and not reused else None
-        summary = train(cfg, force=force, progress=progress, on_phase=probe)
-        if probe is not None:
-            probe.close()
-            _write_json_if_changed(run_dir / MEMORY_FILE, _with_plan(cfg, probe.record(), name))
-        _write_json_if_changed(run_dir / "labels.json", {
-            "name": name, "method": labels.get("method", strip_seed(name)), **labels, "overrides": ov})
-        export_run(run_dir, results_root)   # the committed record: data/<name> (rundata.py)
-        summaries.append(summary)
-        if not reused:
+    summaries, trained, reused_names = [], [], []
+
+    def say_reused(upto: int) -> None:  # reused runs in one line: their numbers are in the tables
+        if verbose and reused_names:
+            first = upto - len(reused_names) + 1
+            where = f"{first}/{len(configs)}" if first == upto else f"{first}-{upto}/{len(configs)}"
+            print(f"[{where}] reused, finished earlier: {', '.join(reused_names)}", flush=True)
+        reused_names.clear()
+
+    with other_code_said_once():  # one note for every reused run made by other code, not one each
+        for i, (name, cfg, labels, ov) in enumerate(configs, 1):
+            run_dir = Path(cfg.output_dir)
+            reused = _finished(run_dir) and not force
+            if not reused:
+                say_reused(i - 1)
+            tick = time.time()
+            probe = measure_phases() if measure and not reused else None
+            summary = train(cfg, force=force, progress=progress, on_phase=probe)
+            if probe is not None:
+                probe.close()
+                _write_json_if_changed(run_dir / MEMORY_FILE, _with_plan(cfg, probe.record(), name))
+            _write_json_if_changed(run_dir / "labels.json", {
+                "name": name, "method": labels.get("method", strip_seed(name)), **labels, "overrides": ov})
+            export_run(run_dir, results_root)   # the committed record: data/<name> (rundata.py)
+            summaries.append(summary)
+            if reused:
+                reused_names.append(name)
+                continue
             trained.append(time.time() - tick)
-        if verbose:
-            left = [c for c in configs[i:] if force or not _finished(Path(c[1].output_dir))]
-            print(f"[{i}/{len(configs)}] {run_line(name, summary, reused, time.time() - tick)}"
-                  f"{eta_text(len(left), trained)}", flush=True)
+            if verbose:
+                left = [c for c in configs[i:] if force or not _finished(Path(c[1].output_dir))]
+                print(f"[{i}/{len(configs)}] {run_line(name, summary, time.time() - tick)}"
+                      f"{eta_text(len(left), trained)}", flush=True)
+        say_reused(len(configs))
     return summaries
 
 
@@ -284,10 +299,11 @@ def eta_text(left: int, seconds: Sequence[float]) -> str:
     return f" · {left} run{'s' if left != 1 else ''} to train, about {left * sum(seconds) / len(seconds) / 60:.0f} min"
 
 
-def run_line(name: str, summary: dict, reused: bool, seconds: float) -> str:
-    """A run in one line: name, steps, time, and its headline numbers (greedy ROUGE-L on each
-    evaluated split, the validation NLL): what a notebook prints per run instead of a bar."""
-    took = f"reused ({summary.get('wall_time_s', 0):.0f} s when trained)" if reused else f"{seconds:.0f} s"
+def run_line(name: str, summary: dict, seconds: float) -> str:
+    """A run just trained in one line: name, steps, time, and its headline numbers (greedy
+    ROUGE-L on each evaluated split, the validation NLL): what a notebook prints per run
+    instead of a bar (reused runs share one line, `run_grid`)."""
+    took = f"{seconds:.0f} s"
     scores = [f"{split} ROUGE-L {summary[f'{split}_rouge_l']:.1f}"
               for split in (summary.get("eval") or {}) if summary.get(f"{split}_rouge_l") is not None]
     if summary.get("valid_nll") is not None:
@@ -325,22 +341,24 @@ def prepare_pair(base_params: str | Path, results_root: str | Path, spec: dict, 
     for role, how in spec.items():
         if set(how) not in ({"build"}, {"model"}):
             raise ConfigError(f"pair.{role}: give either build (overrides) or model (a model section)")
+    from ..rundir import other_code_said_once
     pair: dict = {}
     # the teacher first: the start is then evaluated beside it where its eval asks for the
     # teacher (eval.teacher_kl: the start's KL(teacher || student)); run_config gives the
     # teacher only to a run that uses one
-    for role in [r for r in ("teacher", "student") if r in spec]:
-        how, name = spec[role], names[role]
-        if "build" in how:
-            run_grid(base_params, [(name, as_overrides(how["build"]),
-                                    {"method": name, "group": "pair", "label": DISPLAY[name]})],
-                     results_root, force=force, progress=progress, pair=pair or None)
-            check_rebuilt_pair(results_root, name, role)   # a continued study (RESUME=1): the recorded model
-            pair[role] = _saved(Path(results_root) / "runs" / name)
-        else:
-            evaluate_models(base_params, {name: how["model"]}, results_root, teacher=pair.get("teacher"),
-                            force=force, progress=progress)
-            pair[role] = how["model"]
+    with other_code_said_once():   # both builds' "made by other code" in one line
+        for role in [r for r in ("teacher", "student") if r in spec]:
+            how, name = spec[role], names[role]
+            if "build" in how:
+                run_grid(base_params, [(name, as_overrides(how["build"]),
+                                        {"method": name, "group": "pair", "label": DISPLAY[name]})],
+                         results_root, force=force, progress=progress, pair=pair or None)
+                check_rebuilt_pair(results_root, name, role)   # a continued study (RESUME=1): the recorded model
+                pair[role] = _saved(Path(results_root) / "runs" / name)
+            else:
+                evaluate_models(base_params, {name: how["model"]}, results_root, teacher=pair.get("teacher"),
+                                force=force, progress=progress)
+                pair[role] = how["model"]
     return pair
 
 
@@ -374,11 +392,13 @@ def evaluate_models(base_params: str | Path, models: dict, results_root: str | P
     ``runs/<name>`` folders that report.collect reads. ``models`` maps a name (``teacher``,
     ``student_init``, ...) to a model section; ``overrides`` change the eval settings;
     ``teacher`` (a model section) is the teacher of ``eval.teacher_kl``."""
+    from ..rundir import other_code_said_once
     out = []
-    for name, section in models.items():
-        cfg = run_config(base_params, name, ["train.objective=sft", *overrides], results_root,
-                         {"student": section, "teacher": teacher})
-        out.append(_evaluate_model(cfg, name, section, results_root, force=force, progress=progress))
+    with other_code_said_once():
+        for name, section in models.items():
+            cfg = run_config(base_params, name, ["train.objective=sft", *overrides], results_root,
+                             {"student": section, "teacher": teacher})
+            out.append(_evaluate_model(cfg, name, section, results_root, force=force, progress=progress))
     return out
 
 
