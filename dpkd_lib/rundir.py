@@ -51,11 +51,11 @@ READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
 #: set to 1 (``train --strict-code``, ``study --strict-code``): refuse to reuse a finished run
 #: or notebook made by other code (another code fingerprint) instead of saying so and reusing
 STRICT_CODE_ENV = "DPKD_STRICT_CODE"
+#: set inside `other_code_said_once`: the names of the finished runs reused though made by other
+#: code, by the fingerprint they recorded (one line for them all, not one per run)
+_OTHER_CODE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("dpkd_other_code", default=None)
 #: temporaries a writer leaves when it dies: <name>.tmp-<pid>, <name>.old-<pid> (models.save_model,
 #: teacher caches), .<name>.<pid>.<random>.tmp (io.atomic_write_text)
-#: set inside `other_code_said_once`: the names of the finished runs reused though made by other
-#: code, by the fingerprint they recorded (one line for them all on leaving, not one per run)
-_OTHER_CODE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("dpkd_other_code", default=None)
 _TEMPORARY = re.compile(r"^(?:.+\.(?:tmp|old)-(?P<pid>\d+)|\..+\.(?P<pid2>\d+)\.[^.]+\.tmp)$")
 
 
@@ -123,31 +123,40 @@ def code_change(recorded: str | None, what: str) -> str | None:
                           f"to recompute it, or without --strict-code to reuse it")
     if recorded is None:
         return None
-    return (f"note: {what} was made by other code (code fingerprint {recorded}, now {current}); "
-            f"reused as it is (--force recomputes it, --strict-code refuses)")
+    return _other_code_note(f"{what} was", recorded, "it is")
+
+
+def _other_code_note(what_was: str, recorded: str, reused_as: str) -> str:
+    return (f"note: {what_was} made by other code (code fingerprint {recorded}, now {code_fingerprint()}); "
+            f"reused as {reused_as} (--force recomputes, --strict-code refuses)")
 
 
 @contextlib.contextmanager
 def other_code_said_once():
     """Inside, a finished run reused though made by other code is not said run by run
-    (`RunDir.check_code`); on leaving, one line per fingerprint they recorded names them all:
-    a grid of 14 runs reused after a report-only change prints one note, not 14. Nested, the
-    outermost says it."""
+    (`RunDir.check_code`) but gathered; the ``say()`` it yields (called by `runs.run_grid` when
+    a streak of reused runs ends) and leaving say them in one line per recorded fingerprint: a
+    grid of 14 runs reused after a report-only change prints one note, not 14. Nested, the
+    outermost says it (its inner ``say`` does nothing)."""
     if _OTHER_CODE.get() is not None:
-        yield
+        yield lambda: None
         return
     gathered: dict[str, list[str]] = {}
+
+    def say() -> None:
+        for recorded, names in gathered.items():
+            log.warning("%s", _other_code_note(
+                f"the finished run {names[0]} was" if len(names) == 1 else
+                f"{len(names)} finished runs ({', '.join(names)}) were", recorded,
+                "it is" if len(names) == 1 else "they are"))
+        gathered.clear()
+
     token = _OTHER_CODE.set(gathered)
     try:
-        yield
+        yield say
     finally:
         _OTHER_CODE.reset(token)
-        for recorded, names in gathered.items():
-            runs = (f"the finished run {names[0]} was" if len(names) == 1 else
-                    f"{len(names)} finished runs ({', '.join(names)}) were")
-            log.warning("note: %s made by other code (code fingerprint %s, now %s); reused as %s (--force "
-                        "recomputes, --strict-code refuses)", runs, recorded, code_fingerprint(),
-                        "it is" if len(names) == 1 else "they are")
+        say()
 
 
 def lock_file(path: Path, what: str, detail: bool = False) -> int:
@@ -298,6 +307,13 @@ class RunDir:
     def is_finished(self) -> bool:
         return self.manifest.get("status") == "finished" and self.file("summary.json").exists()
 
+    def reusable(self, params: dict, force: bool = False) -> bool:
+        """True when `prepare` would reuse the run here as it is: finished, with the same
+        params (where it is and its cache aside), and no ``force``."""
+        old = self.stored_params()
+        return (not force and old is not None and self.is_finished()
+                and not [k for k in diff_keys(old, params) if k not in ("output_dir", "cache_dir")])
+
     def stored_params(self) -> dict | None:
         try:
             return yaml.safe_load(self.file("params.yaml").read_text())
@@ -354,10 +370,11 @@ class RunDir:
     def check_code(self) -> None:
         """Say (one line) when the finished run here was made by other code; refuse under
         --strict-code (code_change)."""
-        note = code_change(self.manifest.get("code"), f"the finished run in {self.path}")
+        recorded = self.manifest.get("code")
+        note = code_change(recorded, f"the finished run in {self.path}")
         gathered = _OTHER_CODE.get()
         if note and gathered is not None:
-            gathered.setdefault(self.manifest["code"], []).append(self.path.name)
+            gathered.setdefault(recorded, []).append(self.path.name)
         elif note:
             log.warning("%s", note)
 

@@ -261,35 +261,45 @@ def test_a_measured_run_keeps_its_record_when_its_memory_plan_cannot_be_made(cap
     assert out.startswith("note: r_s1: no memory plan kept beside its measured peaks (AttributeError") and out.count("\n") == 1
 
 
-def test_a_grid_of_reused_runs_says_so_in_one_line_each(tmp_path, capsys, caplog):
+def test_a_grid_of_reused_runs_says_so_in_one_line_each(tmp_path, capsys, caplog, monkeypatch):
     """A notebook's run cell reusing a grid after a code change once printed two lines per run
-    (a "made by other code" note and the run's line): 28 lines for 14 runs. Now the reused
-    runs between two trained ones share one line, and one note per recorded fingerprint names
-    every run made by that code."""
+    (a "made by other code" note and the run's line): 28 lines for 14 runs. Now a streak of
+    reused runs shares one line, followed (before the next run trains) by one note per recorded
+    fingerprint naming its runs; a run retrained (a restored record whose params changed) has
+    its own line; a run that fails does not lose the streak before it."""
     import logging
+    from dpkd_lib import rundir
+    from dpkd_lib.train import train
     main = study.load_params(ROOT / "params", "smoke", "01_gpt2_120m")
     base, root = ROOT / main["base_params"], tmp_path / "res"
     pair = runs.prepare_pair(base, root, main["pair"], progress=False)
     grid = [(f"sft_s{seed}", ["train.objective=sft", f"train.seed={seed}", "train.max_steps=1", "eval.splits=[]"])
-            for seed in (1, 2, 3, 4)]
-    runs.run_grid(base, [grid[0], grid[1], grid[3]], root, pair=pair, progress=False, verbose=False)
+            for seed in (1, 2, 3, 4, 5)]
+    runs.run_grid(base, [grid[0], grid[1], grid[3], grid[4]], root, pair=pair, progress=False, verbose=False)
     for name, code in (("sft_s1", "0123456789ab"), ("sft_s2", "0123456789ab"), ("sft_s4", "ba9876543210")):
         manifest = root / "runs" / name / "manifest.json"
         manifest.write_text(json.dumps(dict(json.loads(manifest.read_text()), code=code)))
+    (root / "runs" / "sft_s5" / rundir.RESTORED).write_text("")   # a record put back, then its params changed
+    grid[4] = ("sft_s5", [*grid[4][1], "train.max_steps=2"])
     capsys.readouterr()
     with caplog.at_level(logging.WARNING, logger="dpkd_lib"):
         runs.run_grid(base, grid, root, pair=pair, progress=False)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "[1-2/4] reused, finished earlier: sft_s1, sft_s2"
-    assert lines[1].startswith("[3/4] sft_s3: 1 steps, ") and lines[2] == "[4/4] reused, finished earlier: sft_s4"
-    assert len(lines) == 3
+    assert lines[0] == "[1-2/5] reused, finished earlier: sft_s1, sft_s2"
+    assert lines[1].startswith("[3/5] sft_s3: 1 steps, ") and lines[2] == "[4/5] reused, finished earlier: sft_s4"
+    assert lines[3].startswith("[5/5] sft_s5: 2 steps, ") and len(lines) == 4
     notes = [r.getMessage() for r in caplog.records if "other code" in r.getMessage()]
     assert len(notes) == 2, notes
     assert "2 finished runs (sft_s1, sft_s2) were made by other code (code fingerprint 0123456789ab" in notes[0]
     assert "the finished run sft_s4 was made by other code (code fingerprint ba9876543210" in notes[1]
+
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="dpkd_lib"):   # outside a grid: one note per run, as before
-        from dpkd_lib.train import train
         train(runs.run_config(base, "sft_s1", grid[0][1], root, pair), progress=False)
     assert [r.getMessage() for r in caplog.records if "other code" in r.getMessage()][0].startswith(
         f"note: the finished run in {root / 'runs' / 'sft_s1'} was made by other code")
+
+    monkeypatch.setenv(rundir.STRICT_CODE_ENV, "1")   # sft_s1 is refused after sft_s3 was reused
+    with pytest.raises(ConfigError, match="--strict-code refuses"):
+        runs.run_grid(base, [grid[2], grid[0]], root, pair=pair, progress=False)
+    assert capsys.readouterr().out.splitlines() == ["[1/2] reused, finished earlier: sft_s3"]

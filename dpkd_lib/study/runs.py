@@ -226,40 +226,47 @@ def run_grid(base_params: str | Path, runs: Iterable, results_root: str | Path, 
         raise ConfigError(f"duplicate run names: {dup}")
     configs = [(name, run_config(base_params, name, ov, results_root, pair), labels, ov)
                for name, ov, labels in specs]
+    from ..rundir import RunDir
     summaries, trained, reused_names = [], [], []
 
-    def say_reused(upto: int) -> None:  # reused runs in one line: their numbers are in the tables
+    def reusable(cfg) -> bool:   # what train() will reuse as it is (RunDir.prepare)
+        return RunDir(cfg.output_dir).reusable(to_dict(cfg), force)
+
+    def say_reused(upto: int) -> None:  # a streak of reused runs in one line: their numbers are in the tables
         if verbose and reused_names:
             first = upto - len(reused_names) + 1
             where = f"{first}/{len(configs)}" if first == upto else f"{first}-{upto}/{len(configs)}"
             print(f"[{where}] reused, finished earlier: {', '.join(reused_names)}", flush=True)
         reused_names.clear()
+        say_other_code()   # before hours of training: --strict-code may be wanted
 
-    with other_code_said_once():  # one note for every reused run made by other code, not one each
-        for i, (name, cfg, labels, ov) in enumerate(configs, 1):
-            run_dir = Path(cfg.output_dir)
-            reused = _finished(run_dir) and not force
-            if not reused:
-                say_reused(i - 1)
-            tick = time.time()
-            probe = measure_phases() if measure and not reused else None
-            summary = train(cfg, force=force, progress=progress, on_phase=probe)
-            if probe is not None:
-                probe.close()
-                _write_json_if_changed(run_dir / MEMORY_FILE, _with_plan(cfg, probe.record(), name))
-            _write_json_if_changed(run_dir / "labels.json", {
-                "name": name, "method": labels.get("method", strip_seed(name)), **labels, "overrides": ov})
-            export_run(run_dir, results_root)   # the committed record: data/<name> (rundata.py)
-            summaries.append(summary)
-            if reused:
-                reused_names.append(name)
-                continue
-            trained.append(time.time() - tick)
-            if verbose:
-                left = [c for c in configs[i:] if force or not _finished(Path(c[1].output_dir))]
-                print(f"[{i}/{len(configs)}] {run_line(name, summary, time.time() - tick)}"
-                      f"{eta_text(len(left), trained)}", flush=True)
-        say_reused(len(configs))
+    with other_code_said_once() as say_other_code:
+        try:
+            for i, (name, cfg, labels, ov) in enumerate(configs, 1):
+                run_dir = Path(cfg.output_dir)
+                reused = reusable(cfg)
+                if not reused:
+                    say_reused(i - 1)
+                tick = time.time()
+                probe = measure_phases() if measure and not reused else None
+                summary = train(cfg, force=force, progress=progress, on_phase=probe)
+                if probe is not None:
+                    probe.close()
+                    _write_json_if_changed(run_dir / MEMORY_FILE, _with_plan(cfg, probe.record(), name))
+                _write_json_if_changed(run_dir / "labels.json", {
+                    "name": name, "method": labels.get("method", strip_seed(name)), **labels, "overrides": ov})
+                export_run(run_dir, results_root)   # the committed record: data/<name> (rundata.py)
+                summaries.append(summary)
+                if reused:
+                    reused_names.append(name)
+                    continue
+                trained.append(time.time() - tick)
+                if verbose:
+                    left = [c for _, c, *_ in configs[i:] if not reusable(c)]
+                    print(f"[{i}/{len(configs)}] {run_line(name, summary, time.time() - tick)}"
+                          f"{eta_text(len(left), trained)}", flush=True)
+        finally:   # also when a run fails: the runs reused before it are said
+            say_reused(len(summaries))
     return summaries
 
 
@@ -303,12 +310,11 @@ def run_line(name: str, summary: dict, seconds: float) -> str:
     """A run just trained in one line: name, steps, time, and its headline numbers (greedy
     ROUGE-L on each evaluated split, the validation NLL): what a notebook prints per run
     instead of a bar (reused runs share one line, `run_grid`)."""
-    took = f"{seconds:.0f} s"
     scores = [f"{split} ROUGE-L {summary[f'{split}_rouge_l']:.1f}"
               for split in (summary.get("eval") or {}) if summary.get(f"{split}_rouge_l") is not None]
     if summary.get("valid_nll") is not None:
         scores.append(f"valid NLL {summary['valid_nll']:.3f}")
-    return f"{name}: {summary.get('steps', '?')} steps, {took}" + (f"; {', '.join(scores)}" if scores else "")
+    return f"{name}: {summary.get('steps', '?')} steps, {seconds:.0f} s" + (f"; {', '.join(scores)}" if scores else "")
 
 
 def run_overrides(results_root: str | Path, name: str) -> list[str]:
@@ -346,7 +352,7 @@ def prepare_pair(base_params: str | Path, results_root: str | Path, spec: dict, 
     # the teacher first: the start is then evaluated beside it where its eval asks for the
     # teacher (eval.teacher_kl: the start's KL(teacher || student)); run_config gives the
     # teacher only to a run that uses one
-    with other_code_said_once():   # both builds' "made by other code" in one line
+    with other_code_said_once():   # both builds' "made by other code" said together
         for role in [r for r in ("teacher", "student") if r in spec]:
             how, name = spec[role], names[role]
             if "build" in how:
@@ -419,7 +425,7 @@ def _evaluate_model(cfg, name: str, section: dict, results_root: str | Path, *, 
             with contextlib.suppress(OSError):   # data/ may sit on the same read-only mount
                 export_run(run.path, results_root)
             return read_json(run.file("summary.json"))
-        if run.is_finished() and not force and run.stored_params() == params:
+        if run.reusable(params, force):
             run.check_code()
             export_run(run.path, results_root)
             return read_json(run.file("summary.json"))
