@@ -59,12 +59,20 @@ _OTHER_CODE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("dpkd_
 _TEMPORARY = re.compile(r"^(?:.+\.(?:tmp|old)-(?P<pid>\d+)|\..+\.(?P<pid2>\d+)\.[^.]+\.tmp)$")
 
 
+#: params that say where a run is, not what it is: left out of its id and of "same params"
+WHERE_KEYS = ("output_dir", "cache_dir")
+
+
 def run_id(params: dict, length: int = 10) -> str:
-    """Short stable hash of resolved params (output_dir and cache_dir excluded: they say
-    where, not what)."""
-    content = {k: v for k, v in params.items() if k not in ("output_dir", "cache_dir")}
+    """Short stable hash of resolved params (`WHERE_KEYS` excluded)."""
+    content = {k: v for k, v in params.items() if k not in WHERE_KEYS}
     blob = json.dumps(content, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def param_changes(old: dict, params: dict) -> list[str]:
+    """The keys whose values differ between a run's stored params and these (`WHERE_KEYS` aside)."""
+    return [k for k in diff_keys(old, params) if k not in WHERE_KEYS]
 
 
 def _alive(pid: int) -> bool:
@@ -312,7 +320,7 @@ class RunDir:
         params (where it is and its cache aside), and no ``force``."""
         old = self.stored_params()
         return (not force and old is not None and self.is_finished()
-                and not [k for k in diff_keys(old, params) if k not in ("output_dir", "cache_dir")])
+                and not param_changes(old, params))
 
     def stored_params(self) -> dict | None:
         try:
@@ -336,7 +344,7 @@ class RunDir:
         if self._lock_fd is not None:
             self.clean()
         if old is not None:
-            differ = [k for k in diff_keys(old, params) if k not in ("output_dir", "cache_dir")]
+            differ = param_changes(old, params)
             if differ and not (force or self.no_progress()):
                 raise ConfigError(
                     f"{self.path} holds a run with different params ({', '.join(differ[:8])}"
@@ -356,7 +364,7 @@ class RunDir:
     def _prepare_read_only(self, old: dict | None, params: dict, force: bool) -> str:
         """A folder this process cannot write (a read-only mount): a finished run with the
         same params is read from there; anything else would have to write."""
-        same = old is not None and not [k for k in diff_keys(old, params) if k not in ("output_dir", "cache_dir")]
+        same = old is not None and not param_changes(old, params)
         if same and self.is_finished() and not force:
             self.check_code()
             return "finished"

@@ -147,8 +147,11 @@ def planned_bytes(cfg, measured: dict, *, capability=None, shapes=None) -> dict:
     for the shapes the run trained on (its batch, its longest sequence). It needs the run's
     models' shapes (a saved model's config.json), so a measured run keeps it in its memory.json
     while they exist (`runs.run_grid`). On CUDA the allocator's peak has no CUDA context, so the
-    plan's framework term is taken off; on CPU the process's RSS is compared as it is."""
-    b, device = measured["batch"], measured["device"]
+    plan's framework term is taken off; on CPU the process's RSS is compared as it is. A run
+    resumed past its last training step measured no batch: nothing to plan for, {}."""
+    b, device = measured.get("batch"), measured["device"]
+    if not b:
+        return {}
     plan = memory.plan_from_config(cfg, device=device, capability=capability, shapes=shapes,
                                    seq_len=b["seq_len"], response_fraction=b["response_fraction"])
     est = memory.estimate(plan)

@@ -984,11 +984,9 @@ def memory_table(df):
             continue
         measured = json.loads(path.read_text())
         # the plan the run kept (runs.run_grid); a record without one is planned from its params,
-        # which needs its models' folders (a live run folder, not a committed record); a run
-        # that measured no training batch (resumed past its last step) has none
-        planned = measured.get("planned_bytes") or (planned_bytes(
+        # which needs its models' folders (a live run folder, not a committed record)
+        planned = measured.get("planned_bytes") or planned_bytes(
             from_dict(yaml.safe_load((Path(folder) / "params.yaml").read_text())), measured)
-            if measured.get("batch") else {})
         rows.append({"run": run, "phase": "before training", "planned GiB": float("nan"),
                      "measured GiB": measured["baseline_bytes"] / gib, "measured / planned": float("nan"),
                      "time s": float("nan")})

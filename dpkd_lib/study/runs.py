@@ -217,7 +217,7 @@ def run_grid(base_params: str | Path, runs: Iterable, results_root: str | Path, 
     each run trained now records its peak memory and time per phase (`measure_phases`) in
     its ``memory.json`` (exported with its record).
     """
-    from ..rundir import other_code_said_once
+    from ..rundir import RunDir, other_code_said_once
     from ..train import train
     specs = [(name, as_overrides(ov), dict(rest[0]) if rest else {}) for name, ov, *rest in runs]
     names = [s[0] for s in specs]
@@ -226,7 +226,6 @@ def run_grid(base_params: str | Path, runs: Iterable, results_root: str | Path, 
         raise ConfigError(f"duplicate run names: {dup}")
     configs = [(name, run_config(base_params, name, ov, results_root, pair), labels, ov)
                for name, ov, labels in specs]
-    from ..rundir import RunDir
     summaries, trained, reused_names = [], [], []
 
     def reusable(cfg) -> bool:   # what train() will reuse as it is (RunDir.prepare)
@@ -277,10 +276,9 @@ def _with_plan(cfg, measured: dict, name: str) -> dict:
     last training step measured no batch, and a plan that fails must not cost the run its
     record: either keeps no plan, with one line saying so."""
     from ..gpu.gpu_check import planned_bytes
-    if not measured.get("batch"):
-        return measured
     try:
-        return {**measured, "planned_bytes": planned_bytes(cfg, measured)}
+        planned = planned_bytes(cfg, measured)
+        return {**measured, "planned_bytes": planned} if planned else measured
     except Exception as err:  # noqa: BLE001 - the measurement is kept; the plan is only beside it
         print(f"note: {name}: no memory plan kept beside its measured peaks ({type(err).__name__}: "
               f"{str(err)[:200]})", flush=True)
