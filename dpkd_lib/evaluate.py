@@ -88,7 +88,8 @@ __all__ = [
     "evaluate_model",
     "evaluate_saved",
     "reference_metrics",
-    "teacher_kl_metrics",
+    "ReferenceTeacher",
+    "eval_teacher",
 ]
 
 # ----------------------------------------------------------------------------- metrics
@@ -535,8 +536,12 @@ def _plain_head(model) -> bool:
 
 
 def teacher_forced_metrics(model, batches: Iterable[Mapping[str, torch.Tensor]], *,
-                           max_batches: int | None = None) -> dict[str, float]:
-    """Mean NLL per response token and argmax token accuracy on reference responses.
+                           max_batches: int | None = None,
+                           teacher_logits: Callable[[Mapping[str, Any]], torch.Tensor] | None = None
+                           ) -> dict[str, Any]:
+    """Mean NLL per response token and argmax token accuracy on reference responses, and
+    with ``teacher_logits`` KL(teacher ‖ student) at the same positions, from one pass of
+    the model.
 
     ``batches`` yield right-padded ``{"input_ids", "attention_mask", "labels"}`` with
     **unshifted** labels (-100 on prompt and padding): position t's logits are scored
@@ -547,11 +552,17 @@ def teacher_forced_metrics(model, batches: Iterable[Mapping[str, torch.Tensor]],
     (exp(nll)), ``token_accuracy``, ``n_tokens`` and, when the batches carry ``ids``,
     ``per_example``: {id, nll_sum, correct, n_tokens} per example (what a bootstrap over
     examples resamples). The model's train/eval mode is restored.
+
+    ``teacher_logits(batch)``: the teacher's logits [N, V] at the batch's response positions
+    in `_response_position_logits`'s order (`ReferenceTeacher.logits_for`). Then KL_i =
+    Σ_v p(v|h_i)·(log p(v|h_i) − log q(v|h_i)), p the teacher, q the model, h_i the
+    reference prefix; each example row gains ``kl`` (the mean over its positions) and
+    ``kl_sum``, and the result ``kl`` (the mean over examples: the per-prompt readout) and
+    ``kl_token`` (the mean over all positions).
     """
     device = _model_device(model)
-    total_nll = 0.0
-    correct = 0
-    count = 0
+    total_nll = total_kl = 0.0
+    correct = count = 0
     per_example = []
     was_training = getattr(model, "training", False)
     model.eval()
@@ -560,51 +571,49 @@ def teacher_forced_metrics(model, batches: Iterable[Mapping[str, torch.Tensor]],
             for b, batch in enumerate(batches):
                 if max_batches is not None and b >= max_batches:
                     break
-                input_ids = batch["input_ids"].to(device)
-                labels = batch["labels"].to(device)
-                attention_mask = batch.get("attention_mask")
-                if attention_mask is not None:
-                    attention_mask = attention_mask.to(device)
-                target = labels[:, 1:]
-                mask = target != -100
-                if _plain_head(model):
-                    # a transformers model: its vocabulary head on the response positions only
-                    # (objectives.response_logits), not on prompt and padding as well (with
-                    # length-sorted batches, 2.95x cheaper on the cpu student: make bench)
-                    selected, y = response_logits(model, {"input_ids": input_ids, "labels": labels,
-                                                          "attention_mask": attention_mask})
-                    selected, y = selected[0].float(), y[0]
-                else:
-                    out = model(input_ids=input_ids, attention_mask=attention_mask)
-                    logits = getattr(out, "logits", None)
-                    if logits is None:
-                        logits = out[0] if isinstance(out, (tuple, list)) else out
-                    selected = logits[:, :-1][mask].float()
-                    y = target[mask]
+                batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+                selected, y, row_of = _response_position_logits(model, batch)
+                # the sum as its own reduction, as before the KL joined this pass: the same bits
                 total_nll += float(F.cross_entropy(selected, y, reduction="sum"))
+                nll = F.cross_entropy(selected, y, reduction="none")
                 hits = selected.argmax(dim=-1) == y
                 correct += int(hits.sum())
                 count += int(y.numel())
-                if "ids" in batch:
-                    row_of = mask.nonzero()[:, 0]
-                    nll = F.cross_entropy(selected, y, reduction="none")
-                    for r, ex_id in enumerate(batch["ids"]):
-                        mine = row_of == r
-                        per_example.append({"id": ex_id, "nll_sum": float(nll[mine].sum()),
-                                            "correct": int(hits[mine].sum()), "n_tokens": int(mine.sum())})
+                kl = None
+                if teacher_logits is not None:
+                    t_logits = teacher_logits(batch).to(selected.device)
+                    if t_logits.shape != selected.shape:
+                        raise ValueError(f"teacher logits {tuple(t_logits.shape)} and student logits "
+                                         f"{tuple(selected.shape)} differ: KL needs the same vocabulary")
+                    log_p, log_q = F.log_softmax(t_logits, -1), F.log_softmax(selected, -1)
+                    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+                    total_kl += float(kl.sum())
+                for r, ex_id in enumerate(batch.get("ids", ())):
+                    mine = row_of == r
+                    row = {"id": ex_id, "nll_sum": float(nll[mine].sum()), "correct": int(hits[mine].sum()),
+                           "n_tokens": int(mine.sum())}
+                    if kl is not None:
+                        row |= {"kl": float(kl[mine].mean()) if mine.any() else float("nan"),
+                                "kl_sum": float(kl[mine].sum())}
+                    per_example.append(row)
     finally:
         model.train(was_training)
     if count == 0:
         raise ValueError("no response tokens (all labels are -100)")
-    nll = total_nll / count
-    return {"nll": nll, "perplexity": math.exp(min(nll, 700.0)), "token_accuracy": correct / count,
-            "n_tokens": count, "per_example": per_example}
+    out = {"nll": total_nll / count, "token_accuracy": correct / count, "n_tokens": count,
+           "per_example": per_example}
+    out["perplexity"] = math.exp(min(out["nll"], 700.0))
+    if teacher_logits is not None:
+        out |= {"kl": sum(r["kl"] for r in per_example) / len(per_example) if per_example else float("nan"),
+                "kl_token": total_kl / count}
+    return out
 
 
 def _response_position_logits(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logits [N, V] in float32, targets [N], row of each position [N]) at the response
-    positions of a right-padded batch with unshifted labels, as `teacher_forced_metrics`
-    scores them: the vocabulary head on those positions only where the model allows it."""
+    positions of a right-padded batch with unshifted labels: for a transformers model the
+    vocabulary head on those positions only (objectives.response_logits; with length-sorted
+    batches 2.95x cheaper on the cpu student than the head on every position: make bench)."""
     labels = batch["labels"]
     mask = labels[:, 1:] != -100
     if _plain_head(model):
@@ -617,43 +626,67 @@ def _response_position_logits(model, batch) -> tuple[torch.Tensor, torch.Tensor,
     return logits[:, :-1][mask].float(), labels[:, 1:][mask], mask.nonzero()[:, 0]
 
 
-def teacher_kl_metrics(model, teacher, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, Any]:
-    """KL(teacher ‖ student) of the next-token distributions at each response position,
-    teacher-forced on the references: KL_i = Σ_v p(v|h_i)·(log p(v|h_i) − log q(v|h_i)),
-    p the teacher, q the student, h_i the reference prefix. Per example, ``kl`` is the mean
-    over its response positions; the returned ``kl`` is the mean over examples of those (the
-    per-prompt readout) and ``kl_token`` the mean over all positions. ``batches`` as for
-    `teacher_forced_metrics`, with ``ids``. Both models' modes are restored."""
-    device = _model_device(model)
-    per_example, total, count = [], 0.0, 0
-    modes = [(m, getattr(m, "training", False)) for m in (model, teacher)]
-    for m, _ in modes:
-        m.eval()
-    try:
+class ReferenceTeacher:
+    """The teacher of ``eval.teacher_kl``: its logits at the response positions of a split's
+    references, for `teacher_forced_metrics`.
+
+    Those logits are the same for every run evaluated on the split, so with a ``cache_dir``
+    they are computed once (`teacher_cache`'s exact ``hidden`` format: the final hidden
+    states of those positions and the head, in the very batches `reference_metrics` scores,
+    so the logits are bit for bit the online ones) and every later run reads them: a run
+    whose splits are cached never builds the teacher. On the cpu profile the teacher's pass
+    over 300 references was most of each run's teacher-forced readouts (make bench, stage
+    eval). Without ``cache_dir``, or for a teacher whose logits are not its head applied to
+    its last hidden state (`_plain_head`), the teacher runs on each batch.
+
+    ``build``: a callable returning the (frozen) teacher, called at most once; ``identity``:
+    what names the teacher's signals (`teacher_cache.teacher_identity`)."""
+
+    def __init__(self, build: Callable[[], Any], *, identity: Mapping[str, Any] | None = None,
+                 cache_dir: str | os.PathLike | None = None, progress: bool = True):
+        if cache_dir is not None and identity is None:
+            raise ValueError("a cached ReferenceTeacher needs the teacher's identity")
+        self._build, self.identity, self.cache_dir, self.progress = build, identity, cache_dir, progress
+        self.caches: list = []   # the caches this teacher opened (closed by `close`)
+
+    @functools.cached_property
+    def model(self):
+        """The teacher, built on first use and put in eval mode (dropout off) until `close`."""
+        model = self._build()
+        self._was_training = getattr(model, "training", False)
+        model.eval()
+        return model
+
+    def _online(self, batch) -> torch.Tensor:
+        model = self.model
         with torch.inference_mode():
-            for batch in batches:
-                batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-                s_logits, _, rows = _response_position_logits(model, batch)
-                t_batch = {k: (v.to(_model_device(teacher)) if torch.is_tensor(v) else v) for k, v in batch.items()}
-                t_logits = _response_position_logits(teacher, t_batch)[0].to(s_logits.device)
-                if t_logits.shape != s_logits.shape:
-                    raise ValueError(f"teacher logits {tuple(t_logits.shape)} and student logits "
-                                     f"{tuple(s_logits.shape)} differ: KL needs the same vocabulary")
-                log_p, log_q = F.log_softmax(t_logits, -1), F.log_softmax(s_logits, -1)
-                kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-                total += float(kl.sum())
-                count += int(kl.numel())
-                for r, ex_id in enumerate(batch["ids"]):
-                    mine = kl[rows == r]
-                    per_example.append({"id": ex_id, "kl_sum": float(mine.sum()), "n_tokens": int(mine.numel()),
-                                        "kl": float(mine.mean()) if mine.numel() else float("nan")})
-    finally:
-        for m, was in modes:
-            m.train(was)
-    if count == 0:
-        raise ValueError("no response tokens (all labels are -100)")
-    return {"kl": sum(r["kl"] for r in per_example) / len(per_example), "kl_token": total / count,
-            "n_tokens": count, "per_example": per_example}
+            t_batch = {k: (v.to(_model_device(model)) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            return _response_position_logits(model, t_batch)[0]
+
+    def logits_for(self, dataset: Sequence[Mapping[str, Any]], batch_size: int, pad_id: int,
+                   device=None) -> Callable[[Mapping[str, Any]], torch.Tensor]:
+        """``batch -> teacher logits`` for batches of ``dataset`` (tokenised, with ids) as
+        `data.sorted_batches` (``batch_size``) groups them and `data.collate_sft` pads them."""
+        if self.cache_dir is None:
+            return self._online
+        from . import teacher_cache as tc
+        meta = dict(self.identity, format="hidden", use="eval references", batch_size=batch_size,
+                    device=torch.device(device or "cpu").type)
+        folder = tc.folder(self.cache_dir, meta, dataset)
+        if not (folder / tc.INDEX).exists() and not _plain_head(self.model):
+            return self._online   # no cache can hold what comes after the head (soft-capping, a scale)
+        cache = tc.load_or_build(folder, lambda: self.model, dataset, pad_id, 0, meta=meta, fmt="hidden",
+                                 batch_size=batch_size, device=device, progress=self.progress)
+        self.caches.append(cache)
+        return lambda batch: cache.teacher_hidden(batch["ids"], device=device)[0].logits()
+
+    def close(self) -> None:
+        """Close the cache files and give the teacher its mode back (it stays built)."""
+        for cache in self.caches:
+            cache.close()
+        self.caches.clear()
+        if "model" in self.__dict__:
+            self.model.train(self._was_training)
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -811,9 +844,10 @@ def reference_metrics(model, tokenizer, records, data_cfg, *, batch_size: int = 
                       teacher=None) -> dict[str, Any]:
     """Teacher-forced NLL and token accuracy on the references of `records`, tokenised as
     training tokenises them (``data_cfg``: max_length, max_prompt), with ``per_example``
-    rows. With ``teacher``, also KL(teacher ‖ student) on the same references
-    (`teacher_kl_metrics`: ``kl``, ``kl_token``; each row gains ``kl`` and ``kl_sum``).
-    Without a reference that fits (every example too long) only ``note`` says why."""
+    rows. With ``teacher`` (a model or a `ReferenceTeacher`), also KL(teacher ‖ student) on
+    the same references, from the same pass of the model (`teacher_forced_metrics`: ``kl``,
+    ``kl_token``; each row gains ``kl`` and ``kl_sum``). Without a reference that fits
+    (every example too long) only ``note`` says why."""
     from .data import DataError, build_sft_dataset, collate_sft, pad_id_of, sorted_batches
 
     try:
@@ -826,18 +860,23 @@ def reference_metrics(model, tokenizer, records, data_cfg, *, batch_size: int = 
     groups = sorted_batches(dataset, batch_size)  # pad less; the rows go back to the dataset's order
     batches = ({k: (v.to(device) if torch.is_tensor(v) else v) for k, v in
                 collate_sft([dataset[i] for i in idx], pad).items()} for idx in groups)
-    m = teacher_forced_metrics(model, batches)
+    logits, made_here = None, teacher is not None and not isinstance(teacher, ReferenceTeacher)
+    if teacher is not None:
+        if made_here:   # a model: run it on each batch
+            teacher = ReferenceTeacher(functools.partial(lambda model: model, teacher))
+        logits = teacher.logits_for(dataset, batch_size, pad, device)
+    try:
+        m = teacher_forced_metrics(model, batches, teacher_logits=logits)
+    finally:
+        if made_here:
+            teacher.close()
     per_example = [None] * len(dataset)
     for row, i in zip(m["per_example"], (i for idx in groups for i in idx)):
         per_example[i] = row
     out = {"nll": m["nll"], "token_acc": m["token_accuracy"], "n_tokens": m["n_tokens"],
            "n_examples": len(dataset), "per_example": per_example}
     if teacher is not None:
-        batches = (collate_sft([dataset[i] for i in idx], pad) for idx in groups)
-        kl = teacher_kl_metrics(model, teacher, batches)
-        for row, i in zip(kl["per_example"], (i for idx in groups for i in idx)):
-            per_example[i] |= {"kl": row["kl"], "kl_sum": row["kl_sum"]}
-        out |= {"kl": kl["kl"], "kl_token": kl["kl_token"]}
+        out |= {"kl": m["kl"], "kl_token": m["kl_token"]}
     return out
 
 
@@ -854,7 +893,8 @@ def evaluate_splits(model, tokenizer, splits: Mapping[str, Sequence[Mapping[str,
       first ``sample_max_examples`` of those records when set (sampling is the costly part);
     * teacher-forced NLL / token accuracy on the references (``eval_cfg.teacher_forced``);
     * KL(teacher ‖ student) on the same references (``eval_cfg.teacher_kl``, with
-      ``teacher``: `teacher_kl_metrics`), the readout a KD student is trained towards.
+      ``teacher``, a model or a `ReferenceTeacher`: `teacher_forced_metrics`), the readout
+      a KD student is trained towards.
 
     ``splits`` maps split names to Dolly-format records; prompts come from
     ``data.format_prompt``. Rows (one per example × decoding × seed) gain ``split`` and
@@ -905,23 +945,35 @@ def evaluate_splits(model, tokenizer, splits: Mapping[str, Sequence[Mapping[str,
                 summary[f"{split}_nll"], summary[f"{split}_token_acc"] = tf.get("nll"), tf.get("token_acc")
             if want_kl:
                 summary[f"{split}_kl"] = tf.get("kl")
+    if isinstance(teacher, ReferenceTeacher):
+        teacher.close()   # its cache files; the teacher itself goes with its owner
     return rows, summary
 
 
-def eval_teacher(cfg: Any, tokenizer, device=None):
+def eval_teacher(cfg: Any, tokenizer, device=None, *, model=None, progress: bool = True
+                 ) -> ReferenceTeacher | None:
     """The teacher `evaluate_splits` needs for ``eval.teacher_kl`` (None when it is off): the
-    params' teacher section, built frozen on ``device``."""
+    params' teacher section (``model`` when the caller holds it already, else built frozen on
+    ``device`` if a split's signals are not in ``cfg.cache_dir`` yet)."""
     if not getattr(cfg.eval, "teacher_kl", False):
         return None
     from .errors import ConfigError
     from .models import build_model
+    from .teacher_cache import teacher_identity
     if cfg.teacher is None:
         raise ConfigError("eval.teacher_kl: KL(teacher || student) needs a teacher section; add one "
                           "or set eval.teacher_kl false")
-    teacher = build_model(cfg.teacher, tokenizer, trainable=False)
-    if device is not None and cfg.teacher.quantization == "none":
-        teacher = teacher.to(device)
-    return teacher
+
+    def build():
+        if model is not None:
+            return model
+        teacher = build_model(cfg.teacher, tokenizer, trainable=False)
+        if device is not None and cfg.teacher.quantization == "none":
+            teacher = teacher.to(device)
+        return teacher
+
+    return ReferenceTeacher(build, identity=teacher_identity(cfg, tokenizer), cache_dir=cfg.cache_dir,
+                            progress=progress)
 
 
 def evaluate_model(cfg: Any, model, tokenizer, out_dir: str | os.PathLike, *,
@@ -938,7 +990,7 @@ def evaluate_model(cfg: Any, model, tokenizer, out_dir: str | os.PathLike, *,
     splits = load_splits(cfg.data, tokenizer, reports=reports)
     check_eval_splits(splits, cfg.data, cfg.eval.splits, cfg.eval.skip_empty_splits)
     rows, summary = evaluate_splits(model, tokenizer, splits, cfg.eval, cfg.data, progress=progress,
-                                    teacher=eval_teacher(cfg, tokenizer, _model_device(model)))
+                                    teacher=eval_teacher(cfg, tokenizer, _model_device(model), progress=progress))
     if reports:
         summary["data_dropped"] = {k: r.as_dict() for k, r in reports.items()}
     out = Path(out_dir)

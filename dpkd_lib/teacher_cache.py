@@ -50,6 +50,7 @@ above are what grows to tens of GB).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import gc
@@ -83,6 +84,18 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
 _NAMES = {v: k for k, v in _DTYPES.items()}
 #: a header larger than this is not one we wrote (safetensors' own limit is 100 MB)
 _MAX_HEADER = 100_000_000
+
+
+def teacher_identity(cfg, tokenizer) -> dict:
+    """What makes a run's teacher signals what they are: the teacher's settings and its
+    weights (a saved teacher is named by a hash of its files, not by where it lies), the
+    tokenizer and its vocabulary size. ``cfg`` is a RunConfig with a teacher section."""
+    from .models import weights_fingerprint   # here: the cache itself loads without transformers
+    teacher = dataclasses.asdict(cfg.teacher)
+    if teacher["source"] == "saved":
+        teacher.pop("name_or_path")
+    return {"teacher": teacher, "weights": weights_fingerprint(cfg.teacher),
+            "tokenizer": dataclasses.asdict(cfg.tokenizer), "vocab": len(tokenizer)}
 
 
 def cache_key(**identity) -> str:

@@ -283,13 +283,7 @@ class Trainer:
 
     @functools.cached_property
     def teacher_identity(self) -> dict:
-        """What makes the teacher's signals what they are: its settings and its weights (a
-        saved teacher is named by a hash of its files, not by where it lies)."""
-        teacher = to_dict(self.cfg.teacher)
-        if teacher["source"] == "saved":
-            teacher.pop("name_or_path")
-        return {"teacher": teacher, "weights": model_lib.weights_fingerprint(self.cfg.teacher),
-                "tokenizer": to_dict(self.cfg.tokenizer), "vocab": len(self.tokenizer)}
+        return tc.teacher_identity(self.cfg, self.tokenizer)
 
     def teacher_signals(self) -> obj_lib.CachedTeacher:
         """Cached teacher signals on the train set (and the pre-train blocks): built once per
@@ -600,10 +594,9 @@ class Trainer:
 
     def final_eval(self) -> dict:
         model = self.accelerator.unwrap_model(self.student)
-        teacher = None
-        if self.cfg.eval.teacher_kl:  # the run's teacher, or built now (cached or evaluation-only teacher)
-            teacher = self.teacher_model if self.teacher_model is not None else \
-                eval_lib.eval_teacher(self.cfg, self.tokenizer, self.accelerator.device)
+        # eval.teacher_kl: the run's teacher, or built now if a split's signals are not cached yet
+        teacher = eval_lib.eval_teacher(self.cfg, self.tokenizer, self.accelerator.device,
+                                        model=self.teacher_model, progress=self.progress)
         rows, summary = eval_lib.evaluate_splits(model, self.tokenizer, self.splits, self.cfg.eval,
                                                  self.cfg.data, progress=self.progress, teacher=teacher)
         self.run.write_jsonl("eval.jsonl", rows)

@@ -64,3 +64,17 @@ def test_tiny_mode_summary_has_every_key(tmp_path, monkeypatch):
     for key in bench.KEYS:
         assert f"`{key}`" in md
     assert "| figure | value | target | met? |" in md
+
+
+def test_eval_stage_compares_three_ways_that_give_the_same_rows(tmp_path):
+    """`--only eval` on the tiny pair: the record's two-pass readouts, the one-pass online
+    and the cached teacher give the same per-prompt rows (bit for bit), every time is
+    positive, and eval.md shows each side."""
+    out = bench.run_eval("tiny", tmp_path, progress=False, threads=1)
+    res = out["details"]["eval"]
+    assert res["rows_equal"] is True
+    assert all(res[k] > 0 for k in ("before_s", "online_s", "cached_s", "cache_build_s", "greedy_s"))
+    assert out["eval_teacher_forced_speedup"] == res["before_s"] / res["cached_s"]
+    assert json.loads((tmp_path / "eval.json").read_text())["details"]["eval"]["n_prompts"] == 6
+    md = (tmp_path / "eval.md").read_text()
+    assert "read from the cache" in md and "bit for bit: True" in md

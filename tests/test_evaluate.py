@@ -657,3 +657,40 @@ def test_teacher_kl_against_brute_force(tokenizer, llama):
     assert [r["kl"] for r in rows] == pytest.approx([r["kl"] for r in out["per_example"]], rel=1e-5)
     with pytest.raises(ValueError, match="teacher_kl needs the teacher"):
         ev.evaluate_splits(llama, tokenizer, {"test": records}, cfg, data_cfg, progress=False)
+
+
+def test_cached_reference_teacher_gives_the_online_kl_bit_for_bit_without_building_the_teacher(
+        tokenizer, llama, tmp_path):
+    """eval.teacher_kl's teacher pass is cached per split (ReferenceTeacher): the first
+    evaluation builds the teacher once and stores its hidden states; a later one (another
+    run) reads them and never builds it; the NLL and KL rows equal the online ones exactly
+    (the same batches, the same head), so a cached study reproduces an online one's record.
+    Another batching is another cache: its sums may differ in the last bits."""
+    from types import SimpleNamespace
+
+    teacher = _gpt2(len(tokenizer), seed=3)
+    records = [{"id": f"r{i}", "instruction": ins, "context": "", "response": resp}
+               for i, (ins, resp) in enumerate([("Name a colour.", "Red"), ("Where is the cat?", "on the mat"),
+                                                ("Capital of France?", "Paris is the capital of France."),
+                                                ("the dog", "lay on the rug"), ("Count to three.", "one two three"),
+                                                ("Say hello.", "Hello there, how are you today?")])]
+    data_cfg = SimpleNamespace(max_length=256, max_prompt=128)
+    online = ev.reference_metrics(llama, tokenizer, records, data_cfg, batch_size=4, teacher=teacher)
+    builds = []
+
+    def reference_teacher():
+        return ev.ReferenceTeacher(lambda: builds.append("built") or teacher, identity={"teacher": "gpt2 seed 3"},
+                                   cache_dir=tmp_path, progress=False)
+
+    first = ev.reference_metrics(llama, tokenizer, records, data_cfg, batch_size=4, teacher=reference_teacher())
+    assert builds == ["built"] and any(tmp_path.iterdir())
+    again = ev.reference_metrics(llama, tokenizer, records, data_cfg, batch_size=4, teacher=reference_teacher())
+    assert builds == ["built"]   # read from the cache: no teacher
+    for out in (first, again):
+        assert out["per_example"] == online["per_example"]   # == on floats: the same bits
+        assert (out["kl"], out["kl_token"], out["nll"]) == (online["kl"], online["kl_token"], online["nll"])
+    assert online["per_example"][0]["kl"] > 0
+    ev.reference_metrics(llama, tokenizer, records, data_cfg, batch_size=2, teacher=reference_teacher())
+    assert builds == ["built", "built"]
+    with pytest.raises(ValueError, match="needs the teacher's identity"):
+        ev.ReferenceTeacher(lambda: teacher, cache_dir=tmp_path)

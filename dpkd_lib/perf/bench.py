@@ -70,6 +70,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 # Shared 2-core boxes: with OpenMP's default (active) waiting, torch's 2 threads spin while
@@ -119,17 +120,20 @@ MODES: dict[str, dict[str, Any]] = {
                   cache_batches=3, step_repeats=3, gen_prompts=16, gen_new_tokens=(64,),
                   gen_repeats=1, matmul_sizes=(1024, 2048), matmul_repeats=3, planner="quick",
                   pair="cpu", seq_steps=4, seq_new_tokens=32, nll_examples=64,
-                  cache_rows=30_000, cache_steps=8, cache_repeats=20, cache_memory_rss=True),
+                  cache_rows=30_000, cache_steps=8, cache_repeats=20, cache_memory_rss=True,
+                  eval_prompts=150, eval_repeats=1),
     "full": dict(vocabs=(1000, 32000, 50000), loss_BT=(8, 512), loss_repeats=7,
                  cache_batches=12, step_repeats=8, gen_prompts=32, gen_new_tokens=(32, 128),
                  gen_repeats=2, matmul_sizes=(1024, 1536, 2048), matmul_repeats=7,
                  planner="full", pair="cpu", seq_steps=8, seq_new_tokens=64, nll_examples=200,
-                 cache_rows=50_000, cache_steps=16, cache_repeats=40, cache_memory_rss=True),
+                 cache_rows=50_000, cache_steps=16, cache_repeats=40, cache_memory_rss=True,
+                 eval_prompts=150, eval_repeats=3),
     "tiny": dict(vocabs=(64, 256), loss_BT=(2, 32), loss_repeats=1, cache_batches=2,
                  step_repeats=1, gen_prompts=4, gen_new_tokens=(4,), gen_repeats=1,
                  matmul_sizes=(64, 128), matmul_repeats=1, planner="tiny", pair="tiny",
                  seq_steps=4, seq_new_tokens=4, nll_examples=8,
-                 cache_rows=2_000, cache_steps=2, cache_repeats=3, cache_memory_rss=False),
+                 cache_rows=2_000, cache_steps=2, cache_repeats=3, cache_memory_rss=False,
+                 eval_prompts=6, eval_repeats=1),
 }
 K_VALUES = (1, 4, 8, 32, 128)
 
@@ -742,7 +746,6 @@ class WideTeacher(torch.nn.Module):
             self.head.weight.copy_(torch.randn(vocab, hidden, generator=g) / hidden ** 0.5)
 
     def forward(self, input_ids, attention_mask=None, **kw):
-        from types import SimpleNamespace
         return SimpleNamespace(hidden_states=(torch.tanh(self.embed(input_ids)),), logits=None)
 
     def get_output_embeddings(self):
@@ -1011,6 +1014,101 @@ def run_cache_disk(mode: str = "quick", out_dir: Path = OUT_DIR, progress: bool 
         [f"# `make bench`: the teacher cache on disk ({mode} mode)", ""]
         + [f"- `{k}`: {out[k]:.3g} (target {TARGETS[k][0]})" for k in cache_disk_figures(res)]
         + cache_disk_markdown(res)) + "\n")
+    return out
+
+
+def bench_eval(teacher, student, tokenizer, *, n_prompts: int = 150, max_new_tokens: int = 64,
+               repeats: int = 1, device: Optional[torch.device] = None, progress: bool = True) -> dict:
+    """One run's final evaluation as the cpu profile makes it, on the test and held-out
+    references (``n_prompts`` each; greedy answers at batch ``n_prompts`` with
+    ``max_new_tokens``; teacher-forced NLL and KL(teacher ‖ student) at batch 16), its
+    teacher-forced readouts three ways, interleaved: ``before`` (the code of the default
+    study's record: the NLL in one pass of the student, the KL in a second one beside the
+    teacher's), ``online`` (one student pass, the teacher beside it) and ``cached`` (one
+    student pass, the teacher's hidden states read from the evaluation cache; its one-off
+    build is ``cache_build_s``). Greedy decoding is timed once for scale. ``rows_equal``: the
+    three give the same per-prompt rows, bit for bit."""
+    import tempfile
+
+    from .. import data as data_lib
+    from .. import evaluate as ev
+    device = device or _device()
+    teacher.to(device).eval()
+    student.to(device).eval()
+    records = data_lib.load_records("synthetic", seed=0, n_train=0, n_valid=0, n_test=n_prompts,
+                                    n_heldout=n_prompts)
+    splits = {name: records[name][:n_prompts] for name in ("test", "heldout")}
+    data_cfg = SimpleNamespace(max_length=384, max_prompt=256)
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as cache_dir:
+        def cached():
+            return ev.ReferenceTeacher(lambda: teacher, identity={"bench": "eval"}, cache_dir=cache_dir,
+                                       progress=False)
+
+        def before():
+            for name, recs in splits.items():
+                nll = ev.reference_metrics(student, tokenizer, recs, data_cfg)   # the NLL pass, then the KL pass
+                kl = ev.reference_metrics(student, tokenizer, recs, data_cfg, teacher=teacher)
+                out[f"before_{name}"] = [dict(r, **{k: kl["per_example"][i][k] for k in ("kl", "kl_sum")})
+                                         for i, r in enumerate(nll["per_example"])]
+
+        def way(label, make):
+            def run():
+                for name, recs in splits.items():
+                    out[f"{label}_{name}"] = ev.reference_metrics(student, tokenizer, recs, data_cfg,
+                                                                  teacher=make())["per_example"]
+            return run
+
+        t0 = time.perf_counter()
+        way("cached", cached)()   # builds the cache: the first run's one-off cost
+        build_s = time.perf_counter() - t0
+        timing = interleaved_medians({"before": before, "online": way("online", lambda: teacher),
+                                      "cached": way("cached", cached)}, repeats=repeats, warmup=0,
+                                     device=device)
+    t0 = time.perf_counter()
+    tokens = []
+    for name, recs in splits.items():
+        examples = [{"id": r["id"], "prompt": data_lib.format_prompt(r), "references": [r["response"]]}
+                    for r in recs]
+        _, gen = ev.evaluate_generations(student, tokenizer, examples, batch_size=n_prompts,
+                                         max_new_tokens=max_new_tokens, seeds=(0,), do_sample=False,
+                                         progress=progress)
+        tokens.append(gen["response_tokens"])
+    greedy_s = time.perf_counter() - t0
+    med = {k: v["median_s"] for k, v in timing.items()}
+    return {"before_s": med["before"], "online_s": med["online"], "cached_s": med["cached"],
+            "cache_build_s": build_s, "greedy_s": greedy_s, "greedy_response_tokens": tokens,
+            "speedup": med["before"] / med["cached"], "saved_s": med["before"] - med["cached"],
+            "rows_equal": all(out[f"before_{n}"] == out[f"online_{n}"] == out[f"cached_{n}"] for n in splits),
+            "n_prompts": n_prompts, "max_new_tokens": max_new_tokens, "times": timing}
+
+
+def run_eval(mode: str = "quick", out_dir: Path = OUT_DIR, progress: bool = True,
+             threads: Optional[int] = None) -> dict:
+    """The evaluation stage alone (``--only eval``): results/bench/eval.{json,md}."""
+    cfg = MODES[mode]
+    threads = int(threads or os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    teacher, student, tokenizer, pair_desc = load_cpu_pair() if cfg["pair"] == "cpu" else load_tiny_pair()
+    res = bench_eval(teacher, student, tokenizer, n_prompts=cfg["eval_prompts"], repeats=cfg["eval_repeats"],
+                     progress=progress)
+    out = {"mode": mode, "machine": machine_facts(threads), "pair": pair_desc, "details": {"eval": res},
+           "eval_teacher_forced_speedup": res["speedup"]}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "eval.json", out)
+    atomic_write_text(out_dir / "eval.md", "\n".join([
+        f"# `make bench`: one run's final evaluation ({mode} mode, {threads} threads)", "",
+        f"{pair_desc}; test and held-out, {res['n_prompts']} prompts each. Teacher-forced NLL and "
+        f"KL(teacher || student), median of {cfg['eval_repeats']}, interleaved:", "",
+        "| readouts | s |", "|---|---:|",
+        f"| before: NLL pass, then KL pass beside the teacher | {res['before_s']:.1f} |",
+        f"| one student pass, the teacher beside it | {res['online_s']:.1f} |",
+        f"| one student pass, the teacher read from the cache | {res['cached_s']:.1f} |",
+        f"| (once per study) the cache's build | {res['cache_build_s']:.1f} |",
+        f"| for scale: greedy answers, {res['max_new_tokens']} new tokens at most | {res['greedy_s']:.1f} |", "",
+        f"- `eval_teacher_forced_speedup`: {res['speedup']:.2f}x ({res['saved_s']:.0f} s a run saved)",
+        f"- the three give the same per-prompt rows, bit for bit: {res['rows_equal']}"]) + "\n")
     return out
 
 
@@ -1307,8 +1405,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(OUT_DIR))
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--only", choices=["cache_disk"], default=None,
-                        help="run one stage alone (cache_disk: results/bench/cache_disk.{json,md})")
+    parser.add_argument("--only", choices=["cache_disk", "eval"], default=None,
+                        help="run one stage alone (cache_disk: results/bench/cache_disk.{json,md}; "
+                             "eval: results/bench/eval.{json,md})")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -1316,6 +1415,10 @@ def main(argv=None) -> int:
         out = run_cache_disk(args.mode, Path(args.out), progress=not args.no_progress)
         print((Path(args.out) / "cache_disk.md").read_text())
         return 0 if out else 1
+    if args.only == "eval":
+        out = run_eval(args.mode, Path(args.out), progress=not args.no_progress, threads=args.threads)
+        print((Path(args.out) / "eval.md").read_text())
+        return 0 if out["details"]["eval"]["rows_equal"] else 1
     summary = run(args.mode, Path(args.out), progress=not args.no_progress, threads=args.threads)
     print(format_markdown(summary))
     return 0
