@@ -163,12 +163,21 @@ def test_the_declaration_is_checked_and_its_family_counts_every_metric():
 
 
 def test_progress_lines_estimate_the_time_left(tmp_path):
-    """One line per run and per notebook says how much is left: runs from the mean time of
-    the runs trained so far, notebooks from the time each took when it last ran (the driver's
-    status, else papermill's duration in the executed copy)."""
-    assert runs.eta_text(0, [60.0]) == ""
-    assert runs.eta_text(3, []) == " · 3 runs to train"
-    assert runs.eta_text(3, [60.0, 180.0]) == " · 3 runs to train, about 6 min"
+    """One line per run and per notebook says how much is left. Runs: each run left at the
+    time its committed record gives, scaled by the pace of the runs trained so far against
+    their own records (else at the mean time of the runs trained so far). Notebooks: the time
+    each took when it last ran (the driver's status, else papermill's duration in the executed
+    copy) plus the recorded runs not trained here: a fresh clone's notebook 01 was last
+    executed in seconds (its runs reused), but its runs took hours."""
+    assert runs.eta_text([], [("a", 60.0)]) == ""
+    assert runs.eta_text(["a", "b", "c"], []) == " · 3 runs to train"
+    assert runs.eta_text(["a", "b", "c"], [("x", 60.0), ("y", 180.0)]) == " · 3 runs to train, about 6 min"
+    recorded = {"sft": 100.0, "seq": 1000.0, "seq2": 1000.0}
+    # priced from the records before anything is trained; then at this grid's pace (here half the record)
+    assert runs.eta_text(["seq", "seq2"], [], recorded) == " · 2 runs to train, about 33 min"
+    assert runs.eta_text(["seq", "seq2"], [("sft", 50.0)], recorded) == " · 2 runs to train, about 17 min"
+    assert runs.eta_text(["seq", "new"], [("sft", 50.0)], recorded) == " · 2 runs to train, about 9 min"
+    assert runs.eta_text(["seq"] * 9, [("sft", 100.0)], recorded) == " · 9 runs to train, about 2.5 h"
     (tmp_path / "01_x.ipynb").write_text(json.dumps({"metadata": {"papermill": {"duration": 1800.0}}}))
     status = {"notebooks": {"00_y": {"wall_s": 120.0}}}
     assert study.recorded_wall("01_x", status, tmp_path) == 1800.0
@@ -178,6 +187,16 @@ def test_progress_lines_estimate_the_time_left(tmp_path):
     assert text == ("it took 30 min last time; about 30 min left for the 2 notebook(s) to run "
                     "(02_z not counted: never run here)")
     assert study._time_left(["02_z"], status, tmp_path) == "no recorded time for it"
+    root = tmp_path / "results"
+    for name, wall in (("sft_s1", 1200.0), ("seq_s1", 6000.0), ("kept_s1", 600.0)):
+        (root / "data" / name).mkdir(parents=True)
+        (root / "data" / name / "summary.json").write_text(json.dumps({"wall_time_s": wall}))
+    (root / "runs" / "kept_s1").mkdir(parents=True)   # finished here: reused, not counted
+    (root / "runs" / "kept_s1" / "manifest.json").write_text(json.dumps({"status": "finished"}))
+    (root / "runs" / "kept_s1" / "summary.json").write_text("{}")
+    assert study._time_left(["01_x"], status, tmp_path, root) == (
+        "it took 30 min last time; about 2.5 h left for the 1 notebook(s) to run "
+        "(2 runs recorded in data/ but not trained here: 2.0 h at their recorded times)")
 
 
 def test_a_study_continues_from_its_committed_record(tmp_path):

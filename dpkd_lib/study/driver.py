@@ -517,16 +517,24 @@ def recorded_wall(stem: str, status: dict, out_dir: Path) -> float | None:
         return None
 
 
-def _time_left(stems: list[str], status: dict, out_dir: Path) -> str:
-    """'this one took 12 min last time; about 40 min left in all' from the recorded times of
-    the notebooks still to run (`recorded_wall`), saying which ones have none."""
+def _time_left(stems: list[str], status: dict, out_dir: Path, results_root: Path | None = None) -> str:
+    """'it took 12 min last time; about 40 min left for the 3 notebook(s) to run' from the
+    recorded times of the notebooks still to run (`recorded_wall`), saying which ones have
+    none, plus the runs recorded in ``results_root``'s data/ that are not trained here
+    (`rundata.runs_to_train`): on a fresh clone a notebook's last execution may have reused
+    every run (its duration: seconds), while the runs it will train took hours when recorded."""
+    from .rundata import duration_text, runs_to_train
     walls = {s: recorded_wall(s, status, out_dir) for s in stems}
     known = [w for w in walls.values() if w is not None]
     mine = walls[stems[0]]
-    text = f"it took {mine / 60:.0f} min last time" if mine is not None else "no recorded time for it"
-    if known:
+    text = f"it took {duration_text(mine)} last time" if mine is not None else "no recorded time for it"
+    todo = runs_to_train(results_root) if results_root is not None else {}
+    if known or todo:
         unknown = [s for s, w in walls.items() if w is None]
-        text += f"; about {sum(known) / 60:.0f} min left for the {len(stems)} notebook(s) to run"
+        text += f"; about {duration_text(sum(known) + sum(todo.values()))} left for the {len(stems)} notebook(s) to run"
+        if todo:
+            text += (f" ({len(todo)} run{'s' if len(todo) != 1 else ''} recorded in data/ but not trained here: "
+                     f"{duration_text(sum(todo.values()))} at their recorded times)")
         if unknown:
             text += f" ({', '.join(unknown)} not counted: never run here)"
     return text
@@ -638,7 +646,7 @@ def _run_study(profile: str, *, force: bool, only: str | None, root: Path, noteb
             running = out_dir / f".{stem}.{os.getpid()}.running.ipynb"  # this driver's own
             ahead = [p.stem for p in chosen[chosen.index(nb_path):] if "skip" not in params[p.stem]]
             print(f"[study] {stem} ({len(timings) + 1} of {len(chosen)}): executing with "
-                  f"{params_dir / profile / (stem + '.yaml')}; {_time_left(ahead, status, out_dir)}", flush=True)
+                  f"{params_dir / profile / (stem + '.yaml')}; {_time_left(ahead, status, out_dir, root)}", flush=True)
             started = time.time()
             entry = {"status": "running", "fingerprint": fingerprint, "upstream": upstream,
                      "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "code": code_fingerprint(),

@@ -207,6 +207,35 @@ def read_metric_rows(folder: str | os.PathLike) -> list[dict]:
     return _read_jsonl_gz(Path(folder) / METRICS)
 
 
+def recorded_seconds(results_root: str | os.PathLike) -> dict[str, float]:
+    """{run: the wall time its committed record gives (data/<run>/summary.json ``wall_time_s``)}:
+    how long each run took when it was made, on that machine, under that load and code."""
+    out = {}
+    for record in exported_runs(results_root):
+        try:
+            wall = json.loads((record / "summary.json").read_text()).get("wall_time_s")
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(wall, (int, float)) and wall > 0:
+            out[record.name] = float(wall)
+    return out
+
+
+def runs_to_train(results_root: str | os.PathLike) -> dict[str, float]:
+    """`recorded_seconds` of the recorded runs with no finished run folder here (a fresh
+    clone: every one; a continued study, RESUME=1: the pair and pilot starts, which are
+    built again): what a study of this results root still has to train, at recorded times."""
+    from ..rundir import RunDir   # imports torch: only the driver's progress line needs this
+    runs = Path(results_root) / "runs"
+    return {name: wall for name, wall in recorded_seconds(results_root).items()
+            if not RunDir(runs / name).is_finished()}
+
+
+def duration_text(seconds: float) -> str:
+    """'40 min' up to 90 minutes, '3.4 h' beyond."""
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
 def exported_runs(results_root: str | os.PathLike) -> list[Path]:
     """The run folders under ``<results_root>/data`` (each holding a summary.json)."""
     root = data_root(results_root)

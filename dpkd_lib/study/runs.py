@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 
 from ..config import ConfigError, apply_overrides, from_dict, load_yaml, merge, teacher_use_of, to_dict
 from ..errors import out_of_resources
-from .rundata import MEMORY_FILE, check_rebuilt_pair, export_run
+from .rundata import MEMORY_FILE, check_rebuilt_pair, duration_text, export_run, recorded_seconds
 
 #: the keys of a model section that say where its weights come from (a pair replaces them)
 WEIGHT_KEYS = ("source", "name_or_path", "arch", "n_layer", "n_embd", "n_head", "seed", "prune_to")
@@ -227,6 +227,7 @@ def run_grid(base_params: str | Path, runs: Iterable, results_root: str | Path, 
     configs = [(name, run_config(base_params, name, ov, results_root, pair), labels, ov)
                for name, ov, labels in specs]
     summaries, trained, reused_names = [], [], []
+    recorded = recorded_seconds(results_root)   # before any run rewrites its record
 
     def reusable(cfg) -> bool:   # what train() will reuse as it is (RunDir.prepare)
         return RunDir(cfg.output_dir).reusable(to_dict(cfg), force)
@@ -259,11 +260,11 @@ def run_grid(base_params: str | Path, runs: Iterable, results_root: str | Path, 
                 if reused:
                     reused_names.append(name)
                     continue
-                trained.append(time.time() - tick)
+                trained.append((name, time.time() - tick))
                 if verbose:
-                    left = [c for _, c, *_ in configs[i:] if not reusable(c)]
+                    left = [n for n, c, *_ in configs[i:] if not reusable(c)]
                     print(f"[{i}/{len(configs)}] {run_line(name, summary, time.time() - tick)}"
-                          f"{eta_text(len(left), trained)}", flush=True)
+                          f"{eta_text(left, trained, recorded)}", flush=True)
         finally:   # also when a run fails: the runs reused before it are said
             say_reused(len(summaries))
     return summaries
@@ -293,15 +294,29 @@ def measure_phases():
     return PhaseProbe(cuda=torch.cuda.is_available())
 
 
-def eta_text(left: int, seconds: Sequence[float]) -> str:
-    """' · 5 runs to train, about 20 min' from the mean time of the runs trained so far (nothing
-    when none is left; no estimate before one has been trained). Runs to train, not runs to
-    list: a reused run costs nothing, so "[1/14] reused" may be followed by "1 run to train"."""
+def eta_text(left: Sequence[str], trained: Sequence[tuple[str, float]],
+             recorded: dict[str, float] | None = None) -> str:
+    """' · 5 runs to train, about 20 min' (nothing when none is left). ``left``: the names of
+    the runs still to train; ``trained``: (name, seconds) of the runs trained so far;
+    ``recorded``: the committed records' times (`rundata.recorded_seconds`, read before the
+    grid started). A run left with a record counts at its recorded time scaled by the pace of
+    this grid so far (seconds taken over seconds recorded, for the runs trained that had a
+    record: this machine's load and code against the record's), so a slow DPKD-seq run ahead
+    is not priced like the SFT runs behind; one without a record at the mean time of the runs
+    trained so far (no estimate for it before one has been trained). Runs to train, not runs
+    to list: a reused run costs nothing, so "[1/14] reused" may be followed by "1 run to train"."""
     if not left:
         return ""
-    if not seconds:
-        return f" · {left} run{'s' if left != 1 else ''} to train"
-    return f" · {left} run{'s' if left != 1 else ''} to train, about {left * sum(seconds) / len(seconds) / 60:.0f} min"
+    recorded = recorded or {}
+    head = f" · {len(left)} run{'s' if len(left) != 1 else ''} to train"
+    paced = [(s, recorded[n]) for n, s in trained if n in recorded]
+    pace = sum(s for s, _ in paced) / sum(r for _, r in paced) if paced else 1.0
+    known = [n for n in left if n in recorded]
+    if len(known) < len(left) and not trained:
+        return head
+    mean = sum(s for _, s in trained) / len(trained) if trained else 0.0
+    seconds = pace * sum(recorded[n] for n in known) + mean * (len(left) - len(known))
+    return f"{head}, about {duration_text(seconds)}"
 
 
 def run_line(name: str, summary: dict, seconds: float) -> str:
