@@ -94,7 +94,7 @@ def test_every_notebook_run_of_every_profile_resolves(profile, tmp_path):
 def test_the_offline_design(profile, tmp_path):
     """Issue 13's design, as params: methods train on examples the builds never saw, every
     method of an arm trains the same steps, arm (b) has nothing mixed in, Algorithm 1 is there
-    (the 2.5-hour cpu profile holds both arms, DPKD-seq and Algorithm 1 included, 4 seeds per
+    (the default cpu profile, about 3.4 h, holds both arms, DPKD-seq and Algorithm 1 included, 4 seeds per
     method of the declared comparisons; cpu_full holds what it cannot: RKL / JSD / SeqKD beside
     seed 1 of every arm-(a) method, which notebooks 02 and 03 start from)."""
     main, out = notebook_runs(profile, tmp_path)
