@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import left_pad
-from .objectives import response_logits
+from .objectives import response_counts, response_logits
 
 __all__ = [
     "normalize_answer",
@@ -571,7 +571,8 @@ def teacher_forced_metrics(model, batches: Iterable[Mapping[str, torch.Tensor]],
             for b, batch in enumerate(batches):
                 if max_batches is not None and b >= max_batches:
                     break
-                batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+                batch = {"attention_mask": None} | {k: (v.to(device) if torch.is_tensor(v) else v)
+                                                    for k, v in batch.items()}
                 selected, y, row_of = _response_position_logits(model, batch)
                 # the sum as its own reduction, as before the KL joined this pass: the same bits
                 total_nll += float(F.cross_entropy(selected, y, reduction="sum"))
@@ -670,23 +671,28 @@ class ReferenceTeacher:
         if self.cache_dir is None:
             return self._online
         from . import teacher_cache as tc
+        from .rundir import machine
+        # what decides the bits besides the teacher and the data: the batching, the device and
+        # its kind, the thread count (summation order) and torch
         meta = dict(self.identity, format="hidden", use="eval references", batch_size=batch_size,
-                    device=torch.device(device or "cpu").type)
+                    device=torch.device(device or "cpu").type, threads=torch.get_num_threads(),
+                    torch=torch.__version__, machine={k: v for k, v in machine().items() if k != "cpu_count"})
         folder = tc.folder(self.cache_dir, meta, dataset)
         if not (folder / tc.INDEX).exists() and not _plain_head(self.model):
             return self._online   # no cache can hold what comes after the head (soft-capping, a scale)
         cache = tc.load_or_build(folder, lambda: self.model, dataset, pad_id, 0, meta=meta, fmt="hidden",
                                  batch_size=batch_size, device=device, progress=self.progress)
         self.caches.append(cache)
-        return lambda batch: cache.teacher_hidden(batch["ids"], device=device)[0].logits()
+        return lambda batch: cache.teacher_hidden(batch["ids"], response_counts(batch), device)[0].logits()
 
     def close(self) -> None:
-        """Close the cache files and give the teacher its mode back (it stays built)."""
+        """Close the cache files and give the teacher its mode back."""
         for cache in self.caches:
             cache.close()
         self.caches.clear()
-        if "model" in self.__dict__:
-            self.model.train(self._was_training)
+        model = self.__dict__.pop("model", None)   # a later use builds (or takes) it again, in eval mode
+        if model is not None:
+            model.train(self._was_training)
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -844,8 +850,8 @@ def reference_metrics(model, tokenizer, records, data_cfg, *, batch_size: int = 
                       teacher=None) -> dict[str, Any]:
     """Teacher-forced NLL and token accuracy on the references of `records`, tokenised as
     training tokenises them (``data_cfg``: max_length, max_prompt), with ``per_example``
-    rows. With ``teacher`` (a model or a `ReferenceTeacher`), also KL(teacher ‖ student) on
-    the same references, from the same pass of the model (`teacher_forced_metrics`: ``kl``,
+    rows. With ``teacher`` (a model, or a `ReferenceTeacher`, which its caller closes), also
+    KL(teacher ‖ student) on the same references, from the same pass of the model (`teacher_forced_metrics`: ``kl``,
     ``kl_token``; each row gains ``kl`` and ``kl_sum``). Without a reference that fits
     (every example too long) only ``note`` says why."""
     from .data import DataError, build_sft_dataset, collate_sft, pad_id_of, sorted_batches
@@ -863,7 +869,7 @@ def reference_metrics(model, tokenizer, records, data_cfg, *, batch_size: int = 
     logits, made_here = None, teacher is not None and not isinstance(teacher, ReferenceTeacher)
     if teacher is not None:
         if made_here:   # a model: run it on each batch
-            teacher = ReferenceTeacher(functools.partial(lambda model: model, teacher))
+            teacher = ReferenceTeacher(lambda model=teacher: model)
         logits = teacher.logits_for(dataset, batch_size, pad, device)
     try:
         m = teacher_forced_metrics(model, batches, teacher_logits=logits)
@@ -915,50 +921,54 @@ def evaluate_splits(model, tokenizer, splits: Mapping[str, Sequence[Mapping[str,
         raise ValueError("eval.teacher_kl needs the teacher: pass teacher= (a run's teacher section)")
     decodings = ([("greedy", dict(seeds=(0,), do_sample=False))] if e.greedy else []) + \
         ([("sample", dict(seeds=tuple(e.sample_seeds), do_sample=True))] if e.sample_seeds else [])
-    for split in e.splits:
-        records = list(splits.get(split) or [])
-        if not records:
-            summary["eval_skipped_splits"].append(split)
-            continue
-        if e.max_examples:
-            records = records[:e.max_examples]
-        examples = [{"id": rec.get("id") or f"{split}#{i}", "prompt": format_prompt(rec),
-                     "references": rec.get("references") or [rec["response"]],
-                     "category": rec.get("category")} for i, rec in enumerate(records)]
-        out = summary["eval"][split] = {}
-        for name, how in decodings:
-            subset = examples[:e.sample_max_examples] if name == "sample" and e.sample_max_examples else examples
-            split_rows, out[name] = evaluate_generations(
-                model, tokenizer, subset, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
-                temperature=e.temperature, top_k=e.top_k, top_p=e.top_p,
-                no_repeat_ngram_size=e.no_repeat_ngram_size, progress=progress, **how)
-            for row in split_rows:
-                row.update(split=split, decoding=name, seed=row["seed"] if name == "sample" else None)
-            rows.extend(split_rows)
-            prefix = f"{split}_" if name == "greedy" else f"{split}_sample_"
-            summary |= {prefix + key: out[name][key] for key in _SPLIT_SUMMARY_KEYS}
-        if e.teacher_forced or want_kl:
-            tf = reference_metrics(model, tokenizer, records, data_cfg, teacher=teacher if want_kl else None)
-            rows.extend(dict(r, split=split, decoding="teacher_forced") for r in tf.pop("per_example", []))
-            out["teacher_forced"] = tf
-            if e.teacher_forced:
-                summary[f"{split}_nll"], summary[f"{split}_token_acc"] = tf.get("nll"), tf.get("token_acc")
-            if want_kl:
-                summary[f"{split}_kl"] = tf.get("kl")
-    if isinstance(teacher, ReferenceTeacher):
-        teacher.close()   # its cache files; the teacher itself goes with its owner
+    try:
+        for split in e.splits:
+            records = list(splits.get(split) or [])
+            if not records:
+                summary["eval_skipped_splits"].append(split)
+                continue
+            if e.max_examples:
+                records = records[:e.max_examples]
+            examples = [{"id": rec.get("id") or f"{split}#{i}", "prompt": format_prompt(rec),
+                         "references": rec.get("references") or [rec["response"]],
+                         "category": rec.get("category")} for i, rec in enumerate(records)]
+            out = summary["eval"][split] = {}
+            for name, how in decodings:
+                subset = examples[:e.sample_max_examples] if name == "sample" and e.sample_max_examples else examples
+                split_rows, out[name] = evaluate_generations(
+                    model, tokenizer, subset, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
+                    temperature=e.temperature, top_k=e.top_k, top_p=e.top_p,
+                    no_repeat_ngram_size=e.no_repeat_ngram_size, progress=progress, **how)
+                for row in split_rows:
+                    row.update(split=split, decoding=name, seed=row["seed"] if name == "sample" else None)
+                rows.extend(split_rows)
+                prefix = f"{split}_" if name == "greedy" else f"{split}_sample_"
+                summary |= {prefix + key: out[name][key] for key in _SPLIT_SUMMARY_KEYS}
+            if e.teacher_forced or want_kl:
+                tf = reference_metrics(model, tokenizer, records, data_cfg, teacher=teacher if want_kl else None)
+                rows.extend(dict(r, split=split, decoding="teacher_forced") for r in tf.pop("per_example", []))
+                out["teacher_forced"] = tf
+                if e.teacher_forced:
+                    summary[f"{split}_nll"], summary[f"{split}_token_acc"] = tf.get("nll"), tf.get("token_acc")
+                if want_kl:
+                    summary[f"{split}_kl"] = tf.get("kl")
+    finally:
+        if isinstance(teacher, ReferenceTeacher):
+            teacher.close()   # its cache files, and the teacher's mode
     return rows, summary
 
 
-def eval_teacher(cfg: Any, tokenizer, device=None, *, model=None, progress: bool = True
-                 ) -> ReferenceTeacher | None:
+def eval_teacher(cfg: Any, tokenizer, device=None, *, model=None, identity: Mapping[str, Any] | None = None,
+                 progress: bool = True) -> ReferenceTeacher | None:
     """The teacher `evaluate_splits` needs for ``eval.teacher_kl`` (None when it is off): the
     params' teacher section (``model`` when the caller holds it already, else built frozen on
-    ``device`` if a split's signals are not in ``cfg.cache_dir`` yet)."""
+    ``device`` if a split's signals are not in ``cfg.cache_dir`` yet). ``identity``: the
+    teacher's `teacher_cache.teacher_identity` when the caller has it (it hashes the weights)."""
     if not getattr(cfg.eval, "teacher_kl", False):
         return None
     from .errors import ConfigError
     from .models import build_model
+    from .precision import resolve
     from .teacher_cache import teacher_identity
     if cfg.teacher is None:
         raise ConfigError("eval.teacher_kl: KL(teacher || student) needs a teacher section; add one "
@@ -972,8 +982,9 @@ def eval_teacher(cfg: Any, tokenizer, device=None, *, model=None, progress: bool
             teacher = teacher.to(device)
         return teacher
 
-    return ReferenceTeacher(build, identity=teacher_identity(cfg, tokenizer), cache_dir=cfg.cache_dir,
-                            progress=progress)
+    identity = dict(identity or teacher_identity(cfg, tokenizer),   # "auto" resolved: fp16 and bf16 differ
+                    dtype=resolve(cfg.teacher.dtype, None if device is None else torch.device(device).type))
+    return ReferenceTeacher(build, identity=identity, cache_dir=cfg.cache_dir or None, progress=progress)
 
 
 def evaluate_model(cfg: Any, model, tokenizer, out_dir: str | os.PathLike, *,

@@ -224,7 +224,7 @@ class Trainer:
         self.data_hash = data_lib.data_hash(self.splits["train"])
         self.teacher_model = None
         samples = t.objective == "seqkd" or t.train_on == "teacher_samples"
-        # the teacher in training (an evaluation-only teacher, eval.teacher_kl, is built at the end)
+        # the teacher in training (eval.teacher_kl's is built at the end, if its signals are not cached)
         signals = t.objective in TEACHER_SIGNAL_OBJECTIVES and bool(teacher_use(cfg, training=True))
         if samples or t.objective == "dpkd_seq" or (signals and t.teacher_mode == "online"):
             self.on_phase("teacher", self)
@@ -595,8 +595,10 @@ class Trainer:
     def final_eval(self) -> dict:
         model = self.accelerator.unwrap_model(self.student)
         # eval.teacher_kl: the run's teacher, or built now if a split's signals are not cached yet
+        known = self.cfg.teacher is not None and self.cfg.eval.teacher_kl
         teacher = eval_lib.eval_teacher(self.cfg, self.tokenizer, self.accelerator.device,
-                                        model=self.teacher_model, progress=self.progress)
+                                        model=self.teacher_model, progress=self.progress,
+                                        identity=self.teacher_identity if known else None)
         rows, summary = eval_lib.evaluate_splits(model, self.tokenizer, self.splits, self.cfg.eval,
                                                  self.cfg.data, progress=self.progress, teacher=teacher)
         self.run.write_jsonl("eval.jsonl", rows)

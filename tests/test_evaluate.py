@@ -426,6 +426,16 @@ def test_head_only_nll_only_where_the_head_gives_the_logits(llama):
     assert ev._plain_head(llama)
 
 
+def test_teacher_forced_metrics_without_an_attention_mask(llama):
+    # a batch with no attention_mask is scored as one whose mask is all ones
+    ids = torch.tensor([[5, 6, 7, 8, 9], [9, 8, 7, 6, 5]])
+    labels = torch.tensor([[-100, -100, 7, 8, 9], [-100, 8, 7, 6, 5]])
+    bare = ev.teacher_forced_metrics(llama, [{"input_ids": ids, "labels": labels}])
+    masked = ev.teacher_forced_metrics(llama, [{"input_ids": ids, "labels": labels,
+                                                "attention_mask": torch.ones_like(ids)}])
+    assert bare["nll"] == pytest.approx(masked["nll"], rel=1e-6) and bare["n_tokens"] == 7
+
+
 def test_reference_metrics_per_example_in_record_order_and_equal_to_each_alone(llama, tokenizer):
     # reference_metrics batches the references by length and scores only response positions:
     # each example's row must still be its own (records' order), equal to HF's loss on it alone
@@ -692,5 +702,16 @@ def test_cached_reference_teacher_gives_the_online_kl_bit_for_bit_without_buildi
     assert online["per_example"][0]["kl"] > 0
     ev.reference_metrics(llama, tokenizer, records, data_cfg, batch_size=2, teacher=reference_teacher())
     assert builds == ["built", "built"]
+    # a teacher handed over in train mode: built from in eval mode (dropout off), its mode back
+    # when its owner closes the ReferenceTeacher, and eval mode again if it is used after that
+    teacher.train()
+    other = ev.ReferenceTeacher(lambda: teacher, identity={"teacher": "gpt2 seed 3, again"}, cache_dir=tmp_path,
+                                progress=False)
+    for _ in range(2):
+        out = ev.reference_metrics(llama, tokenizer, records, data_cfg, batch_size=4, teacher=other)
+        assert out["per_example"] == online["per_example"]
+        other.close()
+        assert teacher.training
+    teacher.eval()
     with pytest.raises(ValueError, match="needs the teacher's identity"):
         ev.ReferenceTeacher(lambda: teacher, cache_dir=tmp_path)

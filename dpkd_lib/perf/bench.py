@@ -1022,12 +1022,13 @@ def bench_eval(teacher, student, tokenizer, *, n_prompts: int = 150, max_new_tok
     """One run's final evaluation as the cpu profile makes it, on the test and held-out
     references (``n_prompts`` each; greedy answers at batch ``n_prompts`` with
     ``max_new_tokens``; teacher-forced NLL and KL(teacher ‖ student) at batch 16), its
-    teacher-forced readouts three ways, interleaved: ``before`` (the code of the default
-    study's record: the NLL in one pass of the student, the KL in a second one beside the
-    teacher's), ``online`` (one student pass, the teacher beside it) and ``cached`` (one
-    student pass, the teacher's hidden states read from the evaluation cache; its one-off
-    build is ``cache_build_s``). Greedy decoding is timed once for scale. ``rows_equal``: the
-    three give the same per-prompt rows, bit for bit."""
+    teacher-forced readouts three ways, interleaved: ``before`` (the work the code of the
+    default study's record did, made with today's functions: a student pass for the NLL, then
+    a second one beside the teacher's for the KL), ``online`` (one student pass, the teacher
+    beside it) and ``cached`` (one student pass, the teacher's hidden states read from the
+    evaluation cache; its one-off build is ``cache_build_s``). Greedy decoding is timed once
+    for scale. ``rows_equal``: the three give the same per-prompt rows, bit for bit (that the
+    old code gave them too is checked on the committed record: docs/results.md §7)."""
     import tempfile
 
     from .. import data as data_lib

@@ -25,6 +25,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -216,7 +217,7 @@ def recorded_seconds(results_root: str | os.PathLike) -> dict[str, float]:
             wall = json.loads((record / "summary.json").read_text()).get("wall_time_s")
         except (OSError, json.JSONDecodeError):
             continue
-        if isinstance(wall, (int, float)) and wall > 0:
+        if isinstance(wall, (int, float)) and math.isfinite(wall) and wall > 0:
             out[record.name] = float(wall)
     return out
 
