@@ -860,7 +860,12 @@ def run_cache_child(spec: Mapping, timeout: float = 900) -> dict:
     import subprocess
     code = ("import json, sys; from dpkd_lib.perf import bench; "
             "print(json.dumps(bench.cache_child(json.loads(sys.argv[1]))))")
-    env = dict(os.environ, OMP_NUM_THREADS="1",
+    # glibc's dynamic mmap threshold puts large blocks, once freed, on the heap, which keeps
+    # its address space: under the RLIMIT_AS of a limited child the build then peaked 1-4 MiB
+    # under the limit and failed now and then (a CI run). A fixed 1 MiB threshold maps and
+    # unmaps every large block, as calibrate.py's fixed-threshold workloads do: 56 MiB to spare,
+    # the same on every run, and the whole cache in memory still fails under the same limit.
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="1048576",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, "-c", code, json_lib.dumps(dict(spec))], capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=REPO_ROOT)
