@@ -671,12 +671,12 @@ class ReferenceTeacher:
         if self.cache_dir is None:
             return self._online
         from . import teacher_cache as tc
-        from .rundir import machine
+        from .rundir import numerics
         # what decides the bits besides the teacher and the data: the batching, the device and
         # its kind, the thread count (summation order) and torch
         meta = dict(self.identity, format="hidden", use="eval references", batch_size=batch_size,
                     device=torch.device(device or "cpu").type, threads=torch.get_num_threads(),
-                    torch=torch.__version__, machine={k: v for k, v in machine().items() if k != "cpu_count"})
+                    torch=torch.__version__, machine=numerics())
         folder = tc.folder(self.cache_dir, meta, dataset)
         if not (folder / tc.INDEX).exists() and not _plain_head(self.model):
             return self._online   # no cache can hold what comes after the head (soft-capping, a scale)

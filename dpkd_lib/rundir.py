@@ -290,6 +290,13 @@ def machine() -> dict:
     return facts
 
 
+def numerics(facts: dict | None = None) -> tuple:
+    """What of a machine (`machine`'s facts, this one's by default) decides a run's sums: CPU
+    model, vector extensions, GPU; not the core count."""
+    facts = machine() if facts is None else facts
+    return facts.get("cpu_model", ""), tuple(facts.get("vector_extensions") or ()), facts.get("gpu")
+
+
 #: a run folder rebuilt from its committed record (study.rundata.restore_runs): params,
 #: summary, manifest and labels only, no weights and no training state
 RESTORED = "restored.json"

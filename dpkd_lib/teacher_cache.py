@@ -50,7 +50,6 @@ above are what grows to tens of GB).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import fcntl
 import gc
@@ -71,6 +70,7 @@ from . import data as data_lib
 from . import losses
 from .objectives import response_hidden
 from .choices import CACHE_FORMATS
+from .config import to_dict
 from .errors import OutOfResources, human_bytes
 from .io import atomic_write_text, read_json, write_json, write_jsonl
 
@@ -91,11 +91,11 @@ def teacher_identity(cfg, tokenizer) -> dict:
     weights (a saved teacher is named by a hash of its files, not by where it lies), the
     tokenizer and its vocabulary size. ``cfg`` is a RunConfig with a teacher section."""
     from .models import weights_fingerprint   # here: the cache itself loads without transformers
-    teacher = dataclasses.asdict(cfg.teacher)
+    teacher = to_dict(cfg.teacher)
     if teacher["source"] == "saved":
         teacher.pop("name_or_path")
     return {"teacher": teacher, "weights": weights_fingerprint(cfg.teacher),
-            "tokenizer": dataclasses.asdict(cfg.tokenizer), "vocab": len(tokenizer)}
+            "tokenizer": to_dict(cfg.tokenizer), "vocab": len(tokenizer)}
 
 
 def cache_key(**identity) -> str:

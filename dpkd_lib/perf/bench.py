@@ -1059,10 +1059,15 @@ def bench_eval(teacher, student, tokenizer, *, n_prompts: int = 150, max_new_tok
                                          for i, r in enumerate(nll["per_example"])]
 
         def way(label, make):
-            def run():
-                for name, recs in splits.items():
-                    out[f"{label}_{name}"] = ev.reference_metrics(student, tokenizer, recs, data_cfg,
-                                                                  teacher=make())["per_example"]
+            def run():   # one teacher for both splits, closed after them, as evaluate_splits does
+                teacher_of_run = make()
+                try:
+                    for name, recs in splits.items():
+                        out[f"{label}_{name}"] = ev.reference_metrics(student, tokenizer, recs, data_cfg,
+                                                                      teacher=teacher_of_run)["per_example"]
+                finally:
+                    if isinstance(teacher_of_run, ev.ReferenceTeacher):
+                        teacher_of_run.close()
             return run
 
         t0 = time.perf_counter()

@@ -108,7 +108,7 @@ def restore_runs(results_root: str | os.PathLike) -> list[str]:
     its record (`check_rebuilt_pair`); a pilot's starts are trained again. A record made on
     another kind of machine is refused (ConfigError) before anything is written. Returns the
     restored run names."""
-    from ..rundir import RESTORED, machine
+    from ..rundir import RESTORED, numerics
     records = []
     for record in exported_runs(results_root):
         try:
@@ -117,8 +117,8 @@ def restore_runs(results_root: str | os.PathLike) -> list[str]:
         except (FileNotFoundError, json.JSONDecodeError):
             continue
         records.append((record, labels, manifest))
-    here = _numerics(machine())
-    others = sorted({str(_numerics(m.get("machine") or {})) for _, _, m in records} - {str(here)})
+    here = numerics()
+    others = sorted({str(numerics(m.get("machine") or {})) for _, _, m in records} - {str(here)})
     if others:   # another CPU's vector units give other sums: the study's runs come from one model of machine
         raise ConfigError(f"{data_root(results_root)} holds runs made on {'; '.join(others)}, and this machine is "
                           f"{here}: a study continued here would mix machines (their sums differ); run it "
@@ -140,11 +140,6 @@ def restore_runs(results_root: str | os.PathLike) -> list[str]:
     if restored:   # what the rebuilt pair must evaluate to (check_rebuilt_pair), until it has
         _write_if_changed(runs / PAIR_CHECK, (dumps(pair, indent=1) + "\n").encode())
     return restored
-
-
-def _numerics(facts: dict) -> tuple:
-    """What of a machine (rundir.machine) decides a run's sums: CPU model, vector extensions, GPU."""
-    return (facts.get("cpu_model", ""), tuple(facts.get("vector_extensions") or ()), facts.get("gpu"))
 
 
 def _digest(path: Path) -> str | None:
